@@ -1,0 +1,32 @@
+# The two commands: `make demo` and `make test`. Both create .venv with the system python if it is
+# missing and install the package (editable) with its dev extra.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/bayprano demo $(DEMO_ARGS)
+
+# pytest exits 5 when it collected no test: that is a failure, not a pass.
+test: install
+	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: install
+	$(VENV)/bin/python benchmarks/data_timing.py
+
+clean:
+	rm -rf demo-output .pytest_cache
