@@ -109,13 +109,17 @@ def data_summary(path: str | Path):
     from bayprano.platform.data.info import summarize_records, summarize_root
     from bayprano.platform.data.shards import ShardReader, read_manifest
 
+    def records(shard: Path):
+        with ShardReader(shard) as reader:
+            for m in reader.iter_metadata():
+                yield m.category, m.split, m.defect_type, m.height, m.width
+
     path = Path(path)
     if path.is_file():
-        return summarize_records(path, ShardReader(path).iter_metadata())
+        return summarize_records(path, records(path))
     if (path / "manifest.json").is_file():
         manifest = read_manifest(path)
-        records = (rec for site in manifest["sites"] for rec in ShardReader(path / site["file"]).iter_metadata())
-        return summarize_records(path, records)
+        return summarize_records(path, (r for site in manifest["sites"] for r in records(path / site["file"])))
     return summarize_root(path)
 
 
