@@ -147,10 +147,11 @@ class StudentT:
 # --------------------------------------------------------------------------------------- statistics
 
 
-def window_statistics(z: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
+def window_statistics(z: Tensor, window: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-position statistics of K embedding maps pooled over a window clipped at the border.
 
-    z: (K, d, H, W). Returns raw count (P,), mean (P, d) and centred scatter (P, d, d), P = H * W.
+    z: (K, d, H, W). Returns raw count (P,), mean (P, d) and centred scatter (P, d, d), P = H * W, or
+    only at the flat indices ``positions`` (P' of them) when given.
     """
     k, d, h, w = z.shape
     pad = window // 2
@@ -159,6 +160,8 @@ def window_statistics(z: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
     cols = F.unfold(z, window, padding=pad).view(k, d, window * window, h * w)
     cols = cols.permute(3, 0, 2, 1).reshape(h * w, k * window * window, d)  # (P, N, d)
     weights = valid.t().repeat(1, k)  # (P, N)
+    if positions is not None:
+        cols, weights = cols[positions], weights[positions]
     count = weights.sum(1)
     mean = (cols * weights[..., None]).sum(1) / count[:, None]
     centred = (cols - mean[:, None, :]) * weights[..., None]
@@ -182,8 +185,11 @@ def _f(value, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-def fit_posteriors(z: Tensor, hyper: NIWHyper) -> tuple[NIWPosterior, NIWPosterior]:
-    """The global posterior and the per-position posteriors (batched over P = H * W) of support maps z."""
+def fit_posteriors(
+    z: Tensor, hyper: NIWHyper, positions: Tensor | None = None
+) -> tuple[NIWPosterior, NIWPosterior]:
+    """The global posterior and the per-position posteriors (batched over P = H * W, or over the flat
+    indices ``positions``) of support maps z (K, d, H, W)."""
     k, d, h, w = z.shape
     # Global: a weak prior (unit-scale, one pseudo-observation) updated with an effective count.
     g_count, g_mean, g_scatter = global_statistics(z)
@@ -194,7 +200,7 @@ def fit_posteriors(z: Tensor, hyper: NIWHyper) -> tuple[NIWPosterior, NIWPosteri
                         eye * (g_nu0 - d - 1), g_n, g_mean, g_scatter * (g_n / g_count))
     g_cov = g_post.mean_covariance()
 
-    count, mean, scatter = window_statistics(z, hyper.window)
+    count, mean, scatter = window_statistics(z, hyper.window, positions)
     n_eff = k * _f(hyper.obs_per_image, z)
     nu0 = d + 1 + _f(hyper.nu0_offset, z)
     psi0 = (nu0 - d - 1) * _f(hyper.psi_scale, z) * g_cov

@@ -1,0 +1,129 @@
+"""From patch Mahalanobis distances to anomaly maps, image p-values and calibrated decisions.
+
+Under the Student-t predictive, a normal patch's squared Mahalanobis distance over d follows an
+F(d, df) law. The image statistic is the largest of these over the image's patches, T = max m / d.
+Patches are strongly correlated, so T behaves like the maximum of M independent F variables, with M
+(the effective number of independent patches) far below the number of patches. M is estimated from
+normal images, T_i, in closed form: if F_cdf(T_i) = U^(1/M) then -log F_cdf(T_i) is exponential with
+rate M. A Gamma(strength, strength / M_prior) prior from meta-training is updated with the support's
+leave-one-out statistics, so that a site with one shot still gets a usable M and a site with eight
+refines it. The image p-value is 1 - F_cdf(T)^M, and the threshold for a target false-positive rate
+alpha is the T at which the p-value equals alpha.
+
+Uncertainty: the posterior over the covariance and the mean makes the Mahalanobis distance of a
+fixed patch uncertain, with relative standard deviation about sqrt(2 / nu_n + 4 / (kappa_n m)) (the
+Wishart and Gaussian parts of the NIW posterior). The decision is "anomalous" or "normal" when that
+band (one standard deviation, by default) lies on one side of the threshold, and "review" when it
+straddles it; the reported uncertainty is twice the probability mass of the band beyond the threshold
+(1 = a coin flip, 0 = certain).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import Tensor
+
+from bayprano.platform.errors import ConfigError
+
+DECISIONS = ("normal", "anomalous", "review")
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian smoothing of (B, H, W) maps, reflect-padded."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = maps[:, None]
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
+def anomaly_map(patch_scores: Tensor, size: tuple[int, int], sigma: float = 4.0) -> Tensor:
+    """Patch scores (B, h, w) upsampled to the image size (B, H, W) and smoothed."""
+    up = F.interpolate(patch_scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(up, sigma)
+
+
+def image_statistic(mahalanobis: Tensor, dim: int) -> Tensor:
+    """T = max over patches of m / d, per image: (B, h, w) -> (B,)."""
+    return mahalanobis.flatten(1).amax(1) / dim
+
+
+def _neg_log_cdf(t: np.ndarray, dim: int, df: np.ndarray | float) -> np.ndarray:
+    return -stats.f.logcdf(np.asarray(t, dtype=np.float64), dim, np.asarray(df, dtype=np.float64))
+
+
+@dataclass
+class Calibration:
+    """Effective number of independent patches M with its Gamma posterior (shape, rate)."""
+
+    dim: int
+    shape: float  # Gamma shape: prior strength + number of normal images seen
+    rate: float  # Gamma rate: prior strength / M_prior + sum of -log F_cdf(T_i)
+
+    @classmethod
+    def from_prior(cls, dim: int, m_prior: float, strength: float = 4.0) -> "Calibration":
+        if not (m_prior > 0 and math.isfinite(m_prior)):
+            raise ConfigError(f"calibration: effective patch count must be positive, got {m_prior}")
+        return cls(dim, float(strength), float(strength) / float(m_prior))
+
+    @classmethod
+    def estimate(cls, dim: int, statistics, dfs) -> "Calibration":
+        """Maximum-likelihood M from normal images' T (no prior); needs at least one image."""
+        u = _neg_log_cdf(np.asarray(statistics), dim, dfs)
+        if u.size == 0:
+            raise ConfigError("calibration: no normal images to estimate from")
+        return cls(dim, float(u.size), float(np.maximum(u, 1e-300).sum()))
+
+    def update(self, statistics, dfs) -> "Calibration":
+        u = _neg_log_cdf(np.asarray(statistics), self.dim, dfs)
+        return Calibration(self.dim, self.shape + u.size, self.rate + float(u.sum()))
+
+    @property
+    def effective_patches(self) -> float:
+        """Posterior mean of M."""
+        return self.shape / self.rate
+
+    def p_value(self, statistic, df) -> np.ndarray:
+        """P(T >= t) for a normal image: 1 - F_cdf(t)^M."""
+        logcdf = stats.f.logcdf(np.asarray(statistic, dtype=np.float64), self.dim, df)
+        return -np.expm1(self.effective_patches * logcdf)
+
+    def threshold(self, alpha: float, df: float) -> float:
+        """The statistic T at which the image p-value equals alpha."""
+        if not 0 < alpha < 1:
+            raise ConfigError(f"target false-positive rate must be between 0 and 1, got {alpha}")
+        per_patch_cdf = math.exp(math.log1p(-alpha) / self.effective_patches)
+        return float(stats.f.ppf(per_patch_cdf, self.dim, df))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def relative_sd(statistic: Tensor | np.ndarray, dim: int, nu_n: float, kappa_n: float) -> np.ndarray:
+    """Posterior relative standard deviation of a patch's Mahalanobis distance at statistic T = m / d."""
+    m = np.maximum(np.asarray(statistic, dtype=np.float64) * dim, 1e-12)
+    return np.sqrt(2.0 / nu_n + 4.0 / (kappa_n * m))
+
+
+def decide(statistic, threshold: float, rel_sd, z_review: float = 1.0) -> tuple[list[str], np.ndarray]:
+    """Decisions and uncertainties for image statistics against a threshold on T.
+
+    The band is log T +- z_review * rel_sd; an image whose band straddles log(threshold) is sent to review.
+    """
+    t = np.maximum(np.asarray(statistic, dtype=np.float64), 1e-300)
+    sd = np.maximum(np.asarray(rel_sd, dtype=np.float64), 1e-12)
+    z = (np.log(t) - math.log(threshold)) / sd
+    uncertainty = 2 * stats.norm.sf(np.abs(z))
+    decisions = np.where(z >= z_review, "anomalous", np.where(z <= -z_review, "normal", "review"))
+    return decisions.tolist(), uncertainty
