@@ -30,15 +30,21 @@ def _positive_int(name: str) -> Callable[[str], int]:
 
 
 class _Progress:
-    """A per-step line on stderr: what is being done, how far, how long it has taken."""
+    """Progress lines on stderr: how far, what is being done, how long it has taken; at most one a second."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, every: float = 1.0):
         self.label = label
-        self.start = time.perf_counter()
+        self.every = every
+        self.start = self.last = time.perf_counter()
 
-    def __call__(self, item: str, done: int, total: int) -> None:
-        elapsed = time.perf_counter() - self.start
-        print(f"[{self.label}] {done}/{total} {item} ({elapsed:.1f}s)", file=sys.stderr, flush=True)
+    def __call__(self, *args) -> None:
+        item, (done, total) = (args[0], args[1:]) if len(args) == 3 else ("", args)
+        now = time.perf_counter()
+        if done < total and now - self.last < self.every:
+            return
+        self.last = now
+        print(f"[{self.label}] {done}/{total} {item} ({now - self.start:.1f}s)".replace("  ", " "),
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- data

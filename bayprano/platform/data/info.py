@@ -72,7 +72,7 @@ def format_table(header: Iterable[str], rows: list[Iterable[str]]) -> str:
 
 def summarize_root(root: str | os.PathLike, categories=None) -> DatasetSummary:
     summary = DatasetSummary(str(root))
-    for s in scan_root(root, categories, check_images=False):
+    for s in scan_root(root, categories):
         h, w = image_size(s.path)
         summary.add(s.category, s.split, s.defect_type, h, w)
     return summary
