@@ -18,7 +18,14 @@ from bayprano.platform.model.niw import (
     window_statistics,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def test_niw_update_matches_hand_computation():

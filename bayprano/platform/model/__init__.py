@@ -1,0 +1,1 @@
+"""The BayPrAnoMeta model: backbone, head, Bayesian normality model, scoring."""
