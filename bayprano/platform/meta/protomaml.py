@@ -131,18 +131,19 @@ def support_loo_score(
 ) -> Tensor:
     """Mean leave-one-out patch score of the support (the inner loop's loss)."""
     z = model.embed(support, dict(params))
-    k, d, h, w = z.shape
-    hyper = model.hyper()
-    flat = z.flatten(2)  # (K, d, P)
-    if positions is not None:
-        flat = flat[:, :, positions]
+    k = z.shape[0]
     losses = []
     for i in range(k):
         rest = z if k == 1 else torch.cat([z[:i], z[i + 1 :]])
-        _, local = fit_posteriors(rest, hyper, positions)
-        pred = local.predictive()
-        x = flat[i].t()[:, None, :]  # (P', 1, d)
-        losses.append(-pred.log_kernel(pred.mahalanobis(x)).mean())
+        if model.prototype_kind == "niw":
+            _, local = fit_posteriors(rest, model.hyper(), positions)
+            pred = local.predictive()
+            x = z[i].flatten(1)
+            x = (x if positions is None else x[:, positions]).t()[:, None, :]  # (P', 1, d)
+            losses.append(-pred.log_kernel(pred.mahalanobis(x)).mean())
+        else:
+            dist = model.prototype(rest).mahalanobis(z[i : i + 1]).flatten()
+            losses.append(torch.log1p(dist if positions is None else dist[positions]).mean())
     return torch.stack(losses).mean()
 
 
@@ -260,11 +261,11 @@ def episode_loss(
     if cfg.inner_positions and cfg.inner_positions < h * w:
         positions = torch.randperm(h * w, generator=gen)[: cfg.inner_positions]
     task = clone(model).adapt(episode.support, cfg.inner_steps, cfg.first_order, positions)
-    proto = NIWPrototype(model.hyper()).fit(task.embed(episode.support))
+    proto = model.prototype(task.embed(episode.support))
     zq = task.embed(episode.query)
-    scores = proto.score(zq)  # (Q, h, w)
-    pixel = _balanced_bce(model.pixel_logits(scores), episode.query_masks)
-    image = F.binary_cross_entropy_with_logits(model.image_logits(scores.flatten(1).amax(1)), episode.query_labels)
+    maha = proto.mahalanobis(zq)  # (Q, h, w); the patch score is a monotone function of it
+    pixel = _balanced_bce(model.pixel_logits(maha), episode.query_masks)
+    image = F.binary_cross_entropy_with_logits(model.image_logits(maha.flatten(1).amax(1)), episode.query_labels)
     loss = pixel + image
     supcon = torch.zeros(())
     if cfg.supcon_weight > 0:
@@ -341,7 +342,7 @@ def calibrate(
         with torch.enable_grad():
             task = clone(model).adapt(ep.support, cfg.inner_steps, True)
         params = {k: v.detach() for k, v in task.params.items()}
-        proto = NIWPrototype(model.hyper()).fit(model.embed(ep.support, params))
+        proto = NIWPrototype(model.hyper()).fit(model.embed(ep.support, params))  # niw models only
         maha = proto.mahalanobis(model.embed(ep.query, params))
         stats_.extend(image_statistic(maha, model.dim).tolist())
         dfs.extend([float(proto.df_[0])] * maha.shape[0])

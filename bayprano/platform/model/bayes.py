@@ -16,7 +16,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayprano.platform.model.niw import NIWHyper, NIWPrototype
+from bayprano.platform.model.niw import NIWHyper, NIWPrototype, window_statistics
+
+PROTOTYPES = ("niw", "euclidean")
+
+
+class EuclideanPrototype:
+    """Deterministic prototype: the window-pooled mean embedding per position.
+
+    ``mahalanobis`` returns the squared Euclidean distance in units of the support's average per-channel
+    variance, so that it is on the same scale as the Bayesian model's Mahalanobis distance and shares
+    its logit maps and inner-loop loss.
+    """
+
+    def __init__(self, window: int = 3):
+        self.window = window
+
+    def fit(self, z: Tensor) -> "EuclideanPrototype":
+        _, self.mean_, _ = window_statistics(z, self.window)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        self.unit_ = flat.var(0, unbiased=False).mean().clamp_min(1e-12)
+        self.shape_ = tuple(z.shape[1:])
+        return self
+
+    def mahalanobis(self, z: Tensor) -> Tensor:
+        b, d, h, w = z.shape
+        x = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
+        return ((x - self.mean_[None]).pow(2).sum(-1) / self.unit_).reshape(b, h, w)
 
 
 def _inv_softplus(x: float) -> float:
@@ -40,8 +66,12 @@ class BayesianPatchModel(nn.Module):
         global_obs_per_image: float = 16.0,
         inner_lr: float = 0.05,
         seed: int = 0,
+        prototype: str = "niw",
     ):
         super().__init__()
+        if prototype not in PROTOTYPES:
+            raise ValueError(f"prototype must be one of {', '.join(PROTOTYPES)}, got {prototype!r}")
+        self.prototype_kind = prototype
         if dim < 2 or dim > in_channels:
             raise ValueError(f"head dim must be between 2 and the backbone's {in_channels} channels, got {dim}")
         self.in_channels, self.dim, self.window = in_channels, dim, window
@@ -59,11 +89,12 @@ class BayesianPatchModel(nn.Module):
         self.raw_obs_per_image = nn.Parameter(torch.tensor(_inv_softplus(obs_per_image)))
         self.raw_global_obs = nn.Parameter(torch.tensor(_inv_softplus(global_obs_per_image)))
         self.log_inner_lr = nn.Parameter(torch.tensor(math.log(inner_lr)))
-        # score -> logit: logit = exp(log_scale) * (score - bias), for patches and for images
-        self.pixel_log_scale = nn.Parameter(torch.tensor(0.0))
-        self.pixel_bias = nn.Parameter(torch.tensor(5.0))
-        self.image_log_scale = nn.Parameter(torch.tensor(0.0))
-        self.image_bias = nn.Parameter(torch.tensor(10.0))
+        # logit = exp(log_scale) * (log(m / d) - bias), for patches (m) and for images (max m); a normal
+        # patch has m / d near 1 under the predictive, so these start near the decision boundary
+        self.pixel_log_scale = nn.Parameter(torch.tensor(math.log(2.0)))
+        self.pixel_bias = nn.Parameter(torch.tensor(1.0))
+        self.image_log_scale = nn.Parameter(torch.tensor(math.log(2.0)))
+        self.image_bias = nn.Parameter(torch.tensor(2.0))
 
     # ------------------------------------------------------------------------------------- features
 
@@ -100,14 +131,19 @@ class BayesianPatchModel(nn.Module):
         out["inner_lr"] = float(self.log_inner_lr.exp())
         return out
 
-    def prototype(self, support_embeddings: Tensor) -> NIWPrototype:
+    def prototype(self, support_embeddings: Tensor) -> NIWPrototype | EuclideanPrototype:
+        """The fitted prototype: Bayesian (NIW, Student-t) or, for the deterministic Proto-MAML control,
+        the window-pooled mean with a squared Euclidean distance."""
+        if self.prototype_kind == "euclidean":
+            return EuclideanPrototype(self.window).fit(support_embeddings)
         return NIWPrototype(self.hyper()).fit(support_embeddings)
 
-    def pixel_logits(self, scores: Tensor) -> Tensor:
-        return self.pixel_log_scale.exp() * (scores - self.pixel_bias)
+    def pixel_logits(self, mahalanobis: Tensor) -> Tensor:
+        return self.pixel_log_scale.exp() * (torch.log(mahalanobis / self.dim + 1e-6) - self.pixel_bias)
 
-    def image_logits(self, image_scores: Tensor) -> Tensor:
-        return self.image_log_scale.exp() * (image_scores - self.image_bias)
+    def image_logits(self, max_mahalanobis: Tensor) -> Tensor:
+        return self.image_log_scale.exp() * (torch.log(max_mahalanobis / self.dim + 1e-6) - self.image_bias)
 
     def config(self) -> dict:
-        return {"in_channels": self.in_channels, "dim": self.dim, "window": self.window}
+        return {"in_channels": self.in_channels, "dim": self.dim, "window": self.window,
+                "prototype": self.prototype_kind}

@@ -1,0 +1,424 @@
+"""Evaluation harness: every method on the same backbone, the same support sets and the same test images.
+
+Protocol (honest by construction): leave one category out. For each evaluated category the
+meta-learned methods are meta-trained on the other categories' ``train/good`` images only (or on
+another root), the support set is K images drawn from the evaluated category's ``train/good`` with a
+seed, and the test set is that category's whole ``test`` split. Support, meta-training and test pools
+are checked to be disjoint by pixel hash on every run.
+
+Methods: ``bayes`` (meta-trained head and prior, NIW posterior, Student-t scores, calibrated threshold),
+``bayes-frozen`` (the same model at its initialisation: no meta-learning), ``protomaml`` (meta-trained
+head with a deterministic Euclidean prototype), ``patchcore`` and ``padim`` (on the raw backbone
+features). F1 and measured FPR are taken at each method's own threshold for the target false-positive
+rate: the calibrated one for the Bayesian methods, the largest leave-one-out support score for the
+others (which have no calibration; with one shot they have no threshold at all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from bayprano.platform.baselines import PaDiM, PatchCore, image_scores
+from bayprano.platform.data.anomalies import AnomalyInjector
+from bayprano.platform.data.info import format_table
+from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
+from bayprano.platform.errors import ConfigError, DataError
+from bayprano.platform.fileio import atomic_write_json
+from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
+from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, build_task_bank, calibrate, clone, feature_statistics, meta_train
+from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
+from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
+from bayprano.platform.model.bayes import BayesianPatchModel
+from bayprano.platform.model.scoring import Calibration, anomaly_map
+from bayprano.platform.model.site import adapt
+
+METHODS = ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim")
+RECORD_KEYS = ("category", "method", "shots", "seed", "image_auroc", "pixel_auroc", "aupro", "f1", "target_fpr",
+               "measured_fpr", "adapt_seconds", "score_images_per_second")
+
+
+@dataclass
+class CategoryData:
+    name: str
+    train_images: np.ndarray  # (N, S, S, 3) uint8, train/good
+    train_ids: list[str]
+    test_images: np.ndarray
+    test_masks: np.ndarray  # (M, S, S) bool
+    test_labels: np.ndarray
+    test_ids: list[str]
+    has_pixel_masks: bool
+
+
+def _resize(image: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    if mask:
+        return np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def load_category(root: str | Path, category: str, size: int) -> CategoryData:
+    samples = scan_category(root, category)
+    train = [s for s in samples if s.split == "train"]
+    test = [s for s in samples if s.split == "test"]
+    tr = [_resize(load_sample(s)[0], size) for s in train]
+    te = [load_sample(s) for s in test]
+    has_masks = all(s.mask_path is not None for s in test if s.label == 1)
+    labels = np.array([s.label for s in test])
+    if len(set(labels.tolist())) < 2:
+        raise DataError(f"{Path(root) / category}: the test split needs both good and defective images")
+    return CategoryData(
+        category, np.stack(tr), [s.path for s in train],
+        np.stack([_resize(im, size) for im, _ in te]), np.stack([_resize(m, size, mask=True) for _, m in te]),
+        labels, [s.path for s in test], has_masks,
+    )
+
+
+def pixel_hashes(images: np.ndarray) -> set[str]:
+    return {hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images}
+
+
+def check_disjoint(pools: dict[str, set[str]]) -> None:
+    """Raise if any two named pools of image hashes share an image."""
+    names = list(pools)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = pools[a] & pools[b]
+            if shared:
+                raise DataError(f"leakage: {len(shared)} image(s) are in both the {a} and the {b} pool")
+
+
+def support_indices(n: int, shots: int, seed: int, category: str) -> np.ndarray:
+    if shots > n:
+        raise ConfigError(f"--shots {shots} is more than the {n} good training images of category {category!r}")
+    digest = int(hashlib.sha256(f"{category}/{shots}/{seed}".encode()).hexdigest()[:8], 16)
+    return np.sort(np.random.default_rng(digest).choice(n, size=shots, replace=False))
+
+
+def _frozen_checkpoint(extractor: PatchFeatureExtractor, banks: dict[str, TaskBank], image_size: int,
+                       dim: int) -> MetaCheckpoint:
+    model = BayesianPatchModel(extractor.out_channels, dim)
+    model.set_feature_statistics(*feature_statistics(banks))
+    h, w = next(iter(banks.values())).normals.shape[-2:]
+    prior = Calibration.from_prior(dim, h * w / model.window**2, strength=1.0)
+    return MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), image_size, prior,
+                          meta_config={"inner_steps": 0})
+
+
+def meta_train_checkpoint(
+    extractor: PatchFeatureExtractor,
+    banks: dict[str, TaskBank],
+    cfg: MetaConfig,
+    image_size: int,
+    dim: int = 64,
+    prototype: str = "niw",
+    progress: Callable[[str], None] | None = None,
+) -> MetaCheckpoint:
+    model = BayesianPatchModel(extractor.out_channels, dim, prototype=prototype, seed=cfg.seed)
+    model.set_feature_statistics(*feature_statistics(banks))
+    label = f"meta-train {prototype} on {', '.join(sorted(banks))}"
+
+    def report(row: dict) -> None:
+        if progress:
+            progress(f"[{label}] episode {row['episode']}/{cfg.episodes} loss {row['loss']:.3f} "
+                     f"(pixel {row['pixel_bce']:.3f}, image {row['image_bce']:.3f}, supcon {row['supcon']:.3f}) "
+                     f"{row['seconds']:.0f}s")
+
+    history = meta_train(model, banks, cfg, progress=report, log_every=max(1, cfg.episodes // 10))
+    h, w = next(iter(banks.values())).normals.shape[-2:]
+    cal = calibrate(model, banks, cfg) if prototype == "niw" else Calibration.from_prior(dim, h * w / 9, 1.0)
+    return MetaCheckpoint(model, extractor.name, extractor.fingerprint(), image_size, cal,
+                          meta_config=dict(cfg.__dict__), categories=sorted(banks), history=history)
+
+
+def _loo_threshold(fit_score: Callable[[torch.Tensor, torch.Tensor], np.ndarray], support: torch.Tensor) -> float:
+    k = support.shape[0]
+    if k < 2:
+        return math.nan
+    return float(max(fit_score(torch.cat([support[:i], support[i + 1 :]]), support[i : i + 1])[0] for i in range(k)))
+
+
+def run_evaluation(
+    data_root: str | Path,
+    output: str | Path,
+    categories: Sequence[str] | None = None,
+    shots: Sequence[int] = (5,),
+    seeds: int = 3,
+    methods: Sequence[str] = METHODS,
+    checkpoint: str | Path | None = None,
+    meta_train_root: str | Path | None = None,
+    inner_steps: int = 1,
+    target_fpr: float = 0.05,
+    episodes: int = 200,
+    image_size: int = 256,
+    backbone: str = "efficientnet_lite2",
+    dim: int = 64,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Run the protocol, write ``output`` (JSON) and its pictures beside it, return the results."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r} (valid: {', '.join(METHODS)})")
+    if not 0 < target_fpr < 1:
+        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if any(k < 1 for k in shots):
+        raise ConfigError(f"--shots must be at least 1, got {min(shots)}")
+    available = list_categories(data_root)
+    categories = list(categories or available)
+    for c in categories:
+        if c not in available:
+            raise ConfigError(f"--categories: unknown category {c!r} in {data_root} (available: {', '.join(available)})")
+    output = Path(output)
+    t_start = time.perf_counter()
+    extractor = build_backbone(backbone, device=device)
+    ckpt = load_checkpoint(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.backbone_fingerprint != extractor.fingerprint():
+        raise ConfigError(f"{checkpoint}: meta-trained on backbone {ckpt.backbone_fingerprint}, not {extractor.fingerprint()}")
+    if ckpt is not None:
+        image_size = ckpt.image_size
+    pool_root = Path(meta_train_root) if meta_train_root else Path(data_root)
+    pool_categories = list_categories(pool_root)
+
+    def extract(images: np.ndarray) -> torch.Tensor:
+        return extractor.extract(images, size=image_size).cpu()
+
+    progress(f"loading {len(categories)} categories at {image_size} px and extracting {extractor.name} features")
+    data: dict[str, CategoryData] = {c: load_category(data_root, c, image_size) for c in categories}
+    train_feats = {c: extract(d.train_images).to(torch.float16) for c, d in data.items()}
+    test_feats, test_seconds = {}, {}
+    for c, d in data.items():
+        t0 = time.perf_counter()
+        test_feats[c] = extract(d.test_images)
+        test_seconds[c] = time.perf_counter() - t0
+
+    need_banks = ckpt is None and any(m in methods for m in ("bayes", "protomaml")) or "bayes-frozen" in methods or (
+        "protomaml" in methods)
+    banks: dict[str, TaskBank] = {}
+    injector = AnomalyInjector()
+    if need_banks:
+        for c in pool_categories:
+            pool_data = data[c] if pool_root == Path(data_root) and c in data else load_category(pool_root, c, image_size)
+            banks[c] = build_task_bank(c, pool_data.train_images, pool_data.train_ids, extract, injector, seed=seed)
+            progress(f"meta-training pool: {c} ({len(pool_data.train_images)} good images + synthetic anomalies)")
+
+    meta_cfg = MetaConfig(shots=max(shots), inner_steps=inner_steps, episodes=episodes, seed=seed)
+    records: list[dict] = []
+    pictures: dict[str, list[str]] = {}
+    for c in categories:
+        d = data[c]
+        fold = {k: v for k, v in banks.items() if k != c}
+        if need_banks and not fold:
+            raise ConfigError(f"category {c!r}: no other category to meta-train on (pass --meta-train-root)")
+        pools = {"test": pixel_hashes(d.test_images), "support candidates": pixel_hashes(d.train_images)}
+        if pool_root == Path(data_root):
+            pools["meta-training"] = set().union(*(pixel_hashes(data[k].train_images) for k in fold if k in data))
+        check_disjoint(pools)
+        bayes_ckpt = proto_ckpt = frozen_ckpt = None
+        if "bayes" in methods:
+            if ckpt is not None:
+                if c in ckpt.categories:
+                    raise ConfigError(f"{checkpoint}: meta-trained on category {c!r}; evaluating it there would leak")
+                bayes_ckpt = ckpt
+            else:
+                bayes_ckpt = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, "niw", progress)
+        if "protomaml" in methods:
+            proto_ckpt = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, "euclidean", progress)
+        if "bayes-frozen" in methods:
+            frozen_ckpt = _frozen_checkpoint(extractor, fold, image_size, dim)
+        curves: dict[str, tuple] = {}
+        for k in shots:
+            for s in range(seeds):
+                idx = support_indices(len(d.train_images), k, s, c)
+                support_imgs = d.train_images[idx]
+                check_disjoint({"support": pixel_hashes(support_imgs), "test": pools["test"]})
+                for method in methods:
+                    rec, maps, scores = _run_method(method, extractor, support_imgs, train_feats[c][idx].float(),
+                                                    test_feats[c], test_seconds[c], d, image_size, target_fpr,
+                                                    inner_steps, bayes_ckpt, proto_ckpt, frozen_ckpt)
+                    rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr)
+                    records.append({key: rec.get(key) for key in RECORD_KEYS})
+                    progress(_record_line(records[-1]))
+                    if s == 0 and k == max(shots):
+                        curves[method] = roc_curve(d.test_labels, scores)
+                        if method == methods[0]:
+                            pictures.setdefault(c, []).append(
+                                str(_write_overlays(output, c, method, d, maps, scores)))
+        if curves:
+            pictures.setdefault(c, []).append(str(plot_roc(
+                curves, output.with_name(f"{output.stem}_roc_{c}.png"), f"{c}: image ROC, K={max(shots)}")))
+
+    summary = summarize(records)
+    result = {
+        "protocol": "leave-one-category-out" if pool_root == Path(data_root) else f"meta-train on {pool_root}",
+        "data_root": str(data_root),
+        "backbone": extractor.fingerprint(),
+        "image_size": image_size,
+        "inner_steps": inner_steps,
+        "episodes": episodes if ckpt is None else None,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "records": records,
+        "summary": summary,
+        "pictures": pictures,
+        "seconds": time.perf_counter() - t_start,
+    }
+    atomic_write_json(output, _jsonable(result))
+    return result
+
+
+def _run_method(method, extractor, support_imgs, support_feats, test_feats, test_seconds, d: CategoryData,
+                image_size, target_fpr, inner_steps, bayes_ckpt, proto_ckpt, frozen_ckpt):
+    size = (image_size, image_size)
+    n_test = len(d.test_images)
+    t0 = time.perf_counter()
+    if method in ("bayes", "bayes-frozen"):
+        ck = bayes_ckpt if method == "bayes" else frozen_ckpt
+        site = adapt(ck, list(support_imgs), steps=inner_steps if method == "bayes" else 0,
+                     target_fpr=target_fpr, extractor=extractor)
+        adapt_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        maha = site.mahalanobis(test_feats)
+        results = site.results_from_mahalanobis(maha, size)
+        score_seconds = time.perf_counter() - t1 + test_seconds
+        scores = np.array([r.score for r in results])
+        maps = np.stack([r.anomaly_map for r in results])
+        threshold = site.threshold
+    else:
+        if method == "protomaml":
+            model = proto_ckpt.model
+            with torch.enable_grad():
+                task = clone(model).adapt(support_feats, inner_steps)
+            params = {k: v.detach() for k, v in task.params.items()}
+            with torch.no_grad():
+                proto = model.prototype(model.embed(support_feats, params))
+
+            def fit_score(sup, q):
+                with torch.no_grad():
+                    p = model.prototype(model.embed(sup, params))
+                    return image_scores(p.mahalanobis(model.embed(q, params))).numpy()
+
+            def patch(feats):
+                with torch.no_grad():
+                    return proto.mahalanobis(model.embed(feats, params))
+        else:
+            cls = PatchCore if method == "patchcore" else PaDiM
+            scorer = cls().fit(support_feats)
+
+            def fit_score(sup, q):
+                return image_scores(cls().fit(sup).patch_scores(q)).numpy()
+
+            patch = scorer.patch_scores
+        threshold = _loo_threshold(fit_score, support_feats)
+        adapt_seconds = time.perf_counter() - t0 + test_seconds * len(support_imgs) / n_test
+        t1 = time.perf_counter()
+        patch_maps = patch(test_feats)
+        scores = image_scores(patch_maps).numpy()
+        maps = anomaly_map(patch_maps.float(), size).numpy()
+        score_seconds = time.perf_counter() - t1 + test_seconds
+    pix = pixel_metrics(d.test_masks, maps) if d.has_pixel_masks else {"pixel_auroc": None, "aupro": None}
+    finite = threshold is not None and math.isfinite(threshold)
+    rec = {
+        "image_auroc": image_auroc(d.test_labels, scores),
+        "pixel_auroc": pix["pixel_auroc"],
+        "aupro": pix["aupro"],
+        "f1": f1_at_threshold(d.test_labels, scores, threshold) if finite else None,
+        "measured_fpr": fpr_at_threshold(d.test_labels, scores, threshold) if finite else None,
+        "adapt_seconds": adapt_seconds,
+        "score_images_per_second": n_test / score_seconds,
+    }
+    return rec, maps, scores
+
+
+def _record_line(r: dict) -> str:
+    def f(v):
+        return "  -  " if v is None else f"{v:.3f}"
+
+    return (f"{r['category']:>14s} {r['method']:>12s} K={r['shots']} seed={r['seed']}: image AUROC {f(r['image_auroc'])} "
+            f"pixel AUROC {f(r['pixel_auroc'])} AUPRO {f(r['aupro'])} F1 {f(r['f1'])} FPR {f(r['measured_fpr'])} "
+            f"adapt {r['adapt_seconds']:.2f}s")
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """Means per (method, shots) over categories and seeds."""
+    out: dict = {}
+    for r in records:
+        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
+    return {
+        m: {k: {key: _mean(x[key] for x in rows) for key in ("image_auroc", "pixel_auroc", "aupro", "f1",
+                                                          "measured_fpr", "adapt_seconds", "score_images_per_second")}
+            | {"n": len(rows)}
+            for k, rows in by_k.items()}
+        for m, by_k in out.items()
+    }
+
+
+def markdown_table(result: dict) -> str:
+    rows = []
+    for method, by_k in result["summary"].items():
+        for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            rows.append((method, k, fmt(s["image_auroc"]), fmt(s["pixel_auroc"]), fmt(s["aupro"]), fmt(s["f1"]),
+                         fmt(s["measured_fpr"]), f"{s['adapt_seconds']:.2f}", f"{s['score_images_per_second']:.1f}"))
+    return format_table(("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s",
+                         "images/s"), rows)
+
+
+def _write_overlays(output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray,
+                    scores: np.ndarray, n: int = 6) -> Path:
+    """Heatmap overlays of the highest-scored test images, with their ground truth outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from bayprano.platform.fileio import atomic_write_bytes
+    import io
+
+    order = np.argsort(-scores)[:n]
+    fig = Figure(figsize=(2.2 * len(order), 2.6))
+    lo, hi = np.percentile(maps, 1), np.percentile(maps, 99.9)
+    for j, i in enumerate(order):
+        ax = fig.add_subplot(1, len(order), j + 1)
+        ax.imshow(d.test_images[i])
+        ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+        if d.test_masks[i].any():
+            ax.contour(d.test_masks[i], levels=[0.5], colors="white", linewidths=0.8)
+        ax.set_title(f"{Path(d.test_ids[i]).parent.name}\nscore {scores[i]:.2f}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"{category}: highest-scored test images ({method})", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    path = output.with_name(f"{output.stem}_overlay_{category}.png")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj

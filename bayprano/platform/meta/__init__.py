@@ -1,0 +1,1 @@
+"""Meta-learning: Proto-MAML episodes, the inner loop, meta-training and its checkpoints."""

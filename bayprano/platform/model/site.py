@@ -1,0 +1,309 @@
+"""Adaptation to a site's new product, and the self-contained adapted model that scores its images.
+
+``adapt(checkpoint, support_images, steps)`` runs the inner loop on the K good images, fits the NIW
+posterior, calibrates the decision threshold for a target false-positive rate (meta-learned prior on
+the effective patch count, updated by leave-one-out on the support) and returns a ``SiteModel``.
+
+A ``SiteModel`` saves as a folder: ``model.pt`` (tensors only, read with ``weights_only=True``) and
+``meta.json`` (backbone, image size, threshold, calibration, support hashes, the checkpoint's hash and
+the sha256 of ``model.pt``). It loads without any training state; a corrupt or foreign artifact is
+refused with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bayprano.platform.errors import ConfigError, DataError
+from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
+from bayprano.platform.meta.protomaml import clone
+from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
+from bayprano.platform.model.bayes import BayesianPatchModel
+from bayprano.platform.model.niw import NIWPrototype, StudentT
+from bayprano.platform.model.scoring import Calibration, anomaly_map, decide, image_statistic, relative_sd
+
+ARTIFACT_FORMAT = 1
+ARTIFACT_KIND = "bayprano-site-model"
+
+
+@dataclass
+class ImageResult:
+    """What scoring says about one image."""
+
+    score: float  # image statistic T = max patch Mahalanobis / d
+    p_value: float
+    threshold: float
+    decision: str  # normal | anomalous | review
+    uncertainty: float  # 0 = certain, 1 = a coin flip
+    anomaly_map: np.ndarray | None = None  # (H, W) float32, patch scores (-log density relative to mode)
+    map_threshold: float | None = None  # the anomaly map value that corresponds to the threshold
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "anomaly_map"}
+
+
+class SiteModel:
+    """An adapted per-site model: adapted head, NIW predictive per patch position, calibrated threshold."""
+
+    def __init__(
+        self,
+        model: BayesianPatchModel,
+        predictive: StudentT,
+        nu_n: float,
+        kappa_n: float,
+        calibration: Calibration,
+        target_fpr: float,
+        image_size: int,
+        grid: tuple[int, int],
+        info: dict,
+        extractor: PatchFeatureExtractor | None = None,
+        z_review: float = 1.0,
+    ):
+        if not 0 < target_fpr < 1:
+            raise ConfigError(f"target_fpr must be between 0 and 1, got {target_fpr}")
+        self.model = model.eval()
+        self.predictive = predictive
+        self.nu_n, self.kappa_n = float(nu_n), float(kappa_n)
+        self.calibration = calibration
+        self.target_fpr = float(target_fpr)
+        self.image_size = int(image_size)
+        self.grid = tuple(grid)
+        self.info = dict(info)
+        self.z_review = float(z_review)
+        self._extractor = extractor
+        self.df = float(predictive.df.flatten()[0])
+        self.threshold = calibration.threshold(self.target_fpr, self.df)
+
+    # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def backbone(self) -> str:
+        return self.info["backbone"]
+
+    @property
+    def extractor(self) -> PatchFeatureExtractor:
+        if self._extractor is None:
+            self._extractor = build_backbone(self.backbone)
+        return self._extractor
+
+    def with_target_fpr(self, target_fpr: float) -> "SiteModel":
+        return SiteModel(self.model, self.predictive, self.nu_n, self.kappa_n, self.calibration, target_fpr,
+                         self.image_size, self.grid, self.info, self._extractor, self.z_review)
+
+    # ------------------------------------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def mahalanobis(self, features: Tensor) -> Tensor:
+        """Squared Mahalanobis maps (B, h, w) of backbone features (B, C, h, w)."""
+        z = self.model.embed(features.to(self.predictive.loc.device))
+        b, d, h, w = z.shape
+        if (h, w) != self.grid:
+            raise DataError(f"feature grid {h}x{w} does not match the model's {self.grid[0]}x{self.grid[1]}")
+        x = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        return self.predictive.mahalanobis(x).t().reshape(b, h, w)
+
+    def patch_scores(self, maha: Tensor) -> Tensor:
+        d = self.model.dim
+        return (self.df + d) / 2 * torch.log1p(maha / self.df)
+
+    def results_from_mahalanobis(self, maha: Tensor, size: tuple[int, int] | None = None) -> list[ImageResult]:
+        stat = image_statistic(maha, self.model.dim).cpu().numpy()
+        p = self.calibration.p_value(stat, self.df)
+        decisions, uncertainty = decide(stat, self.threshold, relative_sd(stat, self.model.dim, self.nu_n, self.kappa_n),
+                                        self.z_review)
+        maps = None
+        map_threshold = None
+        if size is not None:
+            maps = anomaly_map(self.patch_scores(maha), size).cpu().numpy().astype(np.float32)
+            map_threshold = float(self.patch_scores(torch.tensor(self.threshold * self.model.dim)))
+        return [
+            ImageResult(float(stat[i]), float(p[i]), self.threshold, decisions[i], float(uncertainty[i]),
+                        None if maps is None else maps[i], map_threshold)
+            for i in range(len(stat))
+        ]
+
+    def score(self, images: np.ndarray | Sequence[np.ndarray], maps: bool = True, batch_size: int = 16) -> list[ImageResult]:
+        """Score uint8 RGB images (any size; resized to the model's image size)."""
+        features = self.extractor.extract(images, size=self.image_size, batch_size=batch_size)
+        maha = self.mahalanobis(features)
+        return self.results_from_mahalanobis(maha, (self.image_size, self.image_size) if maps else None)
+
+    # ------------------------------------------------------------------------------------ artifact
+
+    def _tensors(self) -> dict:
+        return {
+            "head_weight": self.model.head.weight.detach().cpu(),
+            "head_bias": self.model.head.bias.detach().cpu(),
+            "feature_mean": self.model.feature_mean.cpu(),
+            "feature_std": self.model.feature_std.cpu(),
+            "loc": self.predictive.loc.detach().cpu(),
+            "scale_tril": self.predictive.scale_tril.detach().cpu(),
+            "df": self.predictive.df.detach().cpu(),
+        }
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write the artifact folder atomically (a temp folder renamed into place)."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(self._tensors(), buf)
+        data = buf.getvalue()
+        meta = {
+            "kind": ARTIFACT_KIND,
+            "format": ARTIFACT_FORMAT,
+            **self.info,
+            "image_size": self.image_size,
+            "grid": list(self.grid),
+            "dim": self.model.dim,
+            "in_channels": self.model.in_channels,
+            "window": self.model.window,
+            "nu_n": self.nu_n,
+            "kappa_n": self.kappa_n,
+            "df": self.df,
+            "calibration": self.calibration.as_dict(),
+            "target_fpr": self.target_fpr,
+            "threshold": self.threshold,
+            "z_review": self.z_review,
+            "model_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            (staging / "model.pt").write_bytes(data)
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            if out.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+                os.replace(out, trash / "old")
+                os.replace(staging, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.info["model_sha256"] = meta["model_sha256"]
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, extractor: PatchFeatureExtractor | None = None) -> "SiteModel":
+        path = Path(path)
+        meta_path, model_path = path / "meta.json", path / "model.pt"
+        if not path.is_dir():
+            raise DataError(f"{path}: model folder does not exist")
+        for p in (meta_path, model_path):
+            if not p.is_file():
+                raise DataError(f"{p}: missing from the model folder")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != ARTIFACT_KIND:
+            raise DataError(f"{meta_path}: not a bayprano site model")
+        if meta.get("format") != ARTIFACT_FORMAT:
+            raise DataError(f"{meta_path}: artifact format {meta.get('format')!r} is not supported (expected {ARTIFACT_FORMAT})")
+        data = model_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta.get("model_sha256"):
+            raise DataError(f"{model_path}: corrupt artifact (sha256 does not match meta.json)")
+        try:
+            t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            model = BayesianPatchModel(meta["in_channels"], meta["dim"], window=meta["window"])
+            with torch.no_grad():
+                model.head.weight.copy_(t["head_weight"])
+                model.head.bias.copy_(t["head_bias"])
+            model.set_feature_statistics(t["feature_mean"], t["feature_std"])
+            predictive = StudentT(t["loc"], t["scale_tril"], t["df"])
+            info = {k: meta[k] for k in _INFO_KEYS if k in meta}
+            if extractor is not None and extractor.fingerprint() != meta["backbone_fingerprint"]:
+                raise DataError(
+                    f"{path}: model was adapted on backbone {meta['backbone_fingerprint']}, "
+                    f"not {extractor.fingerprint()}"
+                )
+            return cls(model, predictive, meta["nu_n"], meta["kappa_n"], Calibration(**meta["calibration"]),
+                       meta["target_fpr"], meta["image_size"], tuple(meta["grid"]), info, extractor,
+                       meta.get("z_review", 1.0))
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise DataError(f"{path}: artifact is incomplete or inconsistent ({exc.__class__.__name__}: {exc})") from None
+
+
+_INFO_KEYS = ("backbone", "backbone_fingerprint", "created", "support_size", "support_sha256", "inner_steps",
+              "checkpoint_sha256", "loo_statistics", "version", "model_sha256", "adapt_seconds")
+
+
+def _image_hash(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
+
+
+def adapt(
+    checkpoint: MetaCheckpoint | str | os.PathLike,
+    support_images: Sequence[np.ndarray],
+    steps: int | None = None,
+    target_fpr: float = 0.05,
+    extractor: PatchFeatureExtractor | None = None,
+    z_review: float = 1.0,
+    calibration_strength: float = 4.0,
+) -> SiteModel:
+    """Adapt a meta-checkpoint to a site's K good images (uint8 RGB arrays) and calibrate it."""
+    start = time.perf_counter()
+    ckpt = checkpoint if isinstance(checkpoint, MetaCheckpoint) else load_checkpoint(checkpoint)
+    if len(support_images) < 1:
+        raise ConfigError("adaptation needs at least one good support image")
+    if not 0 < target_fpr < 1:
+        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    steps = int(ckpt.meta_config.get("inner_steps", 0)) if steps is None else int(steps)
+    if not 0 <= steps <= 10:
+        raise ConfigError(f"--steps must be between 0 and 10, got {steps}")
+    extractor = extractor or build_backbone(ckpt.backbone)
+    if extractor.fingerprint() != ckpt.backbone_fingerprint:
+        raise ConfigError(
+            f"checkpoint was meta-trained on backbone {ckpt.backbone_fingerprint}, not {extractor.fingerprint()}"
+        )
+    features = extractor.extract(list(support_images), size=ckpt.image_size)
+    model = _copy_model(ckpt.model)
+    with torch.enable_grad():
+        task = clone(model).adapt(features, steps, first_order=True)
+    with torch.no_grad():
+        model.head.weight.copy_(task.params["weight"].detach())
+        model.head.bias.copy_(task.params["bias"].detach())
+        z = model.embed(features)
+        hyper = model.hyper()
+        proto = NIWPrototype(hyper).fit(z)
+        calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
+        loo = []
+        if len(support_images) >= 2:
+            for i in range(z.shape[0]):
+                rest = NIWPrototype(hyper).fit(torch.cat([z[:i], z[i + 1 :]]))
+                stat = float(image_statistic(rest.mahalanobis(z[i : i + 1]), model.dim)[0])
+                loo.append((stat, float(rest.df_[0])))
+            calibration = calibration.update([s for s, _ in loo], [d for _, d in loo])
+    info = {
+        "backbone": ckpt.backbone,
+        "backbone_fingerprint": ckpt.backbone_fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "support_size": len(support_images),
+        "support_sha256": [_image_hash(im) for im in support_images],
+        "inner_steps": steps,
+        "checkpoint_sha256": ckpt.sha256,
+        "loo_statistics": [s for s, _ in loo],
+        "adapt_seconds": time.perf_counter() - start,
+    }
+    return SiteModel(model, proto.predictive_, float(proto.local_.nu[0]), float(proto.local_.kappa[0]), calibration,
+                     target_fpr, ckpt.image_size, tuple(z.shape[-2:]), info, extractor, z_review)
+
+
+def _copy_model(model: BayesianPatchModel) -> BayesianPatchModel:
+    copy = BayesianPatchModel(model.in_channels, model.dim, window=model.window)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
