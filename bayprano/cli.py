@@ -1,4 +1,4 @@
-"""The ``bayprano`` command: data preparation now; training, evaluation, serving and sweeps build on it.
+"""The ``bayprano`` command: data preparation, meta-training, evaluation, adaptation to a site and scoring.
 
 Every user error (a bad path, a malformed file, an out-of-range option) is reported as one line naming
 the file, field or value, with exit status 2; a traceback means a bug in the platform.
@@ -7,13 +7,15 @@ the file, field or value, with exit status 2; a traceback means a bug in the pla
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from bayprano.platform.errors import BaypranoError, ConfigError
+from bayprano.platform.errors import BaypranoError, ConfigError, DataError
 
 
 def _positive_int(name: str) -> Callable[[str], int]:
@@ -186,6 +188,231 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+# ------------------------------------------------------------------------------------- model commands
+
+
+def _log(label: str) -> Callable[[str], None]:
+    """A progress printer for messages: one line on stderr each, prefixed with the command."""
+
+    def emit(message: str) -> None:
+        print(f"[{label}] {message}", file=sys.stderr, flush=True)
+
+    return emit
+
+
+def _settings(args: argparse.Namespace, model_cls) -> Any:
+    """The command's pydantic settings: its --config file with the flags the user gave laid over it."""
+    from bayprano.config import load_yaml_config
+
+    given = {k: getattr(args, k) for k in model_cls.model_fields if getattr(args, k, None) is not None}
+    return load_yaml_config(args.config, model_cls, given)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bayprano.config import TrainConfig
+
+    cfg = _settings(args, TrainConfig)
+    from bayprano.platform.train import train_centralised
+
+    start = time.perf_counter()
+    ckpt = train_centralised(cfg, progress=_log("train"))
+    print(f"wrote checkpoint {cfg.out} (sha256 {ckpt.sha256[:12]}): meta-trained on {len(ckpt.categories)} "
+          f"categories ({', '.join(ckpt.categories)}), {cfg.episodes} episodes, K={cfg.shots}, S={cfg.inner_steps}, "
+          f"{'second' if cfg.second_order else 'first'}-order, backbone {ckpt.backbone_fingerprint}, "
+          f"{ckpt.image_size} px, effective patch count {ckpt.calibration.effective_patches:.1f}, "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bayprano.config import EvalConfig
+
+    cfg = _settings(args, EvalConfig)
+    from bayprano.platform.data.mvtec import list_categories
+    from bayprano.platform.evaluate import METHODS, markdown_table, run_evaluation
+    from bayprano.platform.meta.checkpoint import load_checkpoint
+    from bayprano.platform.model.backbone import DEFAULT_BACKBONE
+
+    if cfg.output.is_dir():
+        raise ConfigError(f"--output {cfg.output}: is a folder; name the JSON file to write")
+    log = _log("evaluate")
+    methods = list(cfg.methods or METHODS)
+    categories = cfg.categories
+    ckpt = load_checkpoint(cfg.checkpoint) if cfg.checkpoint is not None else None
+    image_size = cfg.image_size
+    if ckpt is not None:
+        if "image_size" in cfg.model_fields_set and cfg.image_size != ckpt.image_size:
+            raise ConfigError(f"--image-size {cfg.image_size}: the checkpoint {cfg.checkpoint} was meta-trained at "
+                              f"{ckpt.image_size} px")
+        image_size = ckpt.image_size
+        if "bayes" in methods:
+            if categories is None:
+                categories = [c for c in list_categories(cfg.data_root) if c not in ckpt.categories]
+                if not categories:
+                    raise ConfigError(f"{cfg.checkpoint}: meta-trained on every category of {cfg.data_root}; "
+                                      "none is left to evaluate without leakage")
+                log(f"evaluating the categories the checkpoint never saw: {', '.join(categories)}")
+            seen = [c for c in categories if c in ckpt.categories]
+            if seen:
+                raise ConfigError(f"{cfg.checkpoint}: meta-trained on category {seen[0]!r}; "
+                                  "evaluating it there would leak")
+    backbone = cfg.backbone or (ckpt.backbone if ckpt is not None else DEFAULT_BACKBONE)
+    start = time.perf_counter()
+    result = run_evaluation(
+        cfg.data_root, cfg.output, categories=categories, shots=cfg.shots, seeds=cfg.seeds, methods=methods,
+        checkpoint=cfg.checkpoint, meta_train_root=cfg.meta_train_root, inner_steps=cfg.inner_steps,
+        target_fpr=cfg.target_fpr, episodes=cfg.episodes, image_size=image_size, backbone=backbone, dim=cfg.dim,
+        device=cfg.device, seed=cfg.seed, progress=log,
+    )
+    print(markdown_table(result))
+    pictures = sum(len(v) for v in result["pictures"].values())
+    print(f"wrote {cfg.output} ({len(result['records'])} records, {result['protocol']}) and {pictures} pictures "
+          f"beside it in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _read_image(path: str | Path):
+    """An RGB uint8 image from a file, refused (naming the file) when unreadable or too small to score."""
+    from bayprano.platform.data.imageio import load_image
+    from bayprano.platform.model.backbone import MIN_IMAGE_SIZE
+
+    image = load_image(path)
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIZE:
+        raise DataError(f"{path}: image is {w}x{h} px, smaller than {MIN_IMAGE_SIZE} px on a side")
+    return image
+
+
+def _check_image_file(path: str | Path) -> None:
+    """Refuse an unreadable or too small image from its header alone, before any work is done."""
+    from bayprano.platform.data.imageio import image_size
+    from bayprano.platform.model.backbone import MIN_IMAGE_SIZE
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such image file")
+    h, w = image_size(path)
+    if min(h, w) < MIN_IMAGE_SIZE:
+        raise DataError(f"{path}: image is {w}x{h} px, smaller than {MIN_IMAGE_SIZE} px on a side")
+
+
+def support_files(spec: str) -> list[Path]:
+    """The support images named by a folder (every image file in it), a glob pattern or one file, sorted."""
+    from bayprano.platform.data.imageio import is_image_file
+
+    path = Path(spec)
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p)]
+    elif any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in glob.glob(spec) if Path(p).is_file()]
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{spec}: support folder or image does not exist")
+    if not files:
+        raise DataError(f"{spec}: no image files (.png, .jpg, .jpeg, .bmp) found")
+    return sorted(files, key=str)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from bayprano.platform.meta.checkpoint import load_checkpoint
+    from bayprano.platform.model.site import adapt
+
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "meta.json").is_file())):
+        raise ConfigError(f"--out {out}: exists and is not a site model folder; refusing to replace it")
+    ckpt = load_checkpoint(args.checkpoint)
+    files = support_files(args.support)
+    if args.shots is not None:
+        if args.shots > len(files):
+            raise ConfigError(f"--shots {args.shots} but only {len(files)} good images in {args.support}")
+        files = files[: args.shots]
+    images = [_read_image(p) for p in files]
+    site = adapt(ckpt, images, steps=args.steps, target_fpr=args.target_fpr)
+    site.save(out)
+    loo = site.info.get("loo_statistics") or []
+    print(f"wrote site model {out}")
+    print(f"  version    model sha256 {site.info['model_sha256'][:12]}, from checkpoint {ckpt.sha256[:12]} "
+          f"({args.checkpoint}), backbone {ckpt.backbone_fingerprint}, {site.image_size} px")
+    print(f"  support    {len(images)} good image(s) from {args.support}, {site.info['inner_steps']} inner step(s)")
+    print(f"  threshold  {site.threshold:.3f} for target FPR {site.target_fpr:g} (effective patch count "
+          f"{site.calibration.effective_patches:.1f}; leave-one-out statistics "
+          f"{', '.join(f'{s:.2f}' for s in loo) if loo else 'none: one shot'})")
+    print(f"  adapted in {site.info['adapt_seconds']:.2f}s")
+    return 0
+
+
+def _overlay(image, level):
+    """The image with a heatmap over it; ``level`` (h, w) runs from 0 (blue, perfectly normal) to 1 (red,
+    as far out as the decision threshold)."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    level = np.asarray(Image.fromarray(level.astype(np.float32)).resize((w, h), Image.BILINEAR)).clip(0, 1)
+    colour = colormaps["jet"](level)[..., :3] * 255
+    alpha = (0.2 + 0.5 * level)[..., None]
+    return ((1 - alpha) * image + alpha * colour).round().clip(0, 255).astype(np.uint8)
+
+
+def _heat_level(site, result):
+    """The anomaly map as a heat level: linear in each patch's Mahalanobis distance, scaled so that the
+    hottest point is the image's statistic over the threshold (1 and above only for an image over it)."""
+    import numpy as np
+
+    d, df = site.model.dim, site.df
+    maha = df * np.expm1(np.minimum(2 * result.anomaly_map.astype(np.float64) / (df + d), 50.0))
+    return maha / max(float(maha.max()), 1e-12) * (result.score / result.threshold)
+
+
+def _map_names(paths: Sequence[str]) -> list[str]:
+    """A distinct file name per image: its stem, or parent_stem when stems repeat, numbered if still not distinct."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) < len(stems):
+        stems = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths]
+    names, seen = [], set()
+    for stem in stems:
+        name, n = stem, 1
+        while name in seen:
+            name, n = f"{stem}-{n}", n + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from bayprano.platform.data.imageio import save_png
+    from bayprano.platform.model.backbone import build_backbone
+    from bayprano.platform.model.site import SiteModel
+
+    site = SiteModel.load(args.model)
+    site = SiteModel.load(args.model, extractor=build_backbone(site.backbone))
+    if args.target_fpr is not None:
+        site = site.with_target_fpr(args.target_fpr)
+    for path in args.images:
+        _check_image_file(path)
+    maps = Path(args.maps) if args.maps else None
+    names = _map_names(args.images)
+    batch = 16
+    for start in range(0, len(args.images), batch):
+        paths = args.images[start : start + batch]
+        images = [_read_image(p) for p in paths]
+        results = site.score(images, maps=maps is not None, batch_size=batch)
+        for i, (path, image, r) in enumerate(zip(paths, images, results)):
+            record = {"image": path, "score": _finite(r.score), "p_value": _finite(r.p_value),
+                      "threshold": _finite(r.threshold), "decision": r.decision,
+                      "uncertainty": _finite(r.uncertainty)}
+            if maps is not None:
+                overlay = _overlay(image, _heat_level(site, r))
+                record["map"] = str(save_png(maps / f"{names[start + i]}.png", overlay))
+            print(json.dumps(record), flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -238,6 +465,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_data_info)
+
+    p = sub.add_parser("train", help="meta-train the model on the train/good images of an MVTec-layout root")
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags given here override it")
+    p.add_argument("--data-root", metavar="DIR", help="MVTec-layout root (only train/good is read)")
+    p.add_argument("--categories", metavar="A,B", help="categories to train on (default: all)")
+    p.add_argument("--exclude", metavar="C,D", help="categories to leave out (held out for evaluation)")
+    p.add_argument("--shots", metavar="K", help="support images per episode")
+    p.add_argument("--inner-steps", metavar="S", help="inner-loop steps, 0..10")
+    p.add_argument("--episodes", metavar="N", help="meta-training episodes")
+    p.add_argument("--out", metavar="CKPT", help="checkpoint file to write")
+    p.add_argument("--seed", metavar="S", help="random seed (default 0)")
+    p.add_argument("--image-size", metavar="PX", help="image side the backbone sees (default 256)")
+    p.add_argument("--backbone", metavar="NAME", help="efficientnet_lite2 (default), random, or a torchvision CNN")
+    p.add_argument("--dim", metavar="D", help="embedding dimension of the head (default 64)")
+    p.add_argument("--lr", metavar="LR", help="outer learning rate (default 0.002)")
+    p.add_argument("--supcon-weight", metavar="W", help="weight of the supervised contrastive loss (default 0.1)")
+    p.add_argument("--n-query-normal", metavar="N", help="normal query images per episode (default 4)")
+    p.add_argument("--n-query-anomalous", metavar="N", help="synthetic anomalous query images per episode (default 4)")
+    p.add_argument("--second-order", action="store_true", default=None, help="differentiate through the inner loop")
+    p.add_argument("--calibration-episodes", metavar="N", help="episodes to calibrate on (default 20)")
+    p.add_argument("--device", metavar="DEV", help="backbone device: cpu (default), cuda, cuda:N, auto")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="leave-one-category-out evaluation of every method, written as JSON")
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags given here override it")
+    p.add_argument("--data-root", metavar="DIR", help="MVTec-layout root")
+    p.add_argument("--categories", metavar="A,B", help="categories to evaluate (default: all; with --checkpoint, "
+                   "those it was not meta-trained on)")
+    p.add_argument("--shots", metavar="K[,K2]", help="support sizes (default 5)")
+    p.add_argument("--seeds", metavar="N", help="support sets drawn per category and K (default 3)")
+    p.add_argument("--methods", metavar="M,N", help="bayes, bayes-frozen, patchcore, padim, protomaml (default: all)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="CKPT", help="meta-checkpoint for the bayes method")
+    source.add_argument("--meta-train-root", metavar="DIR", help="meta-train on this root instead of the other "
+                        "categories of --data-root")
+    p.add_argument("--inner-steps", metavar="S", help="inner-loop steps, 0..10 (default 1)")
+    p.add_argument("--target-fpr", metavar="A", help="target false-positive rate of the threshold (default 0.05)")
+    p.add_argument("--episodes", metavar="N", help="meta-training episodes when there is no checkpoint (default 200)")
+    p.add_argument("--image-size", metavar="PX", help="image side (default 256; with --checkpoint, its size)")
+    p.add_argument("--backbone", metavar="NAME", help="default: the checkpoint's, else efficientnet_lite2")
+    p.add_argument("--dim", metavar="D", help="embedding dimension when meta-training here (default 64)")
+    p.add_argument("--seed", metavar="S", help="random seed (default 0)")
+    p.add_argument("--device", metavar="DEV", help="backbone device: cpu (default), cuda, cuda:N, auto")
+    p.add_argument("--output", metavar="OUT.json", help="results file; pictures are written beside it")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("adapt", help="adapt a meta-checkpoint to a site's few good images")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="meta-checkpoint written by `bayprano train`")
+    p.add_argument("--support", required=True, metavar="DIR_OR_GLOB", help="folder of good images, or a glob")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="site model folder to write")
+    p.add_argument("--steps", type=int, metavar="S", help="inner-loop steps, 0..10 (default: the checkpoint's)")
+    p.add_argument("--shots", type=_positive_int("--shots"), metavar="K", help="use the first K images (sorted)")
+    p.add_argument("--target-fpr", type=float, default=0.05, metavar="A",
+                   help="target false-positive rate of the threshold (default 0.05)")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("score", help="score images with an adapted site model: one JSON line per image")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="site model folder written by `bayprano adapt`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP; any size)")
+    p.add_argument("--target-fpr", type=float, metavar="A", help="target false-positive rate (default: the model's)")
+    p.add_argument("--maps", metavar="DIR", help="write a heatmap overlay PNG per image here")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="run the platform end to end on generated data")
     p.add_argument("--out", default="demo-output", help="output folder")

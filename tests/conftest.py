@@ -48,3 +48,14 @@ def mvtec_root(tmp_path: Path) -> Path:
     write_mvtec_category(root, "alpha", seed=1)
     write_mvtec_category(root, "beta", seed=2)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a 2-core machine shared with Ray workers, more threads spin and slow down."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

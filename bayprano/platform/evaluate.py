@@ -232,6 +232,7 @@ def run_evaluation(
             if ckpt is not None:
                 if c in ckpt.categories:
                     raise ConfigError(f"{checkpoint}: meta-trained on category {c!r}; evaluating it there would leak")
+                check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
                 bayes_ckpt = ckpt
             else:
                 bayes_ckpt = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, "niw", progress)

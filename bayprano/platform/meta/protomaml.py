@@ -52,6 +52,11 @@ class TaskBank:
     def __len__(self) -> int:
         return self.normals.shape[0]
 
+    def to(self, device: torch.device | str) -> "TaskBank":
+        """The same bank with its feature tensors on ``device`` (indices stay on the CPU)."""
+        return TaskBank(self.category, self.normals.to(device), self.normal_ids, self.anomalies.to(device),
+                        self.anomaly_masks.to(device), self.anomaly_sources)
+
 
 def build_task_bank(
     category: str,
@@ -114,8 +119,9 @@ def sample_episode(
     anomaly_idx = rng.choice(allowed, size=n_query_anomalous, replace=False).tolist() if n_query_anomalous else []
     h, w = bank.normals.shape[-2:]
     query = torch.cat([bank.normals[query_idx], bank.anomalies[anomaly_idx]]).float()
-    masks = torch.cat([torch.zeros(len(query_idx), h, w), bank.anomaly_masks[anomaly_idx]])
-    labels = torch.cat([torch.zeros(len(query_idx)), torch.ones(len(anomaly_idx))])
+    dev = bank.normals.device
+    masks = torch.cat([torch.zeros(len(query_idx), h, w, device=dev), bank.anomaly_masks[anomaly_idx].float()])
+    labels = torch.cat([torch.zeros(len(query_idx), device=dev), torch.ones(len(anomaly_idx), device=dev)])
     return FeatureEpisode(bank.category, bank.normals[support_idx].float(), query, masks, labels,
                           support_idx, query_idx)
 
@@ -259,25 +265,26 @@ def episode_loss(
     h, w = episode.support.shape[-2:]
     positions = None
     if cfg.inner_positions and cfg.inner_positions < h * w:
-        positions = torch.randperm(h * w, generator=gen)[: cfg.inner_positions]
+        positions = torch.randperm(h * w, generator=gen)[: cfg.inner_positions].to(episode.support.device)
     task = clone(model).adapt(episode.support, cfg.inner_steps, cfg.first_order, positions)
     proto = model.prototype(task.embed(episode.support))
     zq = task.embed(episode.query)
     maha = proto.mahalanobis(zq)  # (Q, h, w); the patch score is a monotone function of it
     pixel = _balanced_bce(model.pixel_logits(maha), episode.query_masks)
-    image = F.binary_cross_entropy_with_logits(model.image_logits(maha.flatten(1).amax(1)), episode.query_labels)
+    image_stat = image_statistic(maha, model.dim) * model.dim
+    image = F.binary_cross_entropy_with_logits(model.image_logits(image_stat), episode.query_labels)
     loss = pixel + image
-    supcon = torch.zeros(())
+    supcon = torch.zeros((), device=loss.device)
     if cfg.supcon_weight > 0:
         emb = zq.permute(0, 2, 3, 1).reshape(-1, zq.shape[1])
         cell = episode.query_masks.reshape(-1)
         anomalous = torch.nonzero(cell > 0.5).flatten()
         normal = torch.nonzero(cell == 0).flatten()
         if len(anomalous) >= 2:
-            a = anomalous[torch.randperm(len(anomalous), generator=gen)[: cfg.supcon_patches // 2]]
-            b = normal[torch.randperm(len(normal), generator=gen)[: cfg.supcon_patches - len(a)]]
+            a = anomalous[torch.randperm(len(anomalous), generator=gen)[: cfg.supcon_patches // 2].to(cell.device)]
+            b = normal[torch.randperm(len(normal), generator=gen)[: cfg.supcon_patches - len(a)].to(cell.device)]
             idx = torch.cat([a, b])
-            labels = torch.cat([torch.ones(len(a)), torch.zeros(len(b))])
+            labels = torch.cat([torch.ones(len(a), device=cell.device), torch.zeros(len(b), device=cell.device)])
             supcon = supervised_contrastive(emb[idx], labels)
             loss = loss + cfg.supcon_weight * supcon
     metrics = {"loss": loss.item(), "pixel_bce": pixel.item(), "image_bce": image.item(), "supcon": supcon.item()}
