@@ -25,8 +25,12 @@ test: install
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# Benchmarks (not tests): each prints a Markdown table and writes JSON to benchmarks/results/.
+DATA_TIMING_ARGS ?=
+SPEED_ARGS ?=
 bench: install
-	$(VENV)/bin/python benchmarks/data_timing.py
+	$(VENV)/bin/python benchmarks/data_timing.py $(DATA_TIMING_ARGS)
+	$(VENV)/bin/python benchmarks/speed.py $(SPEED_ARGS)
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -71,8 +71,7 @@ class NIWPosterior:
         d = self.dim
         df = self.nu - d + 1
         factor = (self.kappa + 1) / (self.kappa * df)
-        shape = self.psi * factor[..., None, None]
-        return StudentT(self.mu, _cholesky(shape), df)
+        return StudentT(self.mu, _cholesky(self.psi, factor), df)
 
     def mean_covariance(self) -> Tensor:
         """E[Sigma] = Psi / (nu - d - 1)."""
@@ -91,12 +90,16 @@ def niw_update(mu0: Tensor, kappa0, nu0, psi0: Tensor, n, mean: Tensor, scatter:
     nu_n = nu0 + n
     mu_n = (kappa0[..., None] * mu0 + n[..., None] * mean) / kappa_n[..., None]
     diff = mean - mu0
-    psi_n = psi0 + scatter + (kappa0 * n / kappa_n)[..., None, None] * diff[..., :, None] * diff[..., None, :]
+    # psi0 + scatter + coef * diff diff^T, the outer product fused into the sum (one pass over (..., d, d))
+    psi_n = torch.addcmul(psi0 + scatter, (kappa0 * n / kappa_n)[..., None, None] * diff[..., :, None],
+                          diff[..., None, :])
     return NIWPosterior(mu_n, kappa_n.expand(mu_n.shape[:-1]), nu_n.expand(mu_n.shape[:-1]), psi_n)
 
 
-def _cholesky(matrix: Tensor) -> Tensor:
-    matrix = 0.5 * (matrix + matrix.transpose(-1, -2))
+def _cholesky(matrix: Tensor, scale: Tensor | None = None) -> Tensor:
+    """Lower Cholesky factor of ``scale * matrix`` (scale per matrix, 1 if None), symmetrised first."""
+    half = 0.5 if scale is None else 0.5 * scale[..., None, None]
+    matrix = (matrix + matrix.transpose(-1, -2)) * half
     chol, info = torch.linalg.cholesky_ex(matrix)
     if bool((info > 0).any()):
         d = matrix.shape[-1]
@@ -155,13 +158,18 @@ def window_statistics(z: Tensor, window: int, positions: Tensor | None = None) -
     """
     k, d, h, w = z.shape
     pad = window // 2
-    ones = torch.ones(1, 1, h, w, dtype=z.dtype, device=z.device)
-    valid = F.unfold(ones, window, padding=pad)[0]  # (w^2, P)
-    cols = F.unfold(z, window, padding=pad).view(k, d, window * window, h * w)
-    cols = cols.permute(3, 0, 2, 1).reshape(h * w, k * window * window, d)  # (P, N, d)
-    weights = valid.t().repeat(1, k)  # (P, N)
-    if positions is not None:
-        cols, weights = cols[positions], weights[positions]
+    # Gather each window from the zero-padded, channels-last maps, only at the positions asked for: the
+    # same values as F.unfold (padding cells get weight 0), without unfolding and transposing the
+    # whole map, which dominated the inner loop's cost when it evaluates a subset of positions.
+    flat = torch.arange(h * w, device=z.device) if positions is None else positions.to(z.device)
+    ys, xs = (flat // w)[:, None], (flat % w)[:, None]
+    dy, dx = (o.reshape(1, -1) for o in torch.meshgrid(
+        torch.arange(window, device=z.device), torch.arange(window, device=z.device), indexing="ij"))
+    index = (ys + dy) * (w + 2 * pad) + xs + dx  # (P, w^2) into the padded grid
+    valid = (ys + dy - pad >= 0) & (ys + dy - pad < h) & (xs + dx - pad >= 0) & (xs + dx - pad < w)
+    padded = F.pad(z, (pad, pad, pad, pad)).permute(0, 2, 3, 1).reshape(k, -1, d)
+    cols = padded[:, index].transpose(0, 1).reshape(len(flat), k * window * window, d)  # (P, N, d)
+    weights = valid.to(z.dtype).repeat(1, k)  # (P, N)
     count = weights.sum(1)
     mean = (cols * weights[..., None]).sum(1) / count[:, None]
     centred = (cols - mean[:, None, :]) * weights[..., None]

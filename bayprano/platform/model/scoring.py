@@ -1,7 +1,9 @@
 """From patch Mahalanobis distances to anomaly maps, image p-values and calibrated decisions.
 
 Under the Student-t predictive, a normal patch's squared Mahalanobis distance over d follows an
-F(d, df) law. The image statistic is the largest of these over the image's patches, T = max m / d.
+F(d, df) law. The image statistic is the largest of these over the image's patches, T = max m / d,
+taken after a light smoothing of the map (which makes the per-patch law approximate; the effective
+count M below absorbs it, and the measured false-positive rate is what is reported).
 Patches are strongly correlated, so T behaves like the maximum of M independent F variables, with M
 (the effective number of independent patches) far below the number of patches. M is estimated from
 normal images, T_i, in closed form: if F_cdf(T_i) = U^(1/M) then -log F_cdf(T_i) is exponential with
@@ -20,6 +22,7 @@ straddles it; the reported uncertainty is twice the probability mass of the band
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -49,14 +52,41 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
 
 
 def anomaly_map(patch_scores: Tensor, size: tuple[int, int], sigma: float = 4.0) -> Tensor:
-    """Patch scores (B, h, w) upsampled to the image size (B, H, W) and smoothed."""
-    up = F.interpolate(patch_scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(up, sigma)
+    """Patch scores (B, h, w) upsampled (bilinear) to the image size (B, H, W) and smoothed (Gaussian).
+
+    Both steps are linear and separable, so the map is A_H P A_W^T with one precomputed (H, h) and
+    (W, w) matrix per axis: a few small matrix products instead of a 25-tap convolution over every
+    pixel, which cost as much as a tenth of the backbone at 256 px.
+    """
+    b, h, w = patch_scores.shape
+    rows = _map_operator(h, int(size[0]), float(sigma), patch_scores.dtype, patch_scores.device)
+    cols = _map_operator(w, int(size[1]), float(sigma), patch_scores.dtype, patch_scores.device)
+    return rows @ patch_scores @ cols.t()
 
 
-def image_statistic(mahalanobis: Tensor, dim: int) -> Tensor:
-    """T = max over patches of m / d, per image: (B, h, w) -> (B,)."""
-    return mahalanobis.flatten(1).amax(1) / dim
+@functools.lru_cache(maxsize=16)
+def _map_operator(n_in: int, n_out: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(n_out, n_in) matrix of 1-D bilinear upsampling (align_corners=False) then the reflect-padded
+    Gaussian blur of ``gaussian_blur``, built by passing unit impulses through both (in float64)."""
+    impulses = torch.eye(n_in, dtype=torch.float64)[:, None, None, :]  # (n_in, 1, 1, n_in)
+    up = F.interpolate(impulses, size=(1, n_out), mode="bilinear", align_corners=False)[:, :, 0]
+    if sigma > 0:
+        radius = max(1, int(math.ceil(3 * sigma)))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-(x**2) / (2 * sigma**2))
+        up = F.conv1d(F.pad(up, (radius, radius), mode="reflect"), (kernel / kernel.sum()).view(1, 1, -1))
+    return up[:, 0].t().contiguous().to(device=device, dtype=dtype)
+
+
+STATISTIC_SIGMA = 1.0  # in patch cells
+
+
+def image_statistic(mahalanobis: Tensor, dim: int, sigma: float = STATISTIC_SIGMA) -> Tensor:
+    """T = max over patches of m / d after a light Gaussian smoothing of the map, per image: (B, h, w) -> (B,).
+
+    The smoothing (sigma in patch cells) averages out isolated noisy patches; a defect spans several.
+    """
+    return gaussian_blur(mahalanobis / dim, sigma).flatten(1).amax(1)
 
 
 def _neg_log_cdf(t: np.ndarray, dim: int, df: np.ndarray | float) -> np.ndarray:
