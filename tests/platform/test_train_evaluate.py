@@ -38,15 +38,6 @@ def train_config(root: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared machine, two threads that wait on each other run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train") / "synth"

@@ -62,15 +62,6 @@ def reference_features(net: torch.nn.Module, layers: tuple[str, str], x: torch.T
     return F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions on a shared machine run several times faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lite2() -> PatchFeatureExtractor:
     return build_backbone()
