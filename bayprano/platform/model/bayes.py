@@ -126,9 +126,9 @@ class BayesianPatchModel(nn.Module):
 
     def hyper_values(self) -> dict[str, float]:
         h = self.hyper()
-        out = {k: float(getattr(h, k)) for k in ("kappa0", "nu0_offset", "psi_scale", "obs_per_image",
-                                                  "global_obs_per_image")}
-        out["inner_lr"] = float(self.log_inner_lr.exp())
+        out = {k: float(getattr(h, k).detach()) for k in ("kappa0", "nu0_offset", "psi_scale", "obs_per_image",
+                                                           "global_obs_per_image")}
+        out["inner_lr"] = float(self.log_inner_lr.detach().exp())
         return out
 
     def prototype(self, support_embeddings: Tensor) -> NIWPrototype | EuclideanPrototype:

@@ -1,0 +1,15 @@
+"""Federated meta-learning core, pure PyTorch + numpy (no Ray): what travels between sites and what the
+server does with it.
+
+- ``state``: the model's trainable parameters as one float32 vector with a stable layout, and the bytes
+  that carry it (fp32 or fp16, with a header that names the layout).
+- ``local``: one site's local meta-update (Proto-MAML episodes on its own task banks, optional FedProx
+  term), returning the parameter delta.
+- ``privacy``: client-level DP-FedAvg (clip, Gaussian noise on the sum) and its RDP privacy accountant.
+- ``secagg``: secure aggregation with pairwise additive masks, so the server only sees the sum.
+- ``aggregation``: server update rules on flat vectors (FedAvg, FedProx's penalty, FedAdam).
+
+The Ray actors (Factory, Coordinator) move these objects between processes and hold no logic of their
+own. Submodules are imported by name; this package imports nothing, so that ``privacy`` (which pulls in
+Opacus) costs nothing to the code that does not need it.
+"""
