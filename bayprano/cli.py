@@ -334,8 +334,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"  version    model sha256 {site.info['model_sha256'][:12]}, from checkpoint {ckpt.sha256[:12]} "
           f"({args.checkpoint}), backbone {ckpt.backbone_fingerprint}, {site.image_size} px")
     print(f"  support    {len(images)} good image(s) from {args.support}, {site.info['inner_steps']} inner step(s)")
-    print(f"  threshold  {site.threshold:.3f} for target FPR {site.target_fpr:g} (effective patch count "
-          f"{site.calibration.effective_patches:.1f}; leave-one-out statistics "
+    print(f"  threshold  {site.threshold:.3f} for target FPR {site.target_fpr:g} ({site.calibration.describe()}; "
+          f"leave-one-out statistics "
           f"{', '.join(f'{s:.2f}' for s in loo) if loo else 'none: one shot'})")
     print(f"  adapted in {site.info['adapt_seconds']:.2f}s")
     return 0

@@ -33,11 +33,20 @@ from bayprano.platform.data.mvtec import list_categories, load_sample, scan_cate
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.fileio import atomic_write_json
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
-from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, build_task_bank, calibrate, clone, feature_statistics, meta_train
+from bayprano.platform.meta.protomaml import (
+    MetaConfig,
+    TaskBank,
+    build_task_bank,
+    calibrate,
+    calibrate_normality,
+    clone,
+    feature_statistics,
+    meta_train,
+)
 from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import Calibration, anomaly_map
+from bayprano.platform.model.scoring import Calibration, NormalityPrior, anomaly_map
 from bayprano.platform.model.site import adapt
 
 METHODS = ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim")
@@ -112,7 +121,7 @@ def _frozen_checkpoint(extractor: PatchFeatureExtractor, banks: dict[str, TaskBa
     h, w = next(iter(banks.values())).normals.shape[-2:]
     prior = Calibration.from_prior(dim, h * w / model.window**2, strength=1.0)
     return MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), image_size, prior,
-                          meta_config={"inner_steps": 0})
+                          meta_config={"inner_steps": 0}, normality=NormalityPrior.uninformed())
 
 
 def meta_train_checkpoint(
@@ -137,8 +146,10 @@ def meta_train_checkpoint(
     history = meta_train(model, banks, cfg, progress=report, log_every=max(1, cfg.episodes // 10))
     h, w = next(iter(banks.values())).normals.shape[-2:]
     cal = calibrate(model, banks, cfg) if prototype == "niw" else Calibration.from_prior(dim, h * w / 9, 1.0)
+    normality = calibrate_normality(model, banks, cfg) if prototype == "niw" else None
     return MetaCheckpoint(model, extractor.name, extractor.fingerprint(), image_size, cal,
-                          meta_config=dict(cfg.__dict__), categories=sorted(banks), history=history)
+                          meta_config=dict(cfg.__dict__), categories=sorted(banks), history=history,
+                          normality=normality)
 
 
 def _loo_threshold(fit_score: Callable[[torch.Tensor, torch.Tensor], np.ndarray], support: torch.Tensor) -> float:

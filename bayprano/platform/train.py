@@ -25,7 +25,15 @@ from bayprano.platform.data.mvtec import GOOD, list_categories
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.evaluate import _resize, pixel_hashes
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
-from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, build_task_bank, calibrate, feature_statistics, meta_train
+from bayprano.platform.meta.protomaml import (
+    MetaConfig,
+    TaskBank,
+    build_task_bank,
+    calibrate,
+    calibrate_normality,
+    feature_statistics,
+    meta_train,
+)
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 
@@ -144,13 +152,15 @@ def train_centralised(cfg: TrainConfig, progress: Callable[[str], None] | None =
 
     history = meta_train(model, banks, mcfg, progress=report, log_every=log_every)
     calibration = calibrate(model, banks, mcfg)
+    normality = calibrate_normality(model, banks, mcfg)
     if progress:
-        progress(f"calibrated on {mcfg.calibration_episodes} episodes: effective patch count "
-                 f"{calibration.effective_patches:.1f}")
+        levels = ", ".join(f"K={k}: {e['mean']:.2f}" for k, e in sorted(normality.table.items()))
+        progress(f"calibrated: effective patch count {calibration.effective_patches:.1f}; "
+                 f"normal log-statistic per support size {levels}")
     settings = dict(mcfg.__dict__)
     settings.update(data_root=str(cfg.data_root), pool_size=sum(len(p) for p in pool.paths.values()),
                     pool_sha256=sorted(pool.hashes()), seconds=time.perf_counter() - start)
     ckpt = MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), cfg.image_size, calibration,
-                          meta_config=settings, categories=sorted(banks), history=history)
+                          meta_config=settings, categories=sorted(banks), history=history, normality=normality)
     ckpt.save(cfg.out)
     return ckpt

@@ -20,7 +20,7 @@ import torch
 from bayprano.platform.errors import DataError
 from bayprano.platform.fileio import atomic_write_bytes
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import Calibration
+from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KIND = "bayprano-meta-checkpoint"
@@ -38,6 +38,7 @@ class MetaCheckpoint:
     history: list[dict] = field(default_factory=list)
     created: str = ""
     sha256: str = ""
+    normality: NormalityPrior | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
         payload = {
@@ -50,6 +51,7 @@ class MetaCheckpoint:
             "backbone_fingerprint": self.backbone_fingerprint,
             "image_size": int(self.image_size),
             "calibration": self.calibration.as_dict(),
+            "normality": self.normality.as_dict() if self.normality is not None else None,
             "meta_config": dict(self.meta_config),
             "categories": list(self.categories),
             "history": list(self.history),
@@ -91,6 +93,7 @@ def load_checkpoint(path: str | os.PathLike) -> MetaCheckpoint:
             history=list(payload.get("history", [])),
             created=payload.get("created", ""),
             sha256=hashlib.sha256(data).hexdigest(),
+            normality=NormalityPrior.from_dict(payload["normality"]) if payload.get("normality") else None,
         )
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise DataError(f"{path}: checkpoint is incomplete or inconsistent ({exc.__class__.__name__}: {exc})") from None

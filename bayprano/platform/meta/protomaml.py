@@ -32,7 +32,7 @@ from torch import Tensor
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype, fit_posteriors
-from bayprano.platform.model.scoring import Calibration, image_statistic
+from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_statistic
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -354,6 +354,31 @@ def calibrate(
         stats_.extend(image_statistic(maha, model.dim).tolist())
         dfs.extend([float(proto.df_[0])] * maha.shape[0])
     return Calibration.estimate(model.dim, np.array(stats_), np.array(dfs))
+
+
+@torch.no_grad()
+def calibrate_normality(
+    model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig, shots: Sequence[int] | None = None
+) -> NormalityPrior:
+    """Log T of normal query images of fresh episodes, per category and support size, as a prior."""
+    rng = np.random.default_rng(cfg.seed + 104729)
+    names = sorted(banks)
+    smallest = min(len(b) for b in banks.values())
+    shots = sorted({k for k in (shots or (1, 2, cfg.shots)) if 1 <= k and k + cfg.n_query_normal <= smallest})
+    if not shots:
+        raise ConfigError(f"calibration: categories need more than {cfg.n_query_normal} normal images")
+    logs: dict = {}
+    for k in shots:
+        for e in range(max(cfg.calibration_episodes, len(names))):
+            bank = banks[names[e % len(names)]]
+            ep = sample_episode(bank, k, cfg.n_query_normal, 0, rng)
+            with torch.enable_grad():
+                task = clone(model).adapt(ep.support, cfg.inner_steps, True)
+            params = {n: v.detach() for n, v in task.params.items()}
+            proto = NIWPrototype(model.hyper()).fit(model.embed(ep.support, params))
+            maha = proto.mahalanobis(model.embed(ep.query, params))
+            logs.setdefault((bank.category, k), []).extend(torch.log(image_statistic(maha, model.dim)).tolist())
+    return NormalityPrior.estimate(logs)
 
 
 def feature_statistics(banks: Mapping[str, TaskBank]) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,13 @@
 """From patch Mahalanobis distances to anomaly maps, image p-values and calibrated decisions.
 
+Calibration. The decision threshold comes from ``LogNormalCalibration``: the log of a normal image's
+statistic T is modelled as Gaussian, with a prior per support size K learned at meta-training from
+normal query images of held-out episodes (``NormalityPrior``: the typical level, its spread across
+categories and within one), updated with the support's leave-one-out statistics; its Student-t
+predictive gives the threshold for a target false-positive rate and the p-values. With one shot there
+is no leave-one-out statistic and the prior alone decides.
+
+The analytic model below (``Calibration``) is what a checkpoint without a learned prior falls back to.
 Under the Student-t predictive, a normal patch's squared Mahalanobis distance over d follows an
 F(d, df) law. The image statistic is the largest of these over the image's patches, T = max m / d,
 taken after a light smoothing of the map (which makes the per-patch law approximate; the effective
@@ -124,6 +132,9 @@ class Calibration:
         """Posterior mean of M."""
         return self.shape / self.rate
 
+    def describe(self) -> str:
+        return f"effective patch count {self.effective_patches:.1f}"
+
     def p_value(self, statistic, df) -> np.ndarray:
         """P(T >= t) for a normal image: 1 - F_cdf(t)^M."""
         logcdf = stats.f.logcdf(np.asarray(statistic, dtype=np.float64), self.dim, df)
@@ -138,6 +149,113 @@ class Calibration:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class LogNormalCalibration:
+    """Normal images' log T ~ N(mu, sigma^2), with a posterior over mu and sigma and a Student-t predictive.
+
+    The prior comes from meta-training (``NormalityPrior``); ``update`` adds the support's leave-one-out
+    statistics. The threshold for a target false-positive rate alpha is the predictive's 1 - alpha
+    quantile, and an image's p-value is the predictive's upper tail at its log T. ``df`` arguments are
+    accepted for a common interface with ``Calibration`` and ignored.
+    """
+
+    mean: float
+    mean_var: float
+    scale2: float
+    dof: float
+    n: int = 0
+    kind: str = "lognormal"
+
+    def update(self, statistics) -> "LogNormalCalibration":
+        x = np.log(np.maximum(np.asarray(statistics, dtype=np.float64), 1e-300))
+        if x.size == 0:
+            return self
+        precision = 1.0 / self.mean_var + x.size / self.scale2
+        mean = (self.mean / self.mean_var + x.sum() / self.scale2) / precision
+        ss = float(((x - x.mean()) ** 2).sum())
+        dof = self.dof + x.size - 1
+        scale2 = (self.dof * self.scale2 + ss) / dof if dof > 0 else self.scale2
+        return LogNormalCalibration(float(mean), float(1.0 / precision), float(scale2), float(max(dof, self.dof)),
+                                    self.n + int(x.size))
+
+    def _predictive(self):
+        return stats.t(df=self.dof, loc=self.mean, scale=math.sqrt(self.scale2 + self.mean_var))
+
+    def p_value(self, statistic, df=None) -> np.ndarray:
+        return self._predictive().sf(np.log(np.maximum(np.asarray(statistic, dtype=np.float64), 1e-300)))
+
+    def threshold(self, alpha: float, df=None) -> float:
+        if not 0 < alpha < 1:
+            raise ConfigError(f"target false-positive rate must be between 0 and 1, got {alpha}")
+        return float(math.exp(self._predictive().ppf(1 - alpha)))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"normal log-statistic {self.mean:.2f} +- {math.sqrt(self.scale2 + self.mean_var):.2f} "
+                f"({self.n} leave-one-out image(s) on top of the meta-learned prior)")
+
+
+@dataclass
+class NormalityPrior:
+    """What meta-training learned about normal images' log T, per support size K.
+
+    For each K: ``mean`` and ``between_var`` (the spread of a category's mean log T across categories)
+    and ``within_var`` (the spread within a category), each measured on normal query images of fresh
+    episodes. ``for_shots(K)`` turns the entry of the nearest K into a ``LogNormalCalibration`` prior
+    with ``strength`` pseudo-observations behind its within-category variance.
+    """
+
+    table: dict
+    strength: float = 4.0
+
+    @classmethod
+    def estimate(cls, log_statistics: dict, strength: float = 4.0) -> "NormalityPrior":
+        """From {(category, K): [log T of normal images]}."""
+        table: dict = {}
+        for k in sorted({k for _, k in log_statistics}):
+            groups = [np.asarray(v, dtype=np.float64) for (c, kk), v in log_statistics.items() if kk == k and len(v)]
+            if not groups:
+                continue
+            means = np.array([g.mean() for g in groups])
+            within = np.concatenate([g - g.mean() for g in groups])
+            dof = max(len(within) - len(groups), 1)
+            table[int(k)] = {
+                "mean": float(means.mean()),
+                "between_var": float(max(means.var(ddof=1) if len(means) > 1 else 0.25, 0.01)),
+                "within_var": float(max((within**2).sum() / dof, 1e-3)),
+            }
+        if not table:
+            raise ConfigError("calibration: no normal images to estimate from")
+        return cls(table, strength)
+
+    @classmethod
+    def uninformed(cls) -> "NormalityPrior":
+        """A weak prior for a model that was not meta-trained: log T around log 3, wide."""
+        return cls({1: {"mean": math.log(3.0), "between_var": 1.0, "within_var": 0.09}}, strength=2.0)
+
+    def for_shots(self, shots: int) -> LogNormalCalibration:
+        keys = sorted(int(k) for k in self.table)
+        k = min(keys, key=lambda kk: (abs(math.log(kk) - math.log(max(shots, 1))), kk))
+        e = self.table[k] if k in self.table else self.table[str(k)]
+        return LogNormalCalibration(e["mean"], e["between_var"], e["within_var"], self.strength)
+
+    def as_dict(self) -> dict:
+        return {"table": {str(k): v for k, v in self.table.items()}, "strength": self.strength}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NormalityPrior":
+        return cls({int(k): v for k, v in d["table"].items()}, float(d.get("strength", 4.0)))
+
+
+def calibration_from_dict(d: dict) -> "Calibration | LogNormalCalibration":
+    d = dict(d)
+    if d.pop("kind", None) == "lognormal":
+        return LogNormalCalibration(**d)
+    return Calibration(**d)
 
 
 def relative_sd(statistic: Tensor | np.ndarray, dim: int, nu_n: float, kappa_n: float) -> np.ndarray:

@@ -39,7 +39,15 @@ from bayprano.platform.meta.protomaml import MetaConfig, clone
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype, StudentT
-from bayprano.platform.model.scoring import Calibration, anomaly_map, decide, image_statistic, relative_sd
+from bayprano.platform.model.scoring import (
+    Calibration,
+    LogNormalCalibration,
+    anomaly_map,
+    calibration_from_dict,
+    decide,
+    image_statistic,
+    relative_sd,
+)
 
 ARTIFACT_FORMAT = 1
 ARTIFACT_KIND = "bayprano-site-model"
@@ -70,7 +78,7 @@ class SiteModel:
         predictive: StudentT,
         nu_n: float,
         kappa_n: float,
-        calibration: Calibration,
+        calibration: Calibration | LogNormalCalibration,
         target_fpr: float,
         image_size: int,
         grid: tuple[int, int],
@@ -236,7 +244,7 @@ class SiteModel:
                     f"{path}: model was adapted on backbone {meta['backbone_fingerprint']}, "
                     f"not {extractor.fingerprint()}"
                 )
-            return cls(model, predictive, meta["nu_n"], meta["kappa_n"], Calibration(**meta["calibration"]),
+            return cls(model, predictive, meta["nu_n"], meta["kappa_n"], calibration_from_dict(meta["calibration"]),
                        meta["target_fpr"], meta["image_size"], tuple(meta["grid"]), info, extractor,
                        meta.get("z_review", 1.0))
         except (KeyError, TypeError, RuntimeError) as exc:
@@ -307,14 +315,20 @@ def adapt(
         hyper = model.hyper()
         proto = NIWPrototype(hyper).fit(z)
         stages["posterior"] = clock.lap()
-        calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
+        if ckpt.normality is not None:
+            calibration = ckpt.normality.for_shots(len(support_images))
+        else:
+            calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []
         if len(support_images) >= 2:
             for i in range(z.shape[0]):
                 rest = NIWPrototype(hyper).fit(torch.cat([z[:i], z[i + 1 :]]))
                 stat = float(image_statistic(rest.mahalanobis(z[i : i + 1]), model.dim)[0])
                 loo.append((stat, float(rest.df_[0])))
-            calibration = calibration.update([s for s, _ in loo], [d for _, d in loo])
+            if isinstance(calibration, LogNormalCalibration):
+                calibration = calibration.update([s for s, _ in loo])
+            else:
+                calibration = calibration.update([s for s, _ in loo], [d for _, d in loo])
         stages["calibration"] = clock.lap()
     info = {
         "backbone": ckpt.backbone,
