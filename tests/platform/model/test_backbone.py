@@ -351,3 +351,11 @@ def test_devices(monkeypatch):
     with pytest.raises(ConfigError, match=r"'cuda:1'.*not available"):
         build_backbone("random", device="cuda:1")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_lite0_loads_its_packaged_imagenet_weights():
+    extractor = build_backbone("efficientnet_lite0")
+    assert extractor.out_channels == 40 + 112
+    features = extractor.extract(np.zeros((1, 64, 64, 3), np.uint8))
+    assert features.shape == (1, 152, 8, 8) and torch.isfinite(features).all()
+    assert extractor.fingerprint() != build_backbone("random").fingerprint()
