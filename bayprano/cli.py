@@ -208,9 +208,57 @@ def _settings(args: argparse.Namespace, model_cls) -> Any:
     return load_yaml_config(args.config, model_cls, given)
 
 
+_FEDERATED_FLAGS = ("sites_per_round", "rounds", "local_steps", "dp_noise", "dp_clip", "target_epsilon", "dp_delta",
+                    "secure_agg", "fp16", "server_opt", "fedprox_mu", "resume", "address")
+
+
+def cmd_train_federated(args: argparse.Namespace) -> int:
+    from bayprano.config import FederatedTrainConfig
+
+    if args.data_root is not None:
+        raise ConfigError("give --data-root (centralised) or --shards (federated), not both")
+    for name in ("categories", "exclude", "episodes"):
+        if getattr(args, name) is not None:
+            raise ConfigError(f"--{name.replace('_', '-')} is for centralised training; with --shards each site "
+                              "trains on all of its categories for --rounds x --local-steps episodes")
+    cfg = _settings(args, FederatedTrainConfig)
+    import ray
+
+    from bayprano.actors.coordinator import Coordinator
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.address, include_dashboard=False)
+    try:
+        coordinator = Coordinator.options(num_cpus=0.1).remote(cfg)
+        try:
+            summary = ray.get(coordinator.run.remote())
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, BaypranoError):
+                raise exc.cause from None
+            raise
+        finally:
+            ray.kill(coordinator)
+    finally:
+        if started:
+            ray.shutdown()
+    if summary["stop_reason"]:
+        print(f"bayprano: {summary['stop_reason']}", file=sys.stderr)
+    eps = "" if summary["epsilon"] is None else f", epsilon {summary['epsilon']:.3f} at delta {cfg.dp_delta:g}"
+    print(f"wrote checkpoint {cfg.out}: {summary['rounds']} federated round(s) of {cfg.rounds}{eps}, "
+          f"{summary['bytes']} bytes moved (the shards hold {summary['shard_bytes']} image bytes), "
+          f"in {summary['seconds']:.1f}s")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from bayprano.config import TrainConfig
 
+    if args.shards is not None:
+        return cmd_train_federated(args)
+    given = [name for name in _FEDERATED_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} is for federated training: give --shards DIR")
     cfg = _settings(args, TrainConfig)
     from bayprano.platform.train import train_centralised
 
@@ -486,6 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-order", action="store_true", default=None, help="differentiate through the inner loop")
     p.add_argument("--calibration-episodes", metavar="N", help="episodes to calibrate on (default 20)")
     p.add_argument("--device", metavar="DEV", help="backbone device: cpu (default), cuda, cuda:N, auto")
+    fed = p.add_argument_group("federated training (with --shards)")
+    fed.add_argument("--shards", metavar="DIR", help="shard folder (manifest.json): one Factory actor per site")
+    fed.add_argument("--sites-per-round", metavar="F", help="fraction of the sites sampled each round (default 1)")
+    fed.add_argument("--rounds", metavar="R", help="federated rounds")
+    fed.add_argument("--local-steps", metavar="E", help="local meta-training episodes per site and round (default 1)")
+    fed.add_argument("--dp-noise", metavar="Z", help="client-level DP: Gaussian noise multiplier z")
+    fed.add_argument("--dp-clip", metavar="C", help="client-level DP: clip each site's delta to L2 norm C")
+    fed.add_argument("--target-epsilon", metavar="EPS", help="stop before a round that would spend more epsilon")
+    fed.add_argument("--dp-delta", metavar="D", help="DP delta (default 1e-5)")
+    fed.add_argument("--secure-agg", action="store_true", default=None, help="pairwise-masked secure aggregation")
+    fed.add_argument("--fp16", action="store_true", default=None, help="send the global model as float16")
+    fed.add_argument("--server-opt", metavar="NAME", help="fedavg (default), fedprox or fedadam")
+    fed.add_argument("--fedprox-mu", metavar="MU", help="FedProx proximal weight (with --server-opt fedprox)")
+    fed.add_argument("--resume", action="store_true", default=None, help="continue from --out's last round")
+    fed.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local Ray)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="leave-one-category-out evaluation of every method, written as JSON")

@@ -80,6 +80,70 @@ class TrainConfig(_Settings):
         return self
 
 
+class FederatedTrainConfig(_Settings):
+    """``bayprano train --shards DIR``: federated meta-training over one Factory actor per shard."""
+
+    shards: Path
+    out: Path
+    rounds: int = Field(ge=1)
+    sites_per_round: float = Field(1.0, gt=0, le=1)  # fraction of the sites sampled each round
+    local_steps: int = Field(1, ge=1)  # local Proto-MAML episodes per site and round
+    dp_noise: Optional[float] = Field(None, ge=0)  # z: Gaussian noise z * C on the sum of clipped deltas
+    dp_clip: Optional[float] = Field(None, gt=0)  # C: each site's delta is clipped to L2 norm C
+    target_epsilon: Optional[float] = Field(None, gt=0)
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+    secure_agg: bool = False
+    fp16: bool = False
+    server_opt: str = "fedavg"
+    server_lr: Optional[float] = Field(None, gt=0)
+    fedprox_mu: float = Field(0.0, ge=0)
+    resume: bool = False
+    address: Optional[str] = None
+    min_sites: Optional[int] = Field(None, ge=1)  # quorum; default: half the sites of a round, rounded up
+    round_timeout: float = Field(300.0, gt=0)
+    setup_timeout: float = Field(600.0, gt=0)
+    holdout: int = Field(4, ge=0)
+    shots: int = Field(5, ge=1, le=64)
+    inner_steps: int = Field(1, ge=0, le=10)
+    seed: int = Field(0, ge=0)
+    image_size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
+    backbone: str = "efficientnet_lite2"
+    dim: int = Field(64, ge=2, le=1024)
+    lr: float = Field(2e-3, gt=0, le=1)
+    supcon_weight: float = Field(0.1, ge=0)
+    n_query_normal: int = Field(4, ge=1)
+    n_query_anomalous: int = Field(4, ge=1)
+    second_order: bool = False
+    calibration_episodes: int = Field(20, ge=1)
+    device: str = "cpu"
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        return _check_backbone(value)
+
+    @field_validator("server_opt")
+    @classmethod
+    def _known_server_opt(cls, value: str) -> str:
+        if value not in ("fedavg", "fedprox", "fedadam"):
+            raise ValueError("must be one of fedavg, fedprox, fedadam")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FederatedTrainConfig":
+        if self.dp_noise is not None and self.dp_clip is None:
+            raise ValueError("--dp-noise needs --dp-clip (the noise is z * C)")
+        if self.target_epsilon is not None and self.dp_noise is None:
+            raise ValueError("--target-epsilon needs --dp-noise and --dp-clip")
+        if self.fedprox_mu > 0 and self.server_opt != "fedprox":
+            raise ValueError("--fedprox-mu is for --server-opt fedprox")
+        if self.resume and not self.out.is_file():
+            raise ValueError(f"--resume: there is no checkpoint {self.out} to resume from")
+        if not (self.shards / "manifest.json").is_file():
+            raise ValueError(f"--shards {self.shards}: no manifest.json (write one with `bayprano data shard`)")
+        return self
+
+
 class EvalConfig(_Settings):
     """``bayprano evaluate``: the leave-one-category-out protocol over methods, shots and support seeds."""
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_mvtec_category
+from mvtec_fixtures import write_mvtec_category
 
 BAYPRANO = str(Path(sys.executable).with_name("bayprano"))
 
