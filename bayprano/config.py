@@ -39,17 +39,10 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainConfig(_Settings):
-    """``bayprano train``: centralised meta-training on the ``train/good`` images of an MVTec-layout root."""
+class _MetaTrainingSettings(_Settings):
+    """What centralised and federated meta-training share: the model and the episodes."""
 
-    data_root: Path
-    categories: Optional[list[str]] = None  # default: every category under data_root
-    exclude: list[str] = Field(default_factory=list)
-    shots: int = Field(ge=1, le=64)
-    inner_steps: int = Field(ge=0, le=10)
-    episodes: int = Field(ge=1)
-    out: Path
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     image_size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
     backbone: str = "efficientnet_lite2"
     dim: int = Field(64, ge=2, le=1024)
@@ -59,18 +52,30 @@ class TrainConfig(_Settings):
     n_query_anomalous: int = Field(4, ge=1)
     second_order: bool = False
     calibration_episodes: int = Field(20, ge=1)
-    log_every: Optional[int] = Field(None, ge=1)  # default: a tenth of the episodes
     device: str = "cpu"
-
-    @field_validator("categories", "exclude", mode="before")
-    @classmethod
-    def _lists(cls, value: Any) -> Any:
-        return _split_list(value)
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
         return _check_backbone(value)
+
+
+class TrainConfig(_MetaTrainingSettings):
+    """``bayprano train``: centralised meta-training on the ``train/good`` images of an MVTec-layout root."""
+
+    data_root: Path
+    categories: Optional[list[str]] = None  # default: every category under data_root
+    exclude: list[str] = Field(default_factory=list)
+    shots: int = Field(ge=1, le=64)
+    inner_steps: int = Field(ge=0, le=10)
+    episodes: int = Field(ge=1)
+    out: Path
+    log_every: Optional[int] = Field(None, ge=1)  # default: a tenth of the episodes
+
+    @field_validator("categories", "exclude", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
 
     @model_validator(mode="after")
     def _categories_consistent(self) -> "TrainConfig":
@@ -80,7 +85,7 @@ class TrainConfig(_Settings):
         return self
 
 
-class FederatedTrainConfig(_Settings):
+class FederatedTrainConfig(_MetaTrainingSettings):
     """``bayprano train --shards DIR``: federated meta-training over one Factory actor per shard."""
 
     shards: Path
@@ -105,22 +110,6 @@ class FederatedTrainConfig(_Settings):
     holdout: int = Field(4, ge=0)
     shots: int = Field(5, ge=1, le=64)
     inner_steps: int = Field(1, ge=0, le=10)
-    seed: int = Field(0, ge=0)
-    image_size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
-    backbone: str = "efficientnet_lite2"
-    dim: int = Field(64, ge=2, le=1024)
-    lr: float = Field(2e-3, gt=0, le=1)
-    supcon_weight: float = Field(0.1, ge=0)
-    n_query_normal: int = Field(4, ge=1)
-    n_query_anomalous: int = Field(4, ge=1)
-    second_order: bool = False
-    calibration_episodes: int = Field(20, ge=1)
-    device: str = "cpu"
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        return _check_backbone(value)
 
     @field_validator("server_opt")
     @classmethod

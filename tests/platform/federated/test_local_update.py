@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.federated.aggregation import FedAvgServer, weighted_average
@@ -16,20 +15,8 @@ from bayprano.platform.federated.state import ParameterLayout, decode_update, en
 from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, build_task_bank, feature_statistics
 from bayprano.platform.model.bayes import BayesianPatchModel
 
-_PROJ = torch.randn(12, 3, 1, 1, generator=torch.Generator().manual_seed(0))
+from toy_tasks import toy_extract, toy_injector
 
-
-def toy_extract(images: np.ndarray) -> torch.Tensor:
-    """A fixed stand-in for the backbone (as in tests/platform/meta): 4x4 pooling, 1x1 projection to 12."""
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255
-    return F.conv2d(F.avg_pool2d(x, 4), _PROJ)
-
-
-def toy_injector(image, rng, source=None):
-    out = image.copy()
-    y, x = rng.integers(0, image.shape[0] - 8, size=2)
-    out[y : y + 8, x : x + 8] = 255 - out[y : y + 8, x : x + 8]
-    return out, (out != image).any(-1)
 
 
 def toy_bank(category: str, seed: int, n: int = 10) -> TaskBank:
