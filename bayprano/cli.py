@@ -151,41 +151,11 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bayprano.platform.data.synth import generate_dataset
-    from bayprano.platform.data.shards import shard_dataset
+    from bayprano.demo import run_demo
 
-    out = Path(args.out)
-    stages: list[tuple[str, float]] = []
-    t0 = time.perf_counter()
-    if args.data_root:
-        data_root = Path(args.data_root)
-        print(f"== 1/3 using the dataset at {data_root}", flush=True)
-    else:
-        data_root = out / "data"
-        sizes = dict(size=128, n_train=30, n_test_good=16, n_test_defective=16) if args.fast else {}
-        print(f"== 1/3 generating the synthetic industrial dataset in {data_root}", flush=True)
-        generate_dataset(data_root, categories=6, seed=args.seed, progress=_Progress("synth"), **sizes)
-    stages.append(("dataset", time.perf_counter() - t0))
-
-    t0 = time.perf_counter()
-    shard_dir = out / "shards"
-    print(f"== 2/3 sharding it over {args.sites} factories (each owns its product lines) in {shard_dir}", flush=True)
-    manifest = shard_dataset(data_root, shard_dir, sites=args.sites, seed=args.seed, progress=_Progress("shard"))
-    print(_manifest_table(manifest))
-    stages.append(("sharding", time.perf_counter() - t0))
-
-    t0 = time.perf_counter()
-    print("== 3/3 what the dataset and the shards hold", flush=True)
-    source, sharded = data_summary(data_root), data_summary(shard_dir)
-    print(source.table())
-    same = source.as_dict()["categories"] == sharded.as_dict()["categories"]
-    print(f"shards hold the same {sharded.total} images as the source: {'yes' if same else 'NO'}")
-    stages.append(("info", time.perf_counter() - t0))
-
-    print()
-    print("demo done: " + ", ".join(f"{name} {secs:.1f}s" for name, secs in stages))
-    print(f"  dataset: {data_root}\n  shards:  {shard_dir} (manifest.json lists sites, categories, row counts)")
-    return 0 if same else 1
+    run_demo(args.out, data_root=args.data_root, sites=args.sites, shots=args.shots, dp=args.dp, fast=args.fast,
+             seed=args.seed, progress=_Progress("demo"), log=lambda m: print(m, flush=True))
+    return 0
 
 
 # ------------------------------------------------------------------------------------- model commands
@@ -222,26 +192,9 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} is for centralised training; with --shards each site "
                               "trains on all of its categories for --rounds x --local-steps episodes")
     cfg = _settings(args, FederatedTrainConfig)
-    import ray
+    from bayprano.actors.coordinator import train_federated
 
-    from bayprano.actors.coordinator import Coordinator
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.address, include_dashboard=False)
-    try:
-        coordinator = Coordinator.options(num_cpus=0.1).remote(cfg)
-        try:
-            summary = ray.get(coordinator.run.remote())
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, BaypranoError):
-                raise exc.cause from None
-            raise
-        finally:
-            ray.kill(coordinator)
-    finally:
-        if started:
-            ray.shutdown()
+    summary = train_federated(cfg)
     if summary["stop_reason"]:
         print(f"bayprano: {summary['stop_reason']}", file=sys.stderr)
     eps = "" if summary["epsilon"] is None else f", epsilon {summary['epsilon']:.3f} at delta {cfg.dp_delta:g}"
@@ -595,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--data-root", help="use this MVTec-layout root instead of generating one")
     p.add_argument("--sites", type=_positive_int("--sites"), default=3)
+    p.add_argument("--shots", type=_positive_int("--shots"), default=5, help="good images per new product")
+    p.add_argument("--dp", action="store_true", help="secure aggregation and client-level differential privacy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fast", action="store_true", help="smaller images and fewer of them")
+    p.add_argument("--fast", action="store_true", help="smaller images, fewer of them, fewer rounds")
     p.set_defaults(func=cmd_demo)
     return parser
 

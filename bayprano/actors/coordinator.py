@@ -30,7 +30,7 @@ import ray
 import torch
 
 from bayprano.actors.factory import make_factory
-from bayprano.platform.errors import ConfigError, DataError
+from bayprano.platform.errors import BaypranoError, ConfigError, DataError
 from bayprano.platform.federated.aggregation import make_server_optimizer, unpack_weighted, weighted_average
 from bayprano.platform.federated.privacy import PrivacyAccountant, add_gaussian_noise
 from bayprano.platform.federated.secagg import MIN_SITES, aggregate
@@ -369,3 +369,27 @@ class CoordinatorActor:
 
 
 Coordinator = ray.remote(CoordinatorActor)
+
+
+def train_federated(cfg) -> dict:
+    """Run federated meta-training for a ``FederatedTrainConfig`` on the Ray cluster at ``cfg.address``
+    (a local one when none is given and none is running); returns the Coordinator's summary.
+
+    A user error raised inside the Coordinator comes back as that error, not as a Ray wrapper.
+    """
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.address, include_dashboard=False)
+    try:
+        coordinator = Coordinator.options(num_cpus=0.1).remote(cfg)
+        try:
+            return ray.get(coordinator.run.remote())
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, BaypranoError):
+                raise exc.cause from None
+            raise
+        finally:
+            ray.kill(coordinator)
+    finally:
+        if started:
+            ray.shutdown()
