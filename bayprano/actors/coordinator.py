@@ -38,7 +38,7 @@ from bayprano.platform.federated.state import CommunicationLedger, ParameterLayo
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.data.shards import read_manifest
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import Calibration
+from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 FEDERATED_KEY = "federated"
 
@@ -152,6 +152,7 @@ class FederatedTrainer:
             self._restore(load_checkpoint(cfg.out))
         self.global_vector = self.layout.flatten(self.model)
         self.calibration = getattr(self, "calibration", None)
+        self.normality = getattr(self, "normality", None)
 
     def _restore(self, ckpt: MetaCheckpoint) -> None:
         state = ckpt.meta_config.get(FEDERATED_KEY)
@@ -167,6 +168,7 @@ class FederatedTrainer:
         self.round = int(state["round"])
         self.history = list(ckpt.history)
         self.calibration = ckpt.calibration
+        self.normality = ckpt.normality
         server_state = dict(state["server"])
         for key in ("m", "v"):
             if server_state.get(key) is not None:
@@ -271,6 +273,12 @@ class FederatedTrainer:
         if replies:
             self.calibration = Calibration(self.model.dim, sum(r["calibration_shape"] for r in replies.values()),
                                            sum(r["calibration_rate"] for r in replies.values()))
+            pooled: dict = {}
+            for r in replies.values():
+                for k, groups in r.get("normality", {}).items():
+                    pooled.setdefault(int(k), []).extend(tuple(g) for g in groups)
+            if pooled:
+                self.normality = NormalityPrior.from_summaries(pooled)
         return out
 
     # ------------------------------------------------------------------------------------ run
@@ -345,7 +353,8 @@ class FederatedTrainer:
         settings[FEDERATED_KEY] = self.federated_state()
         categories = sorted({c for i in self.infos.values() for c in i["categories"]})
         ckpt = MetaCheckpoint(self.model.eval(), first["backbone"], first["fingerprint"], first["image_size"],
-                              calibration, meta_config=settings, categories=categories, history=self.history)
+                              calibration, meta_config=settings, categories=categories, history=self.history,
+                              normality=self.normality)
         ckpt.save(cfg.out)
 
 

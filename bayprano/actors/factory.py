@@ -38,11 +38,18 @@ from bayprano.platform.federated.local import local_meta_update
 from bayprano.platform.federated.privacy import clip_update
 from bayprano.platform.federated.secagg import SecAggSite
 from bayprano.platform.federated.state import ParameterLayout, decode_update, encode_update
-from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, build_task_bank, calibrate, clone
+from bayprano.platform.meta.protomaml import (
+    MetaConfig,
+    TaskBank,
+    build_task_bank,
+    calibrate,
+    clone,
+    normal_log_statistics,
+)
 from bayprano.platform.metrics import image_auroc
 from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import image_statistic
+from bayprano.platform.model.scoring import NormalityPrior, image_statistic
 
 DEFAULT_SITE_SETTINGS = {
     "backbone": "efficientnet_lite2",
@@ -205,8 +212,9 @@ class FactorySite:
         self.model.eval()
         auroc = self._auroc(self.meta.inner_steps)
         cal = calibrate(self.model, self.banks, self.meta)
+        normality = NormalityPrior.summarize(normal_log_statistics(self.model, self.banks, self.meta))
         return {"site": self.site, "auroc": auroc, "calibration_shape": float(cal.shape),
-                "calibration_rate": float(cal.rate), "bytes_received": len(global_bytes)}
+                "calibration_rate": float(cal.rate), "normality": normality, "bytes_received": len(global_bytes)}
 
     def ping(self) -> str:
         return self.site

@@ -94,8 +94,13 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
         assert isinstance(reply["update"], MaskedUpdate)
         assert reply["update"].values.dtype == np.uint64 and reply["update"].values.shape == (size + 1,)
         assert all(isinstance(v, float) for v in reply["metrics"].values())
-    assert all(set(r) == {"site", "auroc", "calibration_shape", "calibration_rate", "bytes_received"}
-               for r in trainer.received if "update" not in r)
+    validations = [r for r in trainer.received if "update" not in r]
+    assert all(set(r) == {"site", "auroc", "calibration_shape", "calibration_rate", "normality", "bytes_received"}
+               for r in validations)
+    for r in validations:  # per category and support size: mean and spread of log T over a few images, no more
+        for k, groups in r["normality"].items():
+            assert isinstance(k, int) and all(len(g) == 3 and all(isinstance(v, (int, float)) for v in g)
+                                              for g in groups)
 
     shard_bytes = sum(ray.get([f.shard_bytes.remote() for f in factories.values()]))
     assert shard_bytes > 0 and summary["bytes"] == trainer.ledger.total() > 0
@@ -103,6 +108,7 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     assert ckpt.meta_config["federated"]["round"] == 2 and [h["round"] for h in ckpt.history] == [1, 2]
     assert ckpt.categories == sorted(c for i in trainer.infos.values() for c in i["categories"])
     assert ckpt.image_size == 64 and ckpt.calibration.effective_patches > 0
+    assert ckpt.normality is not None and 1 in ckpt.normality.table
     torch.testing.assert_close(trainer.layout.flatten(ckpt.model), trainer.global_vector)
     assert all(0 <= h["val_auroc"] <= 1 for h in ckpt.history)
 

@@ -361,6 +361,14 @@ def calibrate_normality(
     model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig, shots: Sequence[int] | None = None
 ) -> NormalityPrior:
     """Log T of normal query images of fresh episodes, per category and support size, as a prior."""
+    return NormalityPrior.estimate(normal_log_statistics(model, banks, cfg, shots))
+
+
+@torch.no_grad()
+def normal_log_statistics(
+    model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig, shots: Sequence[int] | None = None
+) -> dict:
+    """{(category, K): [log T of normal query images]} over fresh episodes, K in ``shots`` (default 1, 2, K)."""
     rng = np.random.default_rng(cfg.seed + 104729)
     names = sorted(banks)
     smallest = min(len(b) for b in banks.values())
@@ -378,7 +386,7 @@ def calibrate_normality(
             proto = NIWPrototype(model.hyper()).fit(model.embed(ep.support, params))
             maha = proto.mahalanobis(model.embed(ep.query, params))
             logs.setdefault((bank.category, k), []).extend(torch.log(image_statistic(maha, model.dim)).tolist())
-    return NormalityPrior.estimate(logs)
+    return logs
 
 
 def feature_statistics(banks: Mapping[str, TaskBank]) -> tuple[Tensor, Tensor]:

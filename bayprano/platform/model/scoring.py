@@ -212,25 +212,40 @@ class NormalityPrior:
     table: dict
     strength: float = 4.0
 
+    @staticmethod
+    def summarize(log_statistics: dict) -> dict:
+        """{(category, K): [log T]} -> {K: [(mean, sum of squared deviations, count) per category]}.
+
+        The summaries of several sites can be concatenated per K and given to ``from_summaries``.
+        """
+        out: dict = {}
+        for (_, k), values in sorted(log_statistics.items()):
+            g = np.asarray(values, dtype=np.float64)
+            if g.size:
+                out.setdefault(int(k), []).append((float(g.mean()), float(((g - g.mean()) ** 2).sum()), int(g.size)))
+        return out
+
     @classmethod
-    def estimate(cls, log_statistics: dict, strength: float = 4.0) -> "NormalityPrior":
-        """From {(category, K): [log T of normal images]}."""
+    def from_summaries(cls, summaries: dict, strength: float = 4.0) -> "NormalityPrior":
         table: dict = {}
-        for k in sorted({k for _, k in log_statistics}):
-            groups = [np.asarray(v, dtype=np.float64) for (c, kk), v in log_statistics.items() if kk == k and len(v)]
+        for k, groups in sorted(summaries.items(), key=lambda kv: int(kv[0])):
             if not groups:
                 continue
-            means = np.array([g.mean() for g in groups])
-            within = np.concatenate([g - g.mean() for g in groups])
-            dof = max(len(within) - len(groups), 1)
+            means = np.array([m for m, _, _ in groups])
+            dof = max(sum(n for _, _, n in groups) - len(groups), 1)
             table[int(k)] = {
                 "mean": float(means.mean()),
                 "between_var": float(max(means.var(ddof=1) if len(means) > 1 else 0.25, 0.01)),
-                "within_var": float(max((within**2).sum() / dof, 1e-3)),
+                "within_var": float(max(sum(ss for _, ss, _ in groups) / dof, 1e-3)),
             }
         if not table:
             raise ConfigError("calibration: no normal images to estimate from")
         return cls(table, strength)
+
+    @classmethod
+    def estimate(cls, log_statistics: dict, strength: float = 4.0) -> "NormalityPrior":
+        """From {(category, K): [log T of normal images]}."""
+        return cls.from_summaries(cls.summarize(log_statistics), strength)
 
     @classmethod
     def uninformed(cls) -> "NormalityPrior":
