@@ -17,6 +17,7 @@ others (which have no calibration; with one shot they have no threshold at all).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from bayprano.platform.data.anomalies import AnomalyInjector
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_json
+from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.protomaml import (
     MetaConfig,
@@ -216,8 +217,7 @@ def run_evaluation(
         test_feats[c] = extract(d.test_images)
         test_seconds[c] = time.perf_counter() - t0
 
-    need_banks = ckpt is None and any(m in methods for m in ("bayes", "protomaml")) or "bayes-frozen" in methods or (
-        "protomaml" in methods)
+    need_banks = "bayes-frozen" in methods or "protomaml" in methods or ("bayes" in methods and ckpt is None)
     banks: dict[str, TaskBank] = {}
     injector = AnomalyInjector()
     if need_banks:
@@ -396,13 +396,7 @@ def markdown_table(result: dict) -> str:
 def _write_overlays(output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray,
                     scores: np.ndarray, n: int = 6) -> Path:
     """Heatmap overlays of the highest-scored test images, with their ground truth outlines."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
-
-    from bayprano.platform.fileio import atomic_write_bytes
-    import io
 
     order = np.argsort(-scores)[:n]
     fig = Figure(figsize=(2.2 * len(order), 2.6))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import numpy as np
 from bayprano.platform.data.imageio import encode_png, is_image_file, load_image, load_mask
 from bayprano.platform.data.mvtec import CATEGORY_INFO, GOOD, scan_category
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_json
+from bayprano.platform.fileio import atomic_directory, atomic_write_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -104,10 +102,8 @@ def import_folder(
     if mask_dir is not None and not mask_dir.is_dir():
         raise DataError(f"{mask_dir}: masks folder does not exist")
 
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{category}.", dir=out))
     counts = {"train/good": 0, "test/good": 0}
-    try:
+    with atomic_directory(target) as staging:
         for i, src in enumerate(normals):
             split = "test" if i in test_idx else "train"
             _write(staging / split / GOOD / f"{src.stem}.png", encode_png(load_image(src)))
@@ -132,16 +128,6 @@ def import_folder(
         if abnormal_sets and mask_dir is None:
             atomic_write_json(staging / CATEGORY_INFO, {"pixel_masks": False})
         scan_category(out, staging.name)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{category}.old.", dir=out))
-            os.replace(target, trash / category)
-            os.replace(staging, target)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"category": category, "root": str(out), "counts": counts}
 
 

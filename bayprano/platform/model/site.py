@@ -21,8 +21,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor
 
 from bayprano.platform.errors import ConfigError, DataError
+from bayprano.platform.fileio import atomic_directory
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.protomaml import MetaConfig, clone
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
@@ -193,20 +192,9 @@ class SiteModel:
             "z_review": self.z_review,
             "model_sha256": hashlib.sha256(data).hexdigest(),
         }
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as staging:
             (staging / "model.pt").write_bytes(data)
             (staging / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            if out.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-                os.replace(out, trash / "old")
-                os.replace(staging, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self.info["model_sha256"] = meta["model_sha256"]
         return out
 
