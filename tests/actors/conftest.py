@@ -1,21 +1,10 @@
-"""One local Ray for the whole actor test session, and a tiny synthetic dataset sharded over three sites."""
+"""A tiny synthetic dataset sharded over three sites, for the actor tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    sites = {f"factory:site-{i:03d}": 1 for i in range(3)}  # as a cluster whose nodes each hold one site
-    ray.init(num_cpus=2, resources=sites, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
