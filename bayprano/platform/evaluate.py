@@ -11,7 +11,11 @@ Methods: ``bayes`` (meta-trained head and prior, NIW posterior, Student-t scores
 head with a deterministic Euclidean prototype), ``patchcore`` and ``padim`` (on the raw backbone
 features). F1 and measured FPR are taken at each method's own threshold for the target false-positive
 rate: the calibrated one for the Bayesian methods, the largest leave-one-out support score for the
-others (which have no calibration; with one shot they have no threshold at all).
+others (which have no calibration; with one shot they have no threshold at all). The Bayesian
+methods' records also carry what their threshold came from (``calibration``: the support's shift
+covariate and leave-one-out statistics, the site's calibration, the statistics of the test normals),
+and the output holds each fold's meta-learned normality prior, so a calibration rule can be checked
+again without rerunning the protocol.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from bayprano.platform.model.site import adapt
 
 METHODS = ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim")
 RECORD_KEYS = ("category", "method", "shots", "seed", "image_auroc", "pixel_auroc", "aupro", "f1", "target_fpr",
-               "measured_fpr", "adapt_seconds", "score_images_per_second")
+               "measured_fpr", "adapt_seconds", "score_images_per_second", "calibration")
 
 
 @dataclass
@@ -229,6 +233,7 @@ def run_evaluation(
     meta_cfg = MetaConfig(shots=max(shots), inner_steps=inner_steps, episodes=episodes, seed=seed)
     records: list[dict] = []
     pictures: dict[str, list[str]] = {}
+    priors: dict[str, dict] = {}
     for c in categories:
         d = data[c]
         fold = {k: v for k, v in banks.items() if k != c}
@@ -247,6 +252,8 @@ def run_evaluation(
                 bayes_ckpt = ckpt
             else:
                 bayes_ckpt = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, "niw", progress)
+        if bayes_ckpt is not None and bayes_ckpt.normality is not None:
+            priors[c] = bayes_ckpt.normality.as_dict()
         if "protomaml" in methods:
             proto_ckpt = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, "euclidean", progress)
         if "bayes-frozen" in methods:
@@ -285,6 +292,7 @@ def run_evaluation(
         "records": records,
         "summary": summary,
         "pictures": pictures,
+        "normality_priors": priors,
         "seconds": time.perf_counter() - t_start,
     }
     atomic_write_json(output, _jsonable(result))
@@ -308,6 +316,13 @@ def _run_method(method, extractor, support_imgs, support_feats, test_feats, test
         scores = np.array([r.score for r in results])
         maps = np.stack([r.anomaly_map for r in results])
         threshold = site.threshold
+        calibration = {
+            "threshold": threshold,
+            "shift_covariate": site.info.get("shift_covariate"),
+            "loo_statistics": site.info.get("loo_statistics"),
+            "site_calibration": site.calibration.as_dict(),
+            "normal_statistics": scores[d.test_labels == 0].tolist(),
+        }
     else:
         if method == "protomaml":
             model = proto_ckpt.model
@@ -340,6 +355,7 @@ def _run_method(method, extractor, support_imgs, support_feats, test_feats, test
         scores = image_scores(patch_maps).numpy()
         maps = anomaly_map(patch_maps.float(), size).numpy()
         score_seconds = time.perf_counter() - t1 + test_seconds
+        calibration = None
     pix = pixel_metrics(d.test_masks, maps) if d.has_pixel_masks else {"pixel_auroc": None, "aupro": None}
     finite = threshold is not None and math.isfinite(threshold)
     rec = {
@@ -350,6 +366,7 @@ def _run_method(method, extractor, support_imgs, support_feats, test_feats, test
         "measured_fpr": fpr_at_threshold(d.test_labels, scores, threshold) if finite else None,
         "adapt_seconds": adapt_seconds,
         "score_images_per_second": n_test / score_seconds,
+        "calibration": calibration,
     }
     return rec, maps, scores
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype, fit_posteriors
-from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_statistic
+from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_statistic, shift_covariate
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -368,7 +368,8 @@ def calibrate_normality(
 def normal_log_statistics(
     model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig, shots: Sequence[int] | None = None
 ) -> dict:
-    """{(category, K): [log T of normal query images]} over fresh episodes, K in ``shots`` (default 1, 2, K)."""
+    """{(category, K): [(log T of a normal query image, the episode's ``shift_covariate``)]} over fresh
+    episodes, K in ``shots`` (default 1, 2, K)."""
     rng = np.random.default_rng(cfg.seed + 104729)
     names = sorted(banks)
     smallest = min(len(b) for b in banks.values())
@@ -383,9 +384,12 @@ def normal_log_statistics(
             with torch.enable_grad():
                 task = clone(model).adapt(ep.support, cfg.inner_steps, True)
             params = {n: v.detach() for n, v in task.params.items()}
-            proto = NIWPrototype(model.hyper()).fit(model.embed(ep.support, params))
+            z = model.embed(ep.support, params)
+            proto = NIWPrototype(model.hyper()).fit(z)
+            covariate = shift_covariate(proto.mahalanobis, z, model.dim)
             maha = proto.mahalanobis(model.embed(ep.query, params))
-            logs.setdefault((bank.category, k), []).extend(torch.log(image_statistic(maha, model.dim)).tolist())
+            logs.setdefault((bank.category, k), []).extend(
+                (t, covariate) for t in torch.log(image_statistic(maha, model.dim)).tolist())
     return logs
 
 

@@ -4,8 +4,15 @@ Calibration. The decision threshold comes from ``LogNormalCalibration``: the log
 statistic T is modelled as Gaussian, with a prior per support size K learned at meta-training from
 normal query images of held-out episodes (``NormalityPrior``: the typical level, its spread across
 categories and within one), updated with the support's leave-one-out statistics; its Student-t
-predictive gives the threshold for a target false-positive rate and the p-values. With one shot there
-is no leave-one-out statistic and the prior alone decides.
+predictive gives the threshold for a target false-positive rate and the p-values.
+
+How high a category's normal statistics run depends on how much its normal images vary (a texture
+against a part placed at a random pose), which K good images reveal only partly, and one image not at
+all through leave-one-out. What one image does reveal is how much it changes under a small translation:
+``shift_covariate`` is the mean log T of the support's own embeddings shifted by a few patch cells, under
+the support's posterior. Across categories it tracks the level of normal log T closely, so the prior is
+a regression on it, learned at meta-training (slope, with the spread of categories around the line in
+place of their raw spread); with one shot this conditioned prior alone decides.
 
 The analytic model below (``Calibration``) is what a checkpoint without a learned prior falls back to.
 Under the Student-t predictive, a normal patch's squared Mahalanobis distance over d follows an
@@ -199,14 +206,40 @@ class LogNormalCalibration:
                 f"({self.n} leave-one-out image(s) on top of the meta-learned prior)")
 
 
+SHIFT_CELLS = 3  # patch cells: beyond the posterior's 3x3 pooling window
+
+
+def shift_covariate(mahalanobis, z: Tensor, dim: int, shift: int = SHIFT_CELLS) -> float:
+    """Mean log T of the support embeddings ``z`` (K, d, h, w) shifted by ``shift`` cells up, down, left
+    and right (reflected at the border), scored by ``mahalanobis`` (the support's own posterior)."""
+    h, w = z.shape[-2:]
+    s = max(1, min(shift, h - 1, w - 1))
+    padded = F.pad(z, (s, s, s, s), mode="reflect")
+    views = [padded[..., s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in ((0, s), (0, -s), (s, 0), (-s, 0))]
+    return float(torch.log(image_statistic(mahalanobis(torch.cat(views)), dim)).mean())
+
+
+def _summary_moments(group) -> tuple[float, float, float, float, float, float]:
+    """A category's summary as (n, sum x, sum y, sum xx, sum xy, sum yy), x the covariate and y log T;
+    an older (mean, ss, count) summary has no covariate (x = 0)."""
+    if len(group) == 3:
+        mean, ss, n = group
+        return float(n), 0.0, mean * n, 0.0, 0.0, ss + n * mean * mean
+    return tuple(float(v) for v in group)
+
+
 @dataclass
 class NormalityPrior:
     """What meta-training learned about normal images' log T, per support size K.
 
-    For each K: ``mean`` and ``between_var`` (the spread of a category's mean log T across categories)
-    and ``within_var`` (the spread within a category), each measured on normal query images of fresh
-    episodes. ``for_shots(K)`` turns the entry of the nearest K into a ``LogNormalCalibration`` prior
-    with ``strength`` pseudo-observations behind its within-category variance.
+    For each K, from normal query images of fresh episodes: the line ``mean + slope * (c - x_mean)``
+    through the categories' mean log T against their mean ``shift_covariate`` c (each category counts
+    once: the line predicts a new category's level), the spread of categories around it
+    (``between_var``; ``between_var_raw`` around the plain mean), within a category (``within_var``),
+    and the spread of one support's covariate around its category's mean (``x_within_var``).
+    ``for_shots(K, c)`` turns the entry of the nearest K into a ``LogNormalCalibration`` prior with
+    ``strength`` pseudo-observations behind its within-category variance; the variance of its level is
+    the new category's own spread around the line, the line's uncertainty at c, and the covariate's noise.
     """
 
     table: dict
@@ -214,29 +247,46 @@ class NormalityPrior:
 
     @staticmethod
     def summarize(log_statistics: dict) -> dict:
-        """{(category, K): [log T]} -> {K: [(mean, sum of squared deviations, count) per category]}.
+        """{(category, K): [(log T, covariate) or log T]} -> {K: [(n, Sx, Sy, Sxx, Sxy, Syy) per category]}.
 
         The summaries of several sites can be concatenated per K and given to ``from_summaries``.
         """
         out: dict = {}
         for (_, k), values in sorted(log_statistics.items()):
-            g = np.asarray(values, dtype=np.float64)
-            if g.size:
-                out.setdefault(int(k), []).append((float(g.mean()), float(((g - g.mean()) ** 2).sum()), int(g.size)))
+            pairs = np.array([v if isinstance(v, (tuple, list)) else (v, 0.0) for v in values], dtype=np.float64)
+            if pairs.size:
+                y, x = pairs[:, 0], pairs[:, 1]
+                out.setdefault(int(k), []).append((float(len(y)), float(x.sum()), float(y.sum()), float((x * x).sum()),
+                                                   float((x * y).sum()), float((y * y).sum())))
         return out
 
     @classmethod
     def from_summaries(cls, summaries: dict, strength: float = 4.0) -> "NormalityPrior":
         table: dict = {}
         for k, groups in sorted(summaries.items(), key=lambda kv: int(kv[0])):
-            if not groups:
+            m = np.array([_summary_moments(g) for g in groups if g and _summary_moments(g)[0] > 0])
+            if not m.size:
                 continue
-            means = np.array([m for m, _, _ in groups])
-            dof = max(sum(n for _, _, n in groups) - len(groups), 1)
+            n, sx, sy, sxx, sxy, syy = m.T
+            category_x, category_y = sx / n, sy / n
+            x_mean, y_mean = category_x.mean(), category_y.mean()
+            x_ss = float(((category_x - x_mean) ** 2).sum())
+            slope = 0.0
+            if len(m) >= 3 and x_ss > 1e-12:
+                slope = float(((category_x - x_mean) * (category_y - y_mean)).sum() / x_ss)
+            residuals = category_y - y_mean - slope * (category_x - x_mean)
+            ddof = 2 if slope else 1
+            within_ss = float(np.maximum(syy - n * category_y**2, 0.0).sum())
             table[int(k)] = {
-                "mean": float(means.mean()),
-                "between_var": float(max(means.var(ddof=1) if len(means) > 1 else 0.25, 0.01)),
-                "within_var": float(max(sum(ss for _, ss, _ in groups) / dof, 1e-3)),
+                "mean": float(y_mean),
+                "slope": slope,
+                "x_mean": float(x_mean),
+                "x_ss": x_ss,
+                "x_within_var": float(np.maximum(sxx - n * category_x**2, 0.0).sum() / n.sum()),
+                "n_categories": int(len(m)),
+                "between_var": float(max((residuals**2).sum() / (len(m) - ddof) if len(m) > ddof else 0.25, 0.01)),
+                "between_var_raw": float(max(category_y.var(ddof=1) if len(m) > 1 else 0.25, 0.01)),
+                "within_var": float(max(within_ss / max(n.sum() - len(m), 1), 1e-3)),
             }
         if not table:
             raise ConfigError("calibration: no normal images to estimate from")
@@ -244,7 +294,7 @@ class NormalityPrior:
 
     @classmethod
     def estimate(cls, log_statistics: dict, strength: float = 4.0) -> "NormalityPrior":
-        """From {(category, K): [log T of normal images]}."""
+        """From {(category, K): [(log T, covariate) of normal images]} (or bare log T, without a covariate)."""
         return cls.from_summaries(cls.summarize(log_statistics), strength)
 
     @classmethod
@@ -252,11 +302,21 @@ class NormalityPrior:
         """A weak prior for a model that was not meta-trained: log T around log 3, wide."""
         return cls({1: {"mean": math.log(3.0), "between_var": 1.0, "within_var": 0.09}}, strength=2.0)
 
-    def for_shots(self, shots: int) -> LogNormalCalibration:
+    def entry(self, shots: int) -> dict:
         keys = sorted(int(k) for k in self.table)
         k = min(keys, key=lambda kk: (abs(math.log(kk) - math.log(max(shots, 1))), kk))
-        e = self.table[k] if k in self.table else self.table[str(k)]
-        return LogNormalCalibration(e["mean"], e["between_var"], e["within_var"], self.strength)
+        return self.table[k] if k in self.table else self.table[str(k)]
+
+    def for_shots(self, shots: int, covariate: float | None = None) -> LogNormalCalibration:
+        e = self.entry(shots)
+        slope = float(e.get("slope", 0.0))
+        if covariate is None or slope == 0.0 or not math.isfinite(covariate):
+            return LogNormalCalibration(e["mean"], e.get("between_var_raw", e["between_var"]), e["within_var"],
+                                        self.strength)
+        offset = covariate - e["x_mean"]
+        line = e["between_var"] * (1.0 + 1.0 / e["n_categories"] + offset**2 / e["x_ss"])
+        return LogNormalCalibration(e["mean"] + slope * offset, line + slope**2 * e["x_within_var"], e["within_var"],
+                                    self.strength)
 
     def as_dict(self) -> dict:
         return {"table": {str(k): v for k, v in self.table.items()}, "strength": self.strength}

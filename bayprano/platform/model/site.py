@@ -1,8 +1,9 @@
 """Adaptation to a site's new product, and the self-contained adapted model that scores its images.
 
 ``adapt(checkpoint, support_images, steps)`` runs the inner loop on the K good images, fits the NIW
-posterior, calibrates the decision threshold for a target false-positive rate (meta-learned prior on
-the effective patch count, updated by leave-one-out on the support) and returns a ``SiteModel``. As in
+posterior, calibrates the decision threshold for a target false-positive rate (the meta-learned prior
+on normal images' log-statistic at the support's shift covariate, updated by leave-one-out on the
+support) and returns a ``SiteModel``. As in
 meta-training, the inner loop's loss is evaluated on a fixed random subset of patch positions (the
 checkpoint's ``inner_positions``, 128 by default), which is what the meta-learned initialisation and
 step size were trained with; on the full grid the inner loop costs several times more for a gradient
@@ -46,6 +47,7 @@ from bayprano.platform.model.scoring import (
     decide,
     image_statistic,
     relative_sd,
+    shift_covariate,
 )
 
 ARTIFACT_FORMAT = 1
@@ -140,7 +142,7 @@ class SiteModel:
         maps = None
         map_threshold = None
         if size is not None:
-            maps = anomaly_map(self.patch_scores(maha), size).cpu().numpy().astype(np.float32)
+            maps = _to_host(anomaly_map(self.patch_scores(maha), size).float()).numpy()
             map_threshold = float(self.patch_scores(torch.tensor(self.threshold * self.model.dim)))
         return [
             ImageResult(float(stat[i]), float(p[i]), self.threshold, decisions[i], float(uncertainty[i]),
@@ -240,10 +242,20 @@ class SiteModel:
 
 
 _INFO_KEYS = ("backbone", "backbone_fingerprint", "created", "support_size", "support_sha256", "inner_steps",
-              "checkpoint_sha256", "loo_statistics", "version", "model_sha256", "adapt_seconds",
+              "checkpoint_sha256", "loo_statistics", "shift_covariate", "version", "model_sha256", "adapt_seconds",
               "adapt_stage_seconds", "inner_positions")
 
 INNER_POSITIONS_SEED = 0
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """``t`` on the CPU; from a GPU through page-locked memory, which the copy engine reads directly."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
 
 
 def _image_hash(image: np.ndarray) -> str:
@@ -303,8 +315,12 @@ def adapt(
         hyper = model.hyper()
         proto = NIWPrototype(hyper).fit(z)
         stages["posterior"] = clock.lap()
+        covariate = shift_covariate(proto.mahalanobis, z, model.dim)
         if ckpt.normality is not None:
-            calibration = ckpt.normality.for_shots(len(support_images))
+            # The covariate-conditioned prior where the support has no leave-one-out statistic; with them, the
+            # plain prior, which defers more to the site's own evidence (measured in the README's table).
+            calibration = ckpt.normality.for_shots(len(support_images),
+                                                   covariate if len(support_images) < 2 else None)
         else:
             calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []
@@ -328,6 +344,7 @@ def adapt(
         "inner_positions": 0 if not steps else h * w if positions is None else len(positions),
         "checkpoint_sha256": ckpt.sha256,
         "loo_statistics": [s for s, _ in loo],
+        "shift_covariate": covariate,
         "adapt_seconds": time.perf_counter() - start,
         "adapt_stage_seconds": stages,
     }

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from bayprano.platform.errors import ConfigError
@@ -58,3 +59,77 @@ def test_prior_is_estimated_per_support_size_and_the_nearest_is_used():
     assert NormalityPrior.from_dict(prior.as_dict()).table == prior.table
     with pytest.raises(ConfigError, match="no normal images"):
         NormalityPrior.estimate({})
+
+
+def _categories(rng, n, slope=2.0, between=0.1, within=0.15):
+    """(covariate, mean log T) per category on the line 1 + slope * x, with a between-category spread."""
+    x = rng.normal(0.3, 0.2, size=n)
+    return x, 1.0 + slope * x + rng.normal(0, between, size=n)
+
+
+def test_the_prior_is_a_regression_on_the_shift_covariate():
+    rng = np.random.default_rng(1)
+    x, mu = _categories(rng, 12, between=0.0)
+    logs = {(f"c{i}", 1): [(float(v), float(x[i] + rng.normal(0, 0.05))) for v in rng.normal(mu[i], 0.15, 40)]
+            for i in range(12)}
+    prior = NormalityPrior.estimate(logs)
+    e = prior.table[1]
+    assert e["slope"] == pytest.approx(2.0, abs=0.25)
+    assert e["between_var"] < 0.05 < e["between_var_raw"]
+    assert e["within_var"] == pytest.approx(0.15**2, rel=0.3)
+    assert prior.for_shots(1, 0.8).mean == pytest.approx(1 + 2 * 0.8, abs=0.15)
+    assert prior.for_shots(1).mean == pytest.approx(e["mean"])  # no covariate: the plain level and spread
+    assert prior.for_shots(1).mean_var == e["between_var_raw"]
+    far, near = prior.for_shots(1, 2.0), prior.for_shots(1, e["x_mean"])
+    assert far.mean_var > near.mean_var  # extrapolating the line costs certainty
+    old = NormalityPrior({1: {"mean": 1.0, "between_var": 0.2, "within_var": 0.1}})
+    assert old.for_shots(1, 5.0).mean == 1.0  # a checkpoint from before the covariate ignores it
+
+
+def test_summaries_of_sites_pool_to_the_estimate_of_all_their_images():
+    rng = np.random.default_rng(2)
+    x, mu = _categories(rng, 6)
+    logs = {(f"c{i}", 1): [(float(v), float(x[i])) for v in rng.normal(mu[i], 0.15, 20)] for i in range(6)}
+    site_a = NormalityPrior.summarize({k: v for k, v in logs.items() if k[0] in ("c0", "c1", "c2")})
+    site_b = NormalityPrior.summarize({k: v for k, v in logs.items() if k[0] not in ("c0", "c1", "c2")})
+    pooled = NormalityPrior.from_summaries({1: site_a[1] + site_b[1]})
+    direct = NormalityPrior.estimate(logs)
+    assert pooled.table[1] == pytest.approx(direct.table[1])
+
+
+def test_one_shot_false_positive_rate_is_on_target_with_the_covariate_and_not_without():
+    """Categories whose level follows the covariate, all with the same within-category spread (so the prior
+    is given many pseudo-observations behind it): K = 1 thresholds at the covariate hold alpha on average;
+    the covariate-blind prior's wide threshold is far off category by category: nearly always 0 (a threshold
+    that misses defects), sometimes far above alpha."""
+    rng = np.random.default_rng(3)
+    x, mu = _categories(rng, 30, slope=2.0, between=0.1)
+    prior = NormalityPrior.estimate({(f"c{i}", 1): [(float(v), float(x[i])) for v in rng.normal(mu[i], 0.15, 30)]
+                                     for i in range(30)}, strength=200.0)
+    x_new, mu_new = _categories(rng, 400, slope=2.0, between=0.1)
+    with_cov, blind = [], []
+    for xi, mi in zip(x_new, mu_new):
+        normals = np.exp(rng.normal(mi, 0.15, size=500))
+        with_cov.append(np.mean(normals > prior.for_shots(1, xi).threshold(0.05)))
+        blind.append(np.mean(normals > prior.for_shots(1).threshold(0.05)))
+    with_cov, blind = np.array(with_cov), np.array(blind)
+    assert 0.03 < with_cov.mean() < 0.07
+    assert np.mean(with_cov < 0.01) < 0.5 * np.mean(blind < 0.01)
+    assert np.sqrt(np.mean((with_cov - 0.05) ** 2)) < 0.75 * np.sqrt(np.mean((blind - 0.05) ** 2))
+
+
+def test_shift_covariate_is_low_for_a_texture_and_high_for_a_placed_part():
+    from bayprano.platform.model.niw import NIWHyper, NIWPrototype
+    from bayprano.platform.model.scoring import shift_covariate
+
+    g = torch.Generator().manual_seed(0)
+    d, h = 4, 12
+    texture = torch.randn(d, 1, 1, generator=g).expand(d, h, h) + 0.05 * torch.randn(d, h, h, generator=g)
+    part = 0.05 * torch.randn(d, h, h, generator=g)
+    part[:, 4:8, 4:8] += 3.0 * torch.randn(d, 1, 1, generator=g)
+    scores = {}
+    for name, z in (("texture", texture), ("part", part)):
+        z = z[None].contiguous()
+        proto = NIWPrototype(NIWHyper()).fit(z)
+        scores[name] = shift_covariate(proto.mahalanobis, z, d, shift=3)
+    assert scores["texture"] < scores["part"] - 1.0
