@@ -20,8 +20,32 @@ import numpy as np
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.fileio import atomic_write_json
 
+STAGES = 5
+TARGET_FPR = 0.05
+CALIBRATION_TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
-def run_demo(
+
+def run_demo(out: str | Path, **options) -> dict:
+    """Run the whole pipeline (see the module docstring); keyword options as ``_pipeline``.
+
+    The demo starts its own local Ray unless one is running, and whatever happens (an error, Ctrl-C)
+    stops what it started: the Serve stage shuts Serve down on its way out, and Ray goes with all its
+    processes.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    try:
+        return _pipeline(out, **options)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _pipeline(
     out: str | Path,
     data_root: str | Path | None = None,
     sites: int = 3,
@@ -37,11 +61,19 @@ def run_demo(
     from bayprano.platform.data.mvtec import list_categories
     from bayprano.platform.data.shards import shard_dataset
     from bayprano.platform.data.synth import generate_dataset
-    from bayprano.platform.evaluate import load_category, support_indices
+    from bayprano.platform.evaluate import load_category, run_evaluation, support_indices
     from bayprano.platform.meta.checkpoint import load_checkpoint
     from bayprano.platform.metrics import fpr_at_threshold, image_auroc
     from bayprano.platform.model.backbone import build_backbone
     from bayprano.platform.model.site import adapt
+    from bayprano.platform.report import (
+        plot_bytes,
+        plot_calibration,
+        plot_extremes,
+        plot_training,
+        plot_uncertainty,
+        write_report,
+    )
 
     out = Path(out)
     stages: dict[str, float] = {}
@@ -50,10 +82,10 @@ def run_demo(
     if data_root is None:
         data_root = out / "data"
         counts = dict(n_train=30, n_test_good=20, n_test_defective=20) if fast else {}
-        log(f"== 1/4 generating the synthetic industrial dataset ({2 * sites} categories, {size} px) in {data_root}")
+        log(f"== 1/{STAGES} generating the synthetic industrial dataset ({2 * sites} categories, {size} px) in {data_root}")
         generate_dataset(data_root, categories=2 * sites, seed=seed, size=size, progress=progress, **counts)
     else:
-        log(f"== 1/4 using the dataset at {data_root}")
+        log(f"== 1/{STAGES} using the dataset at {data_root}")
     categories = list_categories(data_root)
     if len(categories) < 2 * sites:
         raise ConfigError(f"--sites {sites}: the demo needs {2 * sites} categories (one to train on and one new "
@@ -63,7 +95,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     shard_dir = out / "shards"
-    log(f"== 2/4 sharding the training lines {', '.join(train_lines)} over {sites} factories in {shard_dir}")
+    log(f"== 2/{STAGES} sharding the training lines {', '.join(train_lines)} over {sites} factories in {shard_dir}")
     manifest = shard_dataset(data_root, shard_dir, sites=sites, seed=seed, categories=train_lines, progress=progress)
     owner = {c: site["name"] for site in manifest["sites"] for c in site["categories"]}
     site_product = {owner[line]: product for line, product in zip(train_lines, new_products)}
@@ -77,7 +109,7 @@ def run_demo(
     if dp:
         settings.update(secure_agg=True, dp_noise=0.8, dp_clip=1.0, target_epsilon=50.0)
     cfg = FederatedTrainConfig(**settings)
-    log(f"== 3/4 federated meta-training: {sites} factories, {rounds} rounds"
+    log(f"== 3/{STAGES} federated meta-training: {sites} factories, {rounds} rounds"
         + (", secure aggregation, client-level DP" if dp else ""))
     from bayprano.actors.coordinator import train_federated
 
@@ -85,23 +117,39 @@ def run_demo(
     stages["federated training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    log(f"== 4/4 each factory adapts to its new product from {shots} good images and scores its test split")
+    log(f"== 4/{STAGES} each factory adapts to its new product from {shots} good images and scores its test split")
     ckpt = load_checkpoint(ckpt_path)
     extractor = build_backbone(ckpt.backbone)
-    rows, results = [], []
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str]] = []
+    rows, results, calibration_points = [], [], {}
+    uncertainty: dict[str, list[float]] = {d: [] for d in ("normal", "anomalous", "review")}
     for site, product in sorted(site_product.items()):
         data = load_category(data_root, product, size)
         idx = support_indices(len(data.train_images), shots, seed, product)
-        model = adapt(ckpt, list(data.train_images[idx]), extractor=extractor)
+        model = adapt(ckpt, list(data.train_images[idx]), target_fpr=TARGET_FPR, extractor=extractor)
         model.save(out / "models" / site)
-        scored = model.score(data.test_images, maps=False)
+        scored = model.score(data.test_images, maps=True)
         scores = np.array([r.score for r in scored])
         decisions = [r.decision for r in scored]
+        for r in scored:
+            uncertainty[r.decision].append(r.uncertainty)
+        normals = scores[data.test_labels == 0]
+        calibration_points[site] = [(a, float(np.mean(normals > model.with_target_fpr(a).threshold)))
+                                    for a in CALIBRATION_TARGETS]
+        name = f"overlays_{site}.png"
+        plot_extremes(f"{site}, new product {product}: most and least anomalous test images (K={shots})",
+                      data.test_images, np.stack([r.anomaly_map for r in scored]), scores,
+                      [f"{Path(i).parent.name} {r.decision}\nscore {r.score:.2f} p {r.p_value:.3f}"
+                       for i, r in zip(data.test_ids, scored)], report_dir / name, masks=data.test_masks)
+        figures.append((f"{site} ({product}): heatmap overlays of its most and least anomalous test images", name))
         record = {
             "site": site,
             "new_product": product,
             "shots": shots,
             "image_auroc": image_auroc(data.test_labels, scores),
+            "target_fpr": TARGET_FPR,
             "measured_fpr": fpr_at_threshold(data.test_labels, scores, model.threshold),
             "threshold": model.threshold,
             "decisions": {d: decisions.count(d) for d in ("normal", "anomalous", "review")},
@@ -112,13 +160,55 @@ def run_demo(
         rows.append((site, product, shots, f"{record['image_auroc']:.3f}", f"{record['measured_fpr']:.3f}",
                      " / ".join(str(record["decisions"][d]) for d in ("normal", "anomalous", "review")),
                      f"{record['adapt_seconds']:.2f}"))
+        log(f"  {site}: {product} adapted in {record['adapt_seconds']:.2f}s, image AUROC {record['image_auroc']:.3f}, "
+            f"FPR {record['measured_fpr']:.3f} at target {TARGET_FPR}")
+    plot_calibration(calibration_points, report_dir / "calibration.png")
+    plot_uncertainty(uncertainty, report_dir / "uncertainty.png")
+    figures += [("calibration: false-positive rate measured on each new product's good test images against the "
+                 "target", "calibration.png"),
+                ("uncertainty of every decision on the new products' test images", "uncertainty.png")]
     stages["adapt and score"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"== 5/{STAGES} every method of the evaluation harness on the new products (K={shots}, same support images)")
+    evaluation = run_evaluation(
+        data_root, report_dir / "evaluation.json", categories=sorted(site_product.values()), shots=(shots,), seeds=1,
+        checkpoint=ckpt_path, inner_steps=1, target_fpr=TARGET_FPR, episodes=rounds * cfg.local_steps * sites,
+        image_size=size, seed=seed, pool_categories=train_lines, progress=lambda m: log(f"  {m.strip()}"))
+    site_of = {product: site for site, product in site_product.items()}
+    methods = [{"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
+               for r in evaluation["records"]]
+    for site, product in sorted(site_product.items()):
+        name = f"evaluation_roc_{product}.png"
+        if (report_dir / name).is_file():
+            figures.append((f"{site} ({product}): image ROC of every method", name))
+    stages["evaluate methods"] = time.perf_counter() - t0
+
+    history = fed.get("history", [])
+    if history:
+        plot_training(history, report_dir / "training.png")
+        figures.insert(0, ("federated meta-training per round" + (" and epsilon spent" if dp else ""), "training.png"))
+    if fed.get("site_bytes"):
+        plot_bytes(fed["site_bytes"], report_dir / "bytes.png")
+        figures.insert(1, ("bytes each factory sent and received over the whole training, against its images",
+                           "bytes.png"))
 
     table = format_table(("site", "new product", "K", "image AUROC", "FPR at 0.05", "normal / anomalous / review",
                           "adapt s"), rows)
+    federated = {k: fed.get(k) for k in ("rounds", "epsilon", "bytes", "shard_bytes", "stop_reason", "site_bytes",
+                                         "history")}
     summary = {"data_root": str(data_root), "shards": str(shard_dir), "checkpoint": str(ckpt_path),
-               "federated": {k: fed[k] for k in ("rounds", "epsilon", "bytes", "shard_bytes", "stop_reason")},
-               "sites": results, "stages_seconds": stages}
+               "federated": federated, "sites": results, "methods": methods, "stages_seconds": stages,
+               "report": str(report_dir / "report.html")}
+    t0 = time.perf_counter()
+    write_report(report_dir, {
+        "title": "bayprano demo report",
+        "intro": (f"{sites} factories meta-trained one model together on their own product lines "
+                  f"({', '.join(train_lines)}) without sharing images, then each adapted it to a new product "
+                  f"({', '.join(new_products)}) from {shots} good images. Images: {size} px"
+                  + (", with secure aggregation and client-level differential privacy." if dp else ".")),
+        **summary, "figures": figures})
+    stages["report"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", summary)
     log("")
     log(table)
@@ -126,6 +216,6 @@ def run_demo(
     log(f"federated: {fed['rounds']} rounds{eps}, {fed['bytes'] / 1e6:.2f} MB moved against "
         f"{fed['shard_bytes'] / 1e6:.1f} MB of images that stayed in the factories")
     log("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
-    log(f"models: {out / 'models'}; summary: {out / 'summary.json'}")
+    log(f"models: {out / 'models'}; report: {report_dir / 'report.html'}; summary: {out / 'summary.json'}")
     return summary
 

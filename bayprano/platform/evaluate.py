@@ -182,8 +182,12 @@ def run_evaluation(
     device: str = "cpu",
     seed: int = 0,
     progress: Callable[[str], None] = print,
+    pool_categories: Sequence[str] | None = None,
 ) -> dict:
-    """Run the protocol, write ``output`` (JSON) and its pictures beside it, return the results."""
+    """Run the protocol, write ``output`` (JSON) and its pictures beside it, return the results.
+
+    ``pool_categories`` restricts the meta-training pool to those categories of its root (default: all).
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method {unknown[0]!r} (valid: {', '.join(METHODS)})")
@@ -207,7 +211,11 @@ def run_evaluation(
     if ckpt is not None:
         image_size = ckpt.image_size
     pool_root = Path(meta_train_root) if meta_train_root else Path(data_root)
-    pool_categories = list_categories(pool_root)
+    available_pool = list_categories(pool_root)
+    for c in pool_categories or ():
+        if c not in available_pool:
+            raise ConfigError(f"meta-training pool: unknown category {c!r} in {pool_root}")
+    pool_categories = list(pool_categories or available_pool)
 
     def extract(images: np.ndarray) -> torch.Tensor:
         return extractor.extract(images, size=image_size).cpu()
@@ -231,6 +239,14 @@ def run_evaluation(
             progress(f"meta-training pool: {c} ({len(pool_data.train_images)} good images + synthetic anomalies)")
 
     meta_cfg = MetaConfig(shots=max(shots), inner_steps=inner_steps, episodes=episodes, seed=seed)
+    trained: dict[tuple, MetaCheckpoint] = {}
+
+    def fold_checkpoint(fold: dict, prototype: str) -> MetaCheckpoint:
+        """Meta-trained once per (pool, prototype): categories outside the pool share one fold."""
+        key = (tuple(sorted(fold)), prototype)
+        if key not in trained:
+            trained[key] = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, prototype, progress)
+        return trained[key]
     records: list[dict] = []
     pictures: dict[str, list[str]] = {}
     priors: dict[str, dict] = {}
@@ -251,11 +267,11 @@ def run_evaluation(
                 check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
                 bayes_ckpt = ckpt
             else:
-                bayes_ckpt = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, "niw", progress)
+                bayes_ckpt = fold_checkpoint(fold, "niw")
         if bayes_ckpt is not None and bayes_ckpt.normality is not None:
             priors[c] = bayes_ckpt.normality.as_dict()
         if "protomaml" in methods:
-            proto_ckpt = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, "euclidean", progress)
+            proto_ckpt = fold_checkpoint(fold, "euclidean")
         if "bayes-frozen" in methods:
             frozen_ckpt = _frozen_checkpoint(extractor, fold, image_size, dim)
         curves: dict[str, tuple] = {}
