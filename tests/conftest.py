@@ -34,7 +34,7 @@ def ray_session():
     """One local Ray for the whole test session (actors, Serve and Tune tests share it); shut down at the end."""
     ray = pytest.importorskip("ray")
     sites = {f"factory:site-{i:03d}": 1 for i in range(3)}  # as a cluster whose nodes each hold one site
-    ray.init(num_cpus=2, resources=sites, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, resources=sites, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()

@@ -1,0 +1,352 @@
+"""The model registry: a folder holding every site's adapted models, their versions and access tokens.
+
+Layout under the registry root::
+
+    registry.json                   kind, format, the meta-checkpoint that /adapt starts from, admin token hash
+    checkpoints/<sha12>.pt          meta-checkpoints copied in by ``set_checkpoint``
+    sites/<site>/site.json          created, token hash (sha256 of the token; the token itself is never stored)
+    sites/<site>/current            the live version's name, e.g. ``v0002``
+    sites/<site>/versions/v0001/    a site model folder (model.pt, meta.json) plus version.json
+
+A version is written into a staging folder, checked by loading it, and renamed into place: a reader sees
+a whole version or none. Version numbers are allocated by that rename (it fails on an existing, non-empty
+folder), and the ``current`` pointer is replaced atomically, so a server reading it per request sees the
+old or the new version, never a half-written one. Changes to one site are serialised with a file lock.
+
+Tokens are 256-bit random strings, so a plain sha256 of each is enough to store them safely; they are
+compared in constant time. Nothing here imports Ray: the registry is used by the server, the operator's
+command line and tests alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from bayprano.platform.errors import ConfigError, DataError
+from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+REGISTRY_KIND = "bayprano-model-registry"
+REGISTRY_FORMAT = 1
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VERSION_NAME = re.compile(r"^v(\d{4,})$")
+TOKEN_BYTES = 32
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    return "bp_" + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def check_site_name(site: str) -> str:
+    if not isinstance(site, str) or not SITE_NAME.match(site):
+        raise ConfigError(f"site name {site!r} is not valid: use 1-64 letters, digits, '-' or '_', "
+                          "starting with a letter or digit")
+    return site
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def model_id(site: str, version: str) -> str:
+    """The multiplexed model id a site's version is served under."""
+    return f"{site}@{version}"
+
+
+def parse_model_id(mid: str) -> tuple[str, str]:
+    site, sep, version = mid.partition("@")
+    if not sep or not SITE_NAME.match(site) or not VERSION_NAME.match(version):
+        raise DataError(f"model id {mid!r} is not of the form site@vNNNN")
+    return site, version
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    site: str
+    version: str
+    record: dict  # the contents of version.json
+
+    @property
+    def path(self) -> Path:
+        return Path(self.record["path"])
+
+
+class Registry:
+    """A registry root folder. ``Registry.init(root)`` creates one; ``Registry(root)`` opens an existing one."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        path = self.root / "registry.json"
+        if not path.is_file():
+            raise DataError(f"{self.root}: not a model registry (no registry.json; create one with "
+                            "`bayprano registry init`)")
+        meta = self._read_json(path)
+        if meta.get("kind") != REGISTRY_KIND:
+            raise DataError(f"{path}: not a bayprano model registry")
+        if meta.get("format") != REGISTRY_FORMAT:
+            raise DataError(f"{path}: registry format {meta.get('format')!r} is not supported "
+                            f"(expected {REGISTRY_FORMAT})")
+
+    # ----------------------------------------------------------------------------------------- root
+
+    @classmethod
+    def init(cls, root: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> tuple["Registry", str]:
+        """Create a registry at ``root`` (an empty or missing folder); returns it and the admin token,
+        which is shown to the operator once and stored only as a hash."""
+        root = Path(root)
+        if (root / "registry.json").exists():
+            raise ConfigError(f"{root}: a registry already exists here")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise ConfigError(f"{root}: exists and is not an empty folder; refusing to turn it into a registry")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "sites").mkdir(exist_ok=True)
+        token = new_token()
+        atomic_write_json(root / "registry.json", {
+            "kind": REGISTRY_KIND, "format": REGISTRY_FORMAT, "created": _now(), "checkpoint": None,
+            "admin_token_sha256": hash_token(token),
+        })
+        registry = cls(root)
+        if checkpoint is not None:
+            registry.set_checkpoint(checkpoint)
+        return registry, token
+
+    @property
+    def meta(self) -> dict:
+        return self._read_json(self.root / "registry.json")
+
+    def set_checkpoint(self, path: str | os.PathLike) -> str:
+        """Copy a meta-checkpoint into the registry and make it the one /adapt starts from; returns its sha256."""
+        from bayprano.platform.meta.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)  # refuses a file that is not a readable meta-checkpoint
+        target = self.root / "checkpoints" / f"{ckpt.sha256[:12]}.pt"
+        if not target.is_file():
+            atomic_write_bytes(target, Path(path).read_bytes())
+        with self._lock("registry"):
+            meta = self.meta
+            meta["checkpoint"] = {"path": str(target.relative_to(self.root)), "sha256": ckpt.sha256,
+                                  "backbone": ckpt.backbone, "image_size": ckpt.image_size, "set": _now(),
+                                  "source": str(path)}
+            atomic_write_json(self.root / "registry.json", meta)
+        return ckpt.sha256
+
+    def checkpoint_path(self) -> Path:
+        info = self.meta.get("checkpoint")
+        if not info:
+            raise ConfigError(f"{self.root}: the registry names no meta-checkpoint to adapt from "
+                              "(set one with `bayprano registry set-checkpoint`)")
+        return self.root / info["path"]
+
+    def check_admin_token(self, token: str | None) -> bool:
+        expected = self.meta.get("admin_token_sha256")
+        return bool(token) and bool(expected) and hmac.compare_digest(hash_token(token), expected)
+
+    def rotate_admin_token(self) -> str:
+        token = new_token()
+        with self._lock("registry"):
+            meta = self.meta
+            meta["admin_token_sha256"] = hash_token(token)
+            atomic_write_json(self.root / "registry.json", meta)
+        return token
+
+    # ---------------------------------------------------------------------------------------- sites
+
+    def sites(self) -> list[str]:
+        folder = self.root / "sites"
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if SITE_NAME.match(p.name) and (p / "site.json").is_file())
+
+    def has_site(self, site: str) -> bool:
+        return isinstance(site, str) and bool(SITE_NAME.match(site)) and (self._site_dir(site) / "site.json").is_file()
+
+    def add_site(self, site: str) -> str:
+        """Register a site; returns its access token (shown once, stored only as a hash)."""
+        check_site_name(site)
+        folder = self._site_dir(site)
+        if (folder / "site.json").exists():
+            raise ConfigError(f"site {site!r} already exists in {self.root}")
+        (folder / "versions").mkdir(parents=True, exist_ok=True)
+        token = new_token()
+        atomic_write_json(folder / "site.json", {"site": site, "created": _now(), "token_sha256": hash_token(token),
+                                                 "token_rotated": None})
+        return token
+
+    def rotate_token(self, site: str) -> str:
+        """Give a site a new token; the old one stops working at once."""
+        self._require_site(site)
+        token = new_token()
+        with self._lock(site):
+            record = self._read_json(self._site_dir(site) / "site.json")
+            record["token_sha256"] = hash_token(token)
+            record["token_rotated"] = _now()
+            atomic_write_json(self._site_dir(site) / "site.json", record)
+        return token
+
+    def check_token(self, site: str, token: str | None) -> bool:
+        """Whether ``token`` is this site's token (constant-time comparison of hashes)."""
+        if not token or not self.has_site(site):
+            return False
+        expected = self._read_json(self._site_dir(site) / "site.json").get("token_sha256", "")
+        return hmac.compare_digest(hash_token(token), expected)
+
+    # ------------------------------------------------------------------------------------- versions
+
+    def versions(self, site: str) -> list[VersionInfo]:
+        self._require_site(site)
+        folder = self._site_dir(site) / "versions"
+        names = sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name) and p.is_dir()),
+                       key=lambda n: int(n[1:]))
+        return [self.version(site, n) for n in names]
+
+    def version(self, site: str, version: str) -> VersionInfo:
+        self._require_site(site)
+        if not isinstance(version, str) or not VERSION_NAME.match(version):
+            raise DataError(f"version {version!r} is not of the form vNNNN")
+        path = self._site_dir(site) / "versions" / version
+        if not (path / "version.json").is_file():
+            raise DataError(f"site {site!r} has no version {version}")
+        record = self._read_json(path / "version.json")
+        record["path"] = str(path)
+        return VersionInfo(site, version, record)
+
+    def current(self, site: str) -> str | None:
+        """The live version's name, or None before the first publish."""
+        self._require_site(site)
+        try:
+            name = (self._site_dir(site) / "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def current_model_id(self, site: str) -> str | None:
+        version = self.current(site)
+        return None if version is None else model_id(site, version)
+
+    def model_path(self, site: str, version: str) -> Path:
+        return self.version(site, version).path
+
+    def publish(self, site: str, model: Any, metrics: dict | None = None, source: str = "",
+                make_current: bool = True) -> VersionInfo:
+        """Publish a site model (a ``SiteModel`` or a site model folder) as the site's next version.
+
+        The model is written (or copied) into a staging folder, loaded back to check it, and renamed into
+        place; then the ``current`` pointer moves to it (unless ``make_current`` is False).
+        """
+        from bayprano.platform.model.site import SiteModel
+
+        self._require_site(site)
+        versions = self._site_dir(site) / "versions"
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=versions))
+        try:
+            if isinstance(model, SiteModel):
+                model.save(staging / "model")
+                for name in ("model.pt", "meta.json"):
+                    os.replace(staging / "model" / name, staging / name)
+                (staging / "model").rmdir()
+            else:
+                src = Path(model)
+                for name in ("model.pt", "meta.json"):
+                    if not (src / name).is_file():
+                        raise DataError(f"{src}: not a site model folder ({name} is missing)")
+                    shutil.copyfile(src / name, staging / name)
+            loaded = SiteModel.load(staging)  # checks kind, format and the sha256 of model.pt
+            info = loaded.info
+            with self._lock(site):
+                number = 1 + max((int(p.name[1:]) for p in versions.iterdir() if VERSION_NAME.match(p.name)), default=0)
+                version = version_name(number)
+                record = {
+                    "site": site, "version": version, "published": _now(), "created": info.get("created"),
+                    "support_size": info.get("support_size"), "checkpoint_sha256": info.get("checkpoint_sha256"),
+                    "backbone": info.get("backbone"), "image_size": loaded.image_size,
+                    "threshold": loaded.threshold, "target_fpr": loaded.target_fpr,
+                    "model_sha256": info.get("model_sha256"), "source": source,
+                    "metrics": {"loo_statistics": info.get("loo_statistics"),
+                                "adapt_seconds": info.get("adapt_seconds"), **(metrics or {})},
+                }
+                atomic_write_json(staging / "version.json", record)
+                os.rename(staging, versions / version)  # the lock makes the name free; rename is atomic
+                if make_current:
+                    atomic_write_text(self._site_dir(site) / "current", version + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.version(site, version)
+
+    def rollback(self, site: str, to: str | None = None) -> str:
+        """Point ``current`` at version ``to`` (default: the newest version older than the current one)."""
+        with self._lock(site):
+            names = [v.version for v in self.versions(site)]
+            cur = self.current(site)
+            if to is None:
+                older = [n for n in names if cur is not None and int(n[1:]) < int(cur[1:])]
+                if not older:
+                    raise ConfigError(f"site {site!r}: no version older than {cur or 'none'} to roll back to")
+                to = older[-1]
+            elif to not in names:
+                raise ConfigError(f"site {site!r} has no version {to} (versions: {', '.join(names) or 'none'})")
+            atomic_write_text(self._site_dir(site) / "current", to + "\n")
+        return to
+
+    def describe(self, site: str) -> dict:
+        """Site, current version and every version's record (without secrets)."""
+        cur = self.current(site)
+        created = self._read_json(self._site_dir(site) / "site.json").get("created")
+        versions = []
+        for v in self.versions(site):
+            record = {k: val for k, val in v.record.items() if k != "path"}
+            record["current"] = v.version == cur
+            versions.append(record)
+        return {"site": site, "created": created, "current": cur, "versions": versions}
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def _site_dir(self, site: str) -> Path:
+        return self.root / "sites" / site
+
+    def _require_site(self, site: str) -> None:
+        if not self.has_site(site):
+            raise DataError(f"unknown site {site!r} in registry {self.root}")
+
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        lock_dir = self.root / ".locks"
+        lock_dir.mkdir(exist_ok=True)
+        with open(lock_dir / f"{name}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{path}: missing from the registry") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected a JSON object")
+        return data

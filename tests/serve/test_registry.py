@@ -1,0 +1,130 @@
+"""The model registry and the `bayprano registry` commands (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bayprano.cli import main
+from bayprano.platform.errors import BaypranoError
+from bayprano.platform.model.site import SiteModel
+from bayprano.serve.registry import Registry, hash_token, parse_model_id
+
+
+@pytest.fixture
+def registry(tmp_path, checkpoint) -> Registry:
+    reg, _ = Registry.init(tmp_path / "reg", checkpoint=checkpoint)
+    return reg
+
+
+def all_text(root: Path) -> str:
+    return "".join(p.read_bytes().decode("latin-1") for p in root.rglob("*") if p.is_file())
+
+
+def test_tokens_are_stored_hashed_and_checked_per_site(tmp_path, checkpoint):
+    reg, admin = Registry.init(tmp_path / "reg", checkpoint=checkpoint)
+    a, b = reg.add_site("plant-a"), reg.add_site("plant-b")
+    assert len({a, b, admin}) == 3 and all(len(t) > 40 for t in (a, b, admin))
+    text = all_text(reg.root)
+    assert a not in text and b not in text and admin not in text
+    assert hash_token(a) in text
+    assert reg.check_token("plant-a", a) and reg.check_token("plant-b", b)
+    assert not reg.check_token("plant-b", a) and not reg.check_token("plant-a", None)
+    assert not reg.check_token("nowhere", a)
+    assert reg.check_admin_token(admin) and not reg.check_admin_token(a)
+    new = reg.rotate_token("plant-a")
+    assert reg.check_token("plant-a", new) and not reg.check_token("plant-a", a)
+    with pytest.raises(BaypranoError, match="already exists"):
+        reg.add_site("plant-a")
+    for bad in ("", "../etc", "a@b", "a" * 65, ".hidden"):
+        with pytest.raises(BaypranoError, match="not valid"):
+            reg.add_site(bad)
+
+
+def test_publish_versions_current_pointer_and_rollback(registry, make_site_model, tmp_path):
+    registry.add_site("plant-a")
+    assert registry.current("plant-a") is None
+    first = registry.publish("plant-a", make_site_model("wood", 1, 0.05), metrics={"fpr_measured": 0.04})
+    folder = make_site_model("wood", 2, 0.1).save(tmp_path / "model")
+    second = registry.publish("plant-a", folder, source="cli")
+    assert (first.version, second.version) == ("v0001", "v0002")
+    assert registry.current("plant-a") == "v0002" and registry.current_model_id("plant-a") == "plant-a@v0002"
+    rec = first.record
+    for key in ("created", "published", "support_size", "checkpoint_sha256", "threshold", "target_fpr", "metrics"):
+        assert rec[key] is not None, key
+    assert rec["support_size"] == 3 and rec["target_fpr"] == 0.05 and rec["metrics"]["fpr_measured"] == 0.04
+    assert second.record["target_fpr"] == 0.1
+    loaded = SiteModel.load(registry.model_path("plant-a", "v0002"))
+    assert loaded.threshold == pytest.approx(second.record["threshold"])
+    assert registry.rollback("plant-a") == "v0001" and registry.current("plant-a") == "v0001"
+    with pytest.raises(BaypranoError, match="no version older"):
+        registry.rollback("plant-a")
+    assert registry.rollback("plant-a", "v0002") == "v0002"
+    with pytest.raises(BaypranoError, match="no version v0009"):
+        registry.rollback("plant-a", "v0009")
+    detail = registry.describe("plant-a")
+    assert [v["version"] for v in detail["versions"]] == ["v0001", "v0002"]
+    assert [v["current"] for v in detail["versions"]] == [False, True]
+    assert parse_model_id("plant-a@v0002") == ("plant-a", "v0002")
+
+
+def test_a_corrupt_model_folder_is_refused_and_leaves_nothing(registry, make_site_model, tmp_path):
+    registry.add_site("plant-a")
+    folder = make_site_model().save(tmp_path / "model")
+    data = bytearray((folder / "model.pt").read_bytes())
+    data[-10] ^= 0xFF
+    (folder / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(BaypranoError, match="corrupt"):
+        registry.publish("plant-a", folder)
+    with pytest.raises(BaypranoError, match="not a site model folder"):
+        registry.publish("plant-a", tmp_path)
+    versions = registry.root / "sites" / "plant-a" / "versions"
+    assert list(versions.iterdir()) == [] and registry.current("plant-a") is None
+    with pytest.raises(BaypranoError, match="unknown site"):
+        registry.publish("plant-z", folder)
+
+
+def test_init_refuses_a_non_empty_folder_and_open_refuses_a_non_registry(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(BaypranoError, match="not an empty folder"):
+        Registry.init(tmp_path)
+    with pytest.raises(BaypranoError, match="not a model registry"):
+        Registry(tmp_path)
+    reg, _ = Registry.init(tmp_path / "r")
+    with pytest.raises(BaypranoError, match="names no meta-checkpoint"):
+        reg.checkpoint_path()
+
+
+def test_registry_commands(tmp_path, checkpoint, make_site_model, capsys):
+    root = str(tmp_path / "reg")
+    assert main(["registry", "init", "--registry", root, "--checkpoint", str(checkpoint)]) == 0
+    admin = capsys.readouterr().out.split("admin token (shown once, stored hashed): ")[1].strip()
+    assert Registry(root).check_admin_token(admin)
+    assert main(["registry", "add-site", "--registry", root, "plant-a"]) == 0
+    token = capsys.readouterr().out.split("token (shown once, stored hashed): ")[1].strip()
+    assert Registry(root).check_token("plant-a", token)
+    model = make_site_model().save(tmp_path / "model")
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"image_auroc": 0.9}))
+    assert main(["registry", "publish", "--registry", root, "plant-a", str(model), "--metrics", str(metrics)]) == 0
+    assert "as plant-a v0001 (now current)" in capsys.readouterr().out
+    assert main(["registry", "publish", "--registry", root, "plant-a", str(model), "--no-activate"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "list", "--registry", root]) == 0
+    out = capsys.readouterr().out
+    assert "plant-a" in out and "v0001 *" in out and "v0002" in out and "v0002 *" not in out
+    assert main(["registry", "rollback", "--registry", root, "plant-a", "--to", "v0002"]) == 0
+    assert "v0001 -> v0002" in capsys.readouterr().out
+    assert main(["registry", "list", "--registry", root, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["sites"][0]["current"] == "v0002"
+    assert listed["sites"][0]["versions"][0]["metrics"]["image_auroc"] == 0.9
+    assert main(["registry", "rotate-token", "--registry", root, "plant-a"]) == 0
+    assert not Registry(root).check_token("plant-a", token)
+    capsys.readouterr()
+    assert main(["registry", "add-site", "--registry", root, "bad/name"]) == 2
+    assert "not valid" in capsys.readouterr().err
+    assert main(["registry", "list", "--registry", str(tmp_path / "none")]) == 2
+    assert "not a model registry" in capsys.readouterr().err
