@@ -6,11 +6,16 @@ product"; shard the training lines into one private Parquet shard per factory; r
 meta-training on a local Ray (secure aggregation and differential privacy with ``dp=True``); then at
 each factory adapt the shared model to its new product from K good images, score that product's whole
 test split, and report image AUROC, the false-positive rate measured at the calibrated threshold, and
-the decisions. Every stage prints its progress; the summary goes to ``summary.json``.
+the decisions; evaluate every method of the harness on the new products with the same support images;
+publish the site models to a registry, serve them with Ray Serve on 127.0.0.1 and score a few test
+images per site over HTTP; stop Serve. Every stage prints its progress; the summary goes to
+``summary.json`` and the report (``report/report.html``, ``report.md``, ``results.json`` and the
+figures) beside it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +25,7 @@ import numpy as np
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.fileio import atomic_write_json
 
-STAGES = 5
+STAGES = 6
 TARGET_FPR = 0.05
 CALIBRATION_TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -184,6 +189,11 @@ def _pipeline(
             figures.append((f"{site} ({product}): image ROC of every method", name))
     stages["evaluate methods"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    log(f"== 6/{STAGES} publishing the site models to a registry, serving them with Ray Serve, scoring over HTTP")
+    http = _serve_and_score(out, ckpt_path, site_product, data_root, size, seed, log)
+    stages["serve and score over HTTP"] = time.perf_counter() - t0
+
     history = fed.get("history", [])
     if history:
         plot_training(history, report_dir / "training.png")
@@ -198,7 +208,8 @@ def _pipeline(
     federated = {k: fed.get(k) for k in ("rounds", "epsilon", "bytes", "shard_bytes", "stop_reason", "site_bytes",
                                          "history")}
     summary = {"data_root": str(data_root), "shards": str(shard_dir), "checkpoint": str(ckpt_path),
-               "federated": federated, "sites": results, "methods": methods, "stages_seconds": stages,
+               "federated": federated, "sites": results, "methods": methods, "http": http["sites"],
+               "registry": http["registry"], "stages_seconds": stages,
                "report": str(report_dir / "report.html")}
     t0 = time.perf_counter()
     write_report(report_dir, {
@@ -217,5 +228,91 @@ def _pipeline(
         f"{fed['shard_bytes'] / 1e6:.1f} MB of images that stayed in the factories")
     log("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
     log(f"models: {out / 'models'}; report: {report_dir / 'report.html'}; summary: {out / 'summary.json'}")
+    log(f"review page: `bayprano serve --registry {http['registry']}`, then open "
+        f"http://127.0.0.1:8000/?site={min(site_product)} with a token from {http['tokens']}")
     return summary
+
+
+HTTP_IMAGES_PER_SITE = 4
+
+
+def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, data_root, size: int, seed: int,
+                     log: Callable[[str], None]) -> dict:
+    """Publish every site's model to a fresh registry, serve it on 127.0.0.1, score a few of each new
+    product's test images over HTTP (checked against in-process scoring), and shut Serve down."""
+    import io
+    import os
+    import shutil
+    import socket
+
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from bayprano.config import ServeConfig
+    from bayprano.platform.evaluate import load_category
+    from bayprano.platform.model.site import SiteModel
+    from bayprano.serve.app import application
+    from bayprano.serve.registry import Registry
+
+    root = out / "registry"
+    if root.exists():
+        shutil.rmtree(root)
+    registry, admin = Registry.init(root, checkpoint=ckpt_path)
+    tokens = {"admin": admin}
+    for site in sorted(site_product):
+        tokens[site] = registry.add_site(site)
+        version = registry.publish(site, out / "models" / site, source="demo").version
+        log(f"  {site}: published {version}")
+    token_file = out / "tokens.json"  # readable by its owner only: the registry itself keeps only hashes
+    token_file.unlink(missing_ok=True)
+    with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(json.dumps(tokens, indent=2) + "\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = ServeConfig(registry=root, host="127.0.0.1", port=port, num_cpus=0.5, ingress_num_cpus=0.1,
+                      max_models_per_replica=len(site_product))
+    url = f"http://127.0.0.1:{port}"
+    results = []
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(application(cfg), name="bayprano-demo", route_prefix="/")
+        log(f"  serving {len(site_product)} sites at {url} (OpenAPI docs at {url}/docs)")
+        for site, product in sorted(site_product.items()):
+            data = load_category(data_root, product, size)
+            rng = np.random.default_rng(seed)
+            good = rng.choice(np.flatnonzero(data.test_labels == 0), HTTP_IMAGES_PER_SITE // 2, replace=False)
+            bad = rng.choice(np.flatnonzero(data.test_labels == 1), HTTP_IMAGES_PER_SITE // 2, replace=False)
+            chosen = np.concatenate([good, bad])
+            files = []
+            for i in chosen:
+                buf = io.BytesIO()
+                Image.fromarray(data.test_images[i]).save(buf, format="PNG")
+                files.append(("files", (Path(data.test_ids[i]).parent.name + "_" + Path(data.test_ids[i]).name,
+                                        buf.getvalue(), "image/png")))
+            latencies, rows = [], []
+            for f in files:  # one request per image, as a line camera sends them
+                r = requests.post(f"{url}/v1/sites/{site}/score", files=[f], timeout=300,
+                                  headers={"Authorization": f"Bearer {tokens[site]}"})
+                r.raise_for_status()
+                rows += r.json()["results"]
+                latencies.append(r.json()["results"][0]["latency_ms"])
+            local = SiteModel.load(out / "models" / site).score(data.test_images[chosen], maps=False)
+            same = all(abs(a["score"] - b.score) <= 1e-3 * max(1.0, abs(b.score)) and a["decision"] == b.decision
+                       for a, b in zip(rows, local))
+            decisions = {d: sum(r["decision"] == d for r in rows) for d in ("normal", "anomalous", "review")}
+            results.append({"site": site, "new_product": product, "model_version": rows[0]["model_version"],
+                            "images": len(rows), "decisions": decisions, "matches_in_process": same,
+                            "latency_ms_p50": float(np.median(latencies)),
+                            "scored": [{"image": f[1][0], **{k: r[k] for k in ("score", "p_value", "decision",
+                                                                             "uncertainty")}}
+                                       for f, r in zip(files, rows)]})
+            log(f"  {site}: {len(rows)} {product} images over HTTP: " + ", ".join(
+                f"{f[1][0]} {r['decision']}" for f, r in zip(files, rows))
+                + f"; same as in-process: {'yes' if same else 'NO'}; median latency {np.median(latencies):.0f} ms")
+    finally:
+        serve.shutdown()
+    log("  Serve stopped")
+    return {"sites": results, "registry": str(root), "tokens": str(token_file)}
 

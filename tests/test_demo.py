@@ -7,6 +7,7 @@ import json
 from bayprano.demo import run_demo
 from bayprano.platform.data.shards import read_manifest
 from bayprano.platform.model.site import SiteModel
+from bayprano.serve.registry import Registry
 
 
 def test_fast_demo_leaves_adapted_calibrated_site_models(tmp_path):
@@ -24,3 +25,21 @@ def test_fast_demo_leaves_adapted_calibrated_site_models(tmp_path):
         model = SiteModel.load(record["model"])
         assert model.info["support_size"] == 3 and model.threshold == record["threshold"]
     assert any(line.startswith("| site") for line in lines)
+
+    report = tmp_path / "demo" / "report"
+    results = json.loads((report / "results.json").read_text())
+    page = (report / "report.html").read_text()
+    assert len(results["figures"]) >= 4 + 2 * 2  # training, bytes, calibration, uncertainty; overlays and ROC per site
+    assert page.count('src="data:image/png;base64,') == len(results["figures"])
+    for _, name in results["figures"]:
+        assert (report / name).stat().st_size > 1000 and f"]({name})" in (report / "report.md").read_text()
+    methods = {(r["site"], r["method"]) for r in results["methods"]}
+    assert methods == {(s["site"], m) for s in summary["sites"]
+                       for m in ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim")}
+    assert len(summary["http"]) == 2
+    for served in summary["http"]:
+        assert served["images"] == 4 and served["matches_in_process"] and served["model_version"] == "v0001"
+    registry = Registry(summary["registry"])
+    assert registry.sites() == sorted(s["site"] for s in summary["sites"])
+    tokens = json.loads((tmp_path / "demo" / "tokens.json").read_text())
+    assert all(registry.check_token(site, tokens[site]) for site in registry.sites())
