@@ -1,0 +1,180 @@
+"""`bayprano tune`: sweep files are checked before any trial starts, the smoke sweep runs end to end, and
+an interrupted sweep resumes from its trials' checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from bayprano.cli import main
+from bayprano.config import SweepConfig, TrainConfig, load_yaml_config
+from bayprano.platform.errors import ConfigError
+from bayprano.tune import load_sweep, smoke_sweep, trial_count
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "tune_configs").glob("*.yaml"))
+
+TINY = {
+    "name": "tiny",
+    "data_root": "data",
+    "synth": {"categories": ["fabric", "bottle", "tiles"], "size": 64, "train": 8, "test_good": 4,
+              "test_defective": 4},
+    "train_categories": ["fabric", "bottle"],
+    "validation_categories": ["tiles"],
+    "rounds": 3,
+    "episodes_per_round": 1,
+    "validation_seeds": 1,
+    "max_concurrent_trials": 1,
+    "resources_per_trial": {"cpu": 0.5},
+    "fixed": {"image_size": 64, "inner_steps": 0, "calibration_episodes": 1, "n_query_normal": 2,
+              "n_query_anomalous": 2},
+    "search_space": {"shots": {"grid": [1, 2]}},
+}
+
+
+def write_sweep(path: Path, **changes) -> Path:
+    spec = {**TINY, "data_root": str(path.parent / "data"), **changes}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_sweeps_are_valid_and_their_smoke_versions_are_small(config):
+    spec = load_sweep(config)
+    smoke = smoke_sweep(spec)
+    assert spec.rounds > smoke.rounds == 2 and smoke.fixed["image_size"] == 64
+    assert trial_count(smoke) <= 4 and len(smoke.validation_categories) == 1
+    if config.stem == "shots_inner_steps":
+        assert spec.search_space["shots"].grid == [1, 2, 4, 5, 8]
+        assert spec.search_space["inner_steps"].grid == [0, 1, 3, 5, 10] and trial_count(spec) == 25
+    if config.stem == "dp_noise":
+        assert spec.trainer == "federated" and "dp_noise" in spec.search_space
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"search_space": {"colour": {"grid": [1, 2]}}},
+     "search_space.colour: unknown parameter 'colour' for central trials, it is not a training setting (tunable: "),
+    ({"search_space": {"episodes": {"grid": [1, 2]}}},
+     "search_space.episodes: unknown parameter 'episodes' for central trials, it is set by the sweep itself"),
+    ({"search_space": {"shots": {"grid": []}}}, "search_space.shots = {'grid': []}: empty grid: give at least one"),
+    ({"search_space": {}}, "search_space = {}: empty search space: give at least one setting"),
+    ({"metric": "epsilon"}, "metric 'epsilon': central trials do not report it (they report val_image_auroc, "),
+    ({"metric": "accuracy", "trainer": "federated"}, "metric 'accuracy': federated trials do not report it"),
+    ({"search_space": {"shots": {"grid": [0, 1]}}},
+     "search_space.shots.grid[0] = 0: must be greater than or equal to 1"),
+    ({"search_space": {"lr": {"loguniform": [0.0, 0.1]}}}, 
+     "search_space.lr = {'loguniform': [0.0, 0.1]}: loguniform [0, 0.1]: bounds must be positive"),
+    ({"search_space": {"shots": {"grid": [1], "choice": [2]}}},
+     "search_space.shots = {'grid': [1], 'choice': [2]}: give exactly one of grid, choice, uniform, loguniform"),
+    ({"scheduler": "hyperband"}, "scheduler.kind = 'hyperband': must be asha or none"),
+    ({"resources_per_trial": {"cpu": 0}}, "resources_per_trial.cpu = 0: must be greater than 0"),
+    ({"test_categories": ["tiles"]}, "category 'tiles' is in both validation_categories and test_categories"),
+    ({"fixed": {"shots": 2}}, "'shots' is both in fixed and in search_space"),
+    ({"trainer": "federated", "fixed": {"dp_noise": 1.0}, "search_space": {"shots": [1, 2]}},
+     "fixed.dp_noise = 1.0: dp_noise needs dp_clip"),
+])
+def test_a_bad_sweep_is_one_line_naming_the_problem_before_any_trial(tmp_path, capsys, changes, message):
+    sweep = write_sweep(tmp_path / "bad.yaml", **changes)
+    out = tmp_path / "out"
+    assert main(["tune", str(sweep), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bayprano: error: {sweep}: {message}"), err
+    assert "\n" not in err and not out.exists()
+
+
+def test_an_unknown_category_or_missing_data_is_refused_before_any_trial(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "cats.yaml", train_categories=["fabric"], validation_categories=["marble"], synth=None)
+    (tmp_path / "data" / "fabric" / "train" / "good").mkdir(parents=True)
+    out = tmp_path / "out"
+    assert main(["tune", str(sweep), "--out", str(out)]) == 2
+    assert "validation_categories: unknown category 'marble'" in capsys.readouterr().err
+    assert not (out / "tune").exists()
+    assert main(["tune", str(sweep), "--out", str(out), "--data-root", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: does not exist" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no interrupted sweep"):
+        from bayprano.tune import run_sweep
+
+        run_sweep(load_sweep(sweep), tmp_path / "empty", resume=True)
+
+
+def test_smoke_sweep_runs_every_trial_and_writes_results_plots_and_a_trainable_best_config(
+        ray_session, tmp_path, capsys):
+    out = tmp_path / "smoke"
+    start = time.perf_counter()
+    assert main(["tune", str(REPO / "tune_configs" / "shots_inner_steps.yaml"), "--smoke", "--out", str(out)]) == 0
+    seconds = time.perf_counter() - start
+    printed = capsys.readouterr().out
+    assert sum(line.startswith("[tune] trial ") for line in printed.splitlines()) == 4, printed
+
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 4 and set(trials["status"]) == {"completed"} and set(trials["rounds"]) == {2}
+    assert sorted(zip(trials["shots"], trials["inner_steps"])) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert trials["val_image_auroc"].between(0, 1).all() and (trials["adapt_seconds"] > 0).all()
+    assert len(pd.read_csv(out / "trials.csv")) == 4
+    rounds = pd.read_parquet(out / "rounds.parquet")
+    assert len(rounds) == 8 and (rounds["round"] == rounds["training_iteration"]).all()
+    for png in ("heatmap_auroc_shots_inner_steps.png", "auroc_adapt_time_vs_inner_steps.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    summary = yaml.safe_load((out / "summary.json").read_text())
+    best = summary["best"]["params"]
+    assert summary["best"]["metrics"]["val_image_auroc"] == trials["val_image_auroc"].max()
+    assert summary["test"]["categories"] == ["wood"] and 0 <= summary["test"]["image_auroc"] <= 1
+    cfg = load_yaml_config(out / "best_config.yaml", TrainConfig)
+    assert (cfg.shots, cfg.inner_steps, cfg.image_size) == (best["shots"], best["inner_steps"], 64)
+    assert "wood" not in cfg.categories and "tiles" not in cfg.categories
+    assert main(["train", "--config", str(out / "best_config.yaml")]) == 0
+    assert cfg.out.is_file()
+    print(f"smoke sweep: {seconds:.0f}s")
+
+
+def test_an_interrupted_sweep_resumes_from_its_checkpoints(ray_session, tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    experiment = out / "tune"
+
+    def interrupt_after_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any(experiment.glob("*/checkpoint_*")):
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl+C: Tune saves its state and stops
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=interrupt_after_first_checkpoint, daemon=True)
+    watcher.start()
+    assert main(["tune", str(sweep), "--out", str(out)]) == 130
+    watcher.join()
+    assert "the same command with --resume continues the sweep" in capsys.readouterr().out
+    assert not (out / "trials.parquet").exists()
+
+    with pytest.raises(ConfigError, match="holds a sweep already"):
+        from bayprano.tune import run_sweep
+
+        run_sweep(load_sweep(sweep), out)
+    assert main(["tune", str(sweep), "--out", str(out), "--resume"]) == 0
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"} and set(trials["rounds"]) == {3}
+    rounds = pd.read_parquet(out / "rounds.parquet")
+    # A trial restarted from scratch would report round 1 again at a later training iteration.
+    assert (rounds["round"] == rounds["training_iteration"]).all()
+    assert sorted(rounds.groupby("trial_id")["round"].max()) == [3, 3]
+    assert load_yaml_config(out / "best_config.yaml", TrainConfig).episodes == 3
+
+    changed = write_sweep(tmp_path / "tiny.yaml", rounds=4)
+    with pytest.raises(ConfigError, match="was started with other settings"):
+        from bayprano.tune import run_sweep
+
+        run_sweep(load_sweep(changed), out, resume=True)
+
+
+def test_sweep_config_shorthands():
+    spec = SweepConfig.model_validate({**TINY, "scheduler": "asha", "search_space": {"shots": [1, 2]}})
+    assert spec.scheduler.kind == "asha" and spec.search_space["shots"].grid == [1, 2]
