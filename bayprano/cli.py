@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bayprano.platform.errors import BaypranoError, ConfigError, DataError
+from bayprano.serve import cli as serve_cli
+from bayprano import tune as tune_cli
 
 
 def _positive_int(name: str) -> Callable[[str], int]:
@@ -179,7 +181,21 @@ def _settings(args: argparse.Namespace, model_cls) -> Any:
 
 
 _FEDERATED_FLAGS = ("sites_per_round", "rounds", "local_steps", "dp_noise", "dp_clip", "target_epsilon", "dp_delta",
-                    "secure_agg", "fp16", "server_opt", "fedprox_mu", "resume", "address")
+                    "secure_agg", "fp16", "server_opt", "server_lr", "fedprox_mu", "resume", "address", "min_sites",
+                    "round_timeout", "pool_size")
+
+
+def _federated_config_file(path: str | None) -> bool:
+    """Whether the --config file describes federated training (it names ``shards`` or ``sites``)."""
+    if path is None or not Path(path).is_file():
+        return False
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False  # load_yaml_config reports it
+    return isinstance(data, dict) and ("shards" in data or "sites" in data)
 
 
 def cmd_train_federated(args: argparse.Namespace) -> int:
@@ -198,6 +214,10 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
     if summary["stop_reason"]:
         print(f"bayprano: {summary['stop_reason']}", file=sys.stderr)
     eps = "" if summary["epsilon"] is None else f", epsilon {summary['epsilon']:.3f} at delta {cfg.dp_delta:g}"
+    for site, b in summary["site_bytes"].items():
+        share = "" if b["sent_fraction"] is None else f" = {100 * b['sent_fraction']:.2f}%"
+        print(f"  {site}: sent {b['sent']} bytes{share} of its {b['shard_bytes']} image bytes, "
+              f"received {b['received']} bytes")
     print(f"wrote checkpoint {cfg.out}: {summary['rounds']} federated round(s) of {cfg.rounds}{eps}, "
           f"{summary['bytes']} bytes moved (the shards hold {summary['shard_bytes']} image bytes), "
           f"in {summary['seconds']:.1f}s")
@@ -207,7 +227,7 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from bayprano.config import TrainConfig
 
-    if args.shards is not None:
+    if args.shards is not None or _federated_config_file(args.config):
         return cmd_train_federated(args)
     given = [name for name in _FEDERATED_FLAGS if getattr(args, name) is not None]
     if given:
@@ -390,6 +410,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from bayprano.platform.model.backbone import build_backbone
     from bayprano.platform.model.site import SiteModel
 
+    if args.url:
+        return serve_cli.score_over_http(args)
+    if not args.model:
+        raise ConfigError("score needs --model MODEL_DIR (score locally) or --url URL --site S (score on a server)")
     site = SiteModel.load(args.model)
     site = SiteModel.load(args.model, extractor=build_backbone(site.backbone))
     if args.target_fpr is not None:
@@ -481,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", metavar="NAME", help="efficientnet_lite2 (default), random, or a torchvision CNN")
     p.add_argument("--dim", metavar="D", help="embedding dimension of the head (default 64)")
     p.add_argument("--lr", metavar="LR", help="outer learning rate (default 0.002)")
+    p.add_argument("--inner-lr", metavar="LR", help="initial inner-loop step size, meta-learned from there (default 0.05)")
     p.add_argument("--supcon-weight", metavar="W", help="weight of the supervised contrastive loss (default 0.1)")
     p.add_argument("--n-query-normal", metavar="N", help="normal query images per episode (default 4)")
     p.add_argument("--n-query-anomalous", metavar="N", help="synthetic anomalous query images per episode (default 4)")
@@ -499,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--secure-agg", action="store_true", default=None, help="pairwise-masked secure aggregation")
     fed.add_argument("--fp16", action="store_true", default=None, help="send the global model as float16")
     fed.add_argument("--server-opt", metavar="NAME", help="fedavg (default), fedprox or fedadam")
+    fed.add_argument("--server-lr", metavar="LR", help="server step size (default 1 for fedavg/fedprox, 0.01 fedadam)")
+    fed.add_argument("--min-sites", metavar="N", help="quorum: fewest sites a round may complete with "
+                     "(default: half the round's sites, rounded up)")
+    fed.add_argument("--round-timeout", metavar="S", help="seconds a round waits for its sites (default 300)")
+    fed.add_argument("--pool-size", metavar="N", help="pooled mode: simulate every site over N shared actors")
     fed.add_argument("--fedprox-mu", metavar="MU", help="FedProx proximal weight (with --server-opt fedprox)")
     fed.add_argument("--resume", action="store_true", default=None, help="continue from --out's last round")
     fed.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local Ray)")
@@ -538,10 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("score", help="score images with an adapted site model: one JSON line per image")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="site model folder written by `bayprano adapt`")
+    p.add_argument("--model", metavar="MODEL_DIR", help="site model folder written by `bayprano adapt`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP; any size)")
     p.add_argument("--target-fpr", type=float, metavar="A", help="target false-positive rate (default: the model's)")
     p.add_argument("--maps", metavar="DIR", help="write a heatmap overlay PNG per image here")
+    serve_cli.add_score_client_arguments(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="run the platform end to end on generated data")
@@ -553,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="smaller images, fewer of them, fewer rounds")
     p.set_defaults(func=cmd_demo)
+
+    serve_cli.add_commands(sub)
+    tune_cli.add_tune_parser(sub)
     return parser
 
 

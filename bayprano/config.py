@@ -47,6 +47,7 @@ class _MetaTrainingSettings(_Settings):
     backbone: str = "efficientnet_lite2"
     dim: int = Field(64, ge=2, le=1024)
     lr: float = Field(2e-3, gt=0, le=1)
+    inner_lr: float = Field(0.05, gt=0, le=10)  # initial inner-loop step size (then meta-learned)
     supcon_weight: float = Field(0.1, ge=0)
     n_query_normal: int = Field(4, ge=1)
     n_query_anomalous: int = Field(4, ge=1)
@@ -86,12 +87,19 @@ class TrainConfig(_MetaTrainingSettings):
 
 
 class FederatedTrainConfig(_MetaTrainingSettings):
-    """``bayprano train --shards DIR``: federated meta-training over one Factory actor per shard."""
+    """``bayprano train --shards DIR`` (or ``sites:`` in YAML): federated meta-training, one Factory per site.
 
-    shards: Path
+    The sites come from a shard folder's manifest (``shards``) or are listed by name with the path of
+    each one's shard on its own node (``sites: {site-000: /data/plant-a/shard.parquet, ...}``; a path
+    is checked by the site itself, on its node, before the first round).
+    """
+
+    shards: Optional[Path] = None
+    sites: Optional[dict[str, str]] = None  # site name -> shard path on that site's node
     out: Path
     rounds: int = Field(ge=1)
-    sites_per_round: float = Field(1.0, gt=0, le=1)  # fraction of the sites sampled each round
+    sites_per_round: float = Field(1.0, gt=0)  # a fraction (<= 1) of the sites, or a whole number of sites
+    pool_size: Optional[int] = Field(None, ge=1)  # pooled mode: the virtual sites share this many actors
     local_steps: int = Field(1, ge=1)  # local Proto-MAML episodes per site and round
     dp_noise: Optional[float] = Field(None, ge=0)  # z: Gaussian noise z * C on the sum of clipped deltas
     dp_clip: Optional[float] = Field(None, gt=0)  # C: each site's delta is clipped to L2 norm C
@@ -128,9 +136,47 @@ class FederatedTrainConfig(_MetaTrainingSettings):
             raise ValueError("--fedprox-mu is for --server-opt fedprox")
         if self.resume and not self.out.is_file():
             raise ValueError(f"--resume: there is no checkpoint {self.out} to resume from")
-        if not (self.shards / "manifest.json").is_file():
+        if (self.shards is None) == (self.sites is None):
+            raise ValueError("give the sites either as --shards DIR (a manifest) or as `sites:` (name: shard path), "
+                             "one of the two")
+        if self.shards is not None and not (self.shards / "manifest.json").is_file():
             raise ValueError(f"--shards {self.shards}: no manifest.json (write one with `bayprano data shard`)")
+        if self.sites is not None:
+            if not self.sites:
+                raise ValueError("sites: empty; list each site as `name: shard path on its node`")
+            for name, path in self.sites.items():
+                if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+                    raise ValueError(f"sites: site name {name!r} may hold only letters, digits, '-', '_' and '.'")
+                if not str(path).strip():
+                    raise ValueError(f"sites: {name}: empty shard path")
+        n = len(self.site_paths())
+        f = self.sites_per_round
+        if f > 1 and f != int(f):
+            raise ValueError(f"--sites-per-round {f:g}: give a fraction of the sites (at most 1) or a whole number "
+                             "of sites")
+        if f > n:
+            raise ValueError(f"--sites-per-round {f:g}: more than the {n} site(s) there are")
+        k = self.round_size
+        if self.min_sites is not None and self.min_sites > k:
+            raise ValueError(f"--min-sites {self.min_sites}: more than the {k} site(s) sampled each round")
         return self
+
+    def site_paths(self) -> dict[str, str]:
+        """``{site: shard path}``: from ``sites``, or from the manifest of ``shards`` (its files, in that folder)."""
+        if self.sites is not None:
+            return {name: str(path) for name, path in sorted(self.sites.items())}
+        from bayprano.platform.data.shards import read_manifest
+
+        manifest = read_manifest(self.shards)
+        return {s["name"]: str(Path(self.shards) / s["file"]) for s in manifest["sites"]}
+
+    @property
+    def round_size(self) -> int:
+        """Sites sampled each round."""
+        n = len(self.site_paths())
+        if self.sites_per_round > 1:
+            return int(self.sites_per_round)
+        return max(1, min(n, round(self.sites_per_round * n)))
 
 
 class EvalConfig(_Settings):
@@ -188,6 +234,253 @@ class EvalConfig(_Settings):
         if self.checkpoint is not None and self.meta_train_root is not None:
             raise ValueError("give either checkpoint or meta_train_root, not both")
         return self
+
+
+class ServeConfig(_Settings):
+    """``bayprano serve``: the Ray Serve application over a model registry (``configs/serve.yaml``)."""
+
+    registry: Path
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "bayprano"
+    route_prefix: str = "/"
+    address: Optional[str] = None  # Ray cluster to join; default: a local Ray
+    # model deployment: one replica holds up to max_models_per_replica site models (LRU) and one backbone
+    num_replicas: int = Field(1, ge=1)
+    min_replicas: Optional[int] = Field(None, ge=0)  # giving min/max replicas turns autoscaling on
+    max_replicas: Optional[int] = Field(None, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    device: str = "cpu"
+    max_models_per_replica: int = Field(4, ge=1)
+    batching: bool = True
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # HTTP ingress
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.1, gt=0)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=32 * 32)
+    site_storage: Optional[Path] = None  # /adapt may name folders under <site_storage>/<site>/
+    request_timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replicas_consistent(self) -> "ServeConfig":
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("autoscaling needs both min_replicas and max_replicas")
+        if self.min_replicas is not None and self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix {self.route_prefix!r} must start with '/'")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+SWEEP_TRAINERS = ("central", "federated")
+# What a trial reports once per meta-round, by kind of trial; a sweep's metric must be one of these.
+SWEEP_METRICS = {
+    "central": ("val_image_auroc", "adapt_seconds", "loss"),
+    "federated": ("val_image_auroc", "adapt_seconds", "loss", "epsilon", "site_val_auroc"),
+}
+# Settings a sweep sets itself for every trial (data, categories, length, output), so never swept.
+_SWEEP_OWNED = {
+    "central": ("data_root", "categories", "exclude", "episodes", "out", "log_every"),
+    "federated": ("shards", "sites", "pool_size", "out", "rounds", "resume", "address", "setup_timeout"),
+}
+
+
+def sweep_parameters(trainer: str) -> list[str]:
+    """The training settings a sweep of ``trainer`` trials may fix or search over."""
+    model = TrainConfig if trainer == "central" else FederatedTrainConfig
+    return sorted(k for k in model.model_fields if k not in _SWEEP_OWNED[trainer])
+
+
+class SearchDimension(_Settings):
+    """One searched setting: exactly one of ``grid`` (every value), ``choice`` (one value per sample),
+    ``uniform`` or ``loguniform`` ([low, high])."""
+
+    grid: Optional[list[Any]] = None
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):  # `shots: [1, 2, 4]` is a grid
+            return {"grid": value}
+        return value
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> list[Any]:
+        """The values to check: every grid or choice value, or the two bounds."""
+        return list(getattr(self, self.kind))
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchDimension":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        kind = given[0]
+        if kind in ("grid", "choice") and not getattr(self, kind):
+            raise ValueError(f"empty {kind}: give at least one value")
+        if kind in ("uniform", "loguniform"):
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(f"{kind} [{low:g}, {high:g}]: the low bound must be below the high bound")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform [{low:g}, {high:g}]: bounds must be positive")
+        return self
+
+
+class SweepScheduler(_Settings):
+    """Trial scheduler: ``asha`` stops poor trials early at rungs of meta-rounds, ``none`` runs all to the end."""
+
+    kind: str = "none"
+    grace_period: int = Field(1, ge=1)  # meta-rounds every trial runs before it can be stopped
+    reduction_factor: float = Field(3.0, gt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in ("asha", "none"):
+            raise ValueError("must be asha or none")
+        return value
+
+
+class TrialResources(_Settings):
+    """What each trial asks of Ray: fractions are fine (``cpu: 0.5``); a federated trial's Factory actors
+    ask for ``factory_cpu`` each on top."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+    factory_cpu: float = Field(0.05, gt=0)
+
+
+class SynthSpec(_Settings):
+    """How to generate the synthetic set at ``data_root`` when it does not exist (``bayprano data synth``)."""
+
+    categories: int | list[str] = 8
+    size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
+    train: int = Field(60, ge=1)
+    test_good: int = Field(40, ge=1)
+    test_defective: int = Field(40, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class FederatedSweepSettings(_Settings):
+    """Federated trials: the training categories are sharded into ``sites`` private shards once."""
+
+    sites: int = Field(3, ge=1)
+    iid: bool = False
+
+
+class SweepConfig(_Settings):
+    """``bayprano tune SWEEP.yaml``: a Ray Tune sweep of meta-training settings.
+
+    Trials meta-train on ``train_categories`` (default: every category that is neither validation nor
+    test), report after each of ``rounds`` meta-rounds the image AUROC of adapting to the
+    ``validation_categories`` (support from their train/good, scored on their test split), and the
+    best trial's model is evaluated once on the held-out ``test_categories``.
+    """
+
+    name: str = Field(min_length=1)
+    data_root: Path
+    synth: Optional[SynthSpec] = None
+    train_categories: Optional[list[str]] = None
+    validation_categories: list[str] = Field(min_length=1)
+    test_categories: list[str] = Field(default_factory=list)
+    trainer: str = "central"
+    federated: FederatedSweepSettings = Field(default_factory=FederatedSweepSettings)
+    metric: str = "val_image_auroc"
+    mode: str = "max"
+    scheduler: SweepScheduler = Field(default_factory=SweepScheduler)
+    num_samples: int = Field(1, ge=1)  # samples of the non-grid dimensions (each over the whole grid)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    resources_per_trial: TrialResources = Field(default_factory=TrialResources)
+    rounds: int = Field(ge=1)  # meta-rounds per trial; one report (and checkpoint) each
+    episodes_per_round: int = Field(10, ge=1)  # central trials: meta-training episodes per round
+    validation_seeds: int = Field(2, ge=1)  # support sets drawn per validation category
+    test_seeds: int = Field(3, ge=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)  # training settings shared by every trial
+    search_space: dict[str, SearchDimension]
+
+    @field_validator("train_categories", "validation_categories", "test_categories", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("search_space")
+    @classmethod
+    def _something_to_search(cls, value: dict) -> dict:
+        if not value:
+            raise ValueError("empty search space: give at least one setting to search over")
+        return value
+
+    @field_validator("trainer")
+    @classmethod
+    def _known_trainer(cls, value: str) -> str:
+        if value not in SWEEP_TRAINERS:
+            raise ValueError(f"must be one of {', '.join(SWEEP_TRAINERS)}")
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        if value not in ("max", "min"):
+            raise ValueError("must be max or min")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepConfig":
+        reported = SWEEP_METRICS[self.trainer]
+        if self.metric not in reported:
+            raise ValueError(f"metric {self.metric!r}: {self.trainer} trials do not report it "
+                             f"(they report {', '.join(reported)})")
+        valid = sweep_parameters(self.trainer)
+        for section, names in (("search_space", self.search_space), ("fixed", self.fixed)):
+            for name in names:
+                if name not in valid:
+                    owned = name in _SWEEP_OWNED[self.trainer]
+                    why = "is set by the sweep itself" if owned else "is not a training setting"
+                    raise ValueError(f"{section}.{name}: unknown parameter {name!r} for {self.trainer} trials, it "
+                                     f"{why} (tunable: {', '.join(valid)})")
+        both = sorted(set(self.search_space) & set(self.fixed))
+        if both:
+            raise ValueError(f"{both[0]!r} is both in fixed and in search_space")
+        groups = {"train_categories": self.train_categories or [], "validation_categories": self.validation_categories,
+                  "test_categories": self.test_categories}
+        seen: dict[str, str] = {}
+        for group, names in groups.items():
+            for c in names:
+                if c in seen and seen[c] != group:
+                    raise ValueError(f"category {c!r} is in both {seen[c]} and {group}")
+                seen[c] = group
+        if self.scheduler.kind == "asha" and self.scheduler.grace_period > self.rounds:
+            raise ValueError(f"scheduler.grace_period {self.scheduler.grace_period} is more than the "
+                             f"{self.rounds} rounds of a trial")
+        return self
+
+    def trial_model(self) -> type[BaseModel]:
+        return TrainConfig if self.trainer == "central" else FederatedTrainConfig
 
 
 Settings = TypeVar("Settings", bound=BaseModel)

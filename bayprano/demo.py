@@ -41,7 +41,7 @@ def run_demo(out: str | Path, **options) -> dict:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(include_dashboard=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
     try:
         return _pipeline(out, **options)
@@ -181,8 +181,8 @@ def _pipeline(
         checkpoint=ckpt_path, inner_steps=1, target_fpr=TARGET_FPR, episodes=rounds * cfg.local_steps * sites,
         image_size=size, seed=seed, pool_categories=train_lines, progress=lambda m: log(f"  {m.strip()}"))
     site_of = {product: site for site, product in site_product.items()}
-    methods = [{"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
-               for r in evaluation["records"]]
+    methods = sorted(({"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
+                      for r in evaluation["records"]), key=lambda r: r["site"])
     for site, product in sorted(site_product.items()):
         name = f"evaluation_roc_{product}.png"
         if (report_dir / name).is_file():

@@ -2,7 +2,11 @@
 aggregation, fault tolerance and resumable checkpoints.
 
 ``FederatedTrainer`` holds the logic (a plain class, driven from the driver or from inside the
-``Coordinator`` actor). Each round: sample a seeded fraction of the sites; with secure aggregation,
+``Coordinator`` actor). The sites are the config's ``site_paths()`` (a shard folder's manifest, or
+site names with the path of each shard on its own node); each gets a Factory actor, or with
+``pool_size`` a virtual site played by a pool of actors (pooled mode, where a round validates on its
+participants only). Before anything else, every site checks that its shard is there (a missing one
+stops the run with the site's own error). Each round: sample a seeded fraction of the sites; with secure aggregation,
 gather their public keys; broadcast the global vector; collect the replies with a timeout (a site that
 is late or dead is dropped when a quorum remains; with secure aggregation a drop after masking leaves
 masks that do not cancel, so the round is redone by the remaining sites under the next ``attempt``);
@@ -10,6 +14,11 @@ aggregate (weighted FedAvg, or with DP the unweighted sum of clipped deltas plus
 divided by the number of sites); take the server step (FedAvg / FedProx / FedAdam); account the privacy
 spent; validate on every reachable site; write the checkpoint. Before a round that would take epsilon
 past the target the run stops and says why.
+
+Communication is counted per (round, site, direction): up, every reply a site sent (its description
+at setup, public keys, updates, validation results) at its serialised size (``wire_bytes``); down, the
+broadcast global vector and peers' public keys. The summary gives each site's totals and, with
+``with_shard_bytes``, the share of its own image bytes that it sent.
 
 The checkpoint is a ``MetaCheckpoint`` (the centralised trainer's format), whose ``meta_config`` carries
 the federated state under ``"federated"``: the last completed round, the accountant's, server
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import secrets
 import time
 from pathlib import Path
@@ -29,18 +39,22 @@ import numpy as np
 import ray
 import torch
 
-from bayprano.actors.factory import make_factory
+from bayprano.actors.factory import FactoryPool, VirtualSite, make_factory
 from bayprano.platform.errors import BaypranoError, ConfigError, DataError
 from bayprano.platform.federated.aggregation import make_server_optimizer, unpack_weighted, weighted_average
 from bayprano.platform.federated.privacy import PrivacyAccountant, add_gaussian_noise
 from bayprano.platform.federated.secagg import MIN_SITES, aggregate
 from bayprano.platform.federated.state import CommunicationLedger, ParameterLayout, decode_update, encode_update
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
-from bayprano.platform.data.shards import read_manifest
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 FEDERATED_KEY = "federated"
+
+
+def wire_bytes(reply: Any) -> int:
+    """The size of what a site sent: its reply as serialised for the wire (pickle protocol 5)."""
+    return len(pickle.dumps(reply, protocol=5))
 
 
 def _site_settings(cfg) -> dict:
@@ -54,12 +68,23 @@ def _site_settings(cfg) -> dict:
 
 
 def spawn_factories(cfg, num_cpus: float = 0.25) -> dict[str, Any]:
-    """One Factory actor per site of the shard folder's manifest."""
-    manifest = read_manifest(cfg.shards)
-    folder = Path(cfg.shards)
+    """A handle per site (``cfg.site_paths()``): its own Factory actor, or with ``cfg.pool_size`` a
+    ``VirtualSite`` played by a pool of that many actors."""
     settings = _site_settings(cfg)
-    return {s["name"]: make_factory(s["name"], str(folder / s["file"]), settings, num_cpus=num_cpus)
-            for s in manifest["sites"]}
+    paths = cfg.site_paths()
+    if cfg.pool_size:
+        pool = FactoryPool(cfg.pool_size, settings, num_cpus=num_cpus)
+        return {site: pool.site(site, path) for site, path in paths.items()}
+    return {site: make_factory(site, path, settings, num_cpus=num_cpus) for site, path in paths.items()}
+
+
+def kill_factories(factories: Mapping[str, Any]) -> None:
+    pools = {id(h.pool): h.pool for h in factories.values() if isinstance(h, VirtualSite)}
+    for pool in pools.values():
+        pool.kill()
+    for handle in factories.values():
+        if not isinstance(handle, VirtualSite):
+            ray.kill(handle)
 
 
 class FederatedTrainer:
@@ -92,7 +117,10 @@ class FederatedTrainer:
 
     @property
     def sites_per_round(self) -> int:
-        return max(1, min(len(self.sites), round(self.cfg.sites_per_round * len(self.sites))))
+        f = self.cfg.sites_per_round
+        if f > 1:
+            return min(len(self.sites), int(f))
+        return max(1, min(len(self.sites), round(f * len(self.sites))))
 
     # ------------------------------------------------------------------------------ plumbing
 
@@ -108,6 +136,7 @@ class FederatedTrainer:
         if after_submit is not None:
             after_submit()
         replies: dict[str, Any] = {}
+        self.errors: dict[str, BaseException] = {}
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -124,23 +153,35 @@ class FederatedTrainer:
                     else:
                         self.log(f"site {site} is unavailable (restarting)")
                 except ray.exceptions.RayError as exc:
+                    self.errors[site] = getattr(exc, "cause", None) or exc
                     text = str(exc).strip()
                     self.log(f"site {site} failed: {type(exc).__name__} {text.splitlines()[-1] if text else ''}")
         return replies, sorted(set(calls) - set(replies))
 
     def setup(self) -> None:
         cfg = self.cfg
+        _, missing = self._gather({s: f.check.remote for s, f in self.factories.items()}, cfg.setup_timeout,
+                                  retry=True)  # every shard is there before any site spends time reading one
+        for s in missing:
+            if isinstance(self.errors.get(s), BaypranoError):
+                raise self.errors[s]
         infos, missing = self._gather({s: f.describe.remote for s, f in self.factories.items()},
                                       cfg.setup_timeout, retry=True)
+        for s in missing:
+            if isinstance(self.errors.get(s), BaypranoError):
+                raise self.errors[s]
         if missing:
             raise DataError(f"sites {', '.join(missing)} did not start within {cfg.setup_timeout:g}s")
         self.infos = infos
+        if not cfg.resume or not Path(cfg.out).is_file():
+            for s, info in infos.items():
+                self.ledger.record(0, s, "up", wire_bytes(info))
         first = infos[self.sites[0]]
         for s, info in infos.items():
             if info["fingerprint"] != first["fingerprint"] or info["layout"] != first["layout"]:
                 raise DataError(f"site {s} runs backbone {info['fingerprint']}, site {self.sites[0]} "
                                 f"{first['fingerprint']}: every site must run the same model")
-        self.model = BayesianPatchModel(first["in_channels"], cfg.dim, seed=cfg.seed)
+        self.model = BayesianPatchModel(first["in_channels"], cfg.dim, inner_lr=cfg.inner_lr, seed=cfg.seed)
         self.layout = ParameterLayout.from_model(self.model)
         count = sum(i["feature_count"] for i in infos.values())
         total = torch.tensor([i["feature_sum"] for i in infos.values()], dtype=torch.float64).sum(0)
@@ -208,6 +249,8 @@ class FederatedTrainer:
                 {s: functools.partial(self.factories[s].public_key.remote, self.session) for s in participants},
                 cfg.round_timeout, retry=True)
             participants = sorted(keys)
+            for s, key in keys.items():
+                self.ledger.record(round, s, "up", wire_bytes(key))
             if late:
                 self.log(f"round {round}: no public key from {', '.join(late)}; dropped")
         global_bytes = encode_update(self.global_vector, self.layout, fp16=cfg.fp16)
@@ -228,7 +271,7 @@ class FederatedTrainer:
                 self.ledger.record(round, s, "down", len(global_bytes) + sum(len(k) for k in (peers or {}).values()))
             for s, r in replies.items():
                 self.received.append(r)
-                self.ledger.record(round, s, "up", int(r["bytes_sent"]))
+                self.ledger.record(round, s, "up", wire_bytes(r))
             if dropped:
                 self.log(f"round {round} attempt {attempt}: dropped {', '.join(dropped)} (late or dead)")
             participants = sorted(replies)
@@ -259,12 +302,16 @@ class FederatedTrainer:
             total = torch.stack(deltas).double().sum(0).float()
         return add_gaussian_noise(total, cfg.dp_noise, cfg.dp_clip) / n
 
-    def validate(self) -> dict:
-        """Mean image AUROC over the sites that answer, and the pooled calibration."""
+    def validate(self, sites: list[str] | None = None) -> dict:
+        """Mean image AUROC over the sites (default: all) that answer, and the pooled calibration."""
         data = encode_update(self.global_vector, self.layout, fp16=self.cfg.fp16)
         settings = self._round_settings()
-        replies, _ = self._gather({s: functools.partial(f.validate.remote, data, settings)
-                                   for s, f in self.factories.items()}, self.cfg.round_timeout, retry=True)
+        sites = self.sites if sites is None else sites
+        replies, _ = self._gather({s: functools.partial(self.factories[s].validate.remote, data, settings)
+                                   for s in sites}, self.cfg.round_timeout, retry=True)
+        for s, r in replies.items():
+            self.ledger.record(self.round + 1, s, "down", int(r["bytes_received"]))
+            self.ledger.record(self.round + 1, s, "up", wire_bytes(r))
         for r in replies.values():
             self.received.append(r)
         aurocs = [r["auroc"] for r in replies.values() if math.isfinite(r["auroc"])]
@@ -304,7 +351,7 @@ class FederatedTrainer:
             self.global_vector = self.server.step(self.global_vector, result["delta"])
             self.layout.load_into(self.model, self.global_vector)
             epsilon = self.accountant.step() if self.accountant is not None else None
-            val = self.validate()
+            val = self.validate(result["sites"] if cfg.pool_size else None)
             replies = result["replies"]
             loss = float(np.mean([replies[s]["metrics"]["loss"] for s in result["sites"]]))
             row = {"round": r, "sites": result["sites"], "attempt": result["attempt"], "loss": loss,
@@ -330,7 +377,16 @@ class FederatedTrainer:
     def summary(self, seconds: float = 0.0) -> dict:
         return {"rounds": self.round, "stop_reason": self.stop_reason,
                 "epsilon": None if self.accountant is None else self.accountant.epsilon,
-                "bytes": self.ledger.total(), "history": self.history, "seconds": seconds, "out": str(self.cfg.out)}
+                "bytes": self.ledger.total(), "history": self.history, "seconds": seconds, "out": str(self.cfg.out),
+                "site_nodes": {s: i.get("node") for s, i in sorted(getattr(self, "infos", {}).items())},
+                "site_bytes": {s: {"sent": self.ledger.total(site=s, direction="up"),
+                                   "received": self.ledger.total(site=s, direction="down")} for s in self.sites}}
+
+    def site_shard_bytes(self) -> dict[str, int]:
+        """Image bytes in each site's shard, counted by the site: what centralising its data would move."""
+        replies, missing = self._gather({s: f.shard_bytes.remote for s, f in self.factories.items()},
+                                        self.cfg.round_timeout, retry=True)
+        return {s: int(replies[s]) for s in sorted(replies)}
 
     def federated_state(self) -> dict:
         server = self.server.state_dict()
@@ -346,7 +402,8 @@ class FederatedTrainer:
         first = self.infos[self.sites[0]]
         calibration = self.calibration or Calibration.from_prior(self.model.dim, 1.0)
         settings = {k: v for k, v in _site_settings(cfg)["meta"].items()}
-        settings.update(inner_positions=128, seed=cfg.seed, shards=str(cfg.shards), rounds=cfg.rounds,
+        settings.update(inner_positions=128, seed=cfg.seed, shards=None if cfg.shards is None else str(cfg.shards),
+                        sites=cfg.site_paths(), actor_pool_size=cfg.pool_size, rounds=cfg.rounds,
                         local_steps=cfg.local_steps, sites_per_round=cfg.sites_per_round, server_opt=cfg.server_opt,
                         secure_agg=cfg.secure_agg, dp_noise=cfg.dp_noise, dp_clip=cfg.dp_clip, dp_delta=cfg.dp_delta,
                         pool_size=sum(i["normals"] for i in self.infos.values()))
@@ -368,13 +425,24 @@ class CoordinatorActor:
         self.trainer = FederatedTrainer(cfg, self.factories, log=lambda m: print(f"[federated] {m}", flush=True))
 
     def run(self) -> dict:
-        summary = self.trainer.run()
-        summary["shard_bytes"] = self.shard_bytes()
-        return summary
+        try:
+            summary = self.trainer.run()
+            return with_shard_bytes(summary, self.trainer.site_shard_bytes())
+        finally:
+            kill_factories(self.factories)
 
-    def shard_bytes(self) -> int:
-        """Image bytes held in all the shards: what centralising the data would have moved."""
-        return int(sum(ray.get([f.shard_bytes.remote() for f in self.factories.values()])))
+
+def with_shard_bytes(summary: dict, shard_bytes: Mapping[str, int]) -> dict:
+    """``summary`` with each site's image bytes and the share of them it sent (``sent_fraction``), and the total."""
+    summary = dict(summary)
+    summary["shard_bytes"] = int(sum(shard_bytes.values()))
+    per_site = {}
+    for s, moved in summary["site_bytes"].items():
+        images = shard_bytes.get(s)
+        per_site[s] = {**moved, "shard_bytes": images,
+                       "sent_fraction": moved["sent"] / images if images else None}
+    summary["site_bytes"] = per_site
+    return summary
 
 
 Coordinator = ray.remote(CoordinatorActor)
@@ -390,7 +458,10 @@ def train_federated(cfg) -> dict:
     if started:
         ray.init(address=cfg.address, include_dashboard=False)
     try:
-        coordinator = Coordinator.options(num_cpus=0.1).remote(cfg)
+        options: dict[str, Any] = {"num_cpus": 0.1}
+        if ray.cluster_resources().get("coordinator", 0) > 0:  # cluster.yaml's head node
+            options["resources"] = {"coordinator": 0.001}
+        coordinator = Coordinator.options(**options).remote(cfg)
         try:
             return ray.get(coordinator.run.remote())
         except ray.exceptions.RayTaskError as exc:

@@ -141,7 +141,7 @@ def train_centralised(cfg: TrainConfig, progress: Callable[[str], None] | None =
                           f"({extractor.name})")
     banks = build_banks(cfg, pool, extractor, progress)
 
-    model = BayesianPatchModel(extractor.out_channels, cfg.dim, seed=cfg.seed)
+    model = BayesianPatchModel(extractor.out_channels, cfg.dim, inner_lr=cfg.inner_lr, seed=cfg.seed)
     model.set_feature_statistics(*feature_statistics(banks))
     log_every = cfg.log_every or max(1, cfg.episodes // 10)
 

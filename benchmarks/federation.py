@@ -1,0 +1,194 @@
+"""Scale of pooled mode: round time and memory for 10, 30 and 100 virtual sites over a pool of 2 actors.
+
+One synthetic category at ``--image-size`` px is dealt over ``max(--sites)`` sites (IID, ``--per-site``
+train/good images each, one Parquet shard per site); a run with N sites uses the first N shards, so a
+site holds the same data in every run. Each run: a local Ray with ``--cpus`` CPUs, ``--pool-size``
+pooled Factory actors (a quarter CPU each), ``--rounds`` rounds in which every site takes part
+(``--sites-per-round``, default all) with ``--local-steps`` local episodes, FedAvg, float16 on the wire.
+Pooled mode validates on a round's participants. Measured:
+
+- setup seconds: every site reads its shard and describes it (feature statistics) once;
+- round seconds: the median over rounds of broadcast, local updates, aggregation and validation;
+- seconds per site-round: round seconds / sites per round;
+- peak memory: the largest peak resident set size of a pool actor (``VmHWM``) and the driver's, and
+  the sum of the resident memory of every process of the local Ray and the driver, sampled each 0.5 s
+  (its maximum over the run);
+- bytes: what the sites sent, in total and per site.
+
+Prints a Markdown table and writes ``benchmarks/results/federation.json`` (or ``--out``).
+
+    .venv/bin/python benchmarks/federation.py [--sites 10 30 100] [--pool-size 2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CATEGORY = "fabric"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sites", type=int, nargs="+", default=[10, 30, 100])
+    p.add_argument("--pool-size", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--local-steps", type=int, default=1)
+    p.add_argument("--sites-per-round", type=float, default=1.0)
+    p.add_argument("--per-site", type=int, default=4, help="train/good images per site")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--work", type=Path, help="folder for the shards (default: a temporary one)")
+    p.add_argument("--out", type=Path, default=RESULTS / "federation.json")
+    return p.parse_args(argv)
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class MemorySampler:
+    """The largest total RSS of this process and its descendants (the local Ray), sampled in a thread."""
+
+    def __init__(self, every: float = 0.5):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(_rss(p) for p in _descendants(os.getpid())))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_one(n: int, shard_dir: Path, args, work: Path) -> dict:
+    import ray
+
+    from bayprano.actors.coordinator import FederatedTrainer, kill_factories, spawn_factories, with_shard_bytes
+    from bayprano.actors.factory import peak_rss
+    from bayprano.config import FederatedTrainConfig
+    from bayprano.platform.data.shards import read_manifest
+
+    manifest = read_manifest(shard_dir)
+    sites = {s["name"]: str(shard_dir / s["file"]) for s in manifest["sites"][:n]}
+    cfg = FederatedTrainConfig(sites=sites, out=work / f"fed_{n}.pt", rounds=args.rounds, local_steps=args.local_steps,
+                               sites_per_round=args.sites_per_round, pool_size=args.pool_size, fp16=True,
+                               image_size=args.image_size, shots=2, n_query_normal=2, n_query_anomalous=2,
+                               calibration_episodes=2, holdout=0, round_timeout=3600.0, setup_timeout=3600.0)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    try:
+        with MemorySampler() as memory:
+            factories = spawn_factories(cfg, num_cpus=0.25)
+            pool = next(iter(factories.values())).pool
+            trainer = FederatedTrainer(cfg, factories, log=lambda m: None)
+            t0 = time.perf_counter()
+            trainer.setup()
+            setup = time.perf_counter() - t0
+            summary = trainer.run()
+            summary = with_shard_bytes(summary, trainer.site_shard_bytes())
+            stats = pool.stats()
+            kill_factories(factories)
+    finally:
+        ray.shutdown()
+    rounds = [h["seconds"] for h in summary["history"]]
+    per_round = len(summary["history"][0]["sites"])
+    sent = [b["sent"] for b in summary["site_bytes"].values()]
+    fractions = [b["sent_fraction"] for b in summary["site_bytes"].values()]
+    return {"sites": n, "sites_per_round": per_round, "pool_size": args.pool_size, "rounds": summary["rounds"],
+            "setup_seconds": setup, "round_seconds": rounds, "median_round_seconds": statistics.median(rounds),
+            "seconds_per_site_round": statistics.median(rounds) / per_round,
+            "actor_peak_rss": max(s["peak_rss"] or 0 for s in stats), "driver_peak_rss": peak_rss(),
+            "ray_total_rss_peak": memory.peak, "switches": sum(s["switches"] for s in stats),
+            "bytes_sent_total": sum(sent), "bytes_sent_per_site_max": max(sent),
+            "sent_fraction_max": max(f for f in fractions if f is not None),
+            "val_auroc": [h["val_auroc"] for h in summary["history"]]}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from bayprano.platform.data.shards import shard_dataset
+    from bayprano.platform.data.synth import generate_dataset
+    from bayprano.platform.fileio import atomic_write_json
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="federation_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    most = max(args.sites)
+    shard_dir = work / f"shards_{most}"
+    if not (shard_dir / "manifest.json").is_file():
+        generate_dataset(work / "synth", categories=[CATEGORY], seed=0, size=args.image_size,
+                         n_train=args.per_site * most, n_test_good=most, n_test_defective=most, workers=1)
+        shard_dataset(work / "synth", shard_dir, sites=most, mode="iid", seed=0)
+    load_before = os.getloadavg()
+    rows = []
+    for n in sorted(args.sites):
+        rows.append(run_one(n, shard_dir, args, work))
+        r = rows[-1]
+        print(f"{n} sites: setup {r['setup_seconds']:.1f}s, round {r['median_round_seconds']:.1f}s, "
+              f"actor peak {r['actor_peak_rss'] / 2**20:.0f} MiB, Ray total {r['ray_total_rss_peak'] / 2**20:.0f} MiB",
+              flush=True)
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    lines = ["| virtual sites | pool actors | sites per round | setup s | round s (median) | s per site-round "
+             "| actor peak RSS MiB | driver peak RSS MiB | Ray + driver RSS peak MiB | max bytes sent by a site |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['sites']} | {r['pool_size']} | {r['sites_per_round']} | {r['setup_seconds']:.1f} "
+                     f"| {r['median_round_seconds']:.1f} | {r['seconds_per_site_round']:.2f} "
+                     f"| {mib(r['actor_peak_rss'])} "
+                     f"| {mib(r['driver_peak_rss'] or 0)} | {mib(r['ray_total_rss_peak'])} "
+                     f"| {r['bytes_sent_per_site_max']} |")
+    table = "\n".join(lines)
+    print(table)
+    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "rows": rows, "table": table}
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
