@@ -185,6 +185,19 @@ _FEDERATED_FLAGS = ("sites_per_round", "rounds", "local_steps", "dp_noise", "dp_
                     "round_timeout", "pool_size")
 
 
+def _site_paths(text: str) -> dict[str, str]:
+    """``--sites plant-a=/data/a.parquet,plant-b=/data/b.parquet`` -> {name: shard path}."""
+    sites: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, path = item.strip().partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not NAME=PATH (e.g. plant-a=/data/a.parquet)")
+        if name.strip() in sites:
+            raise argparse.ArgumentTypeError(f"site {name.strip()!r} is given twice")
+        sites[name.strip()] = path.strip()
+    return sites
+
+
 def _federated_config_file(path: str | None) -> bool:
     """Whether the --config file describes federated training (it names ``shards`` or ``sites``)."""
     if path is None or not Path(path).is_file():
@@ -227,7 +240,7 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from bayprano.config import TrainConfig
 
-    if args.shards is not None or _federated_config_file(args.config):
+    if args.shards is not None or args.sites is not None or _federated_config_file(args.config):
         return cmd_train_federated(args)
     given = [name for name in _FEDERATED_FLAGS if getattr(args, name) is not None]
     if given:
@@ -514,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="DEV", help="backbone device: cpu (default), cuda, cuda:N, auto")
     fed = p.add_argument_group("federated training (with --shards)")
     fed.add_argument("--shards", metavar="DIR", help="shard folder (manifest.json): one Factory actor per site")
+    fed.add_argument("--sites", metavar="NAME=PATH,...", type=_site_paths,
+                     help="or the sites by name, each with the path of its shard on its own node")
     fed.add_argument("--sites-per-round", metavar="F", help="fraction of the sites sampled each round (default 1)")
     fed.add_argument("--rounds", metavar="R", help="federated rounds")
     fed.add_argument("--local-steps", metavar="E", help="local meta-training episodes per site and round (default 1)")

@@ -66,3 +66,20 @@ def test_a_bad_flag_names_the_flag_and_missing_settings_are_named(tmp_path):
     assert config.MIN_IMAGE_SIZE == backbone.MIN_IMAGE_SIZE
     with pytest.raises(ConfigError, match=r"^--image-size 16: must be greater than or equal to 32$"):
         load_yaml_config(None, TrainConfig, {**REQUIRED, "image_size": "16"})
+
+
+def test_sites_flag_names_each_site_with_its_shard_path_like_the_yaml_form(tmp_path, capsys):
+    from bayprano.cli import _settings, build_parser, main
+    from bayprano.config import FederatedTrainConfig
+
+    args = build_parser().parse_args(["train", "--sites", "plant-a=/data/a.parquet, plant-b=/data/b.parquet",
+                                      "--out", str(tmp_path / "fed.pt"), "--sites-per-round", "1", "--rounds", "2"])
+    cfg = _settings(args, FederatedTrainConfig)
+    f = write(tmp_path / "fed.yaml", f"sites:\n  plant-a: /data/a.parquet\n  plant-b: /data/b.parquet\n"
+                                     f"out: {tmp_path / 'fed.pt'}\nsites_per_round: 1\nrounds: 2\n")
+    assert cfg.site_paths() == load_yaml_config(f, FederatedTrainConfig, {}).site_paths() == {
+        "plant-a": "/data/a.parquet", "plant-b": "/data/b.parquet"}
+    for bad, words in (("plant-a", "is not NAME=PATH"), ("a=/x,a=/y", "given twice")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--sites", bad, "--out", str(tmp_path / "x.pt")])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
