@@ -108,9 +108,9 @@ def _pipeline(
 
     t0 = time.perf_counter()
     ckpt_path = out / "meta.pt"
-    rounds = 3 if fast else 8
+    rounds = 3 if fast else 6
     settings = dict(shards=shard_dir, out=ckpt_path, rounds=rounds, sites_per_round=1.0, local_steps=3,
-                    shots=shots, inner_steps=1, image_size=size, seed=seed, calibration_episodes=4, holdout=4)
+                    shots=shots, inner_steps=1, image_size=size, seed=seed, calibration_episodes=3, holdout=4)
     if dp:
         settings.update(secure_agg=True, dp_noise=0.8, dp_clip=1.0, target_epsilon=50.0)
     cfg = FederatedTrainConfig(**settings)
@@ -275,9 +275,10 @@ def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, data_root, 
                       max_models_per_replica=len(site_product))
     url = f"http://127.0.0.1:{port}"
     results = []
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    quiet = {"log_level": "WARNING", "enable_access_log": False}  # the demo prints its own line per request
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     try:
-        serve.run(application(cfg), name="bayprano-demo", route_prefix="/")
+        serve.run(application(cfg), name="bayprano-demo", route_prefix="/", logging_config=quiet)
         log(f"  serving {len(site_product)} sites at {url} (OpenAPI docs at {url}/docs)")
         for site, product in sorted(site_product.items()):
             data = load_category(data_root, product, size)
