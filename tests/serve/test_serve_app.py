@@ -424,7 +424,8 @@ def test_review_page_in_a_headless_browser(server, review_site, tmp_path):
     upload = tmp_path / "inspect-me.png"
     upload.write_bytes(png(image))
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=chromium,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
             page = browser.new_page()
             page.goto(f"{server['url']}/?site={site}")
