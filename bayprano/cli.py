@@ -1,4 +1,5 @@
-"""The ``bayprano`` command: data preparation, meta-training, evaluation, adaptation to a site and scoring.
+"""The ``bayprano`` command: data, centralised and federated meta-training, evaluation, adaptation to a
+site, scoring (local or over HTTP), the model registry and Serve, Tune sweeps, and the demo.
 
 Every user error (a bad path, a malformed file, an out-of-range option) is reported as one line naming
 the file, field or value, with exit status 2; a traceback means a bug in the platform.
