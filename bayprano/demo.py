@@ -128,10 +128,10 @@ def _pipeline(
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
-    rows, results, calibration_points = [], [], {}
+    rows, results, calibration_points, new_product_data = [], [], {}, {}
     uncertainty: dict[str, list[float]] = {d: [] for d in ("normal", "anomalous", "review")}
     for site, product in sorted(site_product.items()):
-        data = load_category(data_root, product, size)
+        data = new_product_data[site] = load_category(data_root, product, size)
         idx = support_indices(len(data.train_images), shots, seed, product)
         model = adapt(ckpt, list(data.train_images[idx]), target_fpr=TARGET_FPR, extractor=extractor)
         model.save(out / "models" / site)
@@ -191,7 +191,7 @@ def _pipeline(
 
     t0 = time.perf_counter()
     log(f"== 6/{STAGES} publishing the site models to a registry, serving them with Ray Serve, scoring over HTTP")
-    http = _serve_and_score(out, ckpt_path, site_product, data_root, size, seed, log)
+    http = _serve_and_score(out, ckpt_path, site_product, new_product_data, seed, log)
     stages["serve and score over HTTP"] = time.perf_counter() - t0
 
     history = fed.get("history", [])
@@ -236,7 +236,7 @@ def _pipeline(
 HTTP_IMAGES_PER_SITE = 4
 
 
-def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, data_root, size: int, seed: int,
+def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, new_product_data: dict, seed: int,
                      log: Callable[[str], None]) -> dict:
     """Publish every site's model to a fresh registry, serve it on 127.0.0.1, score a few of each new
     product's test images over HTTP (checked against in-process scoring), and shut Serve down."""
@@ -250,7 +250,6 @@ def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, data_root, 
     from ray import serve
 
     from bayprano.config import ServeConfig
-    from bayprano.platform.evaluate import load_category
     from bayprano.platform.model.site import SiteModel
     from bayprano.serve.app import application
     from bayprano.serve.registry import Registry
@@ -281,7 +280,7 @@ def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, data_root, 
         serve.run(application(cfg), name="bayprano-demo", route_prefix="/", logging_config=quiet)
         log(f"  serving {len(site_product)} sites at {url} (OpenAPI docs at {url}/docs)")
         for site, product in sorted(site_product.items()):
-            data = load_category(data_root, product, size)
+            data = new_product_data[site]
             rng = np.random.default_rng(seed)
             good = rng.choice(np.flatnonzero(data.test_labels == 0), HTTP_IMAGES_PER_SITE // 2, replace=False)
             bad = rng.choice(np.flatnonzero(data.test_labels == 1), HTTP_IMAGES_PER_SITE // 2, replace=False)

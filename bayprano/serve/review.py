@@ -101,7 +101,7 @@ class ReviewQueue:
     def list(self, site: str, pending: bool = True, limit: int = 50) -> list[dict]:
         """Items of ``site``, least certain first (then newest); only unlabelled ones with ``pending``."""
         items = [i for i in self._items(site) if not pending or i["label"] is None]
-        items.sort(key=lambda i: (-(i.get("uncertainty") or 0.0), i["id"]), reverse=False)
+        items.sort(key=lambda i: (-(i.get("uncertainty") or 0.0), i["id"]))
         return items[: max(0, int(limit))]
 
     def label(self, site: str, item_id: str, label: str) -> dict:

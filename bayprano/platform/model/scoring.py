@@ -264,7 +264,8 @@ class NormalityPrior:
     def from_summaries(cls, summaries: dict, strength: float = 4.0) -> "NormalityPrior":
         table: dict = {}
         for k, groups in sorted(summaries.items(), key=lambda kv: int(kv[0])):
-            m = np.array([_summary_moments(g) for g in groups if g and _summary_moments(g)[0] > 0])
+            moments = [_summary_moments(g) for g in groups if g]
+            m = np.array([x for x in moments if x[0] > 0])
             if not m.size:
                 continue
             n, sx, sy, sxx, sxy, syy = m.T
