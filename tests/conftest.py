@@ -32,7 +32,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (actors, Serve and Tune tests share it); shut down at the end."""
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency: a broken install fails here rather than skipping the Ray tests
     sites = {f"factory:site-{i:03d}": 1 for i in range(3)}  # as a cluster whose nodes each hold one site
     ray.init(address="local", num_cpus=2, resources=sites, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})

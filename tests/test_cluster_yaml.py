@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -51,9 +52,9 @@ def test_a_cpu_head_runs_the_coordinator_and_each_plant_has_a_gpu_worker_type_wi
 def test_validator_rejects_a_broken_config(config):
     broken = copy.deepcopy(config)
     broken["head_node_type"] = "no_such_type"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"`head_node_type` must be one of `available_node_types`"):
         validate_config(prepare_config(broken))
     broken = copy.deepcopy(config)
     broken["available_node_types"]["factory_site_000"]["resources"]["factory:site-000"] = 0.5
-    with pytest.raises(Exception):  # custom resources are whole numbers on a node
-        validate_config(prepare_config(broken))
+    with pytest.raises(jsonschema.ValidationError, match=r"0\.5 is not of type 'integer'"):
+        validate_config(prepare_config(broken))  # custom resources are whole numbers on a node

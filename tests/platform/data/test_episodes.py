@@ -203,7 +203,8 @@ def test_source_image_is_never_in_the_support():
         for ep in sampler.episodes(20, seed=n_train):
             support_values = {int(Path(p).stem) + 1 for p in ep.support_ids}
             for base, source in received:
-                assert source is not None and source != base and source not in support_values
+                # the source is another of the category's training images, never one of the support
+                assert source in set(range(1, n_train + 1)) - support_values - {base}, (base, source)
             received.clear()
             assert ep.query_masks[ep.query_labels == 1].sum() == 2 * 16
 

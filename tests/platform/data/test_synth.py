@@ -87,7 +87,9 @@ def test_round_trip_through_the_mvtec_reader(small_set):
         if s.defect_type == "good":
             assert s.mask_path is None
         else:
-            assert s.mask_path is not None and mask.shape == (64, 64) and mask.any()
+            stem = Path(s.path).stem
+            assert Path(s.mask_path) == out / s.category / "ground_truth" / s.defect_type / f"{stem}_mask.png"
+            assert mask.shape == (64, 64) and mask.any()
             raw = np.asarray(Image.open(s.mask_path))
             assert raw.shape == (64, 64) and set(np.unique(raw)) <= {0, 255}
     # the description on disk is what the call returned, and says what is there
