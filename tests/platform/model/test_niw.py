@@ -135,7 +135,12 @@ def test_prototype_scores_a_shifted_patch_as_anomalous_and_is_differentiable():
     assert scores[1, 3, 4] > 2 * scores[0].max()
     assert torch.unravel_index(scores[1].argmax(), (h, w)) == (3, 4)
     scores.sum().backward()
-    assert kappa.grad is not None and torch.isfinite(kappa.grad)
+
+    def total(k: float) -> float:
+        return float(NIWPrototype(NIWHyper(kappa0=torch.tensor(k))).fit(support).score(query).sum())
+
+    eps = 1e-5
+    assert float(kappa.grad) == pytest.approx((total(1 + eps) - total(1 - eps)) / (2 * eps), rel=1e-5)
     lp = proto.log_prob(query).detach()
     np.testing.assert_allclose(
         lp.numpy(),
