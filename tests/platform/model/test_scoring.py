@@ -113,7 +113,8 @@ def test_from_prior_refuses_a_count_that_is_not_positive_and_finite(bad):
 
 
 def test_update_adds_each_image_as_an_exponential_observation():
-    """-log F_cdf(T_i) is Exponential(M) for a normal image: the Gamma posterior gains 1 shape and that value of rate."""
+    """-log F_cdf(T_i) is Exponential(M) for a normal image: each image adds 1 to the shape and that value to
+    the rate of the Gamma posterior."""
     prior = Calibration.from_prior(DIM, 30.0, strength=2.0)
     t, dfs = np.array([3.1, 4.5, 2.2]), np.array([10.0, 12.0, 20.0])
     post = prior.update(t, dfs)
