@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +38,10 @@ MAX_PENDING = 200
 MAX_ITEMS = 1000
 IMAGE_SIDE = 512
 RESULT_KEYS = ("score", "p_value", "threshold", "decision", "uncertainty", "model_version")
+
+
+def _age(item: dict) -> tuple:
+    return item.get("added_ns", 0), item["id"]
 
 
 class ReviewQueue:
@@ -71,7 +76,7 @@ class ReviewQueue:
         reviews.mkdir(parents=True, exist_ok=True)
         now = datetime.now(timezone.utc)
         item_id = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
-        item = {"id": item_id, "site": site, "created": now.isoformat(timespec="seconds"),
+        item = {"id": item_id, "site": site, "created": now.isoformat(timespec="seconds"), "added_ns": time.time_ns(),
                 **{k: result.get(k) for k in RESULT_KEYS}, "label": None, "labelled": None}
         staging = Path(tempfile.mkdtemp(prefix=f".{item_id}.", dir=reviews))
         try:
@@ -103,8 +108,8 @@ class ReviewQueue:
 
     def _trim(self, site: str) -> None:
         items = self._items(site)
-        pending = sorted((i for i in items if i["label"] is None), key=lambda i: i["id"])
-        labelled = sorted((i for i in items if i["label"] is not None), key=lambda i: i["id"])
+        pending = sorted((i for i in items if i["label"] is None), key=_age)
+        labelled = sorted((i for i in items if i["label"] is not None), key=_age)
         drop = pending[: max(0, len(pending) - self.max_pending)]
         pending = pending[len(drop):]
         excess = max(0, len(pending) + len(labelled) - self.max_items)
@@ -141,4 +146,4 @@ class ReviewQueue:
 
     def labelled(self, site: str) -> list[dict]:
         """The site's labelled data: every item an inspector marked good or defective."""
-        return sorted((i for i in self._items(site) if i["label"] is not None), key=lambda i: i["id"])
+        return sorted((i for i in self._items(site) if i["label"] is not None), key=_age)

@@ -113,6 +113,7 @@ class ReviewItem(_Body):
     model_version: Optional[str] = None
     label: Optional[Literal["good", "defective"]] = None
     labelled: Optional[str] = None
+    added_ns: Optional[int] = Field(None, description="when it was queued, in ns since the epoch (the order of items)")
     thumbnail: Optional[str] = Field(None, description="a PNG thumbnail of the image, base64")
 
 
