@@ -214,17 +214,20 @@ def hostile_requests(url: str, site: str, token: str, other_token: str, size: in
 
 
 def gateway_memory(app_name: str) -> dict:
-    """VmRSS and VmHWM (peak) of the gateway replica's process, in bytes."""
-    from ray.util.state import list_actors
+    """VmRSS and VmHWM (peak) of the gateway replica's process, in bytes (read inside that process)."""
+    import ray
 
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app_name}:Gateway"), ("state", "=", "ALIVE")])
-    pid = actors[0]["pid"]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"{app_name}#Gateway" in a["name"]]
+    assert len(names) == 1, names
+    actor = ray.get_actor(names[0], namespace="serve")
+    text = ray.get(actor.__ray_call__.remote(lambda _self: Path("/proc/self/status").read_text()), timeout=60)
     fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in text.splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) * 1024
-    return {"pid": pid, **fields}
+    return fields
 
 
 def mix_run(url: str, site: str, token: str, bodies: list[bytes], hostile: list, per_client: int) -> dict:
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
         SiteModel.load(registry.model_path(site, "v0001"), extractor=extractor)
         load_times.append((time.perf_counter() - start) * 1000)
 
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
