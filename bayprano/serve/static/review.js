@@ -43,6 +43,7 @@ async function score(file) {
   try {
     const body = await api(`/v1/sites/${encodeURIComponent(site())}/score?map=png`, { method: "POST", body: form });
     const r = body.results[0];
+    if (r.status === "error") throw new Error(r.error.message);
     $("decision").textContent = r.decision;
     $("decision").className = "decision " + r.decision;
     $("score").textContent = fmt(r.score, 2);
@@ -51,7 +52,6 @@ async function score(file) {
     $("uncertainty").textContent = fmt(r.uncertainty, 2);
     $("version").textContent = r.model_version;
     $("result").hidden = false;
-    if (r.status === "error") throw new Error(r.error.message);
     if (r.map) { $("overlay").src = "data:image/png;base64," + r.map; $("overlay").style.display = "block"; }
     status(`${file.name}: ${r.decision} in ${fmt(r.latency_ms, 0)} ms`);
     await loadQueue();
