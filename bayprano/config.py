@@ -266,6 +266,20 @@ class ServeConfig(_Settings):
     max_image_pixels: int = Field(4096 * 4096, ge=32 * 32)
     site_storage: Optional[Path] = None  # /adapt may name folders under <site_storage>/<site>/
     request_timeout_s: float = Field(120.0, gt=0)
+    # hostile input and load: what one request, one token and the whole gateway may hold
+    max_request_pixels: int = Field(2 * 4096 * 4096, ge=32 * 32)  # decoded pixels of one request, all images
+    max_inflight_pixels: int = Field(4 * 4096 * 4096, ge=32 * 32)  # decoded pixels held by the gateway at once
+    max_inflight_bytes: int = Field(128 * 1024 * 1024, ge=1024)  # request bodies held by the gateway at once
+    max_concurrent_decodes: int = Field(2, ge=1)  # the gateway's decode pool
+    decode_timeout_s: float = Field(10.0, gt=0)  # decoding one request's images, waiting for the pool included
+    max_jpeg_scans: int = Field(100, ge=1)  # progressive JPEGs have about 10
+    rate_limit_per_s: float = Field(20.0, gt=0)  # requests per second per token (token bucket) ...
+    rate_burst: int = Field(40, ge=1)  # ... of this size
+    max_concurrent_per_token: int = Field(8, ge=1)
+    max_versions_per_site: int = Field(20, ge=2)  # older versions are deleted at publish (never the live one)
+    max_review_items_per_site: int = Field(1000, ge=1)  # oldest labelled items are trimmed first
+    review_image_side: int = Field(512, ge=32)  # review images are stored downscaled to this longest side
+    docs: bool = False  # /docs and /openapi.json (Swagger UI loads its assets from a CDN)
 
     @model_validator(mode="after")
     def _replicas_consistent(self) -> "ServeConfig":
@@ -275,7 +289,20 @@ class ServeConfig(_Settings):
             raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix {self.route_prefix!r} must start with '/'")
+        if not self.max_image_pixels <= self.max_request_pixels <= self.max_inflight_pixels:
+            raise ValueError(f"pixel limits must grow: max_image_pixels {self.max_image_pixels} <= max_request_pixels "
+                             f"{self.max_request_pixels} <= max_inflight_pixels {self.max_inflight_pixels}")
+        if self.max_request_bytes > self.max_inflight_bytes:
+            raise ValueError(f"max_request_bytes {self.max_request_bytes} is above max_inflight_bytes "
+                             f"{self.max_inflight_bytes}")
         return self
+
+    @property
+    def gateway_memory_budget(self) -> int:
+        """Bytes the gateway may hold for requests above its idle size: bodies, decoded RGB images (and
+        the copy handed to the model replica), and Pillow's 4-byte buffers of the images being decoded."""
+        return (self.max_inflight_bytes + 2 * 3 * self.max_inflight_pixels
+                + 4 * self.max_concurrent_decodes * self.max_image_pixels)
 
     @property
     def autoscaling(self) -> bool:

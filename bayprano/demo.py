@@ -278,7 +278,7 @@ def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, new_product
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     try:
         serve.run(application(cfg), name="bayprano-demo", route_prefix="/", logging_config=quiet)
-        log(f"  serving {len(site_product)} sites at {url} (OpenAPI docs at {url}/docs)")
+        log(f"  serving {len(site_product)} sites at {url} (review page at {url}/)")
         for site, product in sorted(site_product.items()):
             data = new_product_data[site]
             rng = np.random.default_rng(seed)

@@ -57,8 +57,9 @@ def cmd_registry_set_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_add_site(args: argparse.Namespace) -> int:
-    token = _registry(args).add_site(args.site)
-    print(f"added site {args.site!r}")
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    token = _registry(args).add_site(args.site, scopes=scopes)
+    print(f"added site {args.site!r} (token scopes: {', '.join(scopes)})")
     print(f"  token (shown once, stored hashed): {token}")
     return 0
 
@@ -102,6 +103,14 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
                          v.get("target_fpr") or "-", (v.get("checkpoint_sha256") or "-")[:12]))
     print(format_table(("site", "version (* current)", "published", "support", "threshold", "target FPR",
                         "checkpoint"), rows))
+    return 0
+
+
+def cmd_registry_promote(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    before = registry.current(args.site)
+    now = registry.promote(args.site, args.version)
+    print(f"site {args.site!r}: current version {before} -> {now}")
     return 0
 
 
@@ -171,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    "ongoing requests" if cfg.autoscaling else f"{cfg.num_replicas} model replica(s)")
         print(f"serving registry {cfg.registry} at {url} ({scaling}, up to {cfg.max_models_per_replica} site models "
               f"per replica, batching {'up to ' + str(cfg.max_batch_size) if cfg.batching else 'off'}); "
-              f"API docs at {url}/docs; Ctrl-C stops", flush=True)
+              f"{'API docs at ' + url + '/docs; ' if cfg.docs else ''}Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -246,6 +255,8 @@ def score_over_http(args: argparse.Namespace) -> int:
         for i, (path, r) in enumerate(zip(paths, response["results"])):
             record = {"image": path, **{k: r.get(k) for k in ("score", "p_value", "threshold", "decision",
                                                               "uncertainty", "model_version", "latency_ms")}}
+            if r.get("status") == "error":
+                record["error"] = (r.get("error") or {}).get("message")
             if maps is not None and r.get("map"):
                 out = maps / f"{start + i:04d}_{Path(path).stem}.png"
                 record["map"] = str(atomic_write_bytes(out, base64.b64decode(r["map"])))
@@ -287,6 +298,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = rsub.add_parser("add-site", help="register a site; prints its token once")
     registry_arg(p)
     p.add_argument("site")
+    p.add_argument("--scopes", default="score,review", metavar="LIST",
+                   help="what the token may do, of score, review, adapt (default: score,review)")
     p.set_defaults(func=cmd_registry_add_site)
 
     p = rsub.add_parser("publish", help="publish a site model folder (from `bayprano adapt`) as the next version")
@@ -301,6 +314,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     registry_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_registry_list)
+
+    p = rsub.add_parser("promote", help="make a candidate version (from /adapt) current (default: the newest)")
+    registry_arg(p)
+    p.add_argument("site")
+    p.add_argument("version", nargs="?", metavar="vNNNN")
+    p.set_defaults(func=cmd_registry_promote)
 
     p = rsub.add_parser("rollback", help="make an earlier version current (default: the one before)")
     registry_arg(p)

@@ -4,9 +4,17 @@ Layout under the registry root::
 
     registry.json                   kind, format, the meta-checkpoint that /adapt starts from, admin token hash
     checkpoints/<sha12>.pt          meta-checkpoints copied in by ``set_checkpoint``
-    sites/<site>/site.json          created, token hash (sha256 of the token; the token itself is never stored)
+    sites/<site>/site.json          created, token hash (sha256 of the token; the token itself is never
+                                    stored), the token's scopes
     sites/<site>/current            the live version's name, e.g. ``v0002``
     sites/<site>/versions/v0001/    a site model folder (model.pt, meta.json) plus version.json
+
+A site token has scopes: ``score`` and ``review`` by default, ``adapt`` only when granted. A version
+published without activation is a candidate until ``promote`` makes it current. A site keeps at most
+``keep`` versions (publish deletes the oldest ones, never the current one). ``version.json`` records the
+sha256 of ``model.pt`` at publish; ``check_version`` compares it before a server loads the version, so
+that a model folder rewritten afterwards (``model.pt`` and ``meta.json`` together) is refused. Publish
+refuses a model adapted on another backbone than the registry's meta-checkpoint.
 
 A version is written into a staging folder, checked by loading it, and renamed into place: a reader sees
 a whole version or none. Version numbers are allocated by that rename (it fails on an existing, non-empty
@@ -43,6 +51,9 @@ REGISTRY_FORMAT = 1
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 VERSION_NAME = re.compile(r"^v(\d{4,})$")
 TOKEN_BYTES = 32
+SCOPES = ("score", "review", "adapt")
+DEFAULT_SCOPES = ("score", "review")
+KEEP_VERSIONS = 20
 
 
 def _now() -> str:
@@ -62,6 +73,15 @@ def check_site_name(site: str) -> str:
         raise ConfigError(f"site name {site!r} is not valid: use 1-64 letters, digits, '-' or '_', "
                           "starting with a letter or digit")
     return site
+
+
+def check_scopes(scopes) -> tuple[str, ...]:
+    scopes = tuple(dict.fromkeys(scopes))
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise ConfigError(f"scopes {', '.join(map(repr, unknown)) or '(none)'} not valid: choose from "
+                          f"{', '.join(SCOPES)}")
+    return scopes
 
 
 def version_name(number: int) -> str:
@@ -145,7 +165,8 @@ class Registry:
         with self._lock("registry"):
             meta = self.meta
             meta["checkpoint"] = {"path": str(target.relative_to(self.root)), "sha256": ckpt.sha256,
-                                  "backbone": ckpt.backbone, "image_size": ckpt.image_size, "set": _now(),
+                                  "backbone": ckpt.backbone, "backbone_fingerprint": ckpt.backbone_fingerprint,
+                                  "image_size": ckpt.image_size, "set": _now(),
                                   "source": str(path)}
             atomic_write_json(self.root / "registry.json", meta)
         return ckpt.sha256
@@ -180,16 +201,17 @@ class Registry:
     def has_site(self, site: str) -> bool:
         return isinstance(site, str) and bool(SITE_NAME.match(site)) and (self._site_dir(site) / "site.json").is_file()
 
-    def add_site(self, site: str) -> str:
-        """Register a site; returns its access token (shown once, stored only as a hash)."""
+    def add_site(self, site: str, scopes=DEFAULT_SCOPES) -> str:
+        """Register a site whose token has ``scopes``; returns the token (shown once, stored only as a hash)."""
         check_site_name(site)
+        scopes = check_scopes(scopes)
         folder = self._site_dir(site)
         if (folder / "site.json").exists():
             raise ConfigError(f"site {site!r} already exists in {self.root}")
         (folder / "versions").mkdir(parents=True, exist_ok=True)
         token = new_token()
         atomic_write_json(folder / "site.json", {"site": site, "created": _now(), "token_sha256": hash_token(token),
-                                                 "token_rotated": None})
+                                                 "token_rotated": None, "scopes": list(scopes)})
         return token
 
     def rotate_token(self, site: str) -> str:
@@ -205,10 +227,34 @@ class Registry:
 
     def check_token(self, site: str, token: str | None) -> bool:
         """Whether ``token`` is this site's token (constant-time comparison of hashes)."""
+        return self.token_scopes(site, token) is not None
+
+    def token_scopes(self, site: str, token: str | None) -> tuple[str, ...] | None:
+        """The scopes of ``token`` on ``site``; None when it is not that site's token."""
         if not token or not self.has_site(site):
-            return False
-        expected = self._read_json(self._site_dir(site) / "site.json").get("token_sha256", "")
-        return hmac.compare_digest(hash_token(token), expected)
+            return None
+        record = self._read_json(self._site_dir(site) / "site.json")
+        if not hmac.compare_digest(hash_token(token), record.get("token_sha256", "")):
+            return None
+        return tuple(record.get("scopes", DEFAULT_SCOPES))
+
+    def site_of_token(self, token: str | None) -> str | None:
+        """The site whose token ``token`` is, if any."""
+        if not token:
+            return None
+        digest = hash_token(token)
+        for site in self.sites():
+            try:
+                expected = self._read_json(self._site_dir(site) / "site.json").get("token_sha256", "")
+            except DataError:
+                continue
+            if hmac.compare_digest(digest, expected):
+                return site
+        return None
+
+    def scopes(self, site: str) -> tuple[str, ...]:
+        self._require_site(site)
+        return tuple(self._read_json(self._site_dir(site) / "site.json").get("scopes", DEFAULT_SCOPES))
 
     # ------------------------------------------------------------------------------------- versions
 
@@ -246,12 +292,28 @@ class Registry:
     def model_path(self, site: str, version: str) -> Path:
         return self.version(site, version).path
 
+    def check_version(self, site: str, version: str) -> Path:
+        """The version's model folder, once the sha256 of its ``model.pt`` matches the one ``version.json``
+        recorded at publish; a ``DataError`` naming the site and version (not the path) otherwise."""
+        info = self.version(site, version)
+        expected = info.record.get("model_sha256")
+        try:
+            actual = hashlib.sha256((info.path / "model.pt").read_bytes()).hexdigest()
+        except OSError:
+            raise DataError(f"site {site!r} version {version}: model.pt is missing") from None
+        if not expected or not hmac.compare_digest(actual, expected):
+            raise DataError(f"site {site!r} version {version}: model.pt does not match the sha256 recorded when it "
+                            "was published; refusing to load it")
+        return info.path
+
     def publish(self, site: str, model: Any, metrics: dict | None = None, source: str = "",
-                make_current: bool = True) -> VersionInfo:
+                make_current: bool = True, keep: int = KEEP_VERSIONS) -> VersionInfo:
         """Publish a site model (a ``SiteModel`` or a site model folder) as the site's next version.
 
-        The model is written (or copied) into a staging folder, loaded back to check it, and renamed into
-        place; then the ``current`` pointer moves to it (unless ``make_current`` is False).
+        The model is written (or copied) into a staging folder, loaded back to check it (and its backbone
+        against the registry's meta-checkpoint), and renamed into place; then the ``current`` pointer moves
+        to it (unless ``make_current`` is False: a candidate, made live by ``promote``). Then the oldest
+        versions beyond ``keep`` are deleted, never the current one.
         """
         from bayprano.platform.model.site import SiteModel
 
@@ -272,6 +334,11 @@ class Registry:
                     shutil.copyfile(src / name, staging / name)
             loaded = SiteModel.load(staging)  # checks kind, format and the sha256 of model.pt
             info = loaded.info
+            serving = self._serving_fingerprint()
+            if serving is not None and info.get("backbone_fingerprint") != serving:
+                raise ConfigError(f"site {site!r}: the model was adapted on backbone "
+                                  f"{info.get('backbone_fingerprint')}, but this registry serves {serving} (its "
+                                  "meta-checkpoint's backbone); refusing to publish it")
             with self._lock(site):
                 number = 1 + max((int(p.name[1:]) for p in versions.iterdir() if VERSION_NAME.match(p.name)), default=0)
                 version = version_name(number)
@@ -288,10 +355,42 @@ class Registry:
                 os.rename(staging, versions / version)  # the lock makes the name free; rename is atomic
                 if make_current:
                     atomic_write_text(self._site_dir(site) / "current", version + "\n")
+                self._trim_versions(site, keep)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return self.version(site, version)
+
+    def _serving_fingerprint(self) -> str | None:
+        info = self.meta.get("checkpoint")
+        if not info:
+            return None
+        if info.get("backbone_fingerprint"):
+            return info["backbone_fingerprint"]
+        from bayprano.platform.meta.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.root / info["path"]).backbone_fingerprint
+
+    def _trim_versions(self, site: str, keep: int) -> None:
+        folder = self._site_dir(site) / "versions"
+        names = sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name)), key=lambda n: int(n[1:]))
+        current = self.current(site)
+        for name in [n for n in names if n != current][: max(0, len(names) - max(1, int(keep)))]:
+            doomed = folder / f".deleting-{name}"
+            os.rename(folder / name, doomed)  # out of sight at once; then removed
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def promote(self, site: str, version: str | None = None) -> str:
+        """Make a version current (default: the newest one); returns its name."""
+        with self._lock(site):
+            names = [v.version for v in self.versions(site)]
+            if not names:
+                raise ConfigError(f"site {site!r} has no version to promote")
+            to = names[-1] if version is None else version
+            if to not in names:
+                raise ConfigError(f"site {site!r} has no version {to} (versions: {', '.join(names)})")
+            atomic_write_text(self._site_dir(site) / "current", to + "\n")
+        return to
 
     def rollback(self, site: str, to: str | None = None) -> str:
         """Point ``current`` at version ``to`` (default: the newest version older than the current one)."""

@@ -2,15 +2,16 @@
 
 Layout under the registry root, beside the site's versions::
 
-    sites/<site>/reviews/<id>/image.png    the image as it was scored
+    sites/<site>/reviews/<id>/image.png    the image as it was scored, downscaled to ``image_side`` at most
     sites/<site>/reviews/<id>/item.json    score, p-value, threshold, uncertainty, model version, created,
                                            and once an inspector has looked: label (good | defective), labelled
 
 Items are listed with the least certain first: that is the order in which an inspector's time helps
 most. Labelled items stay in the site's folder as labelled data of that site; nothing here sends them
-anywhere. The queue of pending items is bounded per site: when it is full the oldest pending item is
-dropped (labelled items are never dropped). Each item is written in a staging folder and renamed into
-place; a label is written atomically. Nothing here imports Ray.
+anywhere. The store is bounded per site: at most ``max_pending`` unlabelled items (the oldest pending
+item is dropped first) and at most ``max_items`` items in all (the oldest labelled items are dropped
+first, then the oldest pending ones). Each item is written in a staging folder and renamed into place;
+a label is written atomically. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,15 +35,24 @@ from bayprano.platform.fileio import atomic_write_json
 LABELS = ("good", "defective")
 ITEM_ID = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
 MAX_PENDING = 200
+MAX_ITEMS = 1000
+IMAGE_SIDE = 512
 RESULT_KEYS = ("score", "p_value", "threshold", "decision", "uncertainty", "model_version")
+
+
+def _age(item: dict) -> tuple:
+    return item.get("added_ns", 0), item["id"]
 
 
 class ReviewQueue:
     """Review items of every site under a registry root (``sites/<site>/reviews``)."""
 
-    def __init__(self, registry_root: str | os.PathLike, max_pending: int = MAX_PENDING):
+    def __init__(self, registry_root: str | os.PathLike, max_pending: int = MAX_PENDING, max_items: int = MAX_ITEMS,
+                 image_side: int = IMAGE_SIDE):
         self.root = Path(registry_root)
-        self.max_pending = int(max_pending)
+        self.max_items = int(max_items)
+        self.max_pending = min(int(max_pending), self.max_items)
+        self.image_side = int(image_side)
 
     def _dir(self, site: str) -> Path:
         site_dir = self.root / "sites" / site
@@ -50,8 +61,8 @@ class ReviewQueue:
         return site_dir / "reviews"
 
     def _item_dir(self, site: str, item_id: str) -> Path:
-        if not ITEM_ID.match(item_id):
-            raise ConfigError(f"review item id {item_id!r} is not valid")
+        if not isinstance(item_id, str) or not ITEM_ID.match(item_id):
+            raise ConfigError(f"review item id {item_id[:40]!r} is not valid")
         path = self._dir(site) / item_id
         if not (path / "item.json").is_file():
             raise DataError(f"site {site!r} has no review item {item_id!r}")
@@ -65,12 +76,14 @@ class ReviewQueue:
         reviews.mkdir(parents=True, exist_ok=True)
         now = datetime.now(timezone.utc)
         item_id = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
-        item = {"id": item_id, "site": site, "created": now.isoformat(timespec="seconds"),
+        item = {"id": item_id, "site": site, "created": now.isoformat(timespec="seconds"), "added_ns": time.time_ns(),
                 **{k: result.get(k) for k in RESULT_KEYS}, "label": None, "labelled": None}
         staging = Path(tempfile.mkdtemp(prefix=f".{item_id}.", dir=reviews))
         try:
             buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
+            picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+            picture.thumbnail((self.image_side, self.image_side))  # keeps the aspect ratio; never enlarges
+            picture.save(buf, format="PNG")
             (staging / "image.png").write_bytes(buf.getvalue())
             (staging / "item.json").write_text(json.dumps(item, indent=2) + "\n")
             os.rename(staging, reviews / item_id)
@@ -94,8 +107,14 @@ class ReviewQueue:
         return items
 
     def _trim(self, site: str) -> None:
-        pending = sorted((i for i in self._items(site) if i["label"] is None), key=lambda i: i["id"])
-        for item in pending[: max(0, len(pending) - self.max_pending)]:
+        items = self._items(site)
+        pending = sorted((i for i in items if i["label"] is None), key=_age)
+        labelled = sorted((i for i in items if i["label"] is not None), key=_age)
+        drop = pending[: max(0, len(pending) - self.max_pending)]
+        pending = pending[len(drop):]
+        excess = max(0, len(pending) + len(labelled) - self.max_items)
+        drop += (labelled + pending)[:excess]
+        for item in drop:
             shutil.rmtree(self._dir(site) / item["id"], ignore_errors=True)
 
     def list(self, site: str, pending: bool = True, limit: int = 50) -> list[dict]:
@@ -127,4 +146,4 @@ class ReviewQueue:
 
     def labelled(self, site: str) -> list[dict]:
         """The site's labelled data: every item an inspector marked good or defective."""
-        return sorted((i for i in self._items(site) if i["label"] is not None), key=lambda i: i["id"])
+        return sorted((i for i in self._items(site) if i["label"] is not None), key=_age)

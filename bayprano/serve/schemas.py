@@ -20,7 +20,7 @@ class Error(_Body):
 
 class ImageIn(_Body):
     name: Optional[str] = Field(None, description="a label echoed back in the result (e.g. the file name)")
-    data: str = Field(description="the encoded image file (PNG, JPEG, BMP), base64")
+    data: str = Field(description="the encoded image file (PNG, JPEG, BMP or TIFF), base64")
 
 
 class ScoreRequest(_Body):
@@ -29,11 +29,14 @@ class ScoreRequest(_Body):
 
 class ImageScore(_Body):
     name: Optional[str] = None
-    score: Optional[float] = Field(description="image statistic: largest patch Mahalanobis distance over d")
-    p_value: Optional[float]
-    threshold: Optional[float]
-    decision: Literal["normal", "anomalous", "review"]
-    uncertainty: Optional[float] = Field(description="0 = certain, 1 = a coin flip")
+    status: Literal["ok", "error"] = Field("ok", description="error: this image was refused or could not be "
+                                                            "scored (see error); the request's other images were")
+    error: Optional[Error] = None
+    score: Optional[float] = Field(None, description="image statistic: largest patch Mahalanobis distance over d")
+    p_value: Optional[float] = None
+    threshold: Optional[float] = None
+    decision: Optional[Literal["normal", "anomalous", "review"]] = None
+    uncertainty: Optional[float] = Field(None, description="0 = certain, 1 = a coin flip")
     model_version: str
     latency_ms: float = Field(description="time on the server from receiving the request to this result")
     map: Optional[str] = Field(None, description="with ?map=png a heatmap overlay PNG, with ?map=mask a binary "
@@ -96,7 +99,6 @@ class SiteDetail(_Body):
 
 class Health(_Body):
     status: Literal["ok", "not ready"]
-    detail: dict = Field(default_factory=dict)
 
 
 class ReviewItem(_Body):
@@ -111,6 +113,7 @@ class ReviewItem(_Body):
     model_version: Optional[str] = None
     label: Optional[Literal["good", "defective"]] = None
     labelled: Optional[str] = None
+    added_ns: Optional[int] = Field(None, description="when it was queued, in ns since the epoch (the order of items)")
     thumbnail: Optional[str] = Field(None, description="a PNG thumbnail of the image, base64")
 
 

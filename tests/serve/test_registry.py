@@ -128,3 +128,103 @@ def test_registry_commands(tmp_path, checkpoint, make_site_model, capsys):
     assert "not valid" in capsys.readouterr().err
     assert main(["registry", "list", "--registry", str(tmp_path / "none")]) == 2
     assert "not a model registry" in capsys.readouterr().err
+
+
+def test_scopes_default_to_score_and_review_and_are_checked(registry):
+    plain = registry.add_site("plant-a")
+    adapter = registry.add_site("plant-b", scopes=("score", "review", "adapt"))
+    assert registry.token_scopes("plant-a", plain) == ("score", "review")
+    assert registry.token_scopes("plant-b", adapter) == ("score", "review", "adapt")
+    assert registry.token_scopes("plant-b", plain) is None and registry.token_scopes("nowhere", plain) is None
+    assert registry.site_of_token(adapter) == "plant-b" and registry.site_of_token("bp_nothing") is None
+    rotated = registry.rotate_token("plant-b")
+    assert registry.token_scopes("plant-b", rotated) == ("score", "review", "adapt")
+    for bad in (("score", "delete"), ()):
+        with pytest.raises(BaypranoError, match="not valid: choose from score, review, adapt"):
+            registry.add_site("plant-c", scopes=bad)
+
+
+def test_candidates_promote_and_the_cap_on_kept_versions(registry, make_site_model):
+    registry.add_site("plant-a")
+    model = make_site_model()
+    registry.publish("plant-a", model)
+    candidate = registry.publish("plant-a", model, make_current=False)
+    assert candidate.version == "v0002" and registry.current("plant-a") == "v0001"
+    assert registry.promote("plant-a") == "v0002" and registry.current("plant-a") == "v0002"
+    assert registry.promote("plant-a", "v0001") == "v0001"
+    with pytest.raises(BaypranoError, match="no version v0007"):
+        registry.promote("plant-a", "v0007")
+    for _ in range(3):
+        registry.publish("plant-a", model, make_current=False, keep=3)
+    # v0001 is current and stays; of the others only the newest ones are kept
+    assert [v.version for v in registry.versions("plant-a")] == ["v0001", "v0004", "v0005"]
+    registry.publish("plant-a", model, keep=2)
+    assert [v.version for v in registry.versions("plant-a")] == ["v0005", "v0006"]
+    assert registry.current("plant-a") == "v0006"
+    assert not any(p.name.startswith(".") for p in (registry.root / "sites" / "plant-a" / "versions").iterdir())
+
+
+def test_a_rewritten_model_folder_is_refused_naming_site_and_version(registry, make_site_model, tmp_path):
+    registry.add_site("plant-a")
+    info = registry.publish("plant-a", make_site_model("wood", 1))
+    assert registry.check_version("plant-a", "v0001") == info.path
+    other = make_site_model("fabric", 2).save(tmp_path / "other")
+    for name in ("model.pt", "meta.json"):  # consistent with each other: SiteModel.load alone accepts them
+        (info.path / name).write_bytes((other / name).read_bytes())
+    assert SiteModel.load(info.path).info["model_sha256"] != info.record["model_sha256"]
+    with pytest.raises(BaypranoError, match=r"site 'plant-a' version v0001: model.pt does not match the sha256") as e:
+        registry.check_version("plant-a", "v0001")
+    assert str(registry.root) not in str(e.value)
+
+
+def test_publish_refuses_a_model_of_another_backbone(registry, make_site_model, tmp_path):
+    registry.add_site("plant-a")
+    folder = make_site_model().save(tmp_path / "model")
+    meta = json.loads((folder / "meta.json").read_text())
+    serving = meta["backbone_fingerprint"]
+    assert registry.meta["checkpoint"]["backbone_fingerprint"] == serving
+    meta["backbone_fingerprint"] = "random:0000000000000000"
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BaypranoError, match=f"adapted on backbone random:0000000000000000, but this registry serves "
+                                            f"{serving}"):
+        registry.publish("plant-a", folder)
+    assert registry.versions("plant-a") == [] and registry.current("plant-a") is None
+
+
+def test_set_checkpoint_rotate_admin_token_add_site_scopes_and_promote_commands(tmp_path, checkpoint,
+                                                                                 make_site_model, capsys):
+    from bayprano.platform.meta.checkpoint import load_checkpoint
+
+    root = str(tmp_path / "reg")
+    assert main(["registry", "init", "--registry", root]) == 0
+    admin = capsys.readouterr().out.split("admin token (shown once, stored hashed): ")[1].strip()
+    second = load_checkpoint(checkpoint)
+    second.meta_config = {**second.meta_config, "note": "another run"}
+    second.save(tmp_path / "second.pt")
+    for path in (checkpoint, tmp_path / "second.pt"):
+        assert main(["registry", "set-checkpoint", "--registry", root, str(path)]) == 0
+        sha = load_checkpoint(path).sha256
+        assert f"sha256 {sha[:12]}" in capsys.readouterr().out
+        reg = Registry(root)
+        assert reg.meta["checkpoint"]["sha256"] == sha
+        assert reg.checkpoint_path().read_bytes() == Path(path).read_bytes()
+    assert main(["registry", "set-checkpoint", "--registry", root, str(tmp_path / "none.pt")]) == 2
+    assert Registry(root).meta["checkpoint"]["sha256"] == load_checkpoint(tmp_path / "second.pt").sha256
+    capsys.readouterr()
+    assert main(["registry", "rotate-token", "--registry", root, "--admin"]) == 0
+    new_admin = capsys.readouterr().out.split("no longer works): ")[1].strip()
+    assert Registry(root).check_admin_token(new_admin) and not Registry(root).check_admin_token(admin)
+    assert main(["registry", "add-site", "--registry", root, "plant-a", "--scopes", "score,adapt"]) == 0
+    out = capsys.readouterr().out
+    token = out.split("token (shown once, stored hashed): ")[1].strip()
+    assert "scopes: score, adapt" in out and Registry(root).token_scopes("plant-a", token) == ("score", "adapt")
+    assert main(["registry", "add-site", "--registry", root, "plant-b", "--scopes", "score,root"]) == 2
+    assert "'root'" in capsys.readouterr().err
+    model = make_site_model().save(tmp_path / "model")
+    assert main(["registry", "publish", "--registry", root, "plant-a", str(model)]) == 0
+    assert main(["registry", "publish", "--registry", root, "plant-a", str(model), "--no-activate"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "promote", "--registry", root, "plant-a"]) == 0
+    assert "v0001 -> v0002" in capsys.readouterr().out and Registry(root).current("plant-a") == "v0002"
+    assert main(["registry", "promote", "--registry", root, "plant-a", "v0009"]) == 2
+    assert "no version v0009" in capsys.readouterr().err

@@ -60,3 +60,27 @@ def test_bad_input_is_named(queue):
         queue.label("line-1", "../../etc", "good")
     with pytest.raises(DataError, match="no review item"):
         queue.label("line-2", item, "good")
+
+
+def test_the_store_is_capped_oldest_labelled_first_and_images_are_downscaled(tmp_path):
+    import io
+
+    from PIL import Image
+
+    registry, _ = Registry.init(tmp_path / "reg")
+    registry.add_site("line-1")
+    queue = ReviewQueue(registry.root, max_pending=10, max_items=4, image_side=32)
+    image = np.zeros((200, 100, 3), dtype=np.uint8)
+    labelled = []
+    for _ in range(3):
+        labelled.append(queue.add("line-1", image, _result(0.5)))
+        queue.label("line-1", labelled[-1], "good")
+    pending = [queue.add("line-1", image, _result(0.5)) for _ in range(3)]
+    # 6 items, cap 4: the two oldest labelled ones go first
+    assert [i["id"] for i in queue.labelled("line-1")] == labelled[2:]
+    assert {i["id"] for i in queue.list("line-1", limit=100)} == set(pending)
+    more = [queue.add("line-1", image, _result(0.5)) for _ in range(2)]
+    assert queue.labelled("line-1") == []  # then the last labelled one, then the oldest pending
+    assert [i["id"] for i in sorted(queue.list("line-1", limit=100), key=lambda i: i["added_ns"])] == (pending + more)[1:]
+    stored = Image.open(io.BytesIO(queue.image_png("line-1", more[-1])))
+    assert stored.size == (16, 32)  # the longest side downscaled to 32, the aspect ratio kept

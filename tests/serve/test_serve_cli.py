@@ -54,15 +54,49 @@ def test_shipped_configs_are_valid(registry):
     from bayprano.serve.app import build_app
 
     cfg = load_yaml_config(ROOT / "configs" / "serve.yaml", ServeConfig, {"registry": str(registry[0].root)})
-    assert cfg.max_models_per_replica >= 1 and cfg.batching
+    assert cfg.max_models_per_replica >= 1 and cfg.batching and cfg.docs is False
     deploy = yaml.safe_load((ROOT / "configs" / "serve_deploy.yaml").read_text())
     schema = ServeDeploySchema.model_validate(deploy)
     app = schema.applications[0]
     assert app.import_path == "bayprano.serve.app:build_app"
     args = {**app.args, "registry": str(registry[0].root), "config": str(ROOT / "configs" / "serve.yaml")}
-    assert build_app(args) is not None
-    with pytest.raises(Exception, match="not a model registry"):
+    built = build_app(args)
+    from ray import serve
+
+    from bayprano.platform.errors import DataError
+
+    assert isinstance(built, serve.Application)
+    gateway = built._bound_deployment  # what `serve deploy` would run: the ingress bound to the model deployment
+    assert gateway.name == "Gateway" and gateway.ray_actor_options == {"num_cpus": cfg.ingress_num_cpus}
+    models, settings = gateway.init_args
+    assert settings["registry"] == str(registry[0].root) and settings["docs"] is False
+    assert settings["max_image_pixels"] == cfg.max_image_pixels and settings["max_jpeg_scans"] == cfg.max_jpeg_scans
+    deployment = models._bound_deployment
+    assert deployment.name == "SiteModels" and deployment.ray_actor_options["num_cpus"] == app.args["num_cpus"]
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (app.args["min_replicas"], app.args["max_replicas"])
+    assert cfg.gateway_memory_budget < 2 * 1024**3  # the shipped limits bound the gateway to under 2 GiB
+    with pytest.raises(DataError, match="not a model registry"):
         build_app({**app.args})
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
+    """'ours' once our server answers /readyz; 'taken' when something else answers on the port; 'exited' or
+    'timeout' otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return "exited"
+        try:
+            r = requests.get(f"{url}/readyz", timeout=5)
+            if r.status_code == 200 and r.headers.get("X-Frame-Options") == "DENY" and r.json() == {"status": "ok"}:
+                return "ours"
+            if "X-Frame-Options" not in r.headers and r.status_code != 503:
+                return "taken"
+        except (requests.RequestException, ValueError):  # not listening yet, or the proxy is still starting
+            pass
+        time.sleep(1)
+    return "timeout"
 
 
 def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
@@ -70,28 +104,25 @@ def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
 
     reg, token, model = registry
     address = ray_session.get_runtime_context().gcs_address
-    port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"num_cpus": 0.2, "ingress_num_cpus": 0.1, "max_models_per_replica": 2,
                                       "port": 1}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([BAYPRANO, "serve", "--registry", str(reg.root), "--config", str(config), "--port",
-                             str(port), "--address", address], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    for attempt in range(3):  # a free port can be taken by another process before the server binds it
+        port = free_port()
+        proc = subprocess.Popen([BAYPRANO, "serve", "--registry", str(reg.root), "--config", str(config), "--port",
+                                 str(port), "--address", address], stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        ready = _wait_ready(url, proc, timeout=240)
+        if ready == "ours":
+            break
+        proc.kill()
+        proc.wait(timeout=30)
+        serve.shutdown()
     try:
-        deadline = time.monotonic() + 240
-        ready = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                ready = requests.get(f"{url}/readyz", timeout=5)
-                if ready.status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the proxy is still starting
-                pass
-            time.sleep(1)
-        assert ready is not None and ready.status_code == 200, (tmp_path / "serve.log").read_text()[-3000:]
+        assert ready == "ours", f"not ready ({ready}): " + (tmp_path / "serve.log").read_text()[-3000:]
         image = good("wood", 40, 1)
         r = requests.post(f"{url}/v1/sites/plant-a/score", files=[("files", ("a.png", png(image[0]), "image/png"))],
                           headers={"Authorization": f"Bearer {token}"}, timeout=60)
