@@ -278,7 +278,7 @@ def build_feature_cache(spec: SweepConfig, root: Path, categories: dict[str, lis
         for c in categories["validation"]:
             d = load_category(root, c, size)
             payload["validation"][c] = {
-                "train_images": torch.from_numpy(d.train_images), "train_features": extract(d.train_images).half(),
+                "train_features": extract(d.train_images).half(),
                 "test_features": extract(d.test_images).half(), "test_labels": torch.from_numpy(d.test_labels),
             }
         buf = io.BytesIO()
@@ -313,56 +313,29 @@ def _load_cache(path: str):
 # ------------------------------------------------------------------------------------- trials
 
 
-class _CachedFeatures:
-    """Stands in for the backbone during adaptation: returns the support's cached features."""
-
-    def __init__(self, features, name: str, fingerprint: str):
-        import torch
-
-        self.features = features
-        self.name = name
-        self.device = torch.device("cpu")
-        self.out_channels = features.shape[1]
-        self._fingerprint = fingerprint
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def extract(self, images, size: int | None = None, batch_size: int = 16):
-        if len(images) != self.features.shape[0]:
-            raise ValueError("cached features are for another support set")
-        return self.features
-
-
 def validate(model, cache: dict, shots: int, inner_steps: int, seeds: int) -> dict[str, float]:
     """Image AUROC of adapting ``model`` to each validation category, mean over ``seeds`` support draws."""
-    import torch
-
     from bayprano.platform.evaluate import support_indices
-    from bayprano.platform.meta.checkpoint import MetaCheckpoint
+    from bayprano.platform.methods import get_method
+    from bayprano.platform.methods.base import fitted_scores
+    from bayprano.platform.methods.validation import model_checkpoint, model_context
     from bayprano.platform.metrics import image_auroc
-    from bayprano.platform.model.scoring import Calibration
-    from bayprano.platform.model.site import adapt
 
     out: dict[str, float] = {}
     aurocs, seconds = [], []
+    bayes = get_method("bayes")
     for c, v in cache["validation"].items():
         feats = v["train_features"]
-        h, w = feats.shape[-2:]
-        ckpt = MetaCheckpoint(model, cache["backbone"], cache["fingerprint"], cache["image_size"],
-                              Calibration.from_prior(model.dim, h * w / 9, 1.0),
-                              meta_config={"inner_steps": inner_steps})
+        ckpt = model_checkpoint(model, cache["backbone"], cache["fingerprint"], cache["image_size"],
+                                tuple(feats.shape[-2:]), inner_steps)
+        context = model_context(ckpt, inner_steps)
         labels = v["test_labels"].numpy()
         per_cat = []
         for s in range(seeds):
             idx = support_indices(feats.shape[0], shots, s, c)
-            images = list(v["train_images"][idx].numpy())
-            site = adapt(ckpt, images, steps=inner_steps,
-                         extractor=_CachedFeatures(feats[idx].float(), cache["backbone"], cache["fingerprint"]))
-            with torch.no_grad():
-                results = site.results_from_mahalanobis(site.mahalanobis(v["test_features"].float()))
-            per_cat.append(image_auroc(labels, np.array([r.score for r in results])))
-            seconds.append(site.info["adapt_seconds"])
+            scores, fit_seconds = fitted_scores(bayes.build(context), feats[idx].float(), v["test_features"].float())
+            per_cat.append(image_auroc(labels, scores))
+            seconds.append(fit_seconds)
         out[f"val_auroc_{c}"] = float(np.mean(per_cat))
         aurocs.append(out[f"val_auroc_{c}"])
     out["val_image_auroc"] = float(np.mean(aurocs))

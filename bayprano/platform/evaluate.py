@@ -31,7 +31,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bayprano.platform.baselines import PaDiM, PatchCore, image_scores
 from bayprano.platform.data.anomalies import AnomalyInjector
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
@@ -44,17 +43,16 @@ from bayprano.platform.meta.protomaml import (
     build_task_bank,
     calibrate,
     calibrate_normality,
-    clone,
     feature_statistics,
     meta_train,
 )
+from bayprano.platform.methods import METHODS, Method, MethodContext, get_method
 from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import Calibration, NormalityPrior, anomaly_map
-from bayprano.platform.model.site import adapt
+from bayprano.platform.model.anomaly_map import anomaly_map
+from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
-METHODS = ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim")
 RECORD_KEYS = ("category", "method", "shots", "seed", "image_auroc", "pixel_auroc", "aupro", "f1", "target_fpr",
                "measured_fpr", "adapt_seconds", "score_images_per_second", "calibration")
 
@@ -157,20 +155,13 @@ def meta_train_checkpoint(
                           normality=normality)
 
 
-def _loo_threshold(fit_score: Callable[[torch.Tensor, torch.Tensor], np.ndarray], support: torch.Tensor) -> float:
-    k = support.shape[0]
-    if k < 2:
-        return math.nan
-    return float(max(fit_score(torch.cat([support[:i], support[i + 1 :]]), support[i : i + 1])[0] for i in range(k)))
-
-
 def run_evaluation(
     data_root: str | Path,
     output: str | Path,
     categories: Sequence[str] | None = None,
     shots: Sequence[int] = (5,),
     seeds: int = 3,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     checkpoint: str | Path | None = None,
     meta_train_root: str | Path | None = None,
     inner_steps: int = 1,
@@ -186,8 +177,10 @@ def run_evaluation(
 ) -> dict:
     """Run the protocol, write ``output`` (JSON) and its pictures beside it, return the results.
 
-    ``pool_categories`` restricts the meta-training pool to those categories of its root (default: all).
+    ``methods``: names in the method registry (default: every registered method). ``pool_categories``
+    restricts the meta-training pool to those categories of its root (default: all).
     """
+    methods = list(METHODS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method {unknown[0]!r} (valid: {', '.join(METHODS)})")
@@ -229,7 +222,8 @@ def run_evaluation(
         test_feats[c] = extract(d.test_images)
         test_seconds[c] = time.perf_counter() - t0
 
-    need_banks = "bayes-frozen" in methods or "protomaml" in methods or ("bayes" in methods and ckpt is None)
+    kinds = {get_method(m).checkpoint for m in methods} - {None}
+    need_banks = bool(kinds - {"niw"}) or ("niw" in kinds and ckpt is None)
     banks: dict[str, TaskBank] = {}
     injector = AnomalyInjector()
     if need_banks:
@@ -247,6 +241,17 @@ def run_evaluation(
         if key not in trained:
             trained[key] = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, prototype, progress)
         return trained[key]
+
+    def checkpoint_for(kind: str, category: str, fold: dict, pools: dict) -> MetaCheckpoint:
+        if kind == "niw" and ckpt is not None:
+            if category in ckpt.categories:
+                raise ConfigError(f"{checkpoint}: meta-trained on category {category!r}; evaluating it there would leak")
+            check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
+            return ckpt
+        if kind == "frozen":
+            return _frozen_checkpoint(extractor, fold, image_size, dim)
+        return fold_checkpoint(fold, kind)
+
     records: list[dict] = []
     pictures: dict[str, list[str]] = {}
     priors: dict[str, dict] = {}
@@ -259,31 +264,26 @@ def run_evaluation(
         if pool_root == Path(data_root):
             pools["meta-training"] = set().union(*(pixel_hashes(data[k].train_images) for k in fold if k in data))
         check_disjoint(pools)
-        bayes_ckpt = proto_ckpt = frozen_ckpt = None
-        if "bayes" in methods:
-            if ckpt is not None:
-                if c in ckpt.categories:
-                    raise ConfigError(f"{checkpoint}: meta-trained on category {c!r}; evaluating it there would leak")
-                check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
-                bayes_ckpt = ckpt
-            else:
-                bayes_ckpt = fold_checkpoint(fold, "niw")
-        if bayes_ckpt is not None and bayes_ckpt.normality is not None:
-            priors[c] = bayes_ckpt.normality.as_dict()
-        if "protomaml" in methods:
-            proto_ckpt = fold_checkpoint(fold, "euclidean")
-        if "bayes-frozen" in methods:
-            frozen_ckpt = _frozen_checkpoint(extractor, fold, image_size, dim)
+        fold_checkpoints: dict[str, MetaCheckpoint] = {}
+
+        def provide(kind: str, c=c, fold=fold, pools=pools) -> MetaCheckpoint:
+            if kind not in fold_checkpoints:
+                fold_checkpoints[kind] = checkpoint_for(kind, c, fold, pools)
+            return fold_checkpoints[kind]
+
+        if "niw" in kinds:
+            normality = provide("niw").normality
+            if normality is not None:
+                priors[c] = normality.as_dict()
+        context = MethodContext(inner_steps, target_fpr, provide, extractor)
         curves: dict[str, tuple] = {}
         for k in shots:
             for s in range(seeds):
                 idx = support_indices(len(d.train_images), k, s, c)
-                support_imgs = d.train_images[idx]
-                check_disjoint({"support": pixel_hashes(support_imgs), "test": pools["test"]})
+                check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": pools["test"]})
                 for method in methods:
-                    rec, maps, scores = _run_method(method, extractor, support_imgs, train_feats[c][idx].float(),
-                                                    test_feats[c], test_seconds[c], d, image_size, target_fpr,
-                                                    inner_steps, bayes_ckpt, proto_ckpt, frozen_ckpt)
+                    rec, maps, scores = _run_method(get_method(method).build(context), train_feats[c][idx].float(),
+                                                    test_feats[c], test_seconds[c], d, image_size, target_fpr)
                     rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr)
                     records.append({key: rec.get(key) for key in RECORD_KEYS})
                     progress(_record_line(records[-1]))
@@ -315,63 +315,26 @@ def run_evaluation(
     return result
 
 
-def _run_method(method, extractor, support_imgs, support_feats, test_feats, test_seconds, d: CategoryData,
-                image_size, target_fpr, inner_steps, bayes_ckpt, proto_ckpt, frozen_ckpt):
-    size = (image_size, image_size)
+def _run_method(method: Method, support_feats: torch.Tensor, test_feats: torch.Tensor, test_seconds: float,
+                d: CategoryData, image_size: int, target_fpr: float) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Fit one method on the support's features, score the test set: its record, maps and image scores.
+
+    Feature extraction is timed once per test set; its share for the support is counted in the adaptation
+    time and the whole of it in the scoring time of every method alike.
+    """
     n_test = len(d.test_images)
     t0 = time.perf_counter()
-    if method in ("bayes", "bayes-frozen"):
-        ck = bayes_ckpt if method == "bayes" else frozen_ckpt
-        site = adapt(ck, list(support_imgs), steps=inner_steps if method == "bayes" else 0,
-                     target_fpr=target_fpr, extractor=extractor)
-        adapt_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        maha = site.mahalanobis(test_feats)
-        results = site.results_from_mahalanobis(maha, size)
-        score_seconds = time.perf_counter() - t1 + test_seconds
-        scores = np.array([r.score for r in results])
-        maps = np.stack([r.anomaly_map for r in results])
-        threshold = site.threshold
-        calibration = {
-            "threshold": threshold,
-            "shift_covariate": site.info.get("shift_covariate"),
-            "loo_statistics": site.info.get("loo_statistics"),
-            "site_calibration": site.calibration.as_dict(),
-            "normal_statistics": scores[d.test_labels == 0].tolist(),
-        }
-    else:
-        if method == "protomaml":
-            model = proto_ckpt.model
-            with torch.enable_grad():
-                task = clone(model).adapt(support_feats, inner_steps)
-            params = {k: v.detach() for k, v in task.params.items()}
-            with torch.no_grad():
-                proto = model.prototype(model.embed(support_feats, params))
-
-            def fit_score(sup, q):
-                with torch.no_grad():
-                    p = model.prototype(model.embed(sup, params))
-                    return image_scores(p.mahalanobis(model.embed(q, params))).numpy()
-
-            def patch(feats):
-                with torch.no_grad():
-                    return proto.mahalanobis(model.embed(feats, params))
-        else:
-            cls = PatchCore if method == "patchcore" else PaDiM
-            scorer = cls().fit(support_feats)
-
-            def fit_score(sup, q):
-                return image_scores(cls().fit(sup).patch_scores(q)).numpy()
-
-            patch = scorer.patch_scores
-        threshold = _loo_threshold(fit_score, support_feats)
-        adapt_seconds = time.perf_counter() - t0 + test_seconds * len(support_imgs) / n_test
-        t1 = time.perf_counter()
-        patch_maps = patch(test_feats)
-        scores = image_scores(patch_maps).numpy()
-        maps = anomaly_map(patch_maps.float(), size).numpy()
-        score_seconds = time.perf_counter() - t1 + test_seconds
-        calibration = None
+    method.fit(support_feats)
+    threshold = method.threshold(target_fpr)
+    adapt_seconds = time.perf_counter() - t0 + test_seconds * support_feats.shape[0] / n_test
+    t1 = time.perf_counter()
+    out = method.score(test_feats)
+    scores = np.asarray(out.image)
+    maps = anomaly_map(out.patches.float(), (image_size, image_size)).cpu().numpy()
+    score_seconds = time.perf_counter() - t1 + test_seconds
+    calibration = method.calibration_info()
+    if calibration is not None:
+        calibration = {**calibration, "normal_statistics": scores[d.test_labels == 0].tolist()}
     pix = pixel_metrics(d.test_masks, maps) if d.has_pixel_masks else {"pixel_auroc": None, "aupro": None}
     finite = threshold is not None and math.isfinite(threshold)
     rec = {
