@@ -292,11 +292,11 @@ def build_feature_cache(spec: SweepConfig, root: Path, categories: dict[str, lis
 def _train_good(root: Path, category: str, size: int) -> tuple[np.ndarray, list[str]]:
     """A training category's train/good images at ``size`` px (its test split is never opened)."""
     from bayprano.platform.data.imageio import load_image
-    from bayprano.platform.evaluate import _resize
+    from bayprano.platform.data.imageio import resize_square
     from bayprano.platform.train import train_good_files
 
     files = train_good_files(root, category)
-    return np.stack([_resize(load_image(p), size) for p in files]), [str(p) for p in files]
+    return np.stack([resize_square(load_image(p), size) for p in files]), [str(p) for p in files]
 
 
 def _load_cache(path: str):

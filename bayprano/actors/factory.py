@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from bayprano.platform.data.anomalies import AnomalyInjector
 from bayprano.platform.data.shards import ShardReader
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.evaluate import _resize
+from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.federated.aggregation import pack_weighted
 from bayprano.platform.federated.local import local_meta_update
 from bayprano.platform.federated.privacy import clip_update
@@ -52,6 +52,7 @@ from bayprano.platform.meta.protomaml import (
     TaskBank,
     build_task_bank,
     calibrate,
+    feature_sums,
     normal_log_statistics,
 )
 from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
@@ -136,7 +137,7 @@ class FactorySite:
         with ShardReader(self.shard_path) as reader:
             for row in reader.iter_rows(split="train"):
                 if row.label == 0:
-                    grouped[row.category].append((row.source_path, _resize(row.image, size)))
+                    grouped[row.category].append((row.source_path, resize_square(row.image, size)))
         if not grouped:
             raise DataError(f"{self.shard_path}: no train/good rows, nothing to train on")
         return {c: (np.stack([im for _, im in rows]), [p for p, _ in rows]) for c, rows in grouped.items()}
@@ -145,14 +146,7 @@ class FactorySite:
 
     def describe(self) -> dict:
         self._load()
-        total = torch.zeros(self.extractor.out_channels, dtype=torch.float64)
-        total_sq = torch.zeros_like(total)
-        count = 0
-        for bank in self.banks.values():
-            x = bank.normals.double()
-            total += x.sum((0, 2, 3))
-            total_sq += (x**2).sum((0, 2, 3))
-            count += x.shape[0] * x.shape[2] * x.shape[3]
+        total, total_sq, count = feature_sums(self.banks, torch.float64)
         return {
             "site": self.site, "categories": sorted(self.banks), "in_channels": self.extractor.out_channels,
             "backbone": self.extractor.name, "fingerprint": self.extractor.fingerprint(),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from bayprano.platform.data.anomalies import AnomalyInjector
+from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
 from bayprano.platform.errors import ConfigError, DataError
@@ -69,21 +70,11 @@ class CategoryData:
     has_pixel_masks: bool
 
 
-def _resize(image: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    if mask:
-        return np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
 def load_category(root: str | Path, category: str, size: int) -> CategoryData:
     samples = scan_category(root, category)
     train = [s for s in samples if s.split == "train"]
     test = [s for s in samples if s.split == "test"]
-    tr = [_resize(load_sample(s)[0], size) for s in train]
+    tr = [resize_square(load_sample(s)[0], size) for s in train]
     te = [load_sample(s) for s in test]
     has_masks = all(s.mask_path is not None for s in test if s.label == 1)
     labels = np.array([s.label for s in test])
@@ -91,7 +82,7 @@ def load_category(root: str | Path, category: str, size: int) -> CategoryData:
         raise DataError(f"{Path(root) / category}: the test split needs both good and defective images")
     return CategoryData(
         category, np.stack(tr), [s.path for s in train],
-        np.stack([_resize(im, size) for im, _ in te]), np.stack([_resize(m, size, mask=True) for _, m in te]),
+        np.stack([resize_square(im, size) for im, _ in te]), np.stack([resize_square(m, size, mask=True) for _, m in te]),
         labels, [s.path for s in test], has_masks,
     )
 
