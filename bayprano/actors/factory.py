@@ -243,9 +243,11 @@ class FactorySite:
         auroc = aurocs["bayes"]
         cal = calibrate(self.model, self.banks, self.meta)
         normality = NormalityPrior.summarize(normal_log_statistics(self.model, self.banks, self.meta))
-        return {"site": self.site, "auroc": auroc, "calibration_shape": float(cal.shape),
-                "calibration_rate": float(cal.rate), "normality": normality, "bytes_received": len(global_bytes),
-                "method_aurocs": aurocs}
+        reply = {"site": self.site, "auroc": auroc, "calibration_shape": float(cal.shape),
+                 "calibration_rate": float(cal.rate), "normality": normality, "bytes_received": len(global_bytes)}
+        if len(methods) > 1:  # the settings' validation_methods, beside bayes
+            reply["method_aurocs"] = aurocs
+        return reply
 
     def ping(self) -> str:
         return self.site
