@@ -6,10 +6,11 @@ another root), the support set is K images drawn from the evaluated category's `
 seed, and the test set is that category's whole ``test`` split. Support, meta-training and test pools
 are checked to be disjoint by pixel hash on every run.
 
-Methods: ``bayes`` (meta-trained head and prior, NIW posterior, Student-t scores, calibrated threshold),
-``bayes-frozen`` (the same model at its initialisation: no meta-learning), ``protomaml`` (meta-trained
-head with a deterministic Euclidean prototype), ``patchcore`` and ``padim`` (on the raw backbone
-features). F1 and measured FPR are taken at each method's own threshold for the target false-positive
+Methods: every method of the registry (``bayprano.platform.methods``), each fitted on the same support
+features and scoring the same test features: ``bayes`` (meta-trained head and prior, NIW posterior,
+Student-t scores, calibrated threshold), ``bayes-frozen`` (the same model at its initialisation: no
+meta-learning), ``protomaml`` (meta-trained head with a deterministic Euclidean prototype), ``patchcore``
+and ``padim`` (on the raw backbone features), and any method registered beside them. F1 and measured FPR are taken at each method's own threshold for the target false-positive
 rate: the calibrated one for the Bayesian methods, the largest leave-one-out support score for the
 others (which have no calibration; with one shot they have no threshold at all). The Bayesian
 methods' records also carry what their threshold came from (``calibration``: the support's shift
@@ -146,6 +147,26 @@ def meta_train_checkpoint(
                           normality=normality)
 
 
+def _checked_request(data_root, categories, shots, seeds, methods, target_fpr) -> tuple[list[str], list[str]]:
+    """The methods (default: every registered one) and categories (default: all) after checking the request."""
+    methods = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r} (valid: {', '.join(METHODS)})")
+    if not 0 < target_fpr < 1:
+        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if any(k < 1 for k in shots):
+        raise ConfigError(f"--shots must be at least 1, got {min(shots)}")
+    available = list_categories(data_root)
+    categories = list(categories or available)
+    for c in categories:
+        if c not in available:
+            raise ConfigError(f"--categories: unknown category {c!r} in {data_root} (available: {', '.join(available)})")
+    return methods, categories
+
+
 def run_evaluation(
     data_root: str | Path,
     output: str | Path,
@@ -171,21 +192,7 @@ def run_evaluation(
     ``methods``: names in the method registry (default: every registered method). ``pool_categories``
     restricts the meta-training pool to those categories of its root (default: all).
     """
-    methods = list(METHODS) if methods is None else list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown method {unknown[0]!r} (valid: {', '.join(METHODS)})")
-    if not 0 < target_fpr < 1:
-        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    if any(k < 1 for k in shots):
-        raise ConfigError(f"--shots must be at least 1, got {min(shots)}")
-    available = list_categories(data_root)
-    categories = list(categories or available)
-    for c in categories:
-        if c not in available:
-            raise ConfigError(f"--categories: unknown category {c!r} in {data_root} (available: {', '.join(available)})")
+    methods, categories = _checked_request(data_root, categories, shots, seeds, methods, target_fpr)
     output = Path(output)
     t_start = time.perf_counter()
     extractor = build_backbone(backbone, device=device)
@@ -267,25 +274,8 @@ def run_evaluation(
             if normality is not None:
                 priors[c] = normality.as_dict()
         context = MethodContext(inner_steps, target_fpr, provide, extractor)
-        curves: dict[str, tuple] = {}
-        for k in shots:
-            for s in range(seeds):
-                idx = support_indices(len(d.train_images), k, s, c)
-                check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": pools["test"]})
-                for method in methods:
-                    rec, maps, scores = _run_method(get_method(method).build(context), train_feats[c][idx].float(),
-                                                    test_feats[c], test_seconds[c], d, image_size, target_fpr)
-                    rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr)
-                    records.append({key: rec.get(key) for key in RECORD_KEYS})
-                    progress(_record_line(records[-1]))
-                    if s == 0 and k == max(shots):
-                        curves[method] = roc_curve(d.test_labels, scores)
-                        if method == methods[0]:
-                            pictures.setdefault(c, []).append(
-                                str(_write_overlays(output, c, method, d, maps, scores)))
-        if curves:
-            pictures.setdefault(c, []).append(str(plot_roc(
-                curves, output.with_name(f"{output.stem}_roc_{c}.png"), f"{c}: image ROC, K={max(shots)}")))
+        pictures[c] = _evaluate_category(d, methods, context, train_feats[c], test_feats[c], test_seconds[c], shots,
+                                         seeds, image_size, target_fpr, pools["test"], output, records, progress)
 
     summary = summarize(records)
     result = {
@@ -304,6 +294,35 @@ def run_evaluation(
     }
     atomic_write_json(output, _jsonable(result))
     return result
+
+
+def _evaluate_category(d: CategoryData, methods: list[str], context: MethodContext, train_feats: torch.Tensor,
+                       test_feats: torch.Tensor, test_seconds: float, shots: Sequence[int], seeds: int,
+                       image_size: int, target_fpr: float, test_pool: set[str], output: Path, records: list[dict],
+                       progress: Callable[[str], None]) -> list[str]:
+    """Every method on every support draw of one category: records appended to ``records``; returns the
+    pictures written (the first method's overlays and every method's ROC, at the largest K, first draw)."""
+    c = d.name
+    pictures: list[str] = []
+    curves: dict[str, tuple] = {}
+    for k in shots:
+        for s in range(seeds):
+            idx = support_indices(len(d.train_images), k, s, c)
+            check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": test_pool})
+            for method in methods:
+                rec, maps, scores = _run_method(get_method(method).build(context), train_feats[idx].float(),
+                                                test_feats, test_seconds, d, image_size, target_fpr)
+                rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr)
+                records.append({key: rec.get(key) for key in RECORD_KEYS})
+                progress(_record_line(records[-1]))
+                if s == 0 and k == max(shots):
+                    curves[method] = roc_curve(d.test_labels, scores)
+                    if method == methods[0]:
+                        pictures.append(str(_write_overlays(output, c, method, d, maps, scores)))
+    if curves:
+        pictures.append(str(plot_roc(curves, output.with_name(f"{output.stem}_roc_{c}.png"),
+                                     f"{c}: image ROC, K={max(shots)}")))
+    return pictures
 
 
 def _run_method(method: Method, support_feats: torch.Tensor, test_feats: torch.Tensor, test_seconds: float,

@@ -32,8 +32,7 @@ class BayesMethod:
                             self.site_.patch_scores(maha).cpu())
 
     def threshold(self, target_fpr: float) -> float:
-        return self.site_.threshold if target_fpr == self.site_.target_fpr else \
-            self.site_.with_target_fpr(target_fpr).threshold
+        return self.site_.with_target_fpr(target_fpr).threshold
 
     def calibration_info(self) -> dict | None:
         site = self.site_
