@@ -808,10 +808,9 @@ def finish_sweep(spec: SweepConfig, grid, out: Path, root: Path, categories: dic
 
 
 def _save_figure(fig, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-    return str(path)
+    from bayprano.platform.figures import save_figure
+
+    return str(save_figure(fig, path, dpi=110, tight=False))
 
 
 

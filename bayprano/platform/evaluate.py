@@ -22,7 +22,6 @@ again without rerunning the protocol.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json
+from bayprano.platform.figures import new_figure, save_figure
+from bayprano.platform.fileio import atomic_write_json
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.protomaml import (
     MetaConfig,
@@ -402,10 +402,8 @@ def markdown_table(result: dict) -> str:
 def _write_overlays(output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray,
                     scores: np.ndarray, n: int = 6) -> Path:
     """Heatmap overlays of the highest-scored test images, with their ground truth outlines."""
-    from matplotlib.figure import Figure
-
     order = np.argsort(-scores)[:n]
-    fig = Figure(figsize=(2.2 * len(order), 2.6))
+    fig = new_figure(2.2 * len(order), 2.6)
     lo, hi = np.percentile(maps, 1), np.percentile(maps, 99.9)
     for j, i in enumerate(order):
         ax = fig.add_subplot(1, len(order), j + 1)
@@ -416,12 +414,7 @@ def _write_overlays(output: Path, category: str, method: str, d: CategoryData, m
         ax.set_title(f"{Path(d.test_ids[i]).parent.name}\nscore {scores[i]:.2f}", fontsize=7)
         ax.axis("off")
     fig.suptitle(f"{category}: highest-scored test images ({method})", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    path = output.with_name(f"{output.stem}_overlay_{category}.png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, output.with_name(f"{output.stem}_overlay_{category}.png"), dpi=90)
 
 
 def _jsonable(obj):

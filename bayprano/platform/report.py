@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -21,25 +20,18 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bayprano.platform.figures import new_figure, save_figure
+from bayprano.platform.fileio import atomic_write_json, atomic_write_text
 
 DECISION_COLOURS = {"normal": "#2e7d32", "anomalous": "#c62828", "review": "#f9a825"}
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
+    return new_figure(width, height)
 
 
 def _save(fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return save_figure(fig, path)
 
 
 def plot_training(history: Sequence[Mapping], path: str | Path) -> Path:
