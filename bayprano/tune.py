@@ -38,7 +38,7 @@ import numpy as np
 
 from bayprano.config import SweepConfig, load_yaml_config
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from bayprano.platform.fileio import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, jsonable
 
 FEATURE_SETTINGS = ("backbone", "image_size")  # settings that change the backbone features
 STATE_FILE = "state.pt"
@@ -623,21 +623,8 @@ def run_sweep(
         if started:
             ray.shutdown()
     summary["seconds"] = time.perf_counter() - start
-    atomic_write_json(out / "summary.json", _jsonable(summary))
+    atomic_write_json(out / "summary.json", jsonable(summary))
     return summary
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` with numpy scalars as Python numbers and infinite or NaN floats (epsilon without DP) as None."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # --------------------------------------------------------------------------------------- results

@@ -37,7 +37,7 @@ from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.figures import new_figure, save_figure
-from bayprano.platform.fileio import atomic_write_json
+from bayprano.platform.fileio import atomic_write_json, jsonable
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.protomaml import (
     MetaConfig,
@@ -292,7 +292,7 @@ def run_evaluation(
         "normality_priors": priors,
         "seconds": time.perf_counter() - t_start,
     }
-    atomic_write_json(output, _jsonable(result))
+    atomic_write_json(output, jsonable(result))
     return result
 
 
@@ -415,15 +415,3 @@ def _write_overlays(output: Path, category: str, method: str, d: CategoryData, m
         ax.axis("off")
     fig.suptitle(f"{category}: highest-scored test images ({method})", fontsize=9)
     return save_figure(fig, output.with_name(f"{output.stem}_overlay_{category}.png"), dpi=90)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj
