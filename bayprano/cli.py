@@ -377,27 +377,17 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _overlay(image, level):
-    """The image with a heatmap over it; ``level`` (h, w) runs from 0 (blue, perfectly normal) to 1 (red,
-    as far out as the decision threshold)."""
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image
+    """The image with a heatmap over it (``bayprano.platform.model.anomaly_map.overlay``)."""
+    from bayprano.platform.model.anomaly_map import overlay
 
-    h, w = image.shape[:2]
-    level = np.asarray(Image.fromarray(level.astype(np.float32)).resize((w, h), Image.BILINEAR)).clip(0, 1)
-    colour = colormaps["jet"](level)[..., :3] * 255
-    alpha = (0.2 + 0.5 * level)[..., None]
-    return ((1 - alpha) * image + alpha * colour).round().clip(0, 255).astype(np.uint8)
+    return overlay(image, level)
 
 
 def _heat_level(site, result):
-    """The anomaly map as a heat level: linear in each patch's Mahalanobis distance, scaled so that the
-    hottest point is the image's statistic over the threshold (1 and above only for an image over it)."""
-    import numpy as np
+    """The anomaly map as a heat level (``bayprano.platform.model.anomaly_map.heat_level``)."""
+    from bayprano.platform.model.anomaly_map import heat_level
 
-    d, df = site.model.dim, site.df
-    maha = df * np.expm1(np.minimum(2 * result.anomaly_map.astype(np.float64) / (df + d), 50.0))
-    return maha / max(float(maha.max()), 1e-12) * (result.score / result.threshold)
+    return heat_level(result.anomaly_map, result.score, result.threshold, site.model.dim, site.df)
 
 
 def _map_names(paths: Sequence[str]) -> list[str]:

@@ -181,8 +181,7 @@ def _pipeline(
         checkpoint=ckpt_path, inner_steps=1, target_fpr=TARGET_FPR, episodes=rounds * cfg.local_steps * sites,
         image_size=size, seed=seed, pool_categories=train_lines, progress=lambda m: log(f"  {m.strip()}"))
     site_of = {product: site for site, product in site_product.items()}
-    methods = sorted(({"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
-                      for r in evaluation["records"]), key=lambda r: r["site"])
+    methods = method_rows(evaluation, site_of)
     for site, product in sorted(site_product.items()):
         name = f"evaluation_roc_{product}.png"
         if (report_dir / name).is_file():
@@ -234,6 +233,12 @@ def _pipeline(
 
 
 HTTP_IMAGES_PER_SITE = 4
+
+
+def method_rows(evaluation: dict, site_of: dict[str, str]) -> list[dict]:
+    """The report's method table: one row per evaluation record (every registered method), by site."""
+    return sorted(({"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
+                   for r in evaluation["records"]), key=lambda r: r["site"])
 
 
 def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, new_product_data: dict, seed: int,

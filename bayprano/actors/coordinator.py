@@ -46,6 +46,7 @@ from bayprano.platform.federated.privacy import PrivacyAccountant, add_gaussian_
 from bayprano.platform.federated.secagg import MIN_SITES, aggregate
 from bayprano.platform.federated.state import CommunicationLedger, ParameterLayout, decode_update, encode_update
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
+from bayprano.platform.meta.tasks import statistics_from_sums
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
@@ -186,8 +187,7 @@ class FederatedTrainer:
         count = sum(i["feature_count"] for i in infos.values())
         total = torch.tensor([i["feature_sum"] for i in infos.values()], dtype=torch.float64).sum(0)
         total_sq = torch.tensor([i["feature_sum_sq"] for i in infos.values()], dtype=torch.float64).sum(0)
-        mean = total / count
-        std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+        mean, std = statistics_from_sums(total, total_sq, count)
         self.model.set_feature_statistics(mean.float(), std.float())
         if cfg.resume and Path(cfg.out).is_file():
             self._restore(load_checkpoint(cfg.out))

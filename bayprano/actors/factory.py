@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from bayprano.platform.data.anomalies import AnomalyInjector
 from bayprano.platform.data.shards import ShardReader
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.evaluate import _resize
+from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.federated.aggregation import pack_weighted
 from bayprano.platform.federated.local import local_meta_update
 from bayprano.platform.federated.privacy import clip_update
@@ -52,13 +52,13 @@ from bayprano.platform.meta.protomaml import (
     TaskBank,
     build_task_bank,
     calibrate,
-    clone,
+    feature_sums,
     normal_log_statistics,
 )
-from bayprano.platform.metrics import image_auroc
+from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import NormalityPrior, image_statistic
+from bayprano.platform.model.scoring import NormalityPrior
 
 DEFAULT_SITE_SETTINGS = {
     "backbone": "efficientnet_lite2",
@@ -137,7 +137,7 @@ class FactorySite:
         with ShardReader(self.shard_path) as reader:
             for row in reader.iter_rows(split="train"):
                 if row.label == 0:
-                    grouped[row.category].append((row.source_path, _resize(row.image, size)))
+                    grouped[row.category].append((row.source_path, resize_square(row.image, size)))
         if not grouped:
             raise DataError(f"{self.shard_path}: no train/good rows, nothing to train on")
         return {c: (np.stack([im for _, im in rows]), [p for p, _ in rows]) for c, rows in grouped.items()}
@@ -146,14 +146,7 @@ class FactorySite:
 
     def describe(self) -> dict:
         self._load()
-        total = torch.zeros(self.extractor.out_channels, dtype=torch.float64)
-        total_sq = torch.zeros_like(total)
-        count = 0
-        for bank in self.banks.values():
-            x = bank.normals.double()
-            total += x.sum((0, 2, 3))
-            total_sq += (x**2).sum((0, 2, 3))
-            count += x.shape[0] * x.shape[2] * x.shape[3]
+        total, total_sq, count = feature_sums(self.banks, torch.float64)
         return {
             "site": self.site, "categories": sorted(self.banks), "in_channels": self.extractor.out_channels,
             "backbone": self.extractor.name, "fingerprint": self.extractor.fingerprint(),
@@ -223,32 +216,38 @@ class FactorySite:
             reply.update(update=data, bytes_sent=len(data))
         return reply
 
-    @torch.no_grad()
     def _auroc(self, inner_steps: int) -> float:
-        labels, scores = [], []
+        return self._method_aurocs(inner_steps, ("bayes",))["bayes"]
+
+    def _method_aurocs(self, inner_steps: int, methods) -> dict[str, float]:
+        """Image AUROC per registered method on the held-out normals and synthetic anomalies."""
         rng = np.random.default_rng(int(self.settings["seed"]) + 17)
+        tasks = []
         for c, val in self.val_banks.items():
             bank = self.banks[c]
             support = bank.normals[rng.permutation(len(bank))[: self.meta.shots]].float()
-            with torch.enable_grad():
-                task = clone(self.model).adapt(support, inner_steps, True)
-            proto = self.model.prototype(task.embed(support))
             query = torch.cat([val.normals, val.anomalies]).float()
-            maha = proto.mahalanobis(task.embed(query))
-            scores.extend(image_statistic(maha, self.model.dim).tolist())
-            labels.extend([0] * len(val) + [1] * val.anomalies.shape[0])
-        if not labels:
-            return math.nan
-        return float(image_auroc(np.array(labels), np.array(scores)))
+            tasks.append((support, query, np.array([0] * len(val) + [1] * val.anomalies.shape[0])))
+        if not tasks:
+            return {m: math.nan for m in methods}
+        ckpt = model_checkpoint(self.model, self.extractor.name, self.extractor.fingerprint(),
+                                int(self.settings["image_size"]), tuple(tasks[0][0].shape[-2:]), inner_steps,
+                                inner_positions=0)
+        return validation_aurocs(model_context(ckpt, inner_steps), tasks, methods)
 
     def validate(self, global_bytes: bytes, settings: Mapping[str, Any]) -> dict:
         self._load_global(global_bytes, settings)
         self.model.eval()
-        auroc = self._auroc(self.meta.inner_steps)
+        methods = tuple(dict.fromkeys(("bayes", *self.settings.get("validation_methods", ()))))
+        aurocs = self._method_aurocs(self.meta.inner_steps, methods)
+        auroc = aurocs["bayes"]
         cal = calibrate(self.model, self.banks, self.meta)
         normality = NormalityPrior.summarize(normal_log_statistics(self.model, self.banks, self.meta))
-        return {"site": self.site, "auroc": auroc, "calibration_shape": float(cal.shape),
-                "calibration_rate": float(cal.rate), "normality": normality, "bytes_received": len(global_bytes)}
+        reply = {"site": self.site, "auroc": auroc, "calibration_shape": float(cal.shape),
+                 "calibration_rate": float(cal.rate), "normality": normality, "bytes_received": len(global_bytes)}
+        if len(methods) > 1:  # the settings' validation_methods, beside bayes
+            reply["method_aurocs"] = aurocs
+        return reply
 
     def ping(self) -> str:
         return self.site

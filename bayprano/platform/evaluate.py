@@ -6,10 +6,11 @@ another root), the support set is K images drawn from the evaluated category's `
 seed, and the test set is that category's whole ``test`` split. Support, meta-training and test pools
 are checked to be disjoint by pixel hash on every run.
 
-Methods: ``bayes`` (meta-trained head and prior, NIW posterior, Student-t scores, calibrated threshold),
-``bayes-frozen`` (the same model at its initialisation: no meta-learning), ``protomaml`` (meta-trained
-head with a deterministic Euclidean prototype), ``patchcore`` and ``padim`` (on the raw backbone
-features). F1 and measured FPR are taken at each method's own threshold for the target false-positive
+Methods: every method of the registry (``bayprano.platform.methods``), each fitted on the same support
+features and scoring the same test features: ``bayes`` (meta-trained head and prior, NIW posterior,
+Student-t scores, calibrated threshold), ``bayes-frozen`` (the same model at its initialisation: no
+meta-learning), ``protomaml`` (meta-trained head with a deterministic Euclidean prototype), ``patchcore``
+and ``padim`` (on the raw backbone features), and any method registered beside them. F1 and measured FPR are taken at each method's own threshold for the target false-positive
 rate: the calibrated one for the Bayesian methods, the largest leave-one-out support score for the
 others (which have no calibration; with one shot they have no threshold at all). The Bayesian
 methods' records also carry what their threshold came from (``calibration``: the support's shift
@@ -21,7 +22,6 @@ again without rerunning the protocol.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -31,12 +31,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bayprano.platform.baselines import PaDiM, PatchCore, image_scores
 from bayprano.platform.data.anomalies import AnomalyInjector
+from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json
+from bayprano.platform.figures import new_figure, save_figure
+from bayprano.platform.fileio import atomic_write_json, jsonable
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.protomaml import (
     MetaConfig,
@@ -44,17 +45,16 @@ from bayprano.platform.meta.protomaml import (
     build_task_bank,
     calibrate,
     calibrate_normality,
-    clone,
     feature_statistics,
     meta_train,
 )
+from bayprano.platform.methods import METHODS, Method, MethodContext, get_method
 from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import Calibration, NormalityPrior, anomaly_map
-from bayprano.platform.model.site import adapt
+from bayprano.platform.model.anomaly_map import anomaly_map
+from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
-METHODS = ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim")
 RECORD_KEYS = ("category", "method", "shots", "seed", "image_auroc", "pixel_auroc", "aupro", "f1", "target_fpr",
                "measured_fpr", "adapt_seconds", "score_images_per_second", "calibration")
 
@@ -71,21 +71,11 @@ class CategoryData:
     has_pixel_masks: bool
 
 
-def _resize(image: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    if mask:
-        return np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
 def load_category(root: str | Path, category: str, size: int) -> CategoryData:
     samples = scan_category(root, category)
     train = [s for s in samples if s.split == "train"]
     test = [s for s in samples if s.split == "test"]
-    tr = [_resize(load_sample(s)[0], size) for s in train]
+    tr = [resize_square(load_sample(s)[0], size) for s in train]
     te = [load_sample(s) for s in test]
     has_masks = all(s.mask_path is not None for s in test if s.label == 1)
     labels = np.array([s.label for s in test])
@@ -93,7 +83,7 @@ def load_category(root: str | Path, category: str, size: int) -> CategoryData:
         raise DataError(f"{Path(root) / category}: the test split needs both good and defective images")
     return CategoryData(
         category, np.stack(tr), [s.path for s in train],
-        np.stack([_resize(im, size) for im, _ in te]), np.stack([_resize(m, size, mask=True) for _, m in te]),
+        np.stack([resize_square(im, size) for im, _ in te]), np.stack([resize_square(m, size, mask=True) for _, m in te]),
         labels, [s.path for s in test], has_masks,
     )
 
@@ -157,11 +147,24 @@ def meta_train_checkpoint(
                           normality=normality)
 
 
-def _loo_threshold(fit_score: Callable[[torch.Tensor, torch.Tensor], np.ndarray], support: torch.Tensor) -> float:
-    k = support.shape[0]
-    if k < 2:
-        return math.nan
-    return float(max(fit_score(torch.cat([support[:i], support[i + 1 :]]), support[i : i + 1])[0] for i in range(k)))
+def _checked_request(data_root, categories, shots, seeds, methods, target_fpr) -> tuple[list[str], list[str]]:
+    """The methods (default: every registered one) and categories (default: all) after checking the request."""
+    methods = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r} (valid: {', '.join(METHODS)})")
+    if not 0 < target_fpr < 1:
+        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if any(k < 1 for k in shots):
+        raise ConfigError(f"--shots must be at least 1, got {min(shots)}")
+    available = list_categories(data_root)
+    categories = list(categories or available)
+    for c in categories:
+        if c not in available:
+            raise ConfigError(f"--categories: unknown category {c!r} in {data_root} (available: {', '.join(available)})")
+    return methods, categories
 
 
 def run_evaluation(
@@ -170,7 +173,7 @@ def run_evaluation(
     categories: Sequence[str] | None = None,
     shots: Sequence[int] = (5,),
     seeds: int = 3,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     checkpoint: str | Path | None = None,
     meta_train_root: str | Path | None = None,
     inner_steps: int = 1,
@@ -186,22 +189,10 @@ def run_evaluation(
 ) -> dict:
     """Run the protocol, write ``output`` (JSON) and its pictures beside it, return the results.
 
-    ``pool_categories`` restricts the meta-training pool to those categories of its root (default: all).
+    ``methods``: names in the method registry (default: every registered method). ``pool_categories``
+    restricts the meta-training pool to those categories of its root (default: all).
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown method {unknown[0]!r} (valid: {', '.join(METHODS)})")
-    if not 0 < target_fpr < 1:
-        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    if any(k < 1 for k in shots):
-        raise ConfigError(f"--shots must be at least 1, got {min(shots)}")
-    available = list_categories(data_root)
-    categories = list(categories or available)
-    for c in categories:
-        if c not in available:
-            raise ConfigError(f"--categories: unknown category {c!r} in {data_root} (available: {', '.join(available)})")
+    methods, categories = _checked_request(data_root, categories, shots, seeds, methods, target_fpr)
     output = Path(output)
     t_start = time.perf_counter()
     extractor = build_backbone(backbone, device=device)
@@ -229,7 +220,8 @@ def run_evaluation(
         test_feats[c] = extract(d.test_images)
         test_seconds[c] = time.perf_counter() - t0
 
-    need_banks = "bayes-frozen" in methods or "protomaml" in methods or ("bayes" in methods and ckpt is None)
+    kinds = {get_method(m).checkpoint for m in methods} - {None}
+    need_banks = bool(kinds - {"niw"}) or ("niw" in kinds and ckpt is None)
     banks: dict[str, TaskBank] = {}
     injector = AnomalyInjector()
     if need_banks:
@@ -247,6 +239,17 @@ def run_evaluation(
         if key not in trained:
             trained[key] = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, prototype, progress)
         return trained[key]
+
+    def checkpoint_for(kind: str, category: str, fold: dict, pools: dict) -> MetaCheckpoint:
+        if kind == "niw" and ckpt is not None:
+            if category in ckpt.categories:
+                raise ConfigError(f"{checkpoint}: meta-trained on category {category!r}; evaluating it there would leak")
+            check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
+            return ckpt
+        if kind == "frozen":
+            return _frozen_checkpoint(extractor, fold, image_size, dim)
+        return fold_checkpoint(fold, kind)
+
     records: list[dict] = []
     pictures: dict[str, list[str]] = {}
     priors: dict[str, dict] = {}
@@ -259,42 +262,20 @@ def run_evaluation(
         if pool_root == Path(data_root):
             pools["meta-training"] = set().union(*(pixel_hashes(data[k].train_images) for k in fold if k in data))
         check_disjoint(pools)
-        bayes_ckpt = proto_ckpt = frozen_ckpt = None
-        if "bayes" in methods:
-            if ckpt is not None:
-                if c in ckpt.categories:
-                    raise ConfigError(f"{checkpoint}: meta-trained on category {c!r}; evaluating it there would leak")
-                check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
-                bayes_ckpt = ckpt
-            else:
-                bayes_ckpt = fold_checkpoint(fold, "niw")
-        if bayes_ckpt is not None and bayes_ckpt.normality is not None:
-            priors[c] = bayes_ckpt.normality.as_dict()
-        if "protomaml" in methods:
-            proto_ckpt = fold_checkpoint(fold, "euclidean")
-        if "bayes-frozen" in methods:
-            frozen_ckpt = _frozen_checkpoint(extractor, fold, image_size, dim)
-        curves: dict[str, tuple] = {}
-        for k in shots:
-            for s in range(seeds):
-                idx = support_indices(len(d.train_images), k, s, c)
-                support_imgs = d.train_images[idx]
-                check_disjoint({"support": pixel_hashes(support_imgs), "test": pools["test"]})
-                for method in methods:
-                    rec, maps, scores = _run_method(method, extractor, support_imgs, train_feats[c][idx].float(),
-                                                    test_feats[c], test_seconds[c], d, image_size, target_fpr,
-                                                    inner_steps, bayes_ckpt, proto_ckpt, frozen_ckpt)
-                    rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr)
-                    records.append({key: rec.get(key) for key in RECORD_KEYS})
-                    progress(_record_line(records[-1]))
-                    if s == 0 and k == max(shots):
-                        curves[method] = roc_curve(d.test_labels, scores)
-                        if method == methods[0]:
-                            pictures.setdefault(c, []).append(
-                                str(_write_overlays(output, c, method, d, maps, scores)))
-        if curves:
-            pictures.setdefault(c, []).append(str(plot_roc(
-                curves, output.with_name(f"{output.stem}_roc_{c}.png"), f"{c}: image ROC, K={max(shots)}")))
+        fold_checkpoints: dict[str, MetaCheckpoint] = {}
+
+        def provide(kind: str, c=c, fold=fold, pools=pools) -> MetaCheckpoint:
+            if kind not in fold_checkpoints:
+                fold_checkpoints[kind] = checkpoint_for(kind, c, fold, pools)
+            return fold_checkpoints[kind]
+
+        if "niw" in kinds:
+            normality = provide("niw").normality
+            if normality is not None:
+                priors[c] = normality.as_dict()
+        context = MethodContext(inner_steps, target_fpr, provide, extractor)
+        pictures[c] = _evaluate_category(d, methods, context, train_feats[c], test_feats[c], test_seconds[c], shots,
+                                         seeds, image_size, target_fpr, pools["test"], output, records, progress)
 
     summary = summarize(records)
     result = {
@@ -311,67 +292,59 @@ def run_evaluation(
         "normality_priors": priors,
         "seconds": time.perf_counter() - t_start,
     }
-    atomic_write_json(output, _jsonable(result))
+    atomic_write_json(output, jsonable(result))
     return result
 
 
-def _run_method(method, extractor, support_imgs, support_feats, test_feats, test_seconds, d: CategoryData,
-                image_size, target_fpr, inner_steps, bayes_ckpt, proto_ckpt, frozen_ckpt):
-    size = (image_size, image_size)
+def _evaluate_category(d: CategoryData, methods: list[str], context: MethodContext, train_feats: torch.Tensor,
+                       test_feats: torch.Tensor, test_seconds: float, shots: Sequence[int], seeds: int,
+                       image_size: int, target_fpr: float, test_pool: set[str], output: Path, records: list[dict],
+                       progress: Callable[[str], None]) -> list[str]:
+    """Every method on every support draw of one category: records appended to ``records``; returns the
+    pictures written (the first method's overlays and every method's ROC, at the largest K, first draw)."""
+    c = d.name
+    pictures: list[str] = []
+    curves: dict[str, tuple] = {}
+    for k in shots:
+        for s in range(seeds):
+            idx = support_indices(len(d.train_images), k, s, c)
+            check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": test_pool})
+            for method in methods:
+                rec, maps, scores = _run_method(get_method(method).build(context), train_feats[idx].float(),
+                                                test_feats, test_seconds, d, image_size, target_fpr)
+                rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr)
+                records.append({key: rec.get(key) for key in RECORD_KEYS})
+                progress(_record_line(records[-1]))
+                if s == 0 and k == max(shots):
+                    curves[method] = roc_curve(d.test_labels, scores)
+                    if method == methods[0]:
+                        pictures.append(str(_write_overlays(output, c, method, d, maps, scores)))
+    if curves:
+        pictures.append(str(plot_roc(curves, output.with_name(f"{output.stem}_roc_{c}.png"),
+                                     f"{c}: image ROC, K={max(shots)}")))
+    return pictures
+
+
+def _run_method(method: Method, support_feats: torch.Tensor, test_feats: torch.Tensor, test_seconds: float,
+                d: CategoryData, image_size: int, target_fpr: float) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Fit one method on the support's features, score the test set: its record, maps and image scores.
+
+    Feature extraction is timed once per test set; its share for the support is counted in the adaptation
+    time and the whole of it in the scoring time of every method alike.
+    """
     n_test = len(d.test_images)
     t0 = time.perf_counter()
-    if method in ("bayes", "bayes-frozen"):
-        ck = bayes_ckpt if method == "bayes" else frozen_ckpt
-        site = adapt(ck, list(support_imgs), steps=inner_steps if method == "bayes" else 0,
-                     target_fpr=target_fpr, extractor=extractor)
-        adapt_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        maha = site.mahalanobis(test_feats)
-        results = site.results_from_mahalanobis(maha, size)
-        score_seconds = time.perf_counter() - t1 + test_seconds
-        scores = np.array([r.score for r in results])
-        maps = np.stack([r.anomaly_map for r in results])
-        threshold = site.threshold
-        calibration = {
-            "threshold": threshold,
-            "shift_covariate": site.info.get("shift_covariate"),
-            "loo_statistics": site.info.get("loo_statistics"),
-            "site_calibration": site.calibration.as_dict(),
-            "normal_statistics": scores[d.test_labels == 0].tolist(),
-        }
-    else:
-        if method == "protomaml":
-            model = proto_ckpt.model
-            with torch.enable_grad():
-                task = clone(model).adapt(support_feats, inner_steps)
-            params = {k: v.detach() for k, v in task.params.items()}
-            with torch.no_grad():
-                proto = model.prototype(model.embed(support_feats, params))
-
-            def fit_score(sup, q):
-                with torch.no_grad():
-                    p = model.prototype(model.embed(sup, params))
-                    return image_scores(p.mahalanobis(model.embed(q, params))).numpy()
-
-            def patch(feats):
-                with torch.no_grad():
-                    return proto.mahalanobis(model.embed(feats, params))
-        else:
-            cls = PatchCore if method == "patchcore" else PaDiM
-            scorer = cls().fit(support_feats)
-
-            def fit_score(sup, q):
-                return image_scores(cls().fit(sup).patch_scores(q)).numpy()
-
-            patch = scorer.patch_scores
-        threshold = _loo_threshold(fit_score, support_feats)
-        adapt_seconds = time.perf_counter() - t0 + test_seconds * len(support_imgs) / n_test
-        t1 = time.perf_counter()
-        patch_maps = patch(test_feats)
-        scores = image_scores(patch_maps).numpy()
-        maps = anomaly_map(patch_maps.float(), size).numpy()
-        score_seconds = time.perf_counter() - t1 + test_seconds
-        calibration = None
+    method.fit(support_feats)
+    threshold = method.threshold(target_fpr)
+    adapt_seconds = time.perf_counter() - t0 + test_seconds * support_feats.shape[0] / n_test
+    t1 = time.perf_counter()
+    out = method.score(test_feats)
+    scores = np.asarray(out.image)
+    maps = anomaly_map(out.patches.float(), (image_size, image_size)).cpu().numpy()
+    score_seconds = time.perf_counter() - t1 + test_seconds
+    calibration = method.calibration_info()
+    if calibration is not None:
+        calibration = {**calibration, "normal_statistics": scores[d.test_labels == 0].tolist()}
     pix = pixel_metrics(d.test_masks, maps) if d.has_pixel_masks else {"pixel_auroc": None, "aupro": None}
     finite = threshold is not None and math.isfinite(threshold)
     rec = {
@@ -429,10 +402,8 @@ def markdown_table(result: dict) -> str:
 def _write_overlays(output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray,
                     scores: np.ndarray, n: int = 6) -> Path:
     """Heatmap overlays of the highest-scored test images, with their ground truth outlines."""
-    from matplotlib.figure import Figure
-
     order = np.argsort(-scores)[:n]
-    fig = Figure(figsize=(2.2 * len(order), 2.6))
+    fig = new_figure(2.2 * len(order), 2.6)
     lo, hi = np.percentile(maps, 1), np.percentile(maps, 99.9)
     for j, i in enumerate(order):
         ax = fig.add_subplot(1, len(order), j + 1)
@@ -443,21 +414,4 @@ def _write_overlays(output: Path, category: str, method: str, d: CategoryData, m
         ax.set_title(f"{Path(d.test_ids[i]).parent.name}\nscore {scores[i]:.2f}", fontsize=7)
         ax.axis("off")
     fig.suptitle(f"{category}: highest-scored test images ({method})", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    path = output.with_name(f"{output.stem}_overlay_{category}.png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj
+    return save_figure(fig, output.with_name(f"{output.stem}_overlay_{category}.png"), dpi=90)

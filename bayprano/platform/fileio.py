@@ -1,14 +1,18 @@
-"""Atomic file writes: a file is either written whole or left as it was, never half-written."""
+"""Atomic file writes (a file is either written whole or left as it was, never half-written), and the one
+JSON sanitiser."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import numpy as np
 
 
 def _current_umask() -> int:
@@ -49,6 +53,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` made plain for JSON: numpy scalars and arrays as Python numbers and lists, paths as strings,
+    tuples as lists, keys as strings, and infinite or NaN floats as None."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -27,7 +27,6 @@ are real; NaN is refused, infinities are allowed. Problems with the inputs raise
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
@@ -37,7 +36,6 @@ import numpy as np
 from scipy import ndimage
 
 from bayprano.platform.errors import DataError
-from bayprano.platform.fileio import atomic_write_bytes
 
 __all__ = [
     "roc_curve",
@@ -435,13 +433,11 @@ def plot_roc(
     ``curves`` maps a method name to ``(fpr, tpr)`` (a ``roc_curve`` result also works: only its first
     two arrays are used). The file is replaced atomically; pyplot and the global backend are untouched.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from bayprano.platform.figures import new_figure, save_figure
 
     if not curves:
         raise DataError("plot_roc needs at least one curve")
-    fig = Figure(figsize=(5, 5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(5, 5)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
     for name, curve in curves.items():
@@ -456,7 +452,4 @@ def plot_roc(
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)

@@ -13,33 +13,24 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bayprano.platform.figures import new_figure, save_figure
+from bayprano.platform.fileio import atomic_write_json, atomic_write_text, jsonable
 
 DECISION_COLOURS = {"normal": "#2e7d32", "anomalous": "#c62828", "review": "#f9a825"}
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
+    return new_figure(width, height)
 
 
 def _save(fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return save_figure(fig, path)
 
 
 def plot_training(history: Sequence[Mapping], path: str | Path) -> Path:
@@ -245,7 +236,7 @@ def write_report(report_dir: str | Path, results: Mapping) -> dict[str, Path]:
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
-    serialisable = json.loads(json.dumps(results, default=_json_default))
+    serialisable = jsonable(results)
     return {
         "results": atomic_write_json(report_dir / "results.json", serialisable),
         "markdown": atomic_write_text(report_dir / "report.md", "\n".join(md) + "\n"),
@@ -253,11 +244,3 @@ def write_report(report_dir: str | Path, results: Mapping) -> dict[str, Path]:
     }
 
 
-def _json_default(obj):
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

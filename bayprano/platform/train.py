@@ -23,7 +23,8 @@ from bayprano.platform.data.anomalies import AnomalyInjector
 from bayprano.platform.data.imageio import is_image_file, load_image
 from bayprano.platform.data.mvtec import GOOD, list_categories
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.evaluate import _resize, pixel_hashes
+from bayprano.platform.data.imageio import resize_square
+from bayprano.platform.evaluate import pixel_hashes
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.meta.protomaml import (
     MetaConfig,
@@ -99,7 +100,7 @@ def load_pool(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -
             )
     images, names = {}, {}
     for c, paths in files.items():
-        images[c] = np.stack([_resize(load_image(p), cfg.image_size) for p in paths])
+        images[c] = np.stack([resize_square(load_image(p), cfg.image_size) for p in paths])
         names[c] = [str(p) for p in paths]
         if progress:
             progress(f"loaded {c}: {len(paths)} train/good images at {cfg.image_size} px")

@@ -220,24 +220,19 @@ def _check_name(name: Optional[str], where: str) -> Optional[str]:
 def render_map(site_model, image: np.ndarray, result, mode: str) -> str:
     """The anomaly map of one result as base64 PNG: a heatmap over the image (``png``) or a binary mask of
     the pixels over the threshold (``mask``), at the image's own size."""
-    from matplotlib import colormaps
     from PIL import Image
 
     from bayprano.platform.data.imageio import encode_png
+    from bayprano.platform.model.anomaly_map import heat_level, overlay
 
     h, w = image.shape[:2]
     amap = result.anomaly_map.astype(np.float32)
     if mode == "mask":
         mask = np.asarray(Image.fromarray(amap).resize((w, h), Image.BILINEAR)) >= result.map_threshold
         return base64.b64encode(encode_png(mask)).decode()
-    d, df = site_model.model.dim, site_model.df
-    maha = df * np.expm1(np.minimum(2 * amap.astype(np.float64) / (df + d), 50.0))
-    level = maha / max(float(maha.max()), 1e-12) * (result.score / result.threshold if result.threshold else 1.0)
-    level = np.asarray(Image.fromarray(level.astype(np.float32)).resize((w, h), Image.BILINEAR)).clip(0, 1)
-    colour = colormaps["jet"](level)[..., :3] * 255
-    alpha = (0.2 + 0.5 * level)[..., None]
-    overlay = ((1 - alpha) * image + alpha * colour).round().clip(0, 255).astype(np.uint8)
-    return base64.b64encode(encode_png(overlay)).decode()
+    level = heat_level(amap, result.score, result.threshold, site_model.model.dim, site_model.df)
+    picture = overlay(image, level)
+    return base64.b64encode(encode_png(picture)).decode()
 
 
 class _Failed:

@@ -84,3 +84,12 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
 def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write an image or mask as PNG, atomically."""
     return atomic_write_bytes(path, encode_png(array, compress_level=6))
+
+
+def resize_square(image: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
+    """An image (bilinear) or a boolean mask (nearest) resized to ``size`` x ``size``; unchanged if it is."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    if mask:
+        return np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))

@@ -2,10 +2,9 @@
 
 ``local_meta_update`` loads the global parameter vector into the site's model, runs ``local_steps``
 Proto-MAML episodes on the site's categories (its own images only; they never leave the site) and
-returns the delta (new - global) in the same ``ParameterLayout`` with a few scalar metrics. Without a
-proximal term it is exactly ``protomaml.meta_train`` for ``local_steps`` episodes (a fresh Adam each
-round); with FedProx (``fedprox_mu > 0``) the same loop is run here with mu / 2 * ||w - w_global||^2
-added to each episode's outer loss, because ``meta_train`` has no hook for it.
+returns the delta (new - global) in the same ``ParameterLayout`` with a few scalar metrics. It is
+``meta_train`` for ``local_steps`` episodes (a fresh Adam each round); with FedProx (``fedprox_mu > 0``)
+mu / 2 * ||w - w_global||^2 is one of ``meta_train``'s extra loss terms.
 """
 
 from __future__ import annotations
@@ -16,44 +15,16 @@ import numbers
 import time
 from typing import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.federated.aggregation import fedprox_penalty
 from bayprano.platform.federated.state import ParameterLayout
-from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, episode_loss, meta_train, sample_episode
+from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, meta_train
 from bayprano.platform.model.bayes import BayesianPatchModel
 
 METRIC_KEYS = ("loss", "pixel_bce", "image_bce", "supcon")
-
-
-def _proximal_meta_train(
-    model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig, global_vector: Tensor, mu: float
-) -> dict[str, float]:
-    """``meta_train``'s loop (same draws, optimiser and gradient clipping) plus the FedProx term."""
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    names = sorted(banks)
-    params = [p for _, p in model.named_parameters()]  # the layout's order (checked by load_into)
-    anchor = global_vector.to(params[0].device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model.train()
-    rows = []
-    for _ in range(cfg.episodes):
-        bank = banks[names[rng.integers(len(names))]]
-        episode = sample_episode(bank, cfg.shots, cfg.n_query_normal, cfg.n_query_anomalous, rng)
-        loss, metrics = episode_loss(model, episode, cfg, gen)
-        prox = fedprox_penalty(torch.cat([p.reshape(-1) for p in params]), anchor, mu)
-        opt.zero_grad(set_to_none=True)
-        (loss + prox).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        metrics["prox"] = prox.item()
-        rows.append(metrics)
-    model.eval()
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def local_meta_update(
@@ -98,12 +69,13 @@ def local_meta_update(
     start = layout.check_vector(global_vector, "global vector")
     layout.load_into(model, start)
     t0 = time.perf_counter()
-    if fedprox_mu == 0:
-        row = meta_train(model, banks, local_cfg, log_every=local_cfg.episodes)[-1]
-        metrics = {k: float(row[k]) for k in METRIC_KEYS}
-        metrics["prox"] = 0.0
-    else:
-        metrics = _proximal_meta_train(model, banks, local_cfg, start, float(fedprox_mu))
+    extra = {}
+    if fedprox_mu:
+        anchor = start.to(next(model.parameters()).device)
+        extra["prox"] = lambda m: fedprox_penalty(torch.cat([p.reshape(-1) for p in m.parameters()]), anchor,
+                                                  float(fedprox_mu))
+    row = meta_train(model, banks, local_cfg, log_every=local_cfg.episodes, extra_losses=extra)[-1]
+    metrics = {k: float(row.get(k, 0.0)) for k in (*METRIC_KEYS, "prox")}
     delta = layout.flatten(model) - start
     metrics.update(episodes=float(local_cfg.episodes), delta_norm=float(delta.norm()),
                    seconds=time.perf_counter() - t0)

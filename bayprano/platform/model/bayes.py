@@ -11,6 +11,7 @@ lives in ``bayprano.platform.meta``).
 from __future__ import annotations
 
 import math
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,31 +19,57 @@ from torch import Tensor, nn
 
 from bayprano.platform.model.niw import NIWHyper, NIWPrototype, window_statistics
 
-PROTOTYPES = ("niw", "euclidean")
+
+class Prototype(Protocol):
+    """What the inner loop, the outer loss and scoring need of a prototype of normal patch embeddings.
+
+    ``fit(z, positions)`` on support maps (K, d, h, w) returns self (learned state ends in ``_``);
+    ``distance(x)`` is the query patches' distance to it, the quantity the score-to-logit maps take,
+    and ``score(x)`` their anomaly score, a monotone function of it: (B, h, w), or (B, P') when fitted
+    at the flat indices ``positions`` only.
+    """
+
+    def fit(self, z: Tensor, positions: Tensor | None = None) -> "Prototype": ...
+
+    def distance(self, x: Tensor) -> Tensor: ...
+
+    def score(self, x: Tensor) -> Tensor: ...
 
 
 class EuclideanPrototype:
     """Deterministic prototype: the window-pooled mean embedding per position.
 
-    ``mahalanobis`` returns the squared Euclidean distance in units of the support's average per-channel
-    variance, so that it is on the same scale as the Bayesian model's Mahalanobis distance and shares
-    its logit maps and inner-loop loss.
+    ``distance`` is the squared Euclidean distance in units of the support's average per-channel
+    variance, so that it is on the scale of the Bayesian model's Mahalanobis distance and shares its
+    logit maps; ``score`` is log(1 + distance).
     """
 
     def __init__(self, window: int = 3):
         self.window = window
 
-    def fit(self, z: Tensor) -> "EuclideanPrototype":
-        _, self.mean_, _ = window_statistics(z, self.window)
+    def fit(self, z: Tensor, positions: Tensor | None = None) -> "EuclideanPrototype":
+        _, self.mean_, _ = window_statistics(z, self.window, positions)
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         self.unit_ = flat.var(0, unbiased=False).mean().clamp_min(1e-12)
         self.shape_ = tuple(z.shape[1:])
+        self.positions_ = positions
         return self
 
-    def mahalanobis(self, z: Tensor) -> Tensor:
+    def distance(self, z: Tensor) -> Tensor:
         b, d, h, w = z.shape
         x = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
+        if self.positions_ is not None:
+            return (x[:, self.positions_] - self.mean_[None]).pow(2).sum(-1) / self.unit_
         return ((x - self.mean_[None]).pow(2).sum(-1) / self.unit_).reshape(b, h, w)
+
+    def score(self, z: Tensor) -> Tensor:
+        return torch.log1p(self.distance(z))
+
+
+PROTOTYPES: dict[str, Callable[["BayesianPatchModel"], Prototype]] = {
+    "niw": lambda model: NIWPrototype(model.hyper()),
+    "euclidean": lambda model: EuclideanPrototype(model.window),
+}
 
 
 def _inv_softplus(x: float) -> float:
@@ -131,12 +158,10 @@ class BayesianPatchModel(nn.Module):
         out["inner_lr"] = float(self.log_inner_lr.detach().exp())
         return out
 
-    def prototype(self, support_embeddings: Tensor) -> NIWPrototype | EuclideanPrototype:
+    def prototype(self, support_embeddings: Tensor, positions: Tensor | None = None) -> Prototype:
         """The fitted prototype: Bayesian (NIW, Student-t) or, for the deterministic Proto-MAML control,
         the window-pooled mean with a squared Euclidean distance."""
-        if self.prototype_kind == "euclidean":
-            return EuclideanPrototype(self.window).fit(support_embeddings)
-        return NIWPrototype(self.hyper()).fit(support_embeddings)
+        return PROTOTYPES[self.prototype_kind](self).fit(support_embeddings, positions)
 
     def pixel_logits(self, mahalanobis: Tensor) -> Tensor:
         return self.pixel_log_scale.exp() * (torch.log(mahalanobis / self.dim + 1e-6) - self.pixel_bias)

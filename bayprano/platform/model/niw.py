@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -144,7 +145,18 @@ class StudentT:
     def log_kernel(self, maha: Tensor) -> Tensor:
         """-(df + d)/2 log(1 + m/df): the log density relative to its value at the mode."""
         df = self.df[..., None] if maha.dim() > self.df.dim() else self.df
-        return -(df + self.dim) / 2 * torch.log1p(maha / df)
+        return -patch_score(maha, df, self.dim)
+
+
+def patch_score(maha: Tensor, df: Tensor | float, dim: int) -> Tensor:
+    """A patch's anomaly score from its squared Mahalanobis distance under a Student-t with ``df``
+    degrees of freedom in ``dim`` dimensions: (df + d)/2 log(1 + m/df), minus the log kernel."""
+    return (df + dim) / 2 * torch.log1p(maha / df)
+
+
+def distance_from_patch_score(score, df: float, dim: int):
+    """The inverse of ``patch_score`` on numpy arrays (clipped so that it stays finite)."""
+    return df * np.expm1(np.minimum(2 * np.asarray(score, dtype=np.float64) / (df + dim), 50.0))
 
 
 # --------------------------------------------------------------------------------------- statistics
@@ -221,21 +233,44 @@ class NIWPrototype:
     """Bayesian prototype of normal patch embeddings, in the scikit-learn estimator style.
 
     ``NIWPrototype(hyper).fit(z).score(x)``: ``fit`` takes support maps (K, d, H, W) and sets the learned
-    state (``predictive_``, ``global_``, ``local_``, ``shape_``, ``n_support_``); ``score`` returns patch
-    scores (B, H, W) for query maps (B, d, H, W) of the same grid.
+    state (``predictive_``, ``global_``, ``local_``, ``shape_``, ``n_support_``, ``positions_``);
+    ``distance`` returns squared Mahalanobis maps and ``score`` patch scores (B, H, W) for query maps
+    (B, d, H, W) of the same grid.
     """
 
     def __init__(self, hyper: NIWHyper | None = None):
         self.hyper = (hyper or NIWHyper()).validate()
 
-    def fit(self, z: Tensor) -> "NIWPrototype":
+    def fit(self, z: Tensor, positions: Tensor | None = None) -> "NIWPrototype":
+        """Fit on support maps (K, d, H, W), at every position or only at the flat indices ``positions``
+        (then distances and scores are (B, P') instead of maps)."""
         if z.dim() != 4:
             raise ConfigError(f"NIWPrototype.fit: expected support maps (K, d, H, W), got shape {tuple(z.shape)}")
-        self.global_, self.local_ = fit_posteriors(z, self.hyper)
+        self.global_, self.local_ = fit_posteriors(z, self.hyper, positions)
         self.predictive_ = self.local_.predictive()
         self.shape_ = tuple(z.shape[1:])
         self.n_support_ = z.shape[0]
+        self.positions_ = positions
         return self
+
+    @classmethod
+    def from_predictive(cls, predictive: "StudentT", nu_n: float, kappa_n: float, shape: tuple[int, int, int],
+                        n_support: int | None = None) -> "NIWPrototype":
+        """A fitted prototype from its saved predictive (a site model's artifact), without the posteriors."""
+        proto = cls.__new__(cls)
+        proto.hyper, proto.global_, proto.local_ = None, None, None
+        proto.predictive_, proto.shape_, proto.n_support_, proto.positions_ = predictive, tuple(shape), n_support, None
+        proto.nu_n_, proto.kappa_n_ = float(nu_n), float(kappa_n)
+        return proto
+
+    @property
+    def nu_n(self) -> float:
+        """The posterior's degrees of freedom (the same at every position)."""
+        return float(self.local_.nu.flatten()[0]) if self.local_ is not None else self.nu_n_
+
+    @property
+    def kappa_n(self) -> float:
+        return float(self.local_.kappa.flatten()[0]) if self.local_ is not None else self.kappa_n_
 
     def _positions(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.shape_:
@@ -243,16 +278,18 @@ class NIWPrototype:
                 f"NIWPrototype: query maps have shape {tuple(x.shape[1:])}, the model was fitted on {self.shape_}"
             )
         b, d, h, w = x.shape
-        return x.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        flat = x.permute(2, 3, 0, 1).reshape(h * w, b, d)
+        return flat if self.positions_ is None else flat[self.positions_]
 
-    def mahalanobis(self, x: Tensor) -> Tensor:
+    def _to_maps(self, per_position: Tensor, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        return per_position.t() if self.positions_ is not None else per_position.t().reshape(b, h, w)
+
+    def distance(self, x: Tensor) -> Tensor:
         """Squared Mahalanobis distance of each query patch under its position's predictive: (B, H, W)."""
         return self._to_maps(self.predictive_.mahalanobis(self._positions(x)), x)
 
-    @staticmethod
-    def _to_maps(per_position: Tensor, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
-        return per_position.t().reshape(b, h, w)
+    mahalanobis = distance
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Predictive log density of each query patch: (B, H, W)."""
@@ -266,6 +303,19 @@ class NIWPrototype:
         """
         maha = self.predictive_.mahalanobis(self._positions(x))
         return self._to_maps(-self.predictive_.log_kernel(maha), x)
+
+    def score_from_distance(self, distance: Tensor) -> Tensor:
+        """``score`` from ``distance`` maps (every position has the same degrees of freedom)."""
+        return patch_score(distance, self.df, self.dim)
+
+    @property
+    def dim(self) -> int:
+        return self.predictive_.dim
+
+    @property
+    def df(self) -> float:
+        """The predictive's degrees of freedom (the same at every position)."""
+        return float(self.predictive_.df.flatten()[0])
 
     @property
     def df_(self) -> Tensor:

@@ -37,7 +37,6 @@ straddles it; the reported uncertainty is twice the probability mass of the band
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -48,49 +47,9 @@ from scipy import stats
 from torch import Tensor
 
 from bayprano.platform.errors import ConfigError
+from bayprano.platform.model.anomaly_map import anomaly_map, gaussian_blur
 
 DECISIONS = ("normal", "anomalous", "review")
-
-
-def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian smoothing of (B, H, W) maps, reflect-padded."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    out = maps[:, None]
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return out[:, 0]
-
-
-def anomaly_map(patch_scores: Tensor, size: tuple[int, int], sigma: float = 4.0) -> Tensor:
-    """Patch scores (B, h, w) upsampled (bilinear) to the image size (B, H, W) and smoothed (Gaussian).
-
-    Both steps are linear and separable, so the map is A_H P A_W^T with one precomputed (H, h) and
-    (W, w) matrix per axis: a few small matrix products instead of a 25-tap convolution over every
-    pixel, which cost as much as a tenth of the backbone at 256 px.
-    """
-    b, h, w = patch_scores.shape
-    rows = _map_operator(h, int(size[0]), float(sigma), patch_scores.dtype, patch_scores.device)
-    cols = _map_operator(w, int(size[1]), float(sigma), patch_scores.dtype, patch_scores.device)
-    return rows @ patch_scores @ cols.t()
-
-
-@functools.lru_cache(maxsize=16)
-def _map_operator(n_in: int, n_out: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(n_out, n_in) matrix of 1-D bilinear upsampling (align_corners=False) then the reflect-padded
-    Gaussian blur of ``gaussian_blur``, built by passing unit impulses through both (in float64)."""
-    impulses = torch.eye(n_in, dtype=torch.float64)[:, None, None, :]  # (n_in, 1, 1, n_in)
-    up = F.interpolate(impulses, size=(1, n_out), mode="bilinear", align_corners=False)[:, :, 0]
-    if sigma > 0:
-        radius = max(1, int(math.ceil(3 * sigma)))
-        x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-        kernel = torch.exp(-(x**2) / (2 * sigma**2))
-        up = F.conv1d(F.pad(up, (radius, radius), mode="reflect"), (kernel / kernel.sum()).view(1, 1, -1))
-    return up[:, 0].t().contiguous().to(device=device, dtype=dtype)
 
 
 STATISTIC_SIGMA = 1.0  # in patch cells

@@ -35,7 +35,8 @@ from torch import Tensor
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.fileio import atomic_directory
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
-from bayprano.platform.meta.protomaml import MetaConfig, clone
+from bayprano.platform.meta.inner import adapt_head
+from bayprano.platform.meta.outer import MetaConfig
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype, StudentT
@@ -71,18 +72,15 @@ class ImageResult:
 
 
 class SiteModel:
-    """An adapted per-site model: adapted head, NIW predictive per patch position, calibrated threshold."""
+    """An adapted per-site model: adapted head, the NIW prototype fitted on the support, calibrated threshold."""
 
     def __init__(
         self,
         model: BayesianPatchModel,
-        predictive: StudentT,
-        nu_n: float,
-        kappa_n: float,
+        prototype: NIWPrototype,
         calibration: Calibration | LogNormalCalibration,
         target_fpr: float,
         image_size: int,
-        grid: tuple[int, int],
         info: dict,
         extractor: PatchFeatureExtractor | None = None,
         z_review: float = 1.0,
@@ -90,19 +88,36 @@ class SiteModel:
         if not 0 < target_fpr < 1:
             raise ConfigError(f"target_fpr must be between 0 and 1, got {target_fpr}")
         self.model = model.eval()
-        self.predictive = predictive
-        self.nu_n, self.kappa_n = float(nu_n), float(kappa_n)
+        self.prototype = prototype
         self.calibration = calibration
         self.target_fpr = float(target_fpr)
         self.image_size = int(image_size)
-        self.grid = tuple(grid)
         self.info = dict(info)
         self.z_review = float(z_review)
         self._extractor = extractor
-        self.df = float(predictive.df.flatten()[0])
         self.threshold = calibration.threshold(self.target_fpr, self.df)
 
     # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def predictive(self) -> StudentT:
+        return self.prototype.predictive_
+
+    @property
+    def nu_n(self) -> float:
+        return self.prototype.nu_n
+
+    @property
+    def kappa_n(self) -> float:
+        return self.prototype.kappa_n
+
+    @property
+    def df(self) -> float:
+        return self.prototype.df
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.prototype.shape_[1:])
 
     @property
     def backbone(self) -> str:
@@ -115,8 +130,8 @@ class SiteModel:
         return self._extractor
 
     def with_target_fpr(self, target_fpr: float) -> "SiteModel":
-        return SiteModel(self.model, self.predictive, self.nu_n, self.kappa_n, self.calibration, target_fpr,
-                         self.image_size, self.grid, self.info, self._extractor, self.z_review)
+        return SiteModel(self.model, self.prototype, self.calibration, target_fpr, self.image_size, self.info,
+                         self._extractor, self.z_review)
 
     # ------------------------------------------------------------------------------------- scoring
 
@@ -124,15 +139,13 @@ class SiteModel:
     def mahalanobis(self, features: Tensor) -> Tensor:
         """Squared Mahalanobis maps (B, h, w) of backbone features (B, C, h, w)."""
         z = self.model.embed(features.to(self.predictive.loc.device))
-        b, d, h, w = z.shape
+        h, w = z.shape[-2:]
         if (h, w) != self.grid:
             raise DataError(f"feature grid {h}x{w} does not match the model's {self.grid[0]}x{self.grid[1]}")
-        x = z.permute(2, 3, 0, 1).reshape(h * w, b, d)
-        return self.predictive.mahalanobis(x).t().reshape(b, h, w)
+        return self.prototype.distance(z)
 
     def patch_scores(self, maha: Tensor) -> Tensor:
-        d = self.model.dim
-        return (self.df + d) / 2 * torch.log1p(maha / self.df)
+        return self.prototype.score_from_distance(maha)
 
     def results_from_mahalanobis(self, maha: Tensor, size: tuple[int, int] | None = None) -> list[ImageResult]:
         stat = image_statistic(maha, self.model.dim).cpu().numpy()
@@ -227,16 +240,17 @@ class SiteModel:
                 model.head.weight.copy_(t["head_weight"])
                 model.head.bias.copy_(t["head_bias"])
             model.set_feature_statistics(t["feature_mean"], t["feature_std"])
-            predictive = StudentT(t["loc"], t["scale_tril"], t["df"])
+            prototype = NIWPrototype.from_predictive(
+                StudentT(t["loc"], t["scale_tril"], t["df"]), meta["nu_n"], meta["kappa_n"],
+                (meta["dim"], *meta["grid"]), meta.get("support_size"))
             info = {k: meta[k] for k in _INFO_KEYS if k in meta}
             if extractor is not None and extractor.fingerprint() != meta["backbone_fingerprint"]:
                 raise DataError(
                     f"{path}: model was adapted on backbone {meta['backbone_fingerprint']}, "
                     f"not {extractor.fingerprint()}"
                 )
-            return cls(model, predictive, meta["nu_n"], meta["kappa_n"], calibration_from_dict(meta["calibration"]),
-                       meta["target_fpr"], meta["image_size"], tuple(meta["grid"]), info, extractor,
-                       meta.get("z_review", 1.0))
+            return cls(model, prototype, calibration_from_dict(meta["calibration"]), meta["target_fpr"],
+                       meta["image_size"], info, extractor, meta.get("z_review", 1.0))
         except (KeyError, TypeError, RuntimeError) as exc:
             raise DataError(f"{path}: artifact is incomplete or inconsistent ({exc.__class__.__name__}: {exc})") from None
 
@@ -282,53 +296,68 @@ def adapt(
     ckpt = checkpoint if isinstance(checkpoint, MetaCheckpoint) else load_checkpoint(checkpoint)
     if len(support_images) < 1:
         raise ConfigError("adaptation needs at least one good support image")
-    if not 0 < target_fpr < 1:
-        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
-    steps = int(ckpt.meta_config.get("inner_steps", 0)) if steps is None else int(steps)
-    if not 0 <= steps <= 10:
-        raise ConfigError(f"--steps must be between 0 and 10, got {steps}")
-    if inner_positions is None:
-        inner_positions = ckpt.meta_config.get("inner_positions", MetaConfig.inner_positions)
-    if isinstance(inner_positions, bool) or not isinstance(inner_positions, int) or inner_positions < 0:
-        raise ConfigError(f"inner_positions must be a non-negative integer, got {inner_positions!r}")
+    _adapt_settings(ckpt, target_fpr, steps, inner_positions)
     extractor = extractor or build_backbone(ckpt.backbone)
     if extractor.fingerprint() != ckpt.backbone_fingerprint:
         raise ConfigError(
             f"checkpoint was meta-trained on backbone {ckpt.backbone_fingerprint}, not {extractor.fingerprint()}"
         )
-    stages, clock = {}, _StageClock(extractor.device)
+    clock = _StageClock(extractor.device)
     features = extractor.extract(list(support_images), size=ckpt.image_size)
-    stages["features"] = clock.lap()
+    features_seconds = clock.lap()
+    site = adapt_features(ckpt, features, steps, target_fpr, z_review, calibration_strength, inner_positions,
+                          support_ids=[_image_hash(im) for im in support_images], extractor=extractor)
+    site.info["adapt_stage_seconds"] = {"features": features_seconds, **site.info["adapt_stage_seconds"]}
+    site.info["adapt_seconds"] = time.perf_counter() - start
+    return site
+
+
+def adapt_features(
+    checkpoint: MetaCheckpoint,
+    features: Tensor,
+    steps: int | None = None,
+    target_fpr: float = 0.05,
+    z_review: float = 1.0,
+    calibration_strength: float = 4.0,
+    inner_positions: int | None = None,
+    support_ids: Sequence[str] | None = None,
+    extractor: PatchFeatureExtractor | None = None,
+) -> SiteModel:
+    """``adapt`` on the support's backbone features (K, C, h, w), already extracted at the checkpoint's
+    image size; ``support_ids`` are recorded as the support's hashes."""
+    start = time.perf_counter()
+    ckpt = checkpoint
+    if features.shape[0] < 1:
+        raise ConfigError("adaptation needs at least one good support image")
+    steps, inner_positions = _adapt_settings(ckpt, target_fpr, steps, inner_positions)
+    stages, clock = {}, _StageClock(features.device)
+    shots = features.shape[0]
     model = _copy_model(ckpt.model).to(features.device)
     h, w = features.shape[-2:]
     positions = None
     if steps and inner_positions and inner_positions < h * w:
         gen = torch.Generator().manual_seed(INNER_POSITIONS_SEED)
         positions = torch.randperm(h * w, generator=gen)[:inner_positions].to(features.device)
-    with torch.enable_grad():
-        task = clone(model).adapt(features, steps, first_order=True, positions=positions)
+    adapted = adapt_head(model, features, steps, positions)
+    proto, z = adapted.prototype, adapted.support_embeddings
+    with torch.no_grad():
+        model.head.weight.copy_(adapted.params["weight"])
+        model.head.bias.copy_(adapted.params["bias"])
     stages["inner_loop"] = clock.lap()
     with torch.no_grad():
-        model.head.weight.copy_(task.params["weight"].detach())
-        model.head.bias.copy_(task.params["bias"].detach())
-        z = model.embed(features)
-        hyper = model.hyper()
-        proto = NIWPrototype(hyper).fit(z)
-        stages["posterior"] = clock.lap()
-        covariate = shift_covariate(proto.mahalanobis, z, model.dim)
+        covariate = shift_covariate(proto.distance, z, model.dim)
         if ckpt.normality is not None:
             # The covariate-conditioned prior where the support has no leave-one-out statistic; with them, the
             # plain prior, which defers more to the site's own evidence (measured in the README's table).
-            calibration = ckpt.normality.for_shots(len(support_images),
-                                                   covariate if len(support_images) < 2 else None)
+            calibration = ckpt.normality.for_shots(shots, covariate if shots < 2 else None)
         else:
             calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []
-        if len(support_images) >= 2:
-            for i in range(z.shape[0]):
-                rest = NIWPrototype(hyper).fit(torch.cat([z[:i], z[i + 1 :]]))
-                stat = float(image_statistic(rest.mahalanobis(z[i : i + 1]), model.dim)[0])
-                loo.append((stat, float(rest.df_[0])))
+        if shots >= 2:
+            for i in range(shots):
+                rest = model.prototype(torch.cat([z[:i], z[i + 1 :]]))
+                stat = float(image_statistic(rest.distance(z[i : i + 1]), model.dim)[0])
+                loo.append((stat, rest.df))
             if isinstance(calibration, LogNormalCalibration):
                 calibration = calibration.update([s for s, _ in loo])
             else:
@@ -338,8 +367,8 @@ def adapt(
         "backbone": ckpt.backbone,
         "backbone_fingerprint": ckpt.backbone_fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "support_size": len(support_images),
-        "support_sha256": [_image_hash(im) for im in support_images],
+        "support_size": shots,
+        "support_sha256": list(support_ids or []),
         "inner_steps": steps,
         "inner_positions": 0 if not steps else h * w if positions is None else len(positions),
         "checkpoint_sha256": ckpt.sha256,
@@ -348,8 +377,22 @@ def adapt(
         "adapt_seconds": time.perf_counter() - start,
         "adapt_stage_seconds": stages,
     }
-    return SiteModel(model, proto.predictive_, float(proto.local_.nu[0]), float(proto.local_.kappa[0]), calibration,
-                     target_fpr, ckpt.image_size, tuple(z.shape[-2:]), info, extractor, z_review)
+    return SiteModel(model, proto, calibration, target_fpr, ckpt.image_size, info, extractor, z_review)
+
+
+def _adapt_settings(ckpt: MetaCheckpoint, target_fpr: float, steps: int | None,
+                    inner_positions: int | None) -> tuple[int, int]:
+    """Checked inner steps and inner positions, None taking the checkpoint's meta-training settings."""
+    if not 0 < target_fpr < 1:
+        raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")
+    steps = int(ckpt.meta_config.get("inner_steps", 0)) if steps is None else int(steps)
+    if not 0 <= steps <= 10:
+        raise ConfigError(f"--steps must be between 0 and 10, got {steps}")
+    if inner_positions is None:
+        inner_positions = ckpt.meta_config.get("inner_positions", MetaConfig.inner_positions)
+    if isinstance(inner_positions, bool) or not isinstance(inner_positions, int) or inner_positions < 0:
+        raise ConfigError(f"inner_positions must be a non-negative integer, got {inner_positions!r}")
+    return steps, inner_positions
 
 
 class _StageClock:

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.federated.aggregation import FedAvgServer, weighted_average
-from bayprano.platform.federated.local import _proximal_meta_train, local_meta_update
+from bayprano.platform.federated.aggregation import FedAvgServer, fedprox_penalty, weighted_average
+from bayprano.platform.federated.local import local_meta_update
 from bayprano.platform.federated.privacy import PrivacyAccountant, add_gaussian_noise, clip_update
 from bayprano.platform.federated.secagg import SecAggSite, aggregate
 from bayprano.platform.federated.state import ParameterLayout, decode_update, encode_update
-from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, build_task_bank, feature_statistics
+from bayprano.platform.meta.protomaml import MetaConfig, TaskBank, build_task_bank, feature_statistics, meta_train
 from bayprano.platform.model.bayes import BayesianPatchModel
 
 from toy_tasks import toy_extract, toy_injector
@@ -65,7 +65,12 @@ def test_the_fedprox_loop_is_meta_train_when_mu_is_zero_and_pulls_back_when_it_i
     plain, _ = local_meta_update(model, site_banks["site-b"], CFG, 4, start, layout, seed=5)
     layout.load_into(model, start)
     cfg = MetaConfig(**{**CFG.__dict__, "episodes": 4, "seed": 5})
-    metrics = _proximal_meta_train(model, site_banks["site-b"], cfg, start, 0.0)
+
+    def zero_prox(m):
+        return fedprox_penalty(torch.cat([p.reshape(-1) for p in m.parameters()]), start, 0.0)
+
+    metrics = meta_train(model, site_banks["site-b"], cfg, log_every=cfg.episodes,
+                         extra_losses={"prox": zero_prox})[-1]
     torch.testing.assert_close(layout.flatten(model) - start, plain)
     assert metrics["prox"] == 0.0
     prox, prox_metrics = local_meta_update(model, site_banks["site-b"], CFG, 4, start, layout, fedprox_mu=50.0, seed=5)

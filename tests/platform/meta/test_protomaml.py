@@ -10,6 +10,7 @@ from bayprano.platform.errors import ConfigError
 from bayprano.platform.meta.protomaml import (
     MetaConfig,
     TaskBank,
+    adapt_head,
     build_task_bank,
     calibrate,
     clone,
@@ -105,3 +106,48 @@ def test_meta_training_lowers_the_outer_loss_and_calibrates():
     assert after < 0.8 * before
     cal = calibrate(model, {"toy": bank}, cfg)
     assert cal.shape == 4 * 2 and 0 < cal.effective_patches < 64
+
+
+def test_adapt_head_is_clone_adapt_detached_with_the_prototype_of_the_adapted_support():
+    bank = toy_bank()
+    model = make_model(bank)
+    support, query = bank.normals[:3].float(), bank.anomalies[:2].float()
+    adapted = adapt_head(model, support, steps=2)
+    task = clone(model).adapt(support, steps=2)
+    for name, value in task.params.items():
+        torch.testing.assert_close(adapted.params[name], value.detach())
+        assert not adapted.params[name].requires_grad
+    z = task.embed(support).detach()
+    torch.testing.assert_close(adapted.support_embeddings, z)
+    torch.testing.assert_close(adapted.distance(query), model.prototype(z).distance(task.embed(query).detach()))
+    assert adapt_head(model, support, steps=0).params["weight"].data_ptr() == model.head.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["niw", "euclidean"])
+def test_a_prototype_fitted_at_some_positions_scores_exactly_those_positions(kind):
+    model = BayesianPatchModel(in_channels=12, dim=6, seed=0, prototype=kind)
+    z = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([0, 7, 12, 24])
+    full = model.prototype(z[:3])
+    part = model.prototype(z[:3], positions)
+    torch.testing.assert_close(part.distance(z[3:]), full.distance(z[3:]).flatten(1)[:, positions])
+    torch.testing.assert_close(part.score(z[3:]), full.score(z[3:]).flatten(1)[:, positions])
+    assert full.distance(z[3:]).shape == (1, 5, 5)
+    assert torch.all(full.score(z[3:])[0].flatten().argsort() == full.distance(z[3:])[0].flatten().argsort())
+
+
+def test_meta_train_adds_each_extra_loss_term_and_reports_it_under_its_name():
+    bank = toy_bank(n=16)
+    cfg = MetaConfig(shots=3, inner_steps=1, episodes=3, n_query_normal=2, n_query_anomalous=2, inner_positions=32)
+    plain, pulled = make_model(bank), make_model(bank)
+    anchor = torch.cat([p.detach().reshape(-1) for p in pulled.parameters()])
+    rows = meta_train(plain, {"toy": bank}, cfg, log_every=3)
+    pulled_rows = meta_train(pulled, {"toy": bank}, cfg, log_every=3, extra_losses={
+        "pull": lambda m: 1e3 * (torch.cat([p.reshape(-1) for p in m.parameters()]) - anchor).pow(2).sum()})
+    assert "pull" not in rows[-1] and pulled_rows[-1]["pull"] > 0
+    assert rows[0]["loss"] == pytest.approx(pulled_rows[0]["loss"], rel=0.2)  # the outer loss without the term
+
+    def moved(m: BayesianPatchModel) -> float:
+        return float((torch.cat([p.detach().reshape(-1) for p in m.parameters()]) - anchor).norm())
+
+    assert moved(pulled) < 0.5 * moved(plain)

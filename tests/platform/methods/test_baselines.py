@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bayprano.platform.baselines import PaDiM, PatchCore, greedy_coreset, image_scores
+from bayprano.platform.methods.anomaly_map import image_scores
+from bayprano.platform.methods.padim.torch_model import PaDiM
+from bayprano.platform.methods.patchcore.torch_model import PatchCore, greedy_coreset
 
 
 def features(n: int, c: int = 12, h: int = 5, w: int = 6, seed: int = 0) -> torch.Tensor:

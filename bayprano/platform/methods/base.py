@@ -1,0 +1,173 @@
+"""The method protocol and the registry that evaluate, the demo, the sites' validation and sweeps loop over.
+
+A method is fitted on the support's backbone features and scores query features:
+
+- ``fit(support)`` on (K, C, h, w) features returns self;
+- ``score(features)`` on (B, C, h, w) returns ``MethodScores``: one score per image and the patch
+  scores (B, h, w) that the harness turns into anomaly maps (``anomaly_map``);
+- ``threshold(target_fpr)``: the image-score threshold the support gives (NaN when it cannot tell, e.g.
+  leave-one-out with one shot);
+- ``calibration_info()``: what the threshold came from, or None.
+
+A ``MethodSpec`` names a method and says how to build one from a ``MethodContext`` (the inner steps, the
+target false-positive rate, and the checkpoints a fold provides). ``checkpoint`` is the kind of
+meta-checkpoint the method needs: ``"niw"`` (the meta-trained Bayesian model), ``"euclidean"`` (the
+meta-trained deterministic Proto-MAML control), ``"frozen"`` (the Bayesian model at its initialisation) or
+None (the raw backbone features). Adding a method is one ``register_method`` call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bayprano.platform.errors import ConfigError
+from bayprano.platform.meta.checkpoint import MetaCheckpoint
+from bayprano.platform.methods.anomaly_map import image_scores
+
+CHECKPOINT_KINDS = ("niw", "euclidean", "frozen")
+
+
+@dataclass
+class MethodScores:
+    image: np.ndarray  # (B,) image scores
+    patches: Tensor  # (B, h, w) patch scores on the feature grid
+
+
+class Method(Protocol):
+    def fit(self, support: Tensor) -> "Method": ...
+
+    def score(self, features: Tensor) -> MethodScores: ...
+
+    def threshold(self, target_fpr: float) -> float: ...
+
+    def calibration_info(self) -> dict | None: ...
+
+
+@dataclass
+class MethodContext:
+    """What a fold (or a site) gives a method to build on."""
+
+    inner_steps: int = 1
+    target_fpr: float = 0.05
+    checkpoints: Callable[[str], MetaCheckpoint] | None = None  # kind -> checkpoint
+    extractor: object | None = None  # the backbone, recorded in site models
+    kinds: tuple[str, ...] = CHECKPOINT_KINDS  # the checkpoint kinds ``checkpoints`` can provide
+
+    def can_build(self, spec: "MethodSpec") -> bool:
+        return spec.checkpoint is None or (self.checkpoints is not None and spec.checkpoint in self.kinds)
+
+    def checkpoint(self, kind: str) -> MetaCheckpoint:
+        if self.checkpoints is None:
+            raise ConfigError(f"this method needs a {kind!r} meta-checkpoint and none is available here")
+        return self.checkpoints(kind)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    build: Callable[[MethodContext], Method]
+    checkpoint: str | None = None
+    summary: str = ""
+
+
+class MethodRegistry(Mapping[str, MethodSpec]):
+    """Registered methods by name, in registration order."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MethodSpec] = {}
+
+    def __getitem__(self, name: str) -> MethodSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __repr__(self) -> str:
+        return f"MethodRegistry({', '.join(self._specs)})"
+
+
+METHODS = MethodRegistry()
+
+
+def register_method(name: str, build: Callable[[MethodContext], Method], checkpoint: str | None = None,
+                    summary: str = "", replace: bool = False) -> MethodSpec:
+    """Register a method under ``name``; every loop over ``METHODS`` picks it up."""
+    if not name or not isinstance(name, str) or "," in name:
+        raise ConfigError(f"method name must be a non-empty string without commas, got {name!r}")
+    if checkpoint is not None and checkpoint not in CHECKPOINT_KINDS:
+        raise ConfigError(f"method {name!r}: checkpoint must be one of {', '.join(CHECKPOINT_KINDS)} or None, "
+                          f"got {checkpoint!r}")
+    if name in METHODS and not replace:
+        raise ConfigError(f"method {name!r} is already registered")
+    spec = MethodSpec(name, build, checkpoint, summary)
+    METHODS._specs[name] = spec
+    return spec
+
+
+def unregister_method(name: str) -> None:
+    METHODS._specs.pop(name, None)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r} (valid: {', '.join(METHODS)})") from None
+
+
+def loo_threshold(make: Callable[[], Method], support: Tensor) -> float:
+    """The largest leave-one-out image score of the support: each image scored by a method fitted on the
+    others (NaN with one image)."""
+    k = support.shape[0]
+    if k < 2:
+        return math.nan
+    rest = (torch.cat([support[:i], support[i + 1 :]]) for i in range(k))
+    return float(max(make().fit(r).score(support[i : i + 1]).image[0] for i, r in enumerate(rest)))
+
+
+def fitted_scores(method: Method, support: Tensor, query: Tensor) -> tuple[np.ndarray, float]:
+    """Fit ``method`` on ``support``, score ``query``: image scores and the seconds the fit took."""
+    t0 = time.perf_counter()
+    method.fit(support)
+    seconds = time.perf_counter() - t0
+    return method.score(query).image, seconds
+
+
+class PatchModel(Protocol):
+    def fit(self, features: Tensor) -> "PatchModel": ...
+
+    def patch_scores(self, features: Tensor) -> Tensor: ...
+
+
+class PatchScoreMethod:
+    """A method from a torch model of patch scores on the raw backbone features (``fit`` and
+    ``patch_scores``): the image score is the maximum patch score, the threshold the largest
+    leave-one-out support score (no calibration)."""
+
+    def __init__(self, make_model: Callable[[], PatchModel]):
+        self.make_model = make_model
+
+    def fit(self, support: Tensor) -> "PatchScoreMethod":
+        self.model_ = self.make_model().fit(support)
+        self.support_ = support
+        return self
+
+    def score(self, features: Tensor) -> MethodScores:
+        patches = self.model_.patch_scores(features)
+        return MethodScores(image_scores(patches).numpy(), patches)
+
+    def threshold(self, target_fpr: float) -> float:
+        return loo_threshold(lambda: PatchScoreMethod(self.make_model), self.support_)
+
+    def calibration_info(self) -> dict | None:
+        return None

@@ -1,0 +1,54 @@
+"""BayPrAnoMeta: the meta-learned head and NIW prior adapted to the support (the site model), Student-t
+patch scores, the smoothed-maximum image statistic and the calibrated threshold.
+
+``bayes`` uses the meta-trained checkpoint with the harness's inner steps; ``bayes-frozen`` the same model
+at its initialisation, without inner steps (no meta-learning at all).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bayprano.platform.meta.checkpoint import MetaCheckpoint
+from bayprano.platform.methods.base import MethodContext, MethodScores, register_method
+from bayprano.platform.methods.bayes.torch_model import SiteModel, adapt_features
+from bayprano.platform.model.scoring import image_statistic
+
+
+class BayesMethod:
+    def __init__(self, checkpoint: MetaCheckpoint, steps: int, target_fpr: float = 0.05, extractor=None):
+        self.checkpoint, self.steps, self.target_fpr, self.extractor = checkpoint, steps, target_fpr, extractor
+
+    def fit(self, support: Tensor) -> "BayesMethod":
+        self.site_: SiteModel = adapt_features(self.checkpoint, support, steps=self.steps,
+                                               target_fpr=self.target_fpr, extractor=self.extractor)
+        return self
+
+    @torch.no_grad()
+    def score(self, features: Tensor) -> MethodScores:
+        maha = self.site_.mahalanobis(features)
+        return MethodScores(image_statistic(maha, self.site_.model.dim).cpu().numpy(),
+                            self.site_.patch_scores(maha).cpu())
+
+    def threshold(self, target_fpr: float) -> float:
+        return self.site_.with_target_fpr(target_fpr).threshold
+
+    def calibration_info(self) -> dict | None:
+        site = self.site_
+        return {"threshold": site.threshold, "shift_covariate": site.info.get("shift_covariate"),
+                "loo_statistics": site.info.get("loo_statistics"), "site_calibration": site.calibration.as_dict()}
+
+
+def build_bayes(context: MethodContext) -> BayesMethod:
+    return BayesMethod(context.checkpoint("niw"), context.inner_steps, context.target_fpr, context.extractor)
+
+
+def build_frozen(context: MethodContext) -> BayesMethod:
+    return BayesMethod(context.checkpoint("frozen"), 0, context.target_fpr, context.extractor)
+
+
+register_method("bayes", build_bayes, checkpoint="niw",
+                summary="meta-trained head and NIW prior, Student-t scores, calibrated threshold")
+register_method("bayes-frozen", build_frozen, checkpoint="frozen",
+                summary="the Bayesian model at its initialisation (no meta-learning)")

@@ -1,0 +1,73 @@
+"""The method registry: a method registered from its own folder is run by evaluate, listed in the demo's
+method table and validated, with no other edits; the built-in methods keep the protocol."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bayprano.demo import method_rows
+from bayprano.platform.data.synth import generate_dataset
+from bayprano.platform.errors import ConfigError
+from bayprano.platform.evaluate import run_evaluation
+from bayprano.platform.methods import METHODS, MethodContext, get_method, register_method, unregister_method
+from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
+from bayprano.platform.model.bayes import BayesianPatchModel
+
+import mean_distance
+
+
+@pytest.fixture
+def registered():
+    mean_distance.register()
+    yield mean_distance.NAME
+    unregister_method(mean_distance.NAME)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("methods") / "synth"
+    generate_dataset(out, categories=2, size=64, n_train=8, n_test_good=4, n_test_defective=4)
+    return out
+
+
+def test_the_built_in_methods_are_registered_in_the_harness_order():
+    assert list(METHODS)[:5] == ["bayes", "bayes-frozen", "protomaml", "patchcore", "padim"]
+    assert get_method("bayes").checkpoint == "niw" and get_method("padim").checkpoint is None
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        get_method("nope")
+    with pytest.raises(ConfigError, match="already registered"):
+        register_method("padim", lambda context: None)
+
+
+def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root, tmp_path):
+    result = run_evaluation(root, tmp_path / "eval.json", categories=["fabric"], shots=(2,), seeds=1,
+                            episodes=2, image_size=64, backbone="random", progress=lambda m: None)
+    methods = {r["method"] for r in result["records"]}
+    assert methods == set(METHODS) and registered in methods
+    record = next(r for r in result["records"] if r["method"] == registered)
+    assert 0.0 <= record["image_auroc"] <= 1.0 and record["pixel_auroc"] is not None
+    assert math.isfinite(record["measured_fpr"])  # two shots: a leave-one-out threshold
+    rows = method_rows(result, {"fabric": "site-0"})
+    assert {r["method"] for r in rows} == methods and all(r["site"] == "site-0" for r in rows)
+    assert registered in result["summary"]
+
+
+def test_validation_loops_over_the_methods_a_site_can_build(registered):
+    gen = torch.Generator().manual_seed(0)
+    normals = torch.randn(10, 8, 6, 6, generator=gen)
+    anomalies = normals[:3].clone()
+    anomalies[:, :, 2:4, 2:4] += 6.0
+    query = torch.cat([normals[5:8], anomalies])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    model = BayesianPatchModel(8, 4, seed=0)
+    ckpt = model_checkpoint(model, "random", "random:0", 48, (6, 6), inner_steps=1, inner_positions=0)
+    aurocs = validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)])
+    assert set(aurocs) == {"bayes", "patchcore", "padim", registered}  # not the ones needing other checkpoints
+    assert aurocs[registered] == 1.0 and aurocs["patchcore"] == 1.0
+    with pytest.raises(ConfigError, match="not a 'euclidean' checkpoint"):
+        validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)], ["protomaml"])
+    assert MethodContext().can_build(get_method(registered))
