@@ -23,7 +23,6 @@ beside it.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json
+from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, file_sha256
 from bayprano.platform.model.anomaly_map import _map_operator, anomaly_map
 from bayprano.platform.model.niw import patch_score
 from bayprano.platform.model.scoring import STATISTIC_SIGMA, image_statistic
@@ -147,7 +146,7 @@ def export_site_model(model_dir: str | os.PathLike, fmt: str, out: str | os.Path
     target = onnx_path
     if fmt == "openvino":
         target = write_openvino(onnx_path, meta, out / "model.xml")
-    sidecar = {**meta, "files": {p.name: _sha256(p) for p in sorted(out.iterdir())
+    sidecar = {**meta, "files": {p.name: file_sha256(p) for p in sorted(out.iterdir())
                                  if p.suffix in (".onnx", ".xml", ".bin")}}
     atomic_write_json(out / SIDECAR, sidecar)
     return target
@@ -231,10 +230,3 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise DataError(f"{path}: export format {meta.get('format')!r} is not supported (expected {EXPORT_FORMAT})")
     return meta
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

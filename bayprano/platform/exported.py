@@ -50,11 +50,12 @@ class ExportedModel:
                           else self.calibration.threshold(self.target_fpr, self.df))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, target_fpr: float | None = None) -> "ExportedModel":
+    def load(cls, path: str | os.PathLike, target_fpr: float | None = None, threads: int | None = None) -> "ExportedModel":
+        """``threads``: the runtime's CPU threads (default: the runtime's own choice)."""
         path = Path(path)
         meta = read_metadata(path)
         try:
-            run = _onnxruntime(path) if path.suffix == ".onnx" else _openvino(path)
+            run = _onnxruntime(path, threads) if path.suffix == ".onnx" else _openvino(path, threads)
         except Exception as exc:  # the runtimes raise many kinds of errors on a damaged graph
             raise DataError(f"{path}: the runtime cannot load it ({type(exc).__name__}: {str(exc)[:200]})") from None
         try:
@@ -108,12 +109,15 @@ class ExportedModel:
         return heat_level(result.anomaly_map, result.score, result.threshold, self.dim, self.df)
 
 
-def _onnxruntime(path: Path):
+def _onnxruntime(path: Path, threads: int | None):
     try:
         import onnxruntime as ort
     except ImportError:
         raise ConfigError(f"{path}: scoring an ONNX model needs onnxruntime: pip install onnxruntime") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = list(OUTPUT_NAMES)
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,12 +127,13 @@ def _onnxruntime(path: Path):
     return run
 
 
-def _openvino(path: Path):
+def _openvino(path: Path, threads: int | None):
     try:
         import openvino as ov
     except ImportError:
         raise ConfigError(f"{path}: scoring an OpenVINO model needs openvino: pip install 'bayprano[export]'") from None
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
     outputs = [compiled.output(name) for name in OUTPUT_NAMES]
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
