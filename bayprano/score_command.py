@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayprano.platform.errors import ConfigError
+from bayprano.platform.errors import ConfigError, DataError
 
 BATCH = 16
 
@@ -42,6 +42,8 @@ class LocalScorer:
     def __init__(self, model: str, target_fpr: float | None):
         from bayprano.platform.exported import ExportedModel, is_exported_model
 
+        if Path(model).is_file() and not is_exported_model(model):
+            raise DataError(f"{model}: not a site model folder nor an exported model (.onnx, .xml)")
         if is_exported_model(model):
             self.model = ExportedModel.load(model, target_fpr)
             self.version = self.model.version

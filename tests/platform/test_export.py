@@ -171,6 +171,8 @@ def test_a_corrupt_or_foreign_model_is_refused(exported, tmp_path):
 
     image = tmp_path / "a.png"
     Image.fromarray(good("wood", 9, 1)[0]).save(image)
+    status, _, err = cli("score", "--model", str(image), str(image))
+    assert status == 2 and f"{image}: not a site model folder nor an exported model (.onnx, .xml)" in err
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(graphs["onnx"].read_bytes()[:5000])
     status, _, err = cli("score", "--model", str(broken), str(image))
