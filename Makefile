@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Both create .venv with the system python if it is
-# missing and install the package (editable) with its dev extra.
+# missing and install the package (editable) with its dev and export extras.
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
@@ -12,7 +12,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install -e '.[dev]'
+	$(VENV)/bin/python -m pip install -e '.[dev,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

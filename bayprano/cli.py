@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -318,18 +317,6 @@ def _read_image(path: str | Path):
     return image
 
 
-def _check_image_file(path: str | Path) -> None:
-    """Refuse an unreadable or too small image from its header alone, before any work is done."""
-    from bayprano.platform.data.imageio import image_size
-    from bayprano.platform.model.backbone import MIN_IMAGE_SIZE
-
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such image file")
-    h, w = image_size(path)
-    if min(h, w) < MIN_IMAGE_SIZE:
-        raise DataError(f"{path}: image is {w}x{h} px, smaller than {MIN_IMAGE_SIZE} px on a side")
-
-
 def support_files(spec: str) -> list[Path]:
     """The support images named by a folder (every image file in it), a glob pattern or one file, sorted."""
     from bayprano.platform.data.imageio import is_image_file
@@ -376,69 +363,17 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overlay(image, level):
-    """The image with a heatmap over it (``bayprano.platform.model.anomaly_map.overlay``)."""
-    from bayprano.platform.model.anomaly_map import overlay
-
-    return overlay(image, level)
-
-
-def _heat_level(site, result):
-    """The anomaly map as a heat level (``bayprano.platform.model.anomaly_map.heat_level``)."""
-    from bayprano.platform.model.anomaly_map import heat_level
-
-    return heat_level(result.anomaly_map, result.score, result.threshold, site.model.dim, site.df)
-
-
-def _map_names(paths: Sequence[str]) -> list[str]:
-    """A distinct file name per image: its stem, or parent_stem when stems repeat, numbered if still not distinct."""
-    stems = [Path(p).stem for p in paths]
-    if len(set(stems)) < len(stems):
-        stems = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths]
-    names, seen = [], set()
-    for stem in stems:
-        name, n = stem, 1
-        while name in seen:
-            name, n = f"{stem}-{n}", n + 1
-        seen.add(name)
-        names.append(name)
-    return names
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
 def cmd_score(args: argparse.Namespace) -> int:
-    from bayprano.platform.data.imageio import save_png
-    from bayprano.platform.model.backbone import build_backbone
-    from bayprano.platform.model.site import SiteModel
+    from bayprano.score_command import run_score
 
-    if args.url:
-        return serve_cli.score_over_http(args)
-    if not args.model:
-        raise ConfigError("score needs --model MODEL_DIR (score locally) or --url URL --site S (score on a server)")
-    site = SiteModel.load(args.model)
-    site = SiteModel.load(args.model, extractor=build_backbone(site.backbone))
-    if args.target_fpr is not None:
-        site = site.with_target_fpr(args.target_fpr)
-    for path in args.images:
-        _check_image_file(path)
-    maps = Path(args.maps) if args.maps else None
-    names = _map_names(args.images)
-    batch = 16
-    for start in range(0, len(args.images), batch):
-        paths = args.images[start : start + batch]
-        images = [_read_image(p) for p in paths]
-        results = site.score(images, maps=maps is not None, batch_size=batch)
-        for i, (path, image, r) in enumerate(zip(paths, images, results)):
-            record = {"image": path, "score": _finite(r.score), "p_value": _finite(r.p_value),
-                      "threshold": _finite(r.threshold), "decision": r.decision,
-                      "uncertainty": _finite(r.uncertainty)}
-            if maps is not None:
-                overlay = _overlay(image, _heat_level(site, r))
-                record["map"] = str(save_png(maps / f"{names[start + i]}.png", overlay))
-            print(json.dumps(record), flush=True)
+    return run_score(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bayprano.platform.export import export_site_model
+
+    path = export_site_model(args.model, args.format, args.out)
+    print(f"wrote {path} and {path.parent / 'model.json'} ({args.format}, from {args.model})")
     return 0
 
 
@@ -574,12 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("score", help="score images with an adapted site model: one JSON line per image")
-    p.add_argument("--model", metavar="MODEL_DIR", help="site model folder written by `bayprano adapt`")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP; any size)")
+    p.add_argument("--model", metavar="MODEL", help="site model folder written by `bayprano adapt`, or an "
+                   "exported model.onnx / model.xml written by `bayprano export`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP; any size), folders "
+                   "(walked recursively) or glob patterns")
     p.add_argument("--target-fpr", type=float, metavar="A", help="target false-positive rate (default: the model's)")
     p.add_argument("--maps", metavar="DIR", help="write a heatmap overlay PNG per image here")
+    p.add_argument("--output", metavar="DIR", help="write predictions.csv, predictions.jsonl, overlays of the "
+                   "anomalous and review images, and summary.html here")
     serve_cli.add_score_client_arguments(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="export a site model to one ONNX graph or OpenVINO IR (image -> map, statistic)")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="site model folder written by `bayprano adapt`")
+    p.add_argument("--format", required=True, choices=("onnx", "openvino"))
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for model.onnx (model.xml/.bin) and model.json")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="run the platform end to end on generated data")
     p.add_argument("--out", default="demo-output", help="output folder")

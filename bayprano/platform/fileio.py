@@ -1,8 +1,9 @@
-"""Atomic file writes (a file is either written whole or left as it was, never half-written), and the one
-JSON sanitiser."""
+"""Atomic file writes (a file is either written whole or left as it was, never half-written), file hashes
+and the one JSON sanitiser."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -98,3 +99,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -8,7 +8,6 @@ starts as fast as before.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import signal
@@ -23,7 +22,6 @@ from bayprano.platform.errors import ConfigError, DataError
 
 TOKEN_ENV = "BAYPRANO_TOKEN"
 REGISTRY_ENV = "BAYPRANO_REGISTRY"
-CLIENT_BATCH = 16
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -201,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- client
 
 
-def _request(url: str, token: str, payload: dict, timeout: float) -> dict:
+def post_json(url: str, token: str, payload: dict, timeout: float) -> dict:
     data = json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method="POST", headers={
         "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
@@ -221,10 +219,8 @@ def _request(url: str, token: str, payload: dict, timeout: float) -> dict:
         raise DataError(f"{url}: cannot reach the server ({reason})") from None
 
 
-def score_over_http(args: argparse.Namespace) -> int:
-    """``bayprano score --url URL --site S [--token T] IMAGE...``: one JSON line per image, as the local mode."""
-    from bayprano.platform.data.imageio import is_image_file
-
+def client_endpoint(args: argparse.Namespace) -> tuple[str, str]:
+    """The score endpoint and token of ``bayprano score --url URL --site S [--token T]``, checked."""
     if not args.site:
         raise ConfigError("--url needs --site (the site whose model scores the images)")
     if args.model:
@@ -237,31 +233,7 @@ def score_over_http(args: argparse.Namespace) -> int:
     parsed = urllib.parse.urlparse(args.url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ConfigError(f"--url {args.url!r} is not an http(s) URL")
-    for path in args.images:
-        if not Path(path).is_file():
-            raise DataError(f"{path}: no such image file")
-        if not is_image_file(path):
-            raise DataError(f"{path}: not an image file name (.png, .jpg, .jpeg, .bmp)")
-    maps = Path(args.maps) if args.maps else None
-    endpoint = f"{args.url.rstrip('/')}/v1/sites/{urllib.parse.quote(args.site)}/score"
-    if maps is not None:
-        endpoint += "?map=png"
-    from bayprano.platform.fileio import atomic_write_bytes
-
-    for start in range(0, len(args.images), CLIENT_BATCH):
-        paths = args.images[start : start + CLIENT_BATCH]
-        payload = {"images": [{"name": str(p), "data": base64.b64encode(Path(p).read_bytes()).decode()} for p in paths]}
-        response = _request(endpoint, token, payload, args.timeout)
-        for i, (path, r) in enumerate(zip(paths, response["results"])):
-            record = {"image": path, **{k: r.get(k) for k in ("score", "p_value", "threshold", "decision",
-                                                              "uncertainty", "model_version", "latency_ms")}}
-            if r.get("status") == "error":
-                record["error"] = (r.get("error") or {}).get("message")
-            if maps is not None and r.get("map"):
-                out = maps / f"{start + i:04d}_{Path(path).stem}.png"
-                record["map"] = str(atomic_write_bytes(out, base64.b64decode(r["map"])))
-            print(json.dumps(record), flush=True)
-    return 0
+    return f"{args.url.rstrip('/')}/v1/sites/{urllib.parse.quote(args.site)}/score", token
 
 
 # ------------------------------------------------------------------------------------------------ parser

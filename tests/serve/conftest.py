@@ -24,18 +24,9 @@ def extractor():
 
 @pytest.fixture(scope="session")
 def checkpoint(extractor, tmp_path_factory) -> Path:
-    from bayprano.platform.meta.checkpoint import MetaCheckpoint
-    from bayprano.platform.model.bayes import BayesianPatchModel
-    from bayprano.platform.model.scoring import Calibration
+    from site_fixtures import frozen_checkpoint
 
-    images = np.stack(good("wood", 0, 4) + good("fabric", 0, 4))
-    feats = extractor.extract(images, size=SIZE)
-    model = BayesianPatchModel(extractor.out_channels, DIM)
-    model.set_feature_statistics(feats.mean((0, 2, 3)), feats.var((0, 2, 3), unbiased=False).clamp_min(1e-12).sqrt())
-    h, w = feats.shape[-2:]
-    prior = Calibration.from_prior(DIM, h * w / model.window**2, strength=1.0)
-    ckpt = MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), SIZE, prior,
-                          meta_config={"inner_steps": 1})
+    ckpt = frozen_checkpoint(extractor, np.stack(good("wood", 0, 4) + good("fabric", 0, 4)), SIZE, DIM)
     path = tmp_path_factory.mktemp("serve-ckpt") / "meta.pt"
     ckpt.save(path)
     return path

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from bayprano.platform.data.imageio import encode_png, load_image, load_mask
 from bayprano.platform.data.mvtec import SPLITS, Sample, scan_root
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write, atomic_write_json
+from bayprano.platform.fileio import atomic_write, atomic_write_json, file_sha256
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"bayprano.schema_version"
@@ -177,14 +177,6 @@ def _encode_row(sample: Sample, root: Path) -> dict[str, Any]:
     }
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_shard(
     path: Path,
     samples: list[Sample],
@@ -299,7 +291,7 @@ def shard_dataset(
                 "image_bytes": stats["image_bytes"],
                 "mask_bytes": stats["mask_bytes"],
                 "file_bytes": (out / file).stat().st_size,
-                "sha256": _file_sha256(out / file),
+                "sha256": file_sha256(out / file),
             }
         )
 
@@ -606,7 +598,7 @@ def verify_shards(shard_dir: str | os.PathLike) -> dict[str, Any]:
         file = path.parent / site["file"]
         if not file.is_file():
             raise DataError(f"{file}: shard listed in {path} is missing")
-        digest = _file_sha256(file)
+        digest = file_sha256(file)
         if digest != site["sha256"]:
             raise DataError(
                 f"{file}: sha256 {digest[:12]}... does not match the manifest "
