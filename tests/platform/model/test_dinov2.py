@@ -118,3 +118,15 @@ def test_an_altered_package_file_is_refused_naming_the_package_and_hash(tmp_path
         build_backbone("dinov2_vits14")
     with pytest.raises(ConfigError, match=r"does not exist"):
         build_backbone("dinov2_vits14", weights=tmp_path / "missing.onnx")
+
+
+def test_settings_refuse_a_side_that_dinov2_cannot_tile(tmp_path):
+    from bayprano.config import EvalConfig, TrainConfig
+
+    common = {"data_root": tmp_path, "shots": 5, "inner_steps": 1, "episodes": 1, "out": tmp_path / "m.pt"}
+    with pytest.raises(ValueError, match="image_size 256 is not a multiple of 14, which backbone dinov2_vits14 needs; use 252"):
+        TrainConfig(backbone="dinov2_vits14", image_size=256, **common)
+    assert TrainConfig(backbone="dinov2_vits14", image_size=252, **common).image_size == 252
+    assert TrainConfig(backbone="efficientnet_lite2", image_size=256, **common).image_size == 256
+    with pytest.raises(ValueError, match="image_size 450 is not a multiple of 14, .*; use 448"):
+        EvalConfig(data_root=tmp_path, output=tmp_path / "o", backbone="dinov2_vits14", image_size=450)
