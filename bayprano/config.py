@@ -35,6 +35,17 @@ def _check_backbone(name: str) -> str:
     return name
 
 
+def _check_side(backbone: Optional[str], image_size: int) -> None:
+    """Image sides that the backbone's patch grid needs (DINOv2's 14 px patches)."""
+    from bayprano.platform.model.backbone import DINOV2_BACKBONE, nearest_multiple
+
+    if backbone == DINOV2_BACKBONE and image_size % 14:
+        raise ValueError(
+            f"image_size {image_size} is not a multiple of 14, which backbone {DINOV2_BACKBONE} needs; "
+            f"use {nearest_multiple(image_size, 14)}"
+        )
+
+
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,6 +70,11 @@ class _MetaTrainingSettings(_Settings):
     @classmethod
     def _known_backbone(cls, value: str) -> str:
         return _check_backbone(value)
+
+    @model_validator(mode="after")
+    def _side_fits_backbone(self) -> "_MetaTrainingSettings":
+        _check_side(self.backbone, self.image_size)
+        return self
 
 
 class TrainConfig(_MetaTrainingSettings):
@@ -233,6 +249,7 @@ class EvalConfig(_Settings):
     def _one_source_of_meta_training(self) -> "EvalConfig":
         if self.checkpoint is not None and self.meta_train_root is not None:
             raise ValueError("give either checkpoint or meta_train_root, not both")
+        _check_side(self.backbone, self.image_size)
         return self
 
 

@@ -6,6 +6,9 @@
     <root>/<category>/ground_truth/<defect>/<stem>_mask.png
 
 PNG, JPEG and BMP are read; grayscale and RGB images are returned as RGB; masks are binarised.
+Masks are optional per category, as in anomalib's Folder datamodule: a category without a
+``ground_truth/`` folder (or whose ``category.json`` says ``{"pixel_masks": false}``) has image-level
+labels only, and its defective images have no mask; with ``ground_truth/`` every defective image needs one.
 Validation stops at the first problem and names it: the folder, the file, what is wrong with it.
 """
 
@@ -93,7 +96,7 @@ def _mask_for(category_dir: Path, defect: str, image: Path) -> Path | None:
 def _has_pixel_masks(category_dir: Path) -> bool:
     info = category_dir / CATEGORY_INFO
     if not info.is_file():
-        return True
+        return (category_dir / "ground_truth").is_dir()
     try:
         value = json.loads(info.read_text()).get("pixel_masks", True)
     except (ValueError, AttributeError) as exc:

