@@ -44,6 +44,10 @@ NO_SITE = "-"
 UNMATCHED = "unmatched"
 DECISIONS = ("normal", "anomalous", "review")
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+# the names on the Prometheus endpoint (a histogram's series add _bucket, _count and _sum)
+EXPORTED = ("ray_bayprano_requests_total", "ray_bayprano_errors_total", "ray_bayprano_request_latency_seconds",
+            "ray_bayprano_images_total", "ray_bayprano_decisions_total", "ray_bayprano_model_loads_total",
+            "ray_bayprano_model_evictions_total", "ray_bayprano_models_loaded", "ray_bayprano_review_queue_length")
 
 
 class ServeMetrics:

@@ -120,15 +120,22 @@ def test_the_endpoint_counts_requests_images_and_decisions_per_site(server, chec
            for site, counts in decisions.items() for d, n in counts.items()},
     }
     samples = wait_for_metrics(expected, "per-site counters after 3 score requests")
+    from bayprano.serve.metrics import EXPORTED
+
+    histogram = [name + suffix for name in EXPORTED for suffix in ("_bucket", "_count", "_sum")]
+    assert {s.name for s in samples if s.name.startswith("ray_bayprano_")} <= set(EXPORTED) | set(histogram)
     # the refused token is counted as an error of the route, without a site
     assert total(samples, "ray_bayprano_errors_total", endpoint=score_route, status="401", code="invalid_token") >= 1
     assert total(samples, "ray_bayprano_requests_total", site="-", endpoint=score_route, status="401") >= 1
     assert not [s for s in samples if s.name.startswith("ray_bayprano_") and s.labels.get("site") == "bp_wrong"]
     # every scored request was timed under its route
     assert total(samples, "ray_bayprano_request_latency_seconds_count", endpoint=score_route) >= 4
-    buckets = sorted((float(s.labels["le"]), s.value) for s in samples
-                     if s.name == "ray_bayprano_request_latency_seconds_bucket" and s.labels["endpoint"] == score_route)
-    assert buckets[-1][0] == float("inf") and all(x[1] <= y[1] for x, y in zip(buckets, buckets[1:]))
+    bounds = {s.labels["le"] for s in samples if s.name == "ray_bayprano_request_latency_seconds_bucket"}
+    buckets = sorted((float(le), total(samples, "ray_bayprano_request_latency_seconds_bucket", endpoint=score_route,
+                                       le=le)) for le in bounds)
+    assert buckets[-1] == (float("inf"), total(samples, "ray_bayprano_request_latency_seconds_count",
+                                               endpoint=score_route))
+    assert all(x[1] <= y[1] for x, y in zip(buckets, buckets[1:])), buckets
 
     item = pending.json()["items"][0]["id"]
     r = requests.post(f"{server['url']}/v1/sites/{b}/reviews/{item}", json={"label": "good"}, headers=auth(token_b),
