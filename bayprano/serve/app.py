@@ -26,6 +26,9 @@ The gateway also serves the review page (``GET /``, ``static/``): an inspector p
 image and sees its overlay, score, decision and uncertainty, and works through the site's review queue
 (``review.py``), least certain first, marking each good or defective.
 
+Every request is counted by site, route and status and timed, and scored images by decision, with Ray's
+metrics API (``metrics.py``), for the Prometheus endpoint of each Ray node.
+
 Every error is a JSON ``{code, message}``: a 4xx when the request is at fault, with messages that name
 the request's own values (shortened) and never a server path or an exception's text. A bad token is 401
 whether or not the site exists; another site's valid token is 403. Every response carries a
@@ -826,6 +829,7 @@ class Gateway:
                 async with self._decode(raw, deadline) as decoded:
                     good = [i for i, d in enumerate(decoded) if not isinstance(d, ApiError)]
                     if not good:
+                        serve_metrics().scored(site, [{"status": "error"}] * len(decoded))
                         raise decoded[0]
                     images = [decoded[i] for i in good]
                     rows = await self._call(
