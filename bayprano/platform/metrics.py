@@ -3,11 +3,17 @@
 These are the numbers of the evaluation protocol (design brief, Method 6) and of every baseline run on
 the same harness, so they are exact rather than approximate wherever that is affordable:
 
-- AUROC is the Mann-Whitney U statistic divided by (positives x negatives), a tie between a normal and
-  an anomalous score counting 1/2. It equals the trapezoidal area under ``roc_curve``.
-- Pixel AUROC is the same exact statistic over all pixels, computed from two sorted copies of the
+- Image-level numbers (``roc_curve``, ``auroc``, ``image_auroc``, ``precision_recall_curve``, F1, FPR
+  and TPR at a threshold, ``best_f1``) come from scikit-learn, on checked inputs. scikit-learn refuses
+  infinite scores, and ROC and precision-recall depend only on the order of the scores, so it is given
+  each score's rank among the distinct scores, and its thresholds are mapped back to scores. AUROC is
+  then the Mann-Whitney U statistic divided by (positives x negatives), a tie between a normal and an
+  anomalous score counting 1/2, the trapezoidal area under ``roc_curve``.
+- Pixel AUROC is the same exact statistic over all pixels, computed here from two sorted copies of the
   scores (normal and defect pixels) in the maps' own dtype, so its extra memory is about one copy of
-  the maps plus a boolean mask: no argsort, no float64 upcast of float32 maps.
+  the maps plus a boolean mask: no argsort, no float64 upcast of float32 maps. scikit-learn's
+  ``roc_auc_score`` on the same pixels argsorts them in float64 and builds curves as long as the
+  pixels (several copies of the maps), which a test set of full-size maps cannot afford.
 - AUPRO follows the MVTec AD evaluation code: ground-truth regions are the connected components of
   each mask (8-connectivity by default, as ``np.ones((3, 3))`` there), PRO at a threshold is the mean
   over all regions of all images of the fraction of the region's pixels flagged, FPR is the fraction
@@ -15,9 +21,11 @@ the same harness, so they are exact rather than approximate wherever that is aff
   ``fpr_limit``, interpolated at ``fpr_limit``, and divided by ``fpr_limit``. By default every
   distinct score is a threshold (exact); ``num_thresholds`` switches to evenly spaced thresholds over
   the score range, a histogram pass that needs no sort and memory for one image at a time.
+  scikit-learn has no per-region overlap curve.
 
 One convention throughout: a sample (image or pixel) is flagged anomalous when its score is strictly
-greater than the threshold. ``roc_curve`` returns thresholds in that convention, so any of them can be
+greater than the threshold. ``roc_curve`` and ``precision_recall_curve`` return thresholds in that
+convention (scikit-learn's own flag ``score >= threshold``; they are translated), so any of them can be
 passed to ``f1_at_threshold``, ``fpr_at_threshold`` or ``tpr_at_threshold`` to get the same point.
 
 Labels and masks are boolean, or numeric with only the values 0 (normal) and 1 (anomalous). Scores
@@ -39,6 +47,7 @@ from bayprano.platform.errors import DataError
 
 __all__ = [
     "roc_curve",
+    "precision_recall_curve",
     "auroc",
     "image_auroc",
     "pixel_auroc",
@@ -146,37 +155,69 @@ def _auc_sorted(pos: np.ndarray, neg: np.ndarray) -> float:
     return twice_u / (2 * pos.size * neg.size)
 
 
-def _roc_counts(y: np.ndarray, s: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True- and false-positive counts of ``score > thresholds[i]``, with those thresholds."""
+def _ranks(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct scores, ascending, and each score's index among them (as float64, for scikit-learn)."""
+    distinct, index = np.unique(s, return_inverse=True)
+    return distinct.astype(np.float64), index.astype(np.float64)
+
+
+def _strictly_above(distinct: np.ndarray, rank_thresholds: np.ndarray) -> np.ndarray:
+    """For scikit-learn's rank thresholds r (flag ``rank >= r``), the score t with ``score > t`` alike: the
+    next lower distinct score, or ``-inf`` below the lowest."""
+    below = rank_thresholds.astype(np.int64) - 1
+    return np.where(below >= 0, distinct[np.maximum(below, 0)], -np.inf)
+
+
+def _roc(y: np.ndarray, s: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
     n_pos = int(y.sum())
     _need_both(n_pos, y.size - n_pos, what)
-    order = np.argsort(s, kind="stable")[::-1]
-    s, y = s[order], y[order]
-    last_of_tie = np.r_[s[1:] != s[:-1], True]
-    tps = np.r_[0, np.cumsum(y)[last_of_tie]]
-    fps = np.r_[0, np.cumsum(~y)[last_of_tie]]
-    thresholds = np.r_[s[last_of_tie].astype(np.float64), -np.inf]
-    return tps, fps, thresholds
+    distinct, ranks = _ranks(s)
+    fpr, tpr, rank_thresholds = sk_roc_curve(y, ranks, drop_intermediate=False)
+    # scikit-learn's first point flags nothing (threshold +inf): here, "above the largest score"
+    thresholds = np.r_[distinct[-1], _strictly_above(distinct, rank_thresholds[1:])]
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve with one point per distinct score, from (0, 0) to (1, 1).
+    """ROC curve with one point per distinct score, from (0, 0) to (1, 1) (scikit-learn's).
 
     Point ``i`` is the false- and true-positive rate of flagging ``score > thresholds[i]``.
     ``thresholds`` runs from the largest score (nothing flagged) down through every distinct score to
     ``-inf`` (everything flagged). Returns float64 arrays ``(fpr, tpr, thresholds)``.
     """
     y, s = _pair(labels, scores, "roc_curve")
-    tps, fps, thresholds = _roc_counts(y, s, "roc_curve")
-    return fps / fps[-1], tps / tps[-1], thresholds
+    return _roc(y, s, "roc_curve")
+
+
+def precision_recall_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision-recall curve with one point per distinct score (scikit-learn's), plus its end point.
+
+    Point ``i`` is the precision and recall of flagging ``score > thresholds[i]``; ``thresholds``
+    ascends from ``-inf`` (everything flagged) to the largest score, where nothing is flagged and, by
+    scikit-learn's convention, precision is 1 and recall 0. Returns float64 arrays
+    ``(precision, recall, thresholds)`` of equal length. Needs at least one anomalous sample.
+    """
+    from sklearn.metrics import precision_recall_curve as sk_pr_curve
+
+    y, s = _pair(labels, scores, "precision_recall_curve")
+    if not y.any():
+        raise DataError("precision_recall_curve needs at least one anomalous sample; got none")
+    distinct, ranks = _ranks(s)
+    precision, recall, rank_thresholds = sk_pr_curve(y, ranks, drop_intermediate=False)
+    thresholds = np.r_[_strictly_above(distinct, rank_thresholds), distinct[-1]]
+    return precision.astype(np.float64), recall.astype(np.float64), thresholds
 
 
 def auroc(labels, scores) -> float:
-    """Exact area under the ROC curve: P(anomalous score > normal score) + P(tie) / 2."""
+    """Exact area under the ROC curve: P(anomalous score > normal score) + P(tie) / 2 (scikit-learn's)."""
+    from sklearn.metrics import roc_auc_score
+
     y, s = _pair(labels, scores, "auroc")
-    pos, neg = s[y], np.sort(s[~y])
-    _need_both(pos.size, neg.size, "auroc")
-    return _auc_sorted(pos, neg)
+    n_pos = int(y.sum())
+    _need_both(n_pos, y.size - n_pos, "auroc")
+    return float(roc_auc_score(y, _ranks(s)[1]))
 
 
 def image_auroc(labels, image_scores) -> float:
@@ -338,37 +379,46 @@ def aupro(
 # --------------------------------------------------------------------------- thresholded metrics
 
 
-def _counts(labels, scores, threshold, what: str) -> tuple[int, int, int, int]:
+def _counts(labels, scores, threshold, what: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Labels, flags (``score > threshold``) and the numbers of anomalous and normal samples."""
     y, s = _image_pair(labels, scores, what)
     flagged = s > _as_threshold(threshold)
-    tp = int(np.sum(flagged & y))
-    fp = int(np.sum(flagged & ~y))
     n_pos = int(y.sum())
-    return tp, fp, n_pos, y.size - n_pos
+    return y, flagged, n_pos, y.size - n_pos
+
+
+def _confusion(y: np.ndarray, flagged: np.ndarray) -> tuple[int, int, int, int]:
+    """(tn, fp, fn, tp), scikit-learn's confusion matrix read in that order."""
+    from sklearn.metrics import confusion_matrix
+
+    tn, fp, fn, tp = confusion_matrix(y, flagged, labels=[False, True]).ravel()
+    return int(tn), int(fp), int(fn), int(tp)
 
 
 def f1_at_threshold(labels, scores, threshold: float) -> float:
-    """F1 of flagging ``score > threshold`` as anomalous; needs at least one anomalous image."""
-    tp, fp, n_pos, _ = _counts(labels, scores, threshold, "f1_at_threshold")
+    """F1 of flagging ``score > threshold`` as anomalous (scikit-learn's); needs an anomalous image."""
+    from sklearn.metrics import f1_score
+
+    y, flagged, n_pos, _ = _counts(labels, scores, threshold, "f1_at_threshold")
     if n_pos == 0:
         raise DataError("f1_at_threshold needs at least one anomalous sample; got none")
-    return 2 * tp / (tp + fp + n_pos)
+    return float(f1_score(y, flagged, zero_division=0.0))
 
 
 def fpr_at_threshold(labels, scores, threshold: float) -> float:
     """Fraction of normal images with ``score > threshold``; needs at least one normal image."""
-    _, fp, _, n_neg = _counts(labels, scores, threshold, "fpr_at_threshold")
+    y, flagged, _, n_neg = _counts(labels, scores, threshold, "fpr_at_threshold")
     if n_neg == 0:
         raise DataError("fpr_at_threshold needs at least one normal sample; got none")
-    return fp / n_neg
+    return _confusion(y, flagged)[1] / n_neg
 
 
 def tpr_at_threshold(labels, scores, threshold: float) -> float:
     """Fraction of anomalous images with ``score > threshold``; needs at least one anomalous image."""
-    tp, _, n_pos, _ = _counts(labels, scores, threshold, "tpr_at_threshold")
+    y, flagged, n_pos, _ = _counts(labels, scores, threshold, "tpr_at_threshold")
     if n_pos == 0:
         raise DataError("tpr_at_threshold needs at least one anomalous sample; got none")
-    return tp / n_pos
+    return _confusion(y, flagged)[3] / n_pos
 
 
 def best_f1(labels, scores, return_threshold: bool = False) -> float | tuple[float, float]:
@@ -378,8 +428,11 @@ def best_f1(labels, scores, return_threshold: bool = False) -> float | tuple[flo
     thresholds (``-inf`` when flagging every image is best).
     """
     y, s = _image_pair(labels, scores, "best_f1")
-    tps, fps, thresholds = _roc_counts(y, s, "best_f1")
-    f1 = 2 * tps / (tps + fps + tps[-1])
+    fpr, tpr, thresholds = _roc(y, s, "best_f1")
+    n_pos = int(y.sum())
+    # the counts behind the rates, exact as integers, so that equal F1 values compare equal
+    tps, fps = np.rint(tpr * n_pos), np.rint(fpr * (y.size - n_pos))
+    f1 = 2 * tps / (tps + fps + n_pos)
     i = int(np.argmax(f1))
     if return_threshold:
         return float(f1[i]), float(thresholds[i])

@@ -26,6 +26,9 @@ The gateway also serves the review page (``GET /``, ``static/``): an inspector p
 image and sees its overlay, score, decision and uncertainty, and works through the site's review queue
 (``review.py``), least certain first, marking each good or defective.
 
+Every request is counted by site, route and status and timed, and scored images by decision, with Ray's
+metrics API (``metrics.py``), for the Prometheus endpoint of each Ray node.
+
 Every error is a JSON ``{code, message}``: a 4xx when the request is at fault, with messages that name
 the request's own values (shortened) and never a server path or an exception's text. A bad token is 401
 whether or not the site exists; another site's valid token is 403. Every response carries a
@@ -63,6 +66,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bayprano.config import ServeConfig, load_yaml_config
 from bayprano.platform.errors import BaypranoError
 from bayprano.serve import images as imaging
+from bayprano.serve.metrics import UNMATCHED, note_request, request_facts, serve_metrics
 from bayprano.serve.registry import Registry, hash_token, parse_model_id
 from bayprano.serve.review import ReviewQueue
 from bayprano.serve.schemas import (
@@ -125,6 +129,7 @@ def public(message: str) -> str:
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    note_request(code=code)
     return JSONResponse(Error(code=code, message=message).model_dump(), status_code=status,
                         headers={**SECURITY_HEADERS, **(headers or {})})
 
@@ -167,7 +172,42 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class RequestMetrics:
+    """Counts every request by site, route and status, and times it (``metrics.py``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        with request_facts() as facts:
+            try:
+                await self.app(scope, receive, send_and_note)
+            except asyncio.CancelledError:  # the client went away
+                status, facts["code"] = 499, "cancelled"
+                raise
+            except Exception:  # answered 500 by the outermost error handler
+                status = 500
+                facts.setdefault("code", "internal")
+                raise
+            finally:
+                route = scope.get("route")
+                serve_metrics().request(getattr(route, "path", None) or UNMATCHED, facts.get("site"), status,
+                                        time.perf_counter() - start, facts.get("code"))
+
+
 api.add_middleware(SecurityHeaders)
+api.add_middleware(RequestMetrics)
 
 
 @api.exception_handler(ApiError)
@@ -267,6 +307,7 @@ class SiteModels:
         self._compute = asyncio.Lock()
         self._adapting = asyncio.Lock()
         self.loads: list[str] = []
+        self._held: set[str] = set()  # model ids in Serve's LRU after our last load
         self.batch_sizes: list[int] = []
 
         async def load(mid: str):
@@ -304,8 +345,14 @@ class SiteModels:
                 reason = str(exc) if str(exc).startswith(f"site {site!r} version") else "its files are unreadable"
                 raise ModelUnavailable(f"model {mid} cannot be loaded: {public(reason)}") from None
 
+        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)  # it evicts before it loads
+        held = set(wrapper.models) if wrapper is not None else set()
         model = await asyncio.to_thread(load)
         self.loads.append(mid)
+        metrics = serve_metrics()
+        metrics.models_evicted(parse_model_id(m)[0] for m in self._held - held)
+        self._held = held | {mid}
+        metrics.model_loaded(site, len(self._held))
         return model
 
     def _run(self, model, images: list[np.ndarray], maps: bool):
@@ -561,6 +608,7 @@ class Gateway:
         """Authorization, then the token's limits for the duration of the request; yields its deadline
         (time.monotonic())."""
         key = self._authorize(site, credentials, scope)
+        note_request(site=site)
         with self._limits.hold(key):
             yield time.monotonic() + self.cfg.request_timeout_s
 
@@ -776,6 +824,7 @@ class Gateway:
                 async with self._decode(raw, deadline) as decoded:
                     good = [i for i, d in enumerate(decoded) if not isinstance(d, ApiError)]
                     if not good:
+                        serve_metrics().scored(site, [{"status": "error"}] * len(decoded))
                         raise decoded[0]
                     images = [decoded[i] for i in good]
                     rows = await self._call(
@@ -784,10 +833,15 @@ class Gateway:
                         f"scoring on site {show(site)}", deadline)
                     out: list[dict] = [_error_row(d.code, d.message) if isinstance(d, ApiError) else {}
                                        for d in decoded]
+                    queued = False
                     for i, image, row in zip(good, images, rows):
                         out[i] = row
                         if row.get("decision") == "review":
                             await asyncio.to_thread(self.reviews.add, site, image, {**row, "model_version": version})
+                            queued = True
+                    serve_metrics().scored(site, out)
+                    if queued:
+                        await self._note_review_queue(site)
         latency = (time.perf_counter() - start) * 1000
         return ScoreResponse(site=site, model_version=version, results=[
             ImageScore(name=name, model_version=version, latency_ms=latency, **row) for name, row in zip(names, out)])
@@ -883,7 +937,9 @@ class Gateway:
                 return [ReviewItem(**item, thumbnail=base64.b64encode(self.reviews.thumbnail_png(site, item["id"]))
                                    .decode("ascii")) for item in self.reviews.list(site, pending=pending, limit=limit)]
 
-            return ReviewList(site=site, items=await asyncio.to_thread(items))
+            listed = ReviewList(site=site, items=await asyncio.to_thread(items))
+            await self._note_review_queue(site)
+            return listed
 
     @api.post("/v1/sites/{site}/reviews/{item_id}", response_model=ReviewItem, responses=_ERRORS,
               openapi_extra={"requestBody": _LABEL_BODY},
@@ -906,10 +962,15 @@ class Gateway:
                     where = ".".join(str(p)[:40] for p in first.get("loc", ())) or "body"
                     raise ApiError(422, "invalid_request", f"JSON body: {where}: {first.get('msg')}") from None
             try:
-                return ReviewItem(**await asyncio.to_thread(self.reviews.label, site, item_id, label))
+                item = ReviewItem(**await asyncio.to_thread(self.reviews.label, site, item_id, label))
             except BaypranoError:
                 raise ApiError(404, "unknown_review_item", f"site {show(site)} has no review item "
                                                            f"{show(item_id, 40)}") from None
+            await self._note_review_queue(site)
+            return item
+
+    async def _note_review_queue(self, site: str) -> None:
+        serve_metrics().review_queue_length(site, await asyncio.to_thread(self.reviews.pending_count, site))
 
     @api.get("/healthz", response_model=Health, summary="The gateway is up")
     async def healthz(self) -> Health:

@@ -179,6 +179,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving registry {cfg.registry} at {url} ({scaling}, up to {cfg.max_models_per_replica} site models "
               f"per replica, batching {'up to ' + str(cfg.max_batch_size) if cfg.batching else 'off'}); "
               f"{'API docs at ' + url + '/docs; ' if cfg.docs else ''}Ctrl-C stops", flush=True)
+        endpoints = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes()
+                     if n.get("Alive") and n.get("MetricsExportPort")]
+        if endpoints:
+            print(f"metrics for Prometheus at {', '.join(endpoints)}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -123,6 +123,10 @@ class ReviewQueue:
         items.sort(key=lambda i: (-(i.get("uncertainty") or 0.0), i["id"]))
         return items[: max(0, int(limit))]
 
+    def pending_count(self, site: str) -> int:
+        """How many of the site's items wait for a label."""
+        return sum(1 for i in self._items(site) if i["label"] is None)
+
     def label(self, site: str, item_id: str, label: str) -> dict:
         if label not in LABELS:
             raise ConfigError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
