@@ -187,7 +187,8 @@ def test_dp_without_secure_aggregation_adds_noise_of_z_times_c_to_the_sum_of_cli
 
     summary = trainer.run()  # the round accounted with Opacus's analysis, sample rate 3 / 3
     assert summary["epsilon"] == pytest.approx(PrivacyAccountant(z, 1.0, cfg.dp_delta).step(), rel=1e-12)
-    assert load_checkpoint(cfg.out).meta_config["federated"]["accountant"] is not None
+    saved = load_checkpoint(cfg.out).meta_config["federated"]["accountant"]
+    assert PrivacyAccountant(z, 1.0, cfg.dp_delta).load_state_dict(saved).epsilon == summary["epsilon"]
 
 
 def test_with_secure_aggregation_the_aggregate_of_clipped_deltas_is_within_the_clipping_bound(
