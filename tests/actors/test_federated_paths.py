@@ -138,12 +138,15 @@ def test_resume_on_another_model_layout_is_refused(factories, plain_checkpoint, 
 
 def test_resume_with_sites_on_another_backbone_is_refused(ray_session, plain_checkpoint, shard_dir, tmp_path):
     from bayprano.actors.coordinator import kill_factories, spawn_factories
+    from bayprano.config import FederatedTrainConfig
 
-    cfg = fed_cfg(shard_dir, plain_checkpoint, resume=True, backbone="random")
-    one = fed_cfg(shard_dir, tmp_path / "x.pt", backbone="random")
-    sites = spawn_factories(one, num_cpus=0.2)
+    one_site = {"site-000": str(shard_dir / "site-000.parquet")}  # one is enough to tell the backbone
+    settings = {**fed_cfg(shard_dir, tmp_path / "x.pt").model_dump(), "shards": None, "sites": one_site,
+                "backbone": "random"}
+    sites = spawn_factories(FederatedTrainConfig(**settings), num_cpus=0.2)
     try:
-        trainer = FederatedTrainer(cfg, sites, log=quiet)
+        trainer = FederatedTrainer(fed_cfg(shard_dir, plain_checkpoint, resume=True, backbone="random"), sites,
+                                   log=quiet)
         with pytest.raises(DataError, match=f"^{plain_checkpoint}: made with backbone efficientnet_lite2:.*"
                                             ", the sites run random:"):
             trainer.setup()
