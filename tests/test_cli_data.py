@@ -118,3 +118,61 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path, kind, expected):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("bayprano: error: ") and expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def _loose(folder: Path, names: list[str], seed: int, size: int = 40) -> list[np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images = []
+    for name in names:
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(image).save(folder / name)
+        images.append(image)
+    return images
+
+
+def test_import_folder_with_abnormal_images_masks_and_overwrite(tmp_path):
+    root, loose = tmp_path / "root", tmp_path / "loose"
+    _loose(loose / "good", [f"g{i}.png" for i in range(5)], seed=0)
+    scratches = _loose(loose / "bad" / "scratch", ["s0.png", "s1.jpg"], seed=1)
+    _loose(loose / "bad" / "dent", ["d0.png"], seed=2)
+    masks = loose / "masks"
+    (masks / "scratch").mkdir(parents=True)
+    drawn = {}
+    for i, (stem, where) in enumerate((("s0", masks / "scratch" / "s0_mask.png"), ("s1", masks / "s1.png"),
+                                       ("d0", masks / "d0_mask.bmp"))):
+        mask = np.zeros((40, 40), np.uint8)
+        mask[5 + i : 15 + i, 10:30] = 255
+        Image.fromarray(mask).save(where)
+        drawn[stem] = mask > 0
+    args = ["data", "import-folder", "--category", "widget", "--normal", str(loose / "good"), "--out", str(root)]
+
+    result = run(*args, "--abnormal", str(loose / "bad"), "--masks", str(masks))
+    assert result.returncode == 0, result.stderr
+    assert "train/good 4, test/good 1, test/dent 1, test/scratch 2" in result.stdout
+    widget = root / "widget"
+    assert sorted(p.name for p in (widget / "test" / "scratch").iterdir()) == ["s0.png", "s1.png"]  # all PNG
+    assert np.array_equal(np.asarray(Image.open(widget / "test" / "scratch" / "s0.png")), scratches[0])
+    for defect, stem in (("scratch", "s0"), ("scratch", "s1"), ("dent", "d0")):
+        written = np.asarray(Image.open(widget / "ground_truth" / defect / f"{stem}_mask.png")) > 0
+        assert np.array_equal(written, drawn[stem]), f"{defect}/{stem}: mask changed on the way"
+    assert not (widget / "category.json").exists()  # it has pixel ground truth
+    info = json.loads(run("data", "info", str(root), "--json").stdout)["categories"]["widget"]["counts"]
+    assert info == {"test/dent": 1, "test/good": 1, "test/scratch": 2, "train/good": 4}
+
+    again = run(*args)
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"bayprano: error: {widget}: category already exists (pass --overwrite to replace it)")
+    assert (widget / "test" / "scratch" / "s0.png").is_file()
+
+    replaced = run(*args, "--overwrite", "--abnormal", str(loose / "bad" / "dent"))  # flat: defect type "defect"
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(p.name for p in (widget / "test").iterdir()) == ["defect", "good"]
+    assert not (widget / "ground_truth").exists()
+    assert json.loads((widget / "category.json").read_text()) == {"pixel_masks": False}
+
+    (masks / "d0_mask.bmp").unlink()
+    missing = run(*args, "--overwrite", "--abnormal", str(loose / "bad"), "--masks", str(masks))
+    assert missing.returncode == 2
+    assert f"{loose / 'bad' / 'dent' / 'd0.png'}: abnormal image without mask in {masks}" in missing.stderr
+    assert sorted(p.name for p in (widget / "test").iterdir()) == ["defect", "good"]  # the old one, whole

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,32 +40,58 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_for(check, seconds: float, what: str, output: list[str]) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds:g}s: {what}; the demo printed:\n{''.join(output)}")
+        time.sleep(0.25)
+
+
 def test_ctrl_c_during_federated_training_leaves_no_process_behind(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([BAYPRANO, "demo", "--fast", "--sites", "2", "--shots", "3", "--out", str(tmp_path / "d")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-    lines = []
+    lines: list[str] = []
+    pending: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [pending.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+
+    def printed(text: str) -> bool:
+        while not pending.empty():
+            lines.append(pending.get())
+        return any(text in line for line in lines)
+
+    def training_processes() -> list[int]:
+        return [p for p in _descendants(proc.pid) if "ray::FactorySite" in _cmdline(p)
+                or "ray::CoordinatorActor" in _cmdline(p)]
+
     try:
-        deadline = time.monotonic() + 300
-        for line in proc.stdout:
-            lines.append(line)
-            if "federated meta-training" in line or time.monotonic() > deadline:
-                break
-        assert any("federated meta-training" in line for line in lines), "".join(lines)
-        time.sleep(8)  # the Coordinator and the Factories are up and training
+        _wait_for(lambda: printed("federated meta-training"), 300, "the demo reached federated training", lines)
+        # the Coordinator and both Factories are up (each Ray worker names itself after its actor)
+        _wait_for(lambda: len(training_processes()) >= 3, 120, "the Coordinator and 2 Factory actors started",
+                  lines)
         started = _descendants(proc.pid)
-        assert len(started) >= 3, f"expected Ray's processes under the demo, found {sorted(started)}"
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        rest, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, "".join(lines) + rest
-    assert "interrupted" in rest
+    printed("")
+    assert proc.returncode == 130, "".join(lines)
+    assert any("interrupted" in line for line in lines), "".join(lines)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(_alive(p) for p in started):
         time.sleep(0.5)
-    left = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for p in started if _alive(p)}
+    left = {p: _cmdline(p)[:120] for p in started if _alive(p)}
     assert not left, f"processes left behind: {left}"

@@ -421,11 +421,15 @@ class CoordinatorActor:
     def __init__(self, cfg, factory_cpus: float = 0.25):
         torch.set_num_threads(1)
         self.cfg = cfg
-        self.factories = spawn_factories(cfg, num_cpus=factory_cpus)
-        self.trainer = FederatedTrainer(cfg, self.factories, log=lambda m: print(f"[federated] {m}", flush=True))
+        self.factory_cpus = factory_cpus
 
     def run(self) -> dict:
+        # Everything that can refuse the settings runs here, not in __init__: an error raised while an actor
+        # is created reaches the driver as an ActorDiedError without its cause.
+        self.factories = spawn_factories(self.cfg, num_cpus=self.factory_cpus)
         try:
+            self.trainer = FederatedTrainer(self.cfg, self.factories,
+                                            log=lambda m: print(f"[federated] {m}", flush=True))
             summary = self.trainer.run()
             return with_shard_bytes(summary, self.trainer.site_shard_bytes())
         finally:

@@ -164,10 +164,11 @@ def run_sweep(
             tuner = tune.Tuner(
                 trainable,
                 param_space=_param_space(spec),
+                # The generator itself limits concurrency: Tune ignores max_concurrent_trials beside a given one.
                 tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                            search_alg=BasicVariantGenerator(random_state=int(spec.fixed.get("seed", 0))),
-                                            num_samples=spec.num_samples, reuse_actors=True,
-                                            max_concurrent_trials=spec.max_concurrent_trials),
+                                            search_alg=BasicVariantGenerator(random_state=int(spec.fixed.get("seed", 0)),
+                                                                             max_concurrent=spec.max_concurrent_trials or 0),
+                                            num_samples=spec.num_samples, reuse_actors=True),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[callback],
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           failure_config=tune.FailureConfig(max_failures=0)),

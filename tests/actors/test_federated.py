@@ -1,57 +1,32 @@
 """Federated meta-training on a real local Ray: three Factory actors (one per category) and the Coordinator.
 
-The Factory actors are started once for the module and shared by the tests; the test that kills one runs
-last. Every reply a Factory sends is kept by the trainer (``received``) and inspected here.
+The Factory actors of the module fixture are shared by the tests that leave them alone; a test that kills a
+site has its own. Every reply a Factory sends is kept by the trainer (``received``) and inspected here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
-from bayprano.actors.coordinator import FederatedTrainer, spawn_factories
+from bayprano.actors.coordinator import FederatedTrainer
 from bayprano.cli import main
-from bayprano.config import FederatedTrainConfig
 from bayprano.platform.data.imageio import load_image
+from bayprano.platform.evaluate import load_category
 from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.federated.secagg import MaskedUpdate
-from bayprano.platform.federated.state import encode_update, encoded_num_bytes
+from bayprano.platform.federated.state import encoded_num_bytes
 from bayprano.platform.meta.checkpoint import load_checkpoint
+from bayprano.platform.metrics import image_auroc
 from bayprano.platform.model.site import adapt
 
-ray = pytest.importorskip("ray")
-
-SMALL = dict(image_size=64, shots=2, n_query_normal=2, n_query_anomalous=2, calibration_episodes=2, holdout=3,
-             backbone="efficientnet_lite2", round_timeout=120.0)
-SMALL_FLAGS = ["--image-size", "64", "--shots", "2", "--n-query-normal", "2", "--n-query-anomalous", "2",
-               "--calibration-episodes", "2"]
-
-
-def fed_cfg(shard_dir: Path, out: Path, **overrides) -> FederatedTrainConfig:
-    return FederatedTrainConfig(shards=shard_dir, out=out, **{**SMALL, "rounds": 2, "local_steps": 2, **overrides})
-
-
-@pytest.fixture(scope="module")
-def factories(ray_session, shard_dir, tmp_path_factory):
-    handles = spawn_factories(fed_cfg(shard_dir, tmp_path_factory.mktemp("unused") / "c.pt"), num_cpus=0.2)
-    yield handles
-    for handle in handles.values():
-        ray.kill(handle)
-
-
-def _eventually(check, seconds: float = 15.0) -> bool:
-    """Whether ``check()`` becomes true within ``seconds`` (Ray's resource view is eventually consistent)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.25)
-    return True
+from federation_helpers import SMALL_FLAGS, Gate, HeldBack, fed_cfg, quiet, wait_until
 
 
 def _arrays(value, path="reply"):
@@ -69,27 +44,52 @@ def _arrays(value, path="reply"):
         yield path, value
 
 
+def _image_fingerprints(shard_dir: Path) -> list[bytes]:
+    """Pieces of every image the sites hold: its PNG file's first 64 bytes after the header chunk, and a row
+    of its pixels at the side the sites see (64 px)."""
+    pieces = []
+    for png in sorted((shard_dir.parent / "synth").rglob("*.png")):
+        if "ground_truth" in png.parts:
+            continue
+        data = png.read_bytes()
+        pieces.append(data[33:97])
+        pixels = np.ascontiguousarray(load_image(png))
+        pieces.append(pixels[pixels.shape[0] // 2].tobytes())
+    return [p for p in pieces if len(set(p)) >= 8]  # not a run of one value, which a zero delta could hold
+
+
+def assert_no_image_bytes(replies: list, shard_dir: Path) -> None:
+    """No reply, serialised as it travels, carries a PNG or any image's bytes or pixels."""
+    pieces = _image_fingerprints(shard_dir)
+    assert len(pieces) > 50
+    for i, reply in enumerate(replies):
+        blob = pickle.dumps(reply, protocol=5)
+        assert b"\x89PNG" not in blob and b"IHDR" not in blob and b"IDAT" not in blob, f"reply {i}: a PNG"
+        leaked = [j for j, piece in enumerate(pieces) if piece in blob]
+        assert not leaked, f"reply {i} ({reply.get('site')}): holds bytes of image(s) {leaked[:5]}"
+
+
 def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordinator_only_masked_sums(
         factories, shard_dir, tmp_path):
     ray.get([f.ping.remote() for f in factories.values()])
-    assert _eventually(lambda: ray.available_resources().get("factory:site-000", 1) == pytest.approx(0.999))  # pinned
+    wait_until(lambda: ray.available_resources().get("factory:site-000", 1) == pytest.approx(0.999), 15,
+               "site-000's Factory holds a share of the factory:site-000 resource (it is pinned to its node)")
     cfg = fed_cfg(shard_dir, tmp_path / "fed.pt", secure_agg=True, server_opt="fedprox", fedprox_mu=0.01)
-    trainer = FederatedTrainer(cfg, factories, log=lambda m: None)
+    trainer = FederatedTrainer(cfg, factories, log=quiet)
     summary = trainer.run()
     assert summary["rounds"] == 2 and summary["stop_reason"] == ""
     size = trainer.layout.size
 
     updates = [r for r in trainer.received if "update" in r]
     assert len(updates) == 6 and {r["site"] for r in updates} == set(trainer.sites)
+    assert len(trainer.received) == 6 + 2 * 3  # and a validation reply per site and round
+    assert_no_image_bytes(trainer.received, shard_dir)
     for reply in trainer.received:
         for where, leaf in _arrays(reply):
             n = len(leaf) if isinstance(leaf, (bytes, bytearray)) else leaf.size if isinstance(leaf, np.ndarray) \
                 else leaf.numel()
             assert n <= size + 1, f"{where}: {n} values, more than the parameter vector"
-            if isinstance(leaf, (bytes, bytearray)):
-                assert leaf.startswith(b"\x89PNG") is False and b"IHDR" not in leaf, f"{where}: image bytes"
-            else:
-                assert where.endswith(".update.values"), f"{where}: an array other than the masked update"
+            assert where.endswith(".update.values"), f"{where}: an array other than the masked update"
     for reply in updates:
         assert isinstance(reply["update"], MaskedUpdate)
         assert reply["update"].values.dtype == np.uint64 and reply["update"].values.shape == (size + 1,)
@@ -110,22 +110,34 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     assert ckpt.image_size == 64 and ckpt.calibration.effective_patches > 0
     assert ckpt.normality is not None and 1 in ckpt.normality.table
     torch.testing.assert_close(trainer.layout.flatten(ckpt.model), trainer.global_vector)
-    assert all(0 <= h["val_auroc"] <= 1 for h in ckpt.history)
+    for h in ckpt.history:  # every site validated every round, on its own held-out images
+        assert set(h["site_auroc"]) == set(trainer.sites) and all(np.isfinite(v) for v in h["site_auroc"].values())
 
-    good = sorted((shard_dir.parent / "synth" / ckpt.categories[0] / "train" / "good").glob("*.png"))
-    site_model = adapt(ckpt, [load_image(p) for p in good[:2]])
-    results = site_model.score([load_image(good[-1])], maps=False)
-    assert len(results) == 1 and np.isfinite(results[0].score)
+    # the shared model, adapted to two good images of a training category, ranks its defective test images
+    # above its good ones (measured 0.67, 0.86, 0.86 on 6 + 6 test images per category at 64 px, mean 0.80;
+    # a negated score would give 1 - AUROC, a mean of 0.20)
+    aurocs = {}
+    for category in ckpt.categories:
+        data = load_category(shard_dir.parent / "synth", category, 64)
+        site_model = adapt(ckpt, list(data.train_images[:2]))
+        scores = np.array([r.score for r in site_model.score(list(data.test_images), maps=False)])
+        aurocs[category] = image_auroc(data.test_labels, scores)
+    assert np.mean(list(aurocs.values())) >= FLOOR, aurocs
+
+
+FLOOR = 0.65
 
 
 def test_secure_aggregation_on_and_off_give_the_same_aggregate(factories, shard_dir, tmp_path):
     deltas = {}
     for secure, fp16 in ((True, False), (False, False), (False, True)):
         trainer = FederatedTrainer(fed_cfg(shard_dir, tmp_path / f"{secure}{fp16}.pt", secure_agg=secure, fp16=fp16),
-                                   factories, log=lambda m: None)
+                                   factories, log=quiet)
         trainer.setup()
         result = trainer.run_round(1)
         assert result["sites"] == trainer.sites and result["attempt"] == 0
+        assert len(trainer.received) == 3
+        assert_no_image_bytes(trainer.received, shard_dir)
         deltas[secure, fp16] = result["delta"]
         if not secure:
             assert all(isinstance(r["update"], bytes) and len(r["update"]) == encoded_num_bytes(trainer.layout, fp16)
@@ -194,47 +206,37 @@ def test_federated_flags_need_shards(tmp_path, capsys):
     assert "give --shards" in capsys.readouterr().err
 
 
-def test_a_straggler_past_the_round_timeout_is_dropped_for_that_round_and_rejoins_after_a_restart(
-        factories, shard_dir, tmp_path):
+def test_a_late_site_is_dropped_for_that_round_and_takes_part_in_the_next(factories, shard_dir, tmp_path):
+    """The late site computes its round-2 update as usual, but its reply is held back by a gate that only
+    opens after the round: it is late however fast or loaded the machine is. The others have 20 s for a
+    one-episode update that takes about one."""
     straggler = "site-002"
-    logged = []
-    cfg = fed_cfg(shard_dir, tmp_path / "late.pt", rounds=3, local_steps=1, round_timeout=30.0)
-    trainer = FederatedTrainer(cfg, factories, log=logged.append)
-    trainer.setup()
-    assert trainer.run_round(1)["sites"] == trainer.sites
-    # keep the straggler busy: its round-2 update queues behind a local update that would run for hours
-    settings = {**trainer._round_settings(), "local_steps": 10**6}
-    busy = factories[straggler].local_update.remote(99, 0, encode_update(trainer.global_vector, trainer.layout),
-                                                    None, settings)
-    late = trainer.run_round(2)
-    assert late["sites"] == ["site-000", "site-001"] and straggler not in late["replies"]
+    gate = Gate.remote()
+    sites = {**factories, straggler: HeldBack(factories[straggler], gate, held={2})}
+    logged: list[str] = []
+    cfg = fed_cfg(shard_dir, tmp_path / "late.pt", rounds=3, local_steps=1, round_timeout=20.0)
+    trainer = FederatedTrainer(cfg, sites, log=logged.append)
+    summary = trainer.run()
+    ray.get(gate.open.remote())
+    assert summary["rounds"] == 3 and summary["stop_reason"] == "", logged
     assert any(f"round 2 attempt 0: dropped {straggler} (late or dead)" in line for line in logged), logged
-    assert float(late["delta"].abs().max()) > 0
-    ray.kill(factories[straggler], no_restart=False)  # the only way to stop it; it restarts (max_restarts)
-    with pytest.raises(ray.exceptions.RayError):
-        ray.get(busy)
-    assert _eventually(lambda: _answers(factories[straggler], straggler), seconds=60)
-    assert trainer.run_round(3)["sites"] == trainer.sites  # back in the next round
-
-
-def _answers(handle, site: str) -> bool:
-    try:
-        return ray.get(handle.ping.remote(), timeout=5) == site
-    except ray.exceptions.RayError:
-        return False
+    rounds = {h["round"]: h for h in trainer.history}
+    assert rounds[1]["sites"] == trainer.sites and rounds[3]["sites"] == trainer.sites
+    assert rounds[2]["sites"] == ["site-000", "site-001"]
+    assert [r["site"] for r in trainer.received if "update" in r].count(straggler) == 2  # rounds 1 and 3
 
 
 def test_a_killed_factory_is_dropped_for_the_round_which_is_redone_by_the_others_and_it_rejoins(
-        factories, shard_dir, tmp_path):
+        own_factories, shard_dir, tmp_path):
     victim = "site-001"
 
     def kill_in_round_2(round, attempt, participants):
         if round == 2 and attempt == 0:
-            ray.kill(factories[victim], no_restart=False)
+            ray.kill(own_factories[victim], no_restart=False)
 
     cfg = fed_cfg(shard_dir, tmp_path / "kill.pt", rounds=3, local_steps=1, secure_agg=True)
     logged = []
-    trainer = FederatedTrainer(cfg, factories, log=logged.append, on_broadcast=kill_in_round_2)
+    trainer = FederatedTrainer(cfg, own_factories, log=logged.append, on_broadcast=kill_in_round_2)
     summary = trainer.run()
     assert summary["rounds"] == 3 and summary["stop_reason"] == "", logged
     assert any("round 2 attempt 0: dropped site-001" in line for line in logged), logged

@@ -10,8 +10,8 @@ import torch
 from bayprano.actors.coordinator import FederatedTrainer, kill_factories, spawn_factories
 from bayprano.actors.factory import VirtualSite
 from bayprano.config import FederatedTrainConfig
-
-ray = pytest.importorskip("ray")
+from bayprano.platform.federated.privacy import PrivacyAccountant
+from bayprano.platform.meta.checkpoint import load_checkpoint
 
 SITES = 20
 
@@ -70,3 +70,36 @@ def test_twenty_virtual_sites_over_two_actors_train_with_secure_aggregation_and_
         assert float(expected["delta"].abs().max()) > 0
     finally:
         kill_factories(factories)
+
+
+def test_pooled_mode_with_dp_accounts_the_sample_rate_of_the_virtual_sites_and_resumes_where_it_stopped(
+        ray_session, many_shards, tmp_path):
+    z, clip, delta = 1.0, 0.5, 1e-5
+    out = tmp_path / "pooled-dp.pt"
+    cfg = pooled_cfg(many_shards, out, rounds=1, dp_noise=z, dp_clip=clip, dp_delta=delta)
+    factories = spawn_factories(cfg, num_cpus=0.2)
+    try:
+        first = FederatedTrainer(cfg, factories, log=lambda m: None)
+        assert first.run()["rounds"] == 1
+        after_one = load_checkpoint(out)
+
+        logged: list[str] = []
+        resumed = FederatedTrainer(cfg.model_copy(update={"rounds": 2, "resume": True}), factories, log=logged.append)
+        resumed.setup()
+        assert f"resuming after round 1 from {out}" in logged and resumed.round == 1
+        torch.testing.assert_close(resumed.global_vector, resumed.layout.flatten(after_one.model), atol=0, rtol=0)
+        summary = resumed.run()
+    finally:
+        kill_factories(factories)
+    accountant = PrivacyAccountant(z, 4 / SITES, delta)  # 4 of the 20 virtual sites a round, not 4 of 2 actors
+    expected = [accountant.step(), accountant.step()]
+    ckpt = load_checkpoint(out)
+    assert summary["rounds"] == 2 and [h["round"] for h in ckpt.history] == [1, 2]
+    assert [h["epsilon"] for h in ckpt.history] == pytest.approx(expected, rel=1e-12)
+    assert repr(ckpt.history[0]) == repr(after_one.history[0])  # round 1 kept as it was (NaN AUROCs: no holdout)
+    assert ckpt.history[1]["sites"] == resumed.sample(2) and len(ckpt.history[1]["sites"]) == 4
+    state = ckpt.meta_config["federated"]
+    assert state["round"] == 2 and PrivacyAccountant(z, 4 / SITES, delta).load_state_dict(
+        state["accountant"]).epsilon == pytest.approx(expected[1], rel=1e-12)
+    moved = resumed.layout.flatten(ckpt.model) - resumed.layout.flatten(after_one.model)
+    assert float(moved.abs().max()) > 0
