@@ -13,8 +13,8 @@ round and an attempt) has four steps:
 2. Share keys (``share_keys``): the server sends everyone the roster of public keys. Each site
    computes its neighbours (``neighbour_graph``: every other site, or ``neighbours`` of them on a
    ring in an order drawn from the instance, so a site's cost grows with k, not with N), splits ``b``
-   and its ``s`` private key into Shamir shares (t of its k neighbours recover either) and sends each
-   neighbour's pair of shares encrypted to it (ChaCha20-Poly1305 under a key from the ``c`` agreement):
+   and its ``s`` private key into Shamir shares held by itself and its k neighbours (any t recover
+   either) and sends each neighbour's pair of shares encrypted to it (ChaCha20-Poly1305 under a key from the ``c`` agreement):
    the server only relays them.
 3. Masked input (``mask``): to the sites that shared (U2), the server relays the ciphertexts addressed
    to each. A site sends y = x + PRG(b) + sum over its neighbours v in U2 of +-PRG(s_uv), in fixed
@@ -36,8 +36,8 @@ attempt number) has fresh keys, a fresh b and fresh masks.
 Fixed point: ``round(x * 2**f)`` as a 64-bit two's complement integer (default f = 24); ``mask``
 refuses any |x| > ``max_abs_value(n, f)`` = 2**(62 - f) / n, so a sum over n sites decodes exactly.
 
-Settings (``check_settings``): ``threshold`` t (default: a majority of a site's neighbours,
-floor(k / 2) + 1) and ``neighbours`` k (default: every other site of the round, which is Bonawitz's
+Settings (``check_settings``): ``threshold`` t (default: a majority of a secret's k + 1 holders,
+floor((k + 1) / 2) + 1, at most k, since a dropped site's own share is lost with it) and ``neighbours`` k (default: every other site of the round, which is Bonawitz's
 full graph, the k = n - 1 case). Out of scope: a server that lies about the roster or the survivors
 (Bonawitz's consistency round with signatures), and sites that collude with the server in groups of
 t or more.
@@ -104,8 +104,9 @@ def degree(num_sites: int, neighbours: int | None) -> int:
 
 
 def default_threshold(site_degree: int) -> int:
-    """A majority of a site's neighbours."""
-    return site_degree // 2 + 1
+    """A majority of a secret's holders (the site and its neighbours), at most the neighbours alone
+    (so that a dropped site's key, whose own share is lost with it, can still be recovered)."""
+    return max(1, min(site_degree, (site_degree + 1) // 2 + 1))
 
 
 def check_settings(num_sites: int, threshold: int | None = None, neighbours: int | None = None) -> tuple[int, int]:
@@ -121,7 +122,8 @@ def check_settings(num_sites: int, threshold: int | None = None, neighbours: int
             raise ConfigError(f"--secagg-threshold {threshold!r}: must be a whole number of at least 1")
         if threshold > num_sites - 1:
             raise ConfigError(f"--secagg-threshold {threshold}: above the {num_sites - 1} other site(s) of a round of "
-                              f"{num_sites}, which hold a site's shares; the masks could never be removed")
+                              f"{num_sites}; a dropped site's shares are held by the others, so its masks could "
+                              "never be removed")
         if neighbours is not None and neighbours < threshold:
             raise ConfigError(f"--secagg-neighbours {neighbours}: below --secagg-threshold {threshold}; a site's "
                               "shares go to its neighbours, too few to reach the threshold")
@@ -259,7 +261,7 @@ class SecAggClient:
         self._s_raw = _hkdf(bytes(master), "s", self.instance, self.site_id)
         self._s = X25519PrivateKey.from_private_bytes(self._s_raw)
         self._b = _hkdf(bytes(master), "b", self.instance, self.site_id)
-        self._coins = random.Random(_hkdf(bytes(master), "coins", self.instance, self.site_id))
+        self._coins_key = _hkdf(bytes(master), "coins", self.instance, self.site_id)
 
     def advertise(self) -> Advertisement:
         return Advertisement(self.site_id, self.instance, self._c.public_key().public_bytes_raw(),
@@ -282,18 +284,26 @@ class SecAggClient:
                               "sites the value would be sent in the clear")
         return out
 
-    def share_keys(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None) -> dict[str, bytes]:
-        """{neighbour: ciphertext of its shares of this site's b and s key}; the server relays them."""
-        roster = self._roster(roster)
-        mine = neighbour_graph(roster, neighbours, self.instance)[self.site_id]
+    def _shares(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None):
+        """(holders, b shares, s-key shares): the same every time (the coins derive from the master)."""
+        holders = tuple(sorted([*neighbour_graph(roster, neighbours, self.instance)[self.site_id], self.site_id]))
         t = _check_int("threshold", threshold, 1)
-        if t > len(mine):
-            raise ConfigError(f"secure aggregation: threshold {t} is above the {len(mine)} neighbours of site "
+        if t > len(holders) - 1:
+            raise ConfigError(f"secure aggregation: threshold {t} is above the {len(holders) - 1} neighbours of site "
                               f"{self.site_id!r}")
-        b_shares = split(self._b, t, len(mine), rng=self._coins.getrandbits)
-        s_shares = split(self._s_raw, t, len(mine), rng=self._coins.getrandbits)
+        coins = random.Random(_hkdf(self._coins_key, "split"))
+        return holders, split(self._b, t, len(holders), rng=coins.getrandbits), \
+            split(self._s_raw, t, len(holders), rng=coins.getrandbits)
+
+    def share_keys(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None) -> dict[str, bytes]:
+        """{neighbour: ciphertext of its shares of this site's b and s key}; the server relays them. The
+        site keeps a share of each for itself (recomputed when it is needed)."""
+        roster = self._roster(roster)
+        holders, b_shares, s_shares = self._shares(roster, threshold, neighbours)
         out = {}
-        for peer, bs, ss in zip(mine, b_shares, s_shares):
+        for peer, bs, ss in zip(holders, b_shares, s_shares):
+            if peer == self.site_id:
+                continue
             plain = json.dumps([self.site_id, peer, bs.to_bytes().hex(), ss.to_bytes().hex()]).encode()
             aad = f"{self.instance}|{self.site_id}|{peer}".encode()
             out[peer] = self._channel(peer, roster[peer].c_public, self.site_id, peer).encrypt(bytes(12), plain, aad)
@@ -330,9 +340,10 @@ class SecAggClient:
                             self.fractional_bits, masked)
 
     def unmask(self, roster: Mapping[str, Advertisement], survivors: Collection[str], dropped: Collection[str],
-               ciphertexts: Mapping[str, bytes], threshold: int) -> dict[str, tuple[str, bytes]]:
-        """For each peer whose shares this site holds: (``"self"``, its b share) if it survived, (``"pair"``,
-        its s-key share) if it dropped. Refuses a peer that is both, and too few survivors."""
+               ciphertexts: Mapping[str, bytes], threshold: int, neighbours: int | None = None) -> dict[str, tuple[str, bytes]]:
+        """For each site whose shares this site holds (itself included): (``"self"``, its b share) if it
+        survived, (``"pair"``, its s-key share) if it dropped. Refuses a peer that is both, and too few
+        survivors."""
         roster = self._roster(roster)
         survivors, dropped = set(survivors), set(dropped)
         both = sorted(survivors & dropped)
@@ -360,6 +371,8 @@ class SecAggClient:
             if (frm, to) != (sender, self.site_id):
                 raise DataError(f"secure aggregation: shares from {sender!r} are addressed {frm!r} -> {to!r}")
             out[sender] = (SELF, bytes.fromhex(b_hex)) if sender in survivors else (PAIR, bytes.fromhex(s_hex))
+        holders, b_shares, _ = self._shares(roster, threshold, neighbours)
+        out[self.site_id] = (SELF, b_shares[holders.index(self.site_id)].to_bytes())
         return out
 
 
@@ -401,7 +414,7 @@ class SecAggServer:
         return {s: ct for s, ct in self.ciphertexts.get(site, {}).items() if s in self.shared}
 
     def finish(self, masked: Mapping[str, MaskedUpdate], revealed: Mapping[str, Mapping[str, tuple[str, bytes]]]) -> Tensor:
-        """The float32 sum of the survivors' vectors, from their masked inputs (``masked``: the survivors,
+        """The float64 sum of the survivors' vectors, from their masked inputs (``masked``: the survivors,
         U3) and the survivors' answers to the unmask request (``revealed``: responder -> peer -> share).
 
         Refuses (``DataError``) when some site's secret has fewer than ``threshold`` shares, or inputs
@@ -427,7 +440,7 @@ class SecAggServer:
             if responder not in survivors:
                 continue
             for peer, (kind, data) in answers.items():
-                if responder not in self.graph.get(peer, ()):
+                if responder not in self.graph.get(peer, ()) and responder != peer:
                     continue
                 want = SELF if peer in survivors else PAIR if peer in dropped else None
                 if kind != want:
@@ -454,7 +467,7 @@ class SecAggServer:
                     continue
                 m = prg(pair_mask_key(s_key, self.roster[v].s_public, self.instance, p, v), size)
                 total = total - m if p > v else total + m  # v added +m when p sorts after it
-        return torch.from_numpy(decode_fixed(total, first.fractional_bits).astype(np.float32))
+        return torch.from_numpy(decode_fixed(total, first.fractional_bits))
 
 
 def secure_sum(vectors: Mapping[str, np.ndarray | Tensor], masters: Mapping[str, bytes], instance: str,
@@ -468,6 +481,7 @@ def secure_sum(vectors: Mapping[str, np.ndarray | Tensor], masters: Mapping[str,
     drop = set(drop_after_sharing)
     masked = {s: c.mask(vectors[s], roster, server.shared, neighbours, round, attempt)
               for s, c in clients.items() if s not in drop}
-    revealed = {s: clients[s].unmask(roster, list(masked), sorted(drop), server.inbox(s), threshold) for s in masked}
+    revealed = {s: clients[s].unmask(roster, list(masked), sorted(drop), server.inbox(s), threshold, neighbours)
+                for s in masked}
     return server.finish(masked, revealed)
 
