@@ -21,7 +21,7 @@ features never leave it. What it sends out:
 - ``local_update(...)``: the clipped parameter delta of E local Proto-MAML episodes, masked under
   secure aggregation (with the weight and, without DP, the loss summed in the same vector) or encoded
   as bytes with its weight and metrics (plain mode); the local episodes are drawn from a seed of
-  (run seed, site, round, attempt, the site's master secret), so a retried round trains afresh;
+  (run seed, site, round, attempt), so a retried round trains afresh;
 - ``validate(...)``: image AUROC on its held-out normals and synthetic anomalies made from them, its
   calibration statistics and the moments of its normal log-statistics, as one additive vector
   (``platform.federated.summaries``): in the clear, or masked; under DP nothing (validation stays home);
@@ -81,10 +81,10 @@ DEFAULT_SITE_SETTINGS = {
 }
 
 
-def _site_seed(seed: int, site: str, round: int, attempt: int = 0, secret: bytes = b"") -> int:
-    """The local episodes' seed of (run, site, round, attempt) and the site's secret: another attempt of
-    a round trains on other episodes, and nobody without the secret can predict them."""
-    digest = hashlib.sha256(repr((int(seed), site, int(round), int(attempt))).encode() + bytes(secret)).digest()
+def _site_seed(seed: int, site: str, round: int, attempt: int = 0) -> int:
+    """The local episodes' seed of (run, site, round, attempt): another attempt of a round trains on
+    other episodes, so a retried round never sends the same update twice."""
+    digest = hashlib.sha256(repr((int(seed), site, int(round), int(attempt))).encode()).digest()
     return int.from_bytes(digest[:4], "big") % (2**31)
 
 
@@ -239,8 +239,7 @@ class FactorySite:
         steps = int(settings["local_steps"])
         return local_meta_update(self.model, self.banks, self.meta, steps, start, self.layout,
                                  fedprox_mu=float(settings.get("fedprox_mu", 0.0)),
-                                 seed=_site_seed(int(self.settings["seed"]), self.site, int(round), int(attempt),
-                                                 self._master))
+                                 seed=_site_seed(int(self.settings["seed"]), self.site, int(round), int(attempt)))
 
     def local_update(self, round: int, attempt: int, global_bytes: bytes, secagg: Mapping[str, Any] | None,
                      settings: Mapping[str, Any]) -> dict:
@@ -324,7 +323,7 @@ class PooledFactorySite:
     different site comes), and shares one backbone between them. Whatever a virtual site must keep
     between its calls comes with the call in ``state`` (the session and private key of its
     secure-aggregation master secret and the stages it has spent): the round's seeds are derived from
-    (run seed, site, round, attempt, secret), and the model is loaded from the broadcast global vector
+    (run seed, site, round, attempt), and the model is loaded from the broadcast global vector
     at every call, so nothing else carries over.
     """
 
