@@ -485,8 +485,10 @@ class FederatedTrainer:
             val = {"auroc": math.nan, "site_auroc": None}
             if not result.get("skipped"):
                 val = self.validate(result["sites"] if cfg.pool_size else None)
+            # episodes: local steps x sites that answered; under DP x the expected number of sites
+            took_part = self.sites_per_round if self.dp else len(result["sites"])
             row = {"round": r, "attempt": result["attempt"], "loss": result["loss"], "val_auroc": val["auroc"],
-                   "epsilon": epsilon, "seconds": time.perf_counter() - t0}
+                   "epsilon": epsilon, "episodes": cfg.local_steps * took_part, "seconds": time.perf_counter() - t0}
             if not self.dp:  # under DP who took part, and so how much moved, is not recorded
                 row.update(sites=result["sites"], site_auroc=val["site_auroc"],
                            bytes_up=self.ledger.total(round=r, direction="up"),
