@@ -150,11 +150,12 @@ class FederatedTrainer:
 
     def _gather(self, stage: str, round: int, calls: Mapping[str, tuple[str, tuple]], timeout: float,
                 retry: bool = False, after_submit: Callable[[], None] | None = None,
-                attempt: int = 0) -> tuple[dict[str, Any], list[str]]:
+                attempt: int = 0, count: bool = True) -> tuple[dict[str, Any], list[str]]:
         """Replies that arrived within ``timeout`` seconds, and the sites that were late or failed.
 
         ``calls`` maps each site to (method, args). Each call's arguments count as bytes down, each
-        reply as bytes up (``wire_bytes``), under ``round``; every reply goes to ``transcript``. A reply
+        reply as bytes up (``wire_bytes``), under ``round`` (unless not ``count``: the end-of-run report
+        of shard sizes is not federation traffic); every reply goes to ``transcript``. A reply
         still pending at the deadline is abandoned: it is never read. With ``retry`` (for calls that can
         be repeated) a site whose actor is restarting is asked again until the deadline.
         """
@@ -162,7 +163,8 @@ class FederatedTrainer:
 
         def submit(site):
             method, args = calls[site]
-            self.ledger.record(round, site, "down", wire_bytes(args))
+            if count:
+                self.ledger.record(round, site, "down", wire_bytes(args))
             return getattr(self.factories[site], method).remote(*args)
 
         pending = {submit(site): site for site in calls}
@@ -198,7 +200,8 @@ class FederatedTrainer:
         del self.abandoned[:-32]
         for site, reply in replies.items():
             size = wire_bytes(reply)
-            self.ledger.record(round, site, "up", size)
+            if count:
+                self.ledger.record(round, site, "up", size)
             self.transcript.append({"stage": stage, "round": round, "attempt": attempt, "site": site,
                                     "reply": reply, "bytes": size})
             if stage in ("update", "validation"):
@@ -521,7 +524,7 @@ class FederatedTrainer:
     def site_shard_bytes(self) -> dict[str, int]:
         """Image bytes in each site's shard, counted by the site: what centralising its data would move."""
         replies, missing = self._gather("shard_bytes", self.round, {s: ("shard_bytes", ()) for s in self.factories},
-                                        self.cfg.round_timeout, retry=True)
+                                        self.cfg.round_timeout, retry=True, count=False)
         return {s: int(replies[s]) for s in sorted(replies)}
 
     def federated_state(self) -> dict:

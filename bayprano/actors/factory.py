@@ -208,6 +208,11 @@ class FactorySite:
         return {"site": self.site, "instance": instance,
                 "shares": self._client(instance).unmask(roster, survivors, dropped, inbox, threshold, neighbours)}
 
+    def use_secrets(self, master: bytes, spent: set) -> None:
+        """Take the master secret and the spent stages from outside (pooled mode: a virtual site's state is
+        kept by the pool between its calls, since the actor that plays it changes)."""
+        self._master, self._spent = bytes(master), spent
+
     def _release(self, what: str, vector: np.ndarray, secagg: Mapping[str, Any] | None) -> dict:
         """``vector`` as this site sends it: masked for the instance in ``secagg``, or in the clear."""
         if secagg is None:
