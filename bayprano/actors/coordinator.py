@@ -255,6 +255,9 @@ class FederatedTrainer:
             if self.on_masked is not None:
                 self.on_masked(purpose, round, attempt, sorted(masked))
             survivors = sorted(masked)
+            if len(survivors) < self.quorum:  # nothing is unmasked: the masked inputs stay meaningless
+                self.log(f"{purpose} {round}: {len(survivors)} site(s) answered, quorum is {self.quorum}")
+                return None
             lost = sorted(set(server.shared) - set(survivors))
             revealed, _ = self._gather("unmask", round, {
                 s: ("secagg_unmask", (instance, roster, survivors, lost, server.inbox(s), threshold, neighbours))
