@@ -51,7 +51,7 @@ import math
 import numbers
 import random
 from dataclasses import dataclass, field
-from typing import Collection, Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping
 
 import numpy as np
 import torch
