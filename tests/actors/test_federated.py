@@ -133,12 +133,12 @@ def test_secure_aggregation_on_and_off_give_the_same_aggregate(factories, shard_
 
 def test_dp_stops_at_the_epsilon_target_with_the_reason_and_resume_continues_without_repeating_a_round(
         ray_session, shard_dir, tmp_path, capsys):
-    z, clip, delta, q = 1.0, 0.5, 1e-5, 2 / 3
+    z, clip, delta, q = 1.0, 0.5, 1e-5, 1.0  # under DP the sites are Poisson-sampled: at q = 1, all of them
     direct = PrivacyAccountant(z, q, delta)
     eps = [direct.step() for _ in range(3)]
     target = (eps[1] + eps[2]) / 2  # two rounds fit, the third does not
     out = tmp_path / "dp.pt"
-    flags = ["train", "--shards", str(shard_dir), "--sites-per-round", "0.67", "--local-steps", "1",
+    flags = ["train", "--shards", str(shard_dir), "--sites-per-round", "1.0", "--local-steps", "1",
              "--dp-noise", str(z), "--dp-clip", str(clip), "--dp-delta", str(delta), "--secure-agg",
              "--server-opt", "fedadam",
              "--out", str(out), *SMALL_FLAGS]
