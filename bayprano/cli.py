@@ -182,7 +182,7 @@ def _settings(args: argparse.Namespace, model_cls) -> Any:
 
 _FEDERATED_FLAGS = ("sites_per_round", "rounds", "local_steps", "dp_noise", "dp_clip", "target_epsilon", "dp_delta",
                     "secure_agg", "fp16", "server_opt", "server_lr", "fedprox_mu", "resume", "address", "min_sites",
-                    "round_timeout", "pool_size")
+                    "round_timeout", "pool_size", "secagg_threshold", "secagg_neighbours")
 
 
 def _site_paths(text: str) -> dict[str, str]:
@@ -462,7 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--dp-clip", metavar="C", help="client-level DP: clip each site's delta to L2 norm C")
     fed.add_argument("--target-epsilon", metavar="EPS", help="stop before a round that would spend more epsilon")
     fed.add_argument("--dp-delta", metavar="D", help="DP delta (default 1e-5)")
-    fed.add_argument("--secure-agg", action="store_true", default=None, help="pairwise-masked secure aggregation")
+    fed.add_argument("--secure-agg", action="store_true", default=None,
+                     help="secure aggregation (double masking, dropout-robust): the server only learns sums")
+    fed.add_argument("--secagg-threshold", metavar="T", help="secure aggregation: shares that recover a site's mask "
+                     "secrets (default: a majority of its neighbours)")
+    fed.add_argument("--secagg-neighbours", metavar="K", help="secure aggregation: peers of each site, SecAgg+ "
+                     "(default: every other site of the round)")
     fed.add_argument("--fp16", action="store_true", default=None, help="send the global model as float16")
     fed.add_argument("--server-opt", metavar="NAME", help="fedavg (default), fedprox or fedadam")
     fed.add_argument("--server-lr", metavar="LR", help="server step size (default 1 for fedavg/fedprox, 0.01 fedadam)")

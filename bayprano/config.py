@@ -122,6 +122,8 @@ class FederatedTrainConfig(_MetaTrainingSettings):
     target_epsilon: Optional[float] = Field(None, gt=0)
     dp_delta: float = Field(1e-5, gt=0, lt=1)
     secure_agg: bool = False
+    secagg_threshold: Optional[int] = Field(None, ge=1)  # shares that recover a site's mask secrets; default a majority
+    secagg_neighbours: Optional[int] = Field(None, ge=1)  # each site's peers (SecAgg+); default all the round's sites
     fp16: bool = False
     server_opt: str = "fedavg"
     server_lr: Optional[float] = Field(None, gt=0)
@@ -175,6 +177,18 @@ class FederatedTrainConfig(_MetaTrainingSettings):
         k = self.round_size
         if self.min_sites is not None and self.min_sites > k:
             raise ValueError(f"--min-sites {self.min_sites}: more than the {k} site(s) sampled each round")
+        if not self.secure_agg:
+            for name in ("secagg_threshold", "secagg_neighbours"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"--{name.replace('_', '-')} is for --secure-agg")
+        else:
+            from bayprano.platform.errors import ConfigError
+            from bayprano.platform.federated.secagg import check_settings
+
+            try:
+                check_settings(k, self.secagg_threshold, self.secagg_neighbours)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     def site_paths(self) -> dict[str, str]:

@@ -1,23 +1,34 @@
-"""Scale of pooled mode: round time and memory for 10, 30 and 100 virtual sites over a pool of 2 actors.
+"""Scale of pooled mode and cost of secure aggregation: round time, memory and bytes per site for 10, 30 and
+100 virtual sites over a pool of 2 actors, without and with secure aggregation.
 
 One synthetic category at ``--image-size`` px is dealt over ``max(--sites)`` sites (IID, ``--per-site``
 train/good images each, one Parquet shard per site); a run with N sites uses the first N shards, so a
 site holds the same data in every run. Each run: a local Ray with ``--cpus`` CPUs, ``--pool-size``
 pooled Factory actors (a quarter CPU each), ``--rounds`` rounds in which every site takes part
-(``--sites-per-round``, default all) with ``--local-steps`` local episodes, FedAvg, float16 on the wire.
+(``--sites-per-round``, default all) with ``--local-steps`` local episodes, FedAvg, float16 on the wire,
+in each of ``--modes``: ``plain`` (no masking), ``secagg`` (double masking over the full graph,
+Bonawitz et al.) and ``secagg-k`` (the same over ``--neighbours`` neighbours per site, SecAgg+).
 Pooled mode validates on a round's participants. Measured:
 
-- setup seconds: every site reads its shard and describes it (feature statistics) once;
+- setup seconds: every site reads its shard and describes it, and the feature statistics are summed;
 - round seconds: the median over rounds of broadcast, local updates, aggregation and validation;
 - seconds per site-round: round seconds / sites per round;
+- bytes per site and round: what a site sent and received in one round (median over sites and rounds),
+  counted by the Coordinator's ledger at serialised size: every protocol message included;
 - peak memory: the largest peak resident set size of a pool actor (``VmHWM``) and the driver's, and
-  the sum of the resident memory of every process of the local Ray and the driver, sampled each 0.5 s
-  (its maximum over the run);
-- bytes: what the sites sent, in total and per site.
+  the sum of the resident memory of every process of the local Ray and the driver, sampled each 0.5 s.
 
-Prints a Markdown table and writes ``benchmarks/results/federation.json`` (or ``--out``).
+``--protocol-sites`` adds the protocol alone, without training (no Ray): for each N, one instance of
+the double-masking protocol over N sites on a vector of the model's size, one site dropping after
+sharing, with the full graph and with ``--neighbours``: bytes a site sends and receives, a site's
+seconds (keys, shares, masking, unmasking) and the server's seconds to remove the masks; next to the
+pairwise-masking protocol this replaced (one public key and one masked vector a site: it had no
+dropout recovery, so a drop meant a redo), whose bytes are computed from the same sizes.
 
-    .venv/bin/python benchmarks/federation.py [--sites 10 30 100] [--pool-size 2] [--rounds 2]
+Prints Markdown tables and writes ``benchmarks/results/federation.json`` (or ``--out``).
+
+    nice .venv/bin/python benchmarks/federation.py [--sites 10 30 100] [--modes plain secagg secagg-k]
+        [--pool-size 2] [--rounds 2] [--protocol-sites 10 30 100 300]
 """
 
 from __future__ import annotations
@@ -38,7 +49,11 @@ CATEGORY = "fabric"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sites", type=int, nargs="+", default=[10, 30, 100])
+    p.add_argument("--sites", type=int, nargs="*", default=[10, 30, 100])
+    p.add_argument("--modes", nargs="+", default=["plain", "secagg", "secagg-k"],
+                   choices=["plain", "secagg", "secagg-k"])
+    p.add_argument("--neighbours", type=int, default=4, help="neighbours per site in secagg-k (SecAgg+)")
+    p.add_argument("--protocol-sites", type=int, nargs="*", default=[10, 30, 100, 300])
     p.add_argument("--pool-size", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-steps", type=int, default=1)
@@ -99,7 +114,7 @@ class MemorySampler:
         self._thread.join()
 
 
-def run_one(n: int, shard_dir: Path, args, work: Path) -> dict:
+def run_one(n: int, shard_dir: Path, args, work: Path, mode: str = "plain") -> dict:
     import ray
 
     from bayprano.actors.coordinator import FederatedTrainer, kill_factories, spawn_factories, with_shard_bytes
@@ -109,7 +124,10 @@ def run_one(n: int, shard_dir: Path, args, work: Path) -> dict:
 
     manifest = read_manifest(shard_dir)
     sites = {s["name"]: str(shard_dir / s["file"]) for s in manifest["sites"][:n]}
-    cfg = FederatedTrainConfig(sites=sites, out=work / f"fed_{n}.pt", rounds=args.rounds, local_steps=args.local_steps,
+    privacy = {"plain": {}, "secagg": {"secure_agg": True},
+               "secagg-k": {"secure_agg": True, "secagg_neighbours": min(args.neighbours, n - 1)}}[mode]
+    cfg = FederatedTrainConfig(sites=sites, out=work / f"fed_{n}_{mode}.pt", rounds=args.rounds, local_steps=args.local_steps,
+                               **privacy,
                                sites_per_round=args.sites_per_round, pool_size=args.pool_size, fp16=True,
                                image_size=args.image_size, shots=2, n_query_normal=2, n_query_anomalous=2,
                                calibration_episodes=2, holdout=0, round_timeout=3600.0, setup_timeout=3600.0)
@@ -130,10 +148,14 @@ def run_one(n: int, shard_dir: Path, args, work: Path) -> dict:
     finally:
         ray.shutdown()
     rounds = [h["seconds"] for h in summary["history"]]
+    per_site_round = trainer.ledger.per_site_round()
+    up = [v["up"] for (r, _), v in per_site_round.items() if r >= 1]
+    down = [v["down"] for (r, _), v in per_site_round.items() if r >= 1]
     per_round = len(summary["history"][0]["sites"])
     sent = [b["sent"] for b in summary["site_bytes"].values()]
     fractions = [b["sent_fraction"] for b in summary["site_bytes"].values()]
-    return {"sites": n, "sites_per_round": per_round, "pool_size": args.pool_size, "rounds": summary["rounds"],
+    return {"sites": n, "mode": mode, "sites_per_round": per_round,
+            "bytes_up_per_site_round": statistics.median(up), "bytes_down_per_site_round": statistics.median(down), "pool_size": args.pool_size, "rounds": summary["rounds"],
             "setup_seconds": setup, "round_seconds": rounds, "median_round_seconds": statistics.median(rounds),
             "seconds_per_site_round": statistics.median(rounds) / per_round,
             "actor_peak_rss": max(s["peak_rss"] or 0 for s in stats), "driver_peak_rss": peak_rss(),
@@ -141,6 +163,64 @@ def run_one(n: int, shard_dir: Path, args, work: Path) -> dict:
             "bytes_sent_total": sum(sent), "bytes_sent_per_site_max": max(sent),
             "sent_fraction_max": max(f for f in fractions if f is not None),
             "val_auroc": [h["val_auroc"] for h in summary["history"]]}
+
+
+def protocol_cost(n: int, neighbours: int, size: int | None = None) -> list[dict]:
+    """One double-masking instance over ``n`` sites (one drops after sharing), full graph and sparse; and
+    the replaced pairwise-only protocol's bytes. Sizes are pickled messages, as on the wire."""
+    import pickle
+
+    import numpy as np
+
+    from bayprano.platform.federated.secagg import (
+        SecAggClient,
+        SecAggServer,
+        check_settings,
+    )
+    from bayprano.platform.model.bayes import BayesianPatchModel
+    from bayprano.platform.federated.state import ParameterLayout
+
+    if size is None:  # the federated vector of the benchmark's model (EfficientNet-Lite2 features, d = 64)
+        size = ParameterLayout.from_model(BayesianPatchModel(168, 64)).size + 2
+    wire = lambda x: len(pickle.dumps(x, protocol=5))  # noqa: E731
+    vector = np.random.default_rng(0).normal(0, 0.01, size)
+    sites = [f"site-{i:03d}" for i in range(n)]
+    out = []
+    for k in (None, neighbours):
+        if k is not None and k >= n - 1:
+            continue
+        _, t = check_settings(n, None, k)
+        instance = f"bench-{n}-{k}"
+        clients = {s: SecAggClient(s, os.urandom(32), instance) for s in sites}
+        me = sites[0]
+        t0 = time.perf_counter()
+        roster = {s: c.advertise() for s, c in clients.items()}
+        site_seconds = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        shares = {s: c.share_keys(roster, t, k) for s, c in clients.items()}
+        site_seconds += (time.perf_counter() - t0) / n
+        server = SecAggServer(instance, roster, t, k)
+        server.route(shares)
+        dropped = sites[-1]
+        t0 = time.perf_counter()
+        masked = {s: c.mask(vector, roster, server.shared, k, 0, 0) for s, c in clients.items() if s != dropped}
+        site_seconds += (time.perf_counter() - t0) / len(masked)
+        t0 = time.perf_counter()
+        revealed = {s: clients[s].unmask(roster, list(masked), [dropped], server.inbox(s), t, k) for s in masked}
+        site_seconds += (time.perf_counter() - t0) / len(masked)
+        t0 = time.perf_counter()
+        server.finish(masked, revealed)
+        server_seconds = time.perf_counter() - t0
+        up = wire(roster[me]) + wire(shares[me]) + wire(masked[me]) + wire(revealed[me])
+        down = wire(roster) + wire(server.inbox(me)) + wire((list(masked), [dropped], server.inbox(me)))
+        out.append({"sites": n, "protocol": "double masking" + (" (SecAgg+)" if k else ""),
+                    "neighbours": n - 1 if k is None else len(server.graph[me]), "threshold": t,
+                    "bytes_up": up, "bytes_down": down, "site_seconds": site_seconds, "server_seconds": server_seconds})
+    old_up = 32 + wire(np.zeros(size, dtype=np.uint64))
+    out.append({"sites": n, "protocol": "pairwise only (replaced; a drop meant a redo)", "neighbours": n - 1,
+                "threshold": None, "bytes_up": old_up, "bytes_down": 32 * n, "site_seconds": float("nan"),
+                "server_seconds": float("nan")})
+    return out
 
 
 def main(argv=None) -> int:
@@ -155,36 +235,43 @@ def main(argv=None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="federation_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    most = max(args.sites)
+    most = max(args.sites, default=0)
     shard_dir = work / f"shards_{most}"
-    if not (shard_dir / "manifest.json").is_file():
+    if most and not (shard_dir / "manifest.json").is_file():
         generate_dataset(work / "synth", categories=[CATEGORY], seed=0, size=args.image_size,
                          n_train=args.per_site * most, n_test_good=most, n_test_defective=most, workers=1)
         shard_dataset(work / "synth", shard_dir, sites=most, mode="iid", seed=0)
     load_before = os.getloadavg()
+    protocol = [protocol_cost(n, args.neighbours) for n in sorted(args.protocol_sites)]
     rows = []
     for n in sorted(args.sites):
-        rows.append(run_one(n, shard_dir, args, work))
-        r = rows[-1]
-        print(f"{n} sites: setup {r['setup_seconds']:.1f}s, round {r['median_round_seconds']:.1f}s, "
-              f"actor peak {r['actor_peak_rss'] / 2**20:.0f} MiB, Ray total {r['ray_total_rss_peak'] / 2**20:.0f} MiB",
-              flush=True)
+        for mode in args.modes:
+            rows.append(run_one(n, shard_dir, args, work, mode))
+            r = rows[-1]
+            print(f"{n} sites, {mode}: setup {r['setup_seconds']:.1f}s, round {r['median_round_seconds']:.1f}s, "
+                  f"{r['bytes_up_per_site_round']} B up / {r['bytes_down_per_site_round']} B down per site-round, "
+                  f"actor peak {r['actor_peak_rss'] / 2**20:.0f} MiB", flush=True)
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
-    lines = ["| virtual sites | pool actors | sites per round | setup s | round s (median) | s per site-round "
-             "| actor peak RSS MiB | driver peak RSS MiB | Ray + driver RSS peak MiB | max bytes sent by a site |",
+    lines = ["| virtual sites | mode | sites per round | setup s | round s (median) | s per site-round "
+             "| bytes up per site-round | bytes down per site-round | actor peak RSS MiB | Ray + driver RSS peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['sites']} | {r['pool_size']} | {r['sites_per_round']} | {r['setup_seconds']:.1f} "
+        lines.append(f"| {r['sites']} | {r['mode']} | {r['sites_per_round']} | {r['setup_seconds']:.1f} "
                      f"| {r['median_round_seconds']:.1f} | {r['seconds_per_site_round']:.2f} "
-                     f"| {mib(r['actor_peak_rss'])} "
-                     f"| {mib(r['driver_peak_rss'] or 0)} | {mib(r['ray_total_rss_peak'])} "
-                     f"| {r['bytes_sent_per_site_max']} |")
-    table = "\n".join(lines)
+                     f"| {r['bytes_up_per_site_round']:.0f} | {r['bytes_down_per_site_round']:.0f} "
+                     f"| {mib(r['actor_peak_rss'])} | {mib(r['ray_total_rss_peak'])} |")
+    plines = ["| sites | protocol | neighbours | bytes up per site | bytes down per site | site s | server s |",
+              "|---|---|---|---|---|---|---|"]
+    for p in protocol:
+        for row in p:
+            plines.append(f"| {row['sites']} | {row['protocol']} | {row['neighbours']} | {row['bytes_up']} "
+                          f"| {row['bytes_down']} | {row['site_seconds']:.3f} | {row['server_seconds']:.3f} |")
+    table = "\n".join(lines) + "\n\n" + "\n".join(plines)
     print(table)
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "rows": rows, "table": table}
+              "rows": rows, "protocol": [row for p in protocol for row in p], "table": table}
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

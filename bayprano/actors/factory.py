@@ -7,16 +7,24 @@ node: a missing one is reported naming the site, the path and the host), reads i
 (backbone features of its normals and of synthetic anomalies made from them). Images and per-image
 features never leave it. What it sends out:
 
-- ``describe()``: its categories, the backbone's name and fingerprint, the feature width, the sums
-  of its normal features (per channel: sum, sum of squares, count) from which the Coordinator sets the
-  shared feature standardisation, and the Ray node and host it runs on;
-- ``public_key()``: its X25519 public key for secure aggregation (the key pair lives in this process
-  and is made afresh when the actor restarts);
-- ``local_update(...)``: the clipped parameter delta of E local Proto-MAML episodes, either masked
-  (secure aggregation: fixed-point uint64 values that only cancel in the sum) or encoded as bytes, with
-  its weight, the episode count, scalar metrics and the bytes moved;
-- ``validate(...)``: image AUROC on its held-out normals and synthetic anomalies made from them, and its
-  calibration sufficient statistics (a Gamma shape and rate, which add up across sites);
+- ``describe(dp)``: its categories, the backbone's name and fingerprint, the feature width, the number
+  of its normal images (not under DP), and the Ray node and host it runs on;
+- ``feature_statistics(settings, secagg)``: the per-channel sums of its normal features (sum, sum of
+  squares, count), from which the Coordinator sets the shared feature standardisation: in the clear,
+  or masked under secure aggregation; under DP it is not asked for (the standardisation stays the
+  identity) and the site refuses it;
+- ``secagg_advertise`` / ``secagg_share`` / ``secagg_unmask``: its side of each secure-aggregation
+  instance (``platform.federated.secagg``): fresh public keys, its encrypted Shamir shares for its
+  neighbours, and, once per instance, the shares it holds of the survivors' self-mask seeds and of the
+  dropped sites' pairwise keys (never both kinds for one peer). Every instance's keys and masks come
+  from a 32-byte master secret drawn from the OS when the actor starts, which never leaves it;
+- ``local_update(...)``: the clipped parameter delta of E local Proto-MAML episodes, masked under
+  secure aggregation (with the weight and, without DP, the loss summed in the same vector) or encoded
+  as bytes with its weight and metrics (plain mode); the local episodes are drawn from a seed of
+  (run seed, site, round, attempt), so a retried round trains afresh;
+- ``validate(...)``: image AUROC on its held-out normals and synthetic anomalies made from them, its
+  calibration statistics and the moments of its normal log-statistics, as one additive vector
+  (``platform.federated.summaries``): in the clear, or masked; under DP nothing (validation stays home);
 - ``shard_bytes()``: how many bytes of images (encoded, as stored; masks not counted) its shard holds, to
   compare with what federation moves.
 
@@ -27,7 +35,9 @@ that are used like Factory handles and keep each virtual site's state between it
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import socket
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +46,6 @@ from typing import Any, Mapping
 import numpy as np
 import ray
 import torch
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bayprano.platform.data.anomalies import AnomalyInjector
 from bayprano.platform.data.shards import ShardReader
@@ -45,7 +54,8 @@ from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.federated.aggregation import pack_weighted
 from bayprano.platform.federated.local import local_meta_update
 from bayprano.platform.federated.privacy import clip_update
-from bayprano.platform.federated.secagg import SecAggSite
+from bayprano.platform.federated.secagg import SecAggClient
+from bayprano.platform.federated.summaries import feature_vector, normality_shots, validation_vector
 from bayprano.platform.federated.state import ParameterLayout, decode_update, encode_update
 from bayprano.platform.meta.protomaml import (
     MetaConfig,
@@ -71,9 +81,11 @@ DEFAULT_SITE_SETTINGS = {
 }
 
 
-def _site_seed(seed: int, site: str, round: int) -> int:
-    """A per (run, site, round) seed, the same under every attempt of the round."""
-    return int(np.random.SeedSequence([seed, round, *site.encode()]).generate_state(1)[0] % (2**31))
+def _site_seed(seed: int, site: str, round: int, attempt: int = 0) -> int:
+    """The local episodes' seed of (run, site, round, attempt): another attempt of a round trains on
+    other episodes, so a retried round never sends the same update twice."""
+    digest = hashlib.sha256(repr((int(seed), site, int(round), int(attempt))).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31)
 
 
 class FactorySite:
@@ -90,8 +102,8 @@ class FactorySite:
         self.banks: dict[str, TaskBank] = {}
         self.val_banks: dict[str, TaskBank] = {}
         self._loaded = False
-        self.secagg = SecAggSite(site)
-        self._session: str | None = None
+        self._master = os.urandom(32)  # every secure-aggregation key and mask of this site derives from it
+        self._spent: set[tuple[str, str]] = set()  # (instance, "mask" | "unmask"): each done once
 
     def _check_shard(self) -> None:
         if not Path(self.shard_path).is_file():
@@ -144,30 +156,65 @@ class FactorySite:
 
     # ------------------------------------------------------------------------------- exchanges
 
-    def describe(self) -> dict:
+    def describe(self, dp: bool = False) -> dict:
+        """What the site runs and where; the number of its normal images too, except under DP."""
         self._load()
-        total, total_sq, count = feature_sums(self.banks, torch.float64)
-        return {
+        out = {
             "site": self.site, "categories": sorted(self.banks), "in_channels": self.extractor.out_channels,
             "backbone": self.extractor.name, "fingerprint": self.extractor.fingerprint(),
             "image_size": int(self.settings["image_size"]), "layout": self.layout.digest,
-            "normals": sum(len(b) for b in self.banks.values()),
-            "feature_sum": total.tolist(), "feature_sum_sq": total_sq.tolist(), "feature_count": count,
             "node": _node_id(), "host": socket.gethostname(),
         }
+        if not dp:
+            out["normals"] = sum(len(b) for b in self.banks.values())
+        return out
 
-    def public_key(self, session: str | None = None) -> bytes:
-        """The public key for a Coordinator session; a new session gets a new key pair, so that a round
-        redone after a restart of the Coordinator is masked afresh rather than refused."""
-        if session != self._session:
-            self.secagg, self._session = SecAggSite(self.site), session
-        return self.secagg.public_key_bytes()
+    def feature_statistics(self, settings: Mapping[str, Any], secagg: Mapping[str, Any] | None = None) -> dict:
+        """Per-channel sums of its normal features, in the clear or masked (``secagg``); refused under DP."""
+        if settings.get("dp"):
+            raise ConfigError(f"site {self.site!r}: under DP the feature statistics stay home")
+        self._load()
+        total, total_sq, count = feature_sums(self.banks, torch.float64)
+        return self._release("features", feature_vector(total.numpy(), total_sq.numpy(), count), secagg)
 
-    def use_key(self, session: str | None, private_key: bytes) -> None:
-        """Take the key pair of ``session`` from outside (pooled mode: a virtual site's state is kept by the
-        pool between its calls, since the actor that plays it changes)."""
-        if session != self._session or self.secagg is None:
-            self.secagg, self._session = SecAggSite(self.site, private_key), session
+    # ------------------------------------------------------------------------ secure aggregation
+
+    def _client(self, instance: str) -> SecAggClient:
+        return SecAggClient(self.site, self._master, instance)
+
+    def _spend(self, instance: str, stage: str) -> None:
+        if (instance, stage) in self._spent:
+            raise DataError(f"secure aggregation: site {self.site!r} already did {stage!r} for instance {instance}; "
+                            "a retry must come as a new instance (the next attempt)")
+        self._spent.add((instance, stage))
+
+    def secagg_advertise(self, instance: str):
+        return self._client(instance).advertise()
+
+    def secagg_share(self, instance: str, roster: Mapping[str, Any], threshold: int, neighbours: int | None) -> dict:
+        return {"site": self.site, "instance": instance,
+                "shares": self._client(instance).share_keys(roster, threshold, neighbours)}
+
+    def secagg_unmask(self, instance: str, roster: Mapping[str, Any], survivors: list[str], dropped: list[str],
+                      inbox: Mapping[str, bytes], threshold: int, neighbours: int | None = None) -> dict:
+        self._spend(instance, "unmask")
+        return {"site": self.site, "instance": instance,
+                "shares": self._client(instance).unmask(roster, survivors, dropped, inbox, threshold, neighbours)}
+
+    def use_secrets(self, master: bytes, spent: set) -> None:
+        """Take the master secret and the spent stages from outside (pooled mode: a virtual site's state is
+        kept by the pool between its calls, since the actor that plays it changes)."""
+        self._master, self._spent = bytes(master), spent
+
+    def _release(self, what: str, vector: np.ndarray, secagg: Mapping[str, Any] | None) -> dict:
+        """``vector`` as this site sends it: masked for the instance in ``secagg``, or in the clear."""
+        if secagg is None:
+            return {"site": self.site, what: np.asarray(vector, dtype=np.float64)}
+        instance = secagg["instance"]
+        self._spend(instance, "mask")
+        masked = self._client(instance).mask(vector, secagg["roster"], secagg["shared"], secagg.get("neighbours"),
+                                             int(secagg["round"]), int(secagg["attempt"]))
+        return {"site": self.site, "masked": masked}
 
     def shard_bytes(self) -> int:
         self._check_shard()
@@ -186,34 +233,36 @@ class FactorySite:
         self.layout.load_into(self.model, vector)
         return vector
 
-    def local_update(self, round: int, attempt: int, global_bytes: bytes, peers_public_keys: Mapping[str, bytes] | None,
-                     settings: Mapping[str, Any]) -> dict:
-        start = self._load_global(global_bytes, settings)
+    def _local_delta(self, round: int, attempt: int, start: torch.Tensor, settings: Mapping[str, Any]):
         steps = int(settings["local_steps"])
-        delta, metrics = local_meta_update(self.model, self.banks, self.meta, steps, start, self.layout,
-                                           fedprox_mu=float(settings.get("fedprox_mu", 0.0)),
-                                           seed=_site_seed(int(self.settings["seed"]), self.site, int(round)))
+        return local_meta_update(self.model, self.banks, self.meta, steps, start, self.layout,
+                                 fedprox_mu=float(settings.get("fedprox_mu", 0.0)),
+                                 seed=_site_seed(int(self.settings["seed"]), self.site, int(round), int(attempt)))
+
+    def local_update(self, round: int, attempt: int, global_bytes: bytes, secagg: Mapping[str, Any] | None,
+                     settings: Mapping[str, Any]) -> dict:
+        """This round's delta: with ``secagg`` (the instance, roster and sites that shared) one masked vector
+        [weight * delta, weight] (+ [loss] without DP); else the encoded delta with its weight and metrics."""
+        start = self._load_global(global_bytes, settings)
+        delta, metrics = self._local_delta(round, attempt, start, settings)
         norm = float(delta.norm())
         clip = settings.get("clip")
         if clip is not None:
             delta, norm = clip_update(delta, float(clip))
         weight = float(metrics["episodes"]) if settings.get("weighted", True) else 1.0
-        reply = {"site": self.site, "round": int(round), "attempt": int(attempt), "weight": weight,
-                 "episodes": int(metrics["episodes"]),
-                 "metrics": {"loss": float(metrics["loss"]), "delta_norm": norm,
-                             "clipped_norm": float(delta.norm()), "seconds": float(metrics["seconds"])},
-                 "bytes_received": len(global_bytes) + sum(len(k) for k in (peers_public_keys or {}).values())}
-        if settings.get("secure_agg"):
-            if not peers_public_keys:
-                raise ConfigError(f"site {self.site!r}: secure aggregation needs the peers' public keys")
-            if settings.get("session") != self._session:
-                raise ConfigError(f"site {self.site!r}: no key pair for session {settings.get('session')!r} "
-                                  "(it restarted since it published its key)")
-            masked = self.secagg.mask(pack_weighted(delta, weight), int(round), dict(peers_public_keys), int(attempt))
-            reply.update(update=masked, bytes_sent=masked.num_bytes)
-        else:
-            data = encode_update(delta, self.layout, fp16=bool(settings.get("fp16", False)))
-            reply.update(update=data, bytes_sent=len(data))
+        if secagg is not None:
+            vector = pack_weighted(delta, weight).double().numpy()
+            if not settings.get("dp"):
+                vector = np.concatenate([vector, [float(metrics["loss"])]])
+            reply = self._release("update", vector, {**secagg, "round": round, "attempt": attempt})
+            reply.update(round=int(round), attempt=int(attempt))
+            return reply
+        data = encode_update(delta, self.layout, fp16=bool(settings.get("fp16", False)))
+        reply = {"site": self.site, "round": int(round), "attempt": int(attempt), "weight": weight, "update": data}
+        if not settings.get("dp"):  # under DP the metrics stay home
+            reply.update(episodes=int(metrics["episodes"]),
+                         metrics={"loss": float(metrics["loss"]), "delta_norm": norm,
+                                  "clipped_norm": float(delta.norm()), "seconds": float(metrics["seconds"])})
         return reply
 
     def _auroc(self, inner_steps: int) -> float:
@@ -235,19 +284,18 @@ class FactorySite:
                                 inner_positions=0)
         return validation_aurocs(model_context(ckpt, inner_steps), tasks, methods)
 
-    def validate(self, global_bytes: bytes, settings: Mapping[str, Any]) -> dict:
+    def validate(self, global_bytes: bytes, settings: Mapping[str, Any], secagg: Mapping[str, Any] | None = None) -> dict:
+        """AUROC, calibration and normality moments as one additive vector (``summaries.validation_vector``),
+        in the clear or masked; refused under DP (validation stays home)."""
+        if settings.get("dp"):
+            raise ConfigError(f"site {self.site!r}: under DP the validation results stay home")
         self._load_global(global_bytes, settings)
         self.model.eval()
-        methods = tuple(dict.fromkeys(("bayes", *self.settings.get("validation_methods", ()))))
-        aurocs = self._method_aurocs(self.meta.inner_steps, methods)
-        auroc = aurocs["bayes"]
+        auroc = self._auroc(self.meta.inner_steps)
         cal = calibrate(self.model, self.banks, self.meta)
+        shots = normality_shots(self.meta.shots)
         normality = NormalityPrior.summarize(normal_log_statistics(self.model, self.banks, self.meta))
-        reply = {"site": self.site, "auroc": auroc, "calibration_shape": float(cal.shape),
-                 "calibration_rate": float(cal.rate), "normality": normality, "bytes_received": len(global_bytes)}
-        if len(methods) > 1:  # the settings' validation_methods, beside bayes
-            reply["method_aurocs"] = aurocs
-        return reply
+        return self._release("validation", validation_vector(auroc, cal, normality, shots), secagg)
 
     def ping(self) -> str:
         return self.site
@@ -273,8 +321,9 @@ class PooledFactorySite:
     the worker keeps only the site it played last (its task banks are rebuilt from the shard when a
     different site comes), and shares one backbone between them. Whatever a virtual site must keep
     between its calls comes with the call in ``state`` (the session and private key of its
-    secure-aggregation key pair): the round's seeds are derived from (run seed, site, round), and the
-    model is loaded from the broadcast global vector at every call, so nothing else carries over.
+    secure-aggregation master secret and the stages it has spent): the round's seeds are derived from
+    (run seed, site, round, attempt), and the model is loaded from the broadcast global vector
+    at every call, so nothing else carries over.
     """
 
     def __init__(self, settings: Mapping[str, Any] | None = None):
@@ -293,8 +342,8 @@ class PooledFactorySite:
                 self.extractor = build_backbone(self.settings["backbone"], device=self.settings["device"])
             self.current = FactorySite(site, shard_path, self.settings, extractor=self.extractor)
             self.switches += 1
-        if state.get("private_key") is not None:
-            self.current.use_key(state.get("session"), state["private_key"])
+        if state.get("master") is not None:
+            self.current.use_secrets(state["master"], set(state.get("spent", ())))
         return getattr(self.current, method)(*args)
 
     def stats(self) -> dict:
@@ -313,7 +362,8 @@ def peak_rss() -> int | None:
     return None
 
 
-POOLED_METHODS = ("describe", "public_key", "local_update", "validate", "shard_bytes", "ping", "node", "check")
+POOLED_METHODS = ("describe", "feature_statistics", "secagg_advertise", "secagg_share", "secagg_unmask", "local_update",
+                  "validate", "shard_bytes", "ping", "node", "check")
 
 
 def _actor_options(settings: Mapping[str, Any], num_cpus: float, max_restarts: int, pin: str | None) -> dict:
@@ -338,14 +388,15 @@ def make_factory(site: str, shard_path: str, settings: Mapping[str, Any] | None 
 class VirtualSite:
     """A handle on a virtual site of pooled mode, used like a Factory actor handle (``h.describe.remote()``).
 
-    It holds the site's state between calls (its shard path and secure-aggregation key pair) and sends
-    each call to the pool. The key pair lives here, with the simulation's driver, rather than in a
-    process of the site's own: pooled mode simulates sites; a real site is a ``Factory`` actor.
+    It holds the site's state between calls (its shard path, its secure-aggregation master secret and
+    the protocol stages it has spent, each once per instance) and sends each call to the pool. The
+    secret lives here, with the simulation's driver, rather than in a process of the site's own:
+    pooled mode simulates sites; a real site is a ``Factory`` actor.
     """
 
     def __init__(self, pool: "FactoryPool", site: str, shard_path: str):
         self.pool, self.site, self.shard_path = pool, site, str(shard_path)
-        self.state: dict[str, Any] = {"session": None, "private_key": None}
+        self.state: dict[str, Any] = {"master": os.urandom(32), "spent": set()}
 
     def __getattr__(self, method: str) -> "_PooledCall":
         if method not in POOLED_METHODS:
@@ -378,13 +429,16 @@ class FactoryPool:
         return VirtualSite(self, site, shard_path)
 
     def submit(self, site: VirtualSite, method: str, args: tuple):
-        if method == "public_key":
-            session = args[0] if args else None
-            if site.state["private_key"] is None or site.state["session"] != session:
-                site.state = {"session": session, "private_key": X25519PrivateKey.generate().private_bytes_raw()}
+        state = {"master": site.state["master"], "spent": set(site.state["spent"])}
+        stage = _stage_spent(method, args)
+        if stage is not None:  # as a Factory does: each stage once per instance, refused before it is sent
+            if stage in site.state["spent"]:
+                raise DataError(f"secure aggregation: site {site.site!r} already did {stage[1]!r} for instance "
+                                f"{stage[0]}")
+            site.state["spent"].add(stage)
         actor = self.actors[self._next % len(self.actors)]
         self._next += 1
-        return actor.call.remote(site.site, site.shard_path, dict(site.state), method, *args)
+        return actor.call.remote(site.site, site.shard_path, state, method, *args)
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors])
@@ -392,6 +446,16 @@ class FactoryPool:
     def kill(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def _stage_spent(method: str, args: tuple) -> tuple[str, str] | None:
+    """The (instance, stage) a pooled call spends, if any."""
+    if method == "secagg_unmask":
+        return (args[0], "unmask")
+    secagg = {"local_update": 3, "validate": 2, "feature_statistics": 1}.get(method)
+    if secagg is not None and len(args) > secagg and args[secagg] is not None:
+        return (args[secagg]["instance"], "mask")
+    return None
 
 
 Factory = ray.remote(FactorySite)

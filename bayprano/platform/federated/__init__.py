@@ -6,7 +6,10 @@ server does with it.
 - ``local``: one site's local meta-update (Proto-MAML episodes on its own task banks, optional FedProx
   term), returning the parameter delta.
 - ``privacy``: client-level DP-FedAvg (clip, Gaussian noise on the sum) and its RDP privacy accountant.
-- ``secagg``: secure aggregation with pairwise additive masks, so the server only sees the sum.
+- ``secagg``: dropout-robust secure aggregation (double masking, optional sparse neighbour graph), so
+  the server only learns the survivors' sum; ``shamir``: the secret sharing it recovers masks with.
+- ``summaries``: what a site reports besides its update (feature statistics, validation), as vectors
+  whose sum over sites is all the server needs.
 - ``aggregation``: server update rules on flat vectors (FedAvg, FedProx's penalty, FedAdam).
 
 The Ray actors (Factory, Coordinator) move these objects between processes and hold no logic of their

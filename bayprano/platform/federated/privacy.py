@@ -4,14 +4,16 @@ DP-FedAvg (McMahan et al., "Learning differentially private recurrent language m
 each sampled site clips its model delta to L2 norm ``C`` (``clip_update``); the server sums the clipped
 deltas, unweighted, adds Gaussian noise of standard deviation ``z * C`` to the sum
 (``add_gaussian_noise``; one site changes the sum by at most ``C``), and divides by the number of
-sampled sites. Weighting sites by their episode counts would raise the sensitivity to
+sampled sites (the expected number, under Poisson sampling). Weighting sites by their episode counts would raise the sensitivity to
 ``max weight * C``; under DP use equal weights.
 
 ``PrivacyAccountant`` tracks the (epsilon, delta) spent with Opacus's RDP analysis of the subsampled
 Gaussian mechanism (the functions behind ``opacus.accountants.RDPAccountant``, whose epsilon it
 reproduces exactly; one round's RDP is cached per (z, q) because it takes 0.15 s to compute), one step
-per round, sample rate = sites per round / sites. Opacus's analysis assumes Poisson sampling of sites;
-sampling a fixed number of sites per round is the usual approximation (as in McMahan et al.).
+per round, sample rate = sites per round / sites. Opacus's analysis assumes Poisson sampling of sites,
+which is what the Coordinator does under DP (each site independently with probability q, from the
+operating system's random source, recorded nowhere), dividing the noised sum by the expected number
+of sites q N.
 ``would_exceed(target)`` tells the Coordinator, before a round starts, whether running it would take
 epsilon past the budget: the hard stop. Its state is a plain dict, so the Coordinator checkpoints it
 with the model and resumes without losing a round.

@@ -1,56 +1,79 @@
-"""Secure aggregation with pairwise additive masks, so that the server only ever learns the sum.
+"""Dropout-robust secure aggregation: the server learns the sum of the surviving sites' vectors, nothing else.
 
-A simplified Bonawitz et al. (CCS 2017) protocol for an honest-but-curious server that relays public
-keys faithfully, without its dropout recovery:
+Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning" (CCS 2017),
+double masking, for an honest-but-curious server that relays messages faithfully, over a sparse
+neighbour graph as in SecAgg+ (Bell et al., CCS 2020; Flower's ``secaggplus``). One run of the
+protocol (an *instance*: a session, a purpose such as a round's update or its validation summary, a
+round and an attempt) has four steps:
 
-1. Every site holds an X25519 key pair (``SecAggSite``) and publishes ``public_key_bytes()``.
-2. For a round, the server names the participating sites and hands each the others' public keys.
-3. For every pair (i, j), both sites derive the same secret: X25519 key agreement, then HKDF-SHA256
-   with ``info`` naming the protocol, the round, the attempt and both site ids, giving a 32-byte key
-   for a ChaCha20 keystream (a cryptographic PRG; numpy's PCG64 or Philox are not) read as uint64.
-4. Site i encodes its update in fixed point (``round(x * 2**fractional_bits)`` as a 64-bit two's
-   complement integer), adds the pair masks for every j > i (site ids in string order), subtracts
-   those for j < i, all modulo 2**64, and sends the result (``MaskedUpdate``).
-5. The server adds the masked vectors modulo 2**64 (``aggregate``): every mask appears once with + and
-   once with -, so they cancel and the fixed-point sum remains, which is decoded to floats.
+1. Advertise (``SecAggClient.advertise``): each site derives two fresh X25519 key pairs for this
+   instance, ``c`` (to encrypt shares to its peers) and ``s`` (for pairwise masks), and a private
+   self-mask seed ``b``, all from a 32-byte master secret that never leaves it; it sends the two
+   public keys.
+2. Share keys (``share_keys``): the server sends everyone the roster of public keys. Each site
+   computes its neighbours (``neighbour_graph``: every other site, or ``neighbours`` of them on a
+   ring in an order drawn from the instance, so a site's cost grows with k, not with N), splits ``b``
+   and its ``s`` private key into Shamir shares held by itself and its k neighbours (any t recover
+   either) and sends each neighbour's pair of shares encrypted to it (ChaCha20-Poly1305 under a key from the ``c`` agreement):
+   the server only relays them.
+3. Masked input (``mask``): to the sites that shared (U2), the server relays the ciphertexts addressed
+   to each. A site sends y = x + PRG(b) + sum over its neighbours v in U2 of +-PRG(s_uv), in fixed
+   point modulo 2**64 (PRG: ChaCha20 keystream; s_uv from the ``s`` agreement through HKDF; + when
+   v's id sorts after u's).
+4. Unmask (``unmask``): the sites whose masked input arrived are the survivors (U3); the others of U2
+   dropped. The server asks the survivors: for each neighbour that survived, its share of b; for each
+   that dropped, its share of the ``s`` private key. A site answers once per instance and never gives
+   both kinds for one peer (a peer listed both as survivor and as dropped, or a second request, is
+   refused), so the server never holds both secrets of one site. With t shares the server
+   (``SecAggServer.finish``) removes every survivor's self-mask and the pairwise masks that survivors
+   shared with dropped sites: what remains is the survivors' sum.
 
-Fixed-point range and overflow. With ``f = fractional_bits`` (default 24) each value is rounded to a
-multiple of 2**-f (error <= 2**-(f+1) per site and coordinate, so <= n * 2**-(f+1) on a sum over n
-sites: 3e-7 for n = 10). The sum is decoded as a signed 64-bit integer, which is exact as long as
-every coordinate of the true sum lies in [-2**63, 2**63) after scaling. ``mask`` therefore refuses any
-value with ``|x| > max_abs_value(n, f) = 2**(62 - f) / n`` (2**38 / n, about 2.7e11 / n, for f = 24):
-then ``|sum| * 2**f <= 2**62``, with room for rounding. A delta clipped to L2 norm ``C`` (DP-FedAvg's
-clipping) has every coordinate within ``C``, so ``C <= 2**(62 - f) / n`` rules overflow out: for
-f = 24 and 1000 sites, any C up to 2.7e8.
+A site that drops after masking therefore costs no redo. A late masked input that arrives after the
+unmasking is useless to the server: it can strip its pairwise masks (it holds that site's ``s`` key)
+but not its self-mask, whose seed it never learns. Every instance (so every retry, under the next
+attempt number) has fresh keys, a fresh b and fresh masks.
 
-What it does not do: a site that masked and then dropped leaves masks that do not cancel. ``aggregate``
-refuses such a set (``DataError``) instead of returning a wrong sum; the caller redoes the round
-without that site under the next ``attempt`` number, which gives fresh masks. Each site masks at most
-once per (round, attempt): masking two different updates with the same masks would let the server
-subtract them. Secret-sharing the mask seeds for dropout recovery, the self-masks and the protection
-against a server that lies about keys or participants are out of scope.
+Fixed point: ``round(x * 2**f)`` as a 64-bit two's complement integer (default f = 24); ``mask``
+refuses any |x| > ``max_abs_value(n, f)`` = 2**(62 - f) / n, so a sum over n sites decodes exactly.
+
+Settings (``check_settings``): ``threshold`` t (default: a majority of a secret's k + 1 holders,
+floor((k + 1) / 2) + 1, at most k, since a dropped site's own share is lost with it) and ``neighbours`` k (default: every other site of the round, which is Bonawitz's
+full graph, the k = n - 1 case). Out of scope: a server that lies about the roster or the survivors
+(Bonawitz's consistency round with signatures), and sites that collude with the server in groups of
+t or more.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import numbers
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torch import Tensor
 
 from bayprano.platform.errors import ConfigError, DataError
+from bayprano.platform.federated.shamir import Share, combine, split
 
-PROTOCOL = "bayprano-secagg/v1"
+PROTOCOL = "bayprano-secagg/v2"
 DEFAULT_FRACTIONAL_BITS = 24
-MIN_SITES = 2
+MIN_SITES = 2  # a sum over one site is that site's value
+SELF = "self"  # the kinds of share a survivor reveals for a peer
+PAIR = "pair"
+
+
+# ----------------------------------------------------------------------------------- settings
 
 
 def _check_bits(fractional_bits: int) -> int:
@@ -72,6 +95,71 @@ def _check_site_id(site_id) -> str:
     return site_id
 
 
+def degree(num_sites: int, neighbours: int | None) -> int:
+    """A site's number of neighbours among ``num_sites``: ``neighbours`` rounded up to even (a ring
+    lattice), at most every other site; every other site when ``neighbours`` is None."""
+    if neighbours is None or neighbours >= num_sites - 1:
+        return num_sites - 1
+    return min(num_sites - 1, 2 * math.ceil(neighbours / 2))
+
+
+def default_threshold(site_degree: int) -> int:
+    """A majority of a secret's holders (the site and its neighbours), at most the neighbours alone
+    (so that a dropped site's key, whose own share is lost with it, can still be recovered)."""
+    return max(1, min(site_degree, (site_degree + 1) // 2 + 1))
+
+
+def check_settings(num_sites: int, threshold: int | None = None, neighbours: int | None = None) -> tuple[int, int]:
+    """(neighbours per site, threshold) for rounds of ``num_sites`` sites, or a ``ConfigError`` naming
+    the setting (``--secagg-threshold``, ``--secagg-neighbours``) that cannot work."""
+    if isinstance(num_sites, bool) or not isinstance(num_sites, numbers.Integral) or num_sites < MIN_SITES:
+        raise ConfigError(f"--secure-agg needs at least {MIN_SITES} sites per round, got {num_sites!r}")
+    if neighbours is not None:
+        if isinstance(neighbours, bool) or not isinstance(neighbours, numbers.Integral) or neighbours < 1:
+            raise ConfigError(f"--secagg-neighbours {neighbours!r}: must be a whole number of at least 1")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Integral) or threshold < 1:
+            raise ConfigError(f"--secagg-threshold {threshold!r}: must be a whole number of at least 1")
+        if threshold > num_sites - 1:
+            raise ConfigError(f"--secagg-threshold {threshold}: above the {num_sites - 1} other site(s) of a round of "
+                              f"{num_sites}; a dropped site's shares are held by the others, so its masks could "
+                              "never be removed")
+        if neighbours is not None and neighbours < threshold:
+            raise ConfigError(f"--secagg-neighbours {neighbours}: below --secagg-threshold {threshold}; a site's "
+                              "shares go to its neighbours, too few to reach the threshold")
+    d = degree(int(num_sites), None if neighbours is None else int(neighbours))
+    t = default_threshold(d) if threshold is None else int(threshold)
+    if t > d:
+        raise ConfigError(f"--secagg-threshold {t}: above the {d} neighbours per site (--secagg-neighbours)")
+    return d, t
+
+
+def neighbour_graph(sites: Collection[str], neighbours: int | None, instance: str) -> dict[str, tuple[str, ...]]:
+    """Each site's neighbours: all the others, or a ring lattice of ``degree`` in an order drawn from
+    ``instance`` (public: every site computes the same graph from the roster)."""
+    order = sorted(sites, key=lambda s: hashlib.sha256(f"{PROTOCOL}|graph|{instance}|{s}".encode()).digest())
+    n = len(order)
+    d = degree(n, neighbours)
+    if d >= n - 1:
+        return {s: tuple(sorted(x for x in order if x != s)) for s in order}
+    half = d // 2
+    graph: dict[str, set[str]] = {s: set() for s in order}
+    for i, s in enumerate(order):
+        for j in range(1, half + 1):
+            other = order[(i + j) % n]
+            graph[s].add(other)
+            graph[other].add(s)
+    return {s: tuple(sorted(v)) for s, v in sorted(graph.items())}
+
+
+def instance_id(session: str, purpose: str, round: int, attempt: int) -> str:
+    """The name of one run of the protocol; every key and mask is derived under it."""
+    return json.dumps([str(session), str(purpose), int(round), int(attempt)], separators=(",", ":"))
+
+
+# -------------------------------------------------------------------------------- fixed point
+
+
 def max_abs_value(num_sites: int, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> float:
     """Largest |value| a site may mask when ``num_sites`` sites are summed: ``2**(62 - f) / n``."""
     n = _check_int("num_sites", num_sites, 1)
@@ -89,14 +177,51 @@ def decode_fixed(values: np.ndarray, fractional_bits: int = DEFAULT_FRACTIONAL_B
     return np.asarray(values, dtype=np.uint64).view(np.int64).astype(np.float64) / 2.0 ** fractional_bits
 
 
+# ------------------------------------------------------------------------------------ crypto
+
+
+def _hkdf(key: bytes, *info) -> bytes:
+    text = json.dumps([PROTOCOL, *info], separators=(",", ":"))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=text.encode()).derive(key)
+
+
+def prg(key: bytes, length: int) -> np.ndarray:
+    """``length`` uint64 from the ChaCha20 keystream of a 32-byte key used once (so a fixed nonce)."""
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * int(length)))
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+
+
+def _public(key: bytes, whose: str) -> X25519PublicKey:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
+        got = f"{len(key)} bytes" if isinstance(key, (bytes, bytearray)) else type(key).__name__
+        raise DataError(f"secure aggregation: site {whose!r}: a public key is 32 raw bytes, got {got}")
+    return X25519PublicKey.from_public_bytes(bytes(key))
+
+
+def _agree(private: X25519PrivateKey, public: bytes, whose: str) -> bytes:
+    try:
+        return private.exchange(_public(public, whose))
+    except ValueError:
+        raise DataError(f"secure aggregation: site {whose!r}: public key is not a usable X25519 key") from None
+
+
+def pair_mask_key(private: X25519PrivateKey, peer_public: bytes, instance: str, a: str, b: str) -> bytes:
+    """The pairwise mask key of sites ``a`` and ``b`` in ``instance`` (either side derives it)."""
+    return _hkdf(_agree(private, peer_public, b if a < b else a), "pair", instance, sorted([a, b]))
+
+
+def self_mask(seed: bytes, instance: str, length: int) -> np.ndarray:
+    return prg(_hkdf(seed, "self", instance), length)
+
+
 @dataclass(frozen=True)
 class MaskedUpdate:
-    """One site's masked, fixed-point update for one round; meaningless alone, summed by ``aggregate``."""
+    """One site's masked, fixed-point vector for one instance; meaningless alone, summed by the server."""
 
     site_id: str
+    instance: str
     round: int
     attempt: int
-    participants: tuple[str, ...]  # every site masked against, itself included, sorted
     fractional_bits: int
     values: np.ndarray  # (size,) uint64
 
@@ -105,161 +230,258 @@ class MaskedUpdate:
         return int(self.values.nbytes)
 
 
-class SecAggSite:
-    """One site's side of secure aggregation: its X25519 key pair and the masking of its updates.
+@dataclass(frozen=True)
+class Advertisement:
+    """A site's two public keys for an instance: ``c`` to encrypt shares to it, ``s`` for pairwise masks."""
 
-    ``private_key`` may be an ``X25519PrivateKey`` or its 32 raw bytes; by default a fresh key is
-    generated. It cannot be pickled (its private key never leaves the process): create it inside the
-    site's process; a restarted site makes a new one and publishes its new public key.
+    site_id: str
+    instance: str
+    c_public: bytes
+    s_public: bytes
+
+
+# -------------------------------------------------------------------------------------- a site
+
+
+class SecAggClient:
+    """One site's side of one protocol instance, everything derived from its 32-byte ``master`` secret.
+
+    The object holds no state but the derived keys: it can be rebuilt from (master, instance) in any
+    process of the site. What it must remember between calls (that it masked, that it answered an
+    unmask request) the caller keeps, in ``spent``.
     """
 
-    def __init__(
-        self,
-        site_id: str,
-        private_key: X25519PrivateKey | bytes | None = None,
-        fractional_bits: int = DEFAULT_FRACTIONAL_BITS,
-    ):
+    def __init__(self, site_id: str, master: bytes, instance: str, fractional_bits: int = DEFAULT_FRACTIONAL_BITS):
         self.site_id = _check_site_id(site_id)
+        if not isinstance(master, (bytes, bytearray)) or len(master) != 32:
+            raise ConfigError(f"secure aggregation: site {site_id!r}: a master secret is 32 bytes")
+        self.instance = str(instance)
         self.fractional_bits = _check_bits(fractional_bits)
-        if private_key is None:
-            private_key = X25519PrivateKey.generate()
-        elif isinstance(private_key, (bytes, bytearray)):
-            if len(private_key) != 32:
-                raise ConfigError(f"secure aggregation: site {site_id!r}: a private key is 32 bytes, got {len(private_key)}")
-            private_key = X25519PrivateKey.from_private_bytes(bytes(private_key))
-        elif not isinstance(private_key, X25519PrivateKey):
-            raise ConfigError(f"secure aggregation: site {site_id!r}: private_key must be an X25519 key or 32 bytes, "
-                              f"got {type(private_key).__name__}")
-        self._key = private_key
-        self._used: set[tuple[int, int]] = set()
+        self._c = X25519PrivateKey.from_private_bytes(_hkdf(bytes(master), "c", self.instance, self.site_id))
+        self._s_raw = _hkdf(bytes(master), "s", self.instance, self.site_id)
+        self._s = X25519PrivateKey.from_private_bytes(self._s_raw)
+        self._b = _hkdf(bytes(master), "b", self.instance, self.site_id)
+        self._coins_key = _hkdf(bytes(master), "coins", self.instance, self.site_id)
 
-    def public_key_bytes(self) -> bytes:
-        return self._key.public_key().public_bytes_raw()
+    def advertise(self) -> Advertisement:
+        return Advertisement(self.site_id, self.instance, self._c.public_key().public_bytes_raw(),
+                             self._s.public_key().public_bytes_raw())
 
-    def _pair_key(self, peer_id: str, peer_public_key: bytes, round: int, attempt: int) -> bytes:
-        if not isinstance(peer_public_key, (bytes, bytearray)) or len(peer_public_key) != 32:
-            got = f"{len(peer_public_key)} bytes" if isinstance(peer_public_key, (bytes, bytearray)) \
-                else type(peer_public_key).__name__
-            raise DataError(f"secure aggregation: site {peer_id!r}: a public key is 32 raw bytes, got {got}")
-        try:
-            shared = self._key.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public_key)))
-        except ValueError:
-            raise DataError(f"secure aggregation: site {peer_id!r}: public key is not a usable X25519 key") from None
-        info = json.dumps([PROTOCOL, round, attempt, sorted([self.site_id, peer_id])], separators=(",", ":"))
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(shared)
+    def _channel(self, peer: str, peer_c_public: bytes, sender: str, recipient: str) -> ChaCha20Poly1305:
+        return ChaCha20Poly1305(_hkdf(_agree(self._c, peer_c_public, peer), "enc", self.instance, sender, recipient))
 
-    def pair_mask(self, peer_id: str, peer_public_key: bytes, round: int, length: int, attempt: int = 0) -> np.ndarray:
-        """The uint64 mask this site shares with ``peer_id`` for (round, attempt); both derive the same."""
-        peer_id = _check_site_id(peer_id)
-        if peer_id == self.site_id:
-            raise ConfigError(f"secure aggregation: site {peer_id!r} has no mask with itself")
-        round, attempt = _check_int("round", round), _check_int("attempt", attempt)
-        length = _check_int("length", length)
-        key = self._pair_key(peer_id, peer_public_key, round, attempt)
-        # the key is used once (one pair, round and attempt), so a fixed nonce is safe
-        stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * length))
-        return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+    def _roster(self, roster: Mapping[str, Advertisement]) -> dict[str, Advertisement]:
+        out = {}
+        for sid, adv in roster.items():
+            if not isinstance(adv, Advertisement) or adv.site_id != sid or adv.instance != self.instance:
+                raise DataError(f"secure aggregation: site {self.site_id!r}: roster entry for {sid!r} is not an "
+                                f"advertisement of this instance")
+            out[sid] = adv
+        if self.site_id not in out or out[self.site_id] != self.advertise():
+            raise DataError(f"secure aggregation: site {self.site_id!r} is not in the roster with its own keys")
+        if len(out) < MIN_SITES:
+            raise ConfigError(f"secure aggregation: site {self.site_id!r} has no peers: with fewer than {MIN_SITES} "
+                              "sites the value would be sent in the clear")
+        return out
 
-    def mask(
-        self,
-        update_vector: Tensor | np.ndarray,
-        round: int,
-        peers: Mapping[str, bytes],
-        attempt: int = 0,
-    ) -> MaskedUpdate:
-        """This site's update, fixed-point encoded and masked for the sites in ``peers`` (id -> public
-        key; this site itself may be listed with its own key). At least two sites in all."""
-        round, attempt = _check_int("round", round), _check_int("attempt", attempt)
-        if not isinstance(peers, Mapping):
-            raise ConfigError(f"secure aggregation: peers must map site ids to public keys, got {type(peers).__name__}")
-        others = {}
-        for pid, key in peers.items():
-            pid = _check_site_id(pid)
-            if pid == self.site_id:
-                if key != self.public_key_bytes():
-                    raise DataError(f"secure aggregation: site {pid!r} is listed among its peers with another public key")
+    def _shares(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None):
+        """(holders, b shares, s-key shares): the same every time (the coins derive from the master)."""
+        holders = tuple(sorted([*neighbour_graph(roster, neighbours, self.instance)[self.site_id], self.site_id]))
+        t = _check_int("threshold", threshold, 1)
+        if t > len(holders) - 1:
+            raise ConfigError(f"secure aggregation: threshold {t} is above the {len(holders) - 1} neighbours of site "
+                              f"{self.site_id!r}")
+        coins = random.Random(_hkdf(self._coins_key, "split"))
+        return holders, split(self._b, t, len(holders), rng=coins.getrandbits), \
+            split(self._s_raw, t, len(holders), rng=coins.getrandbits)
+
+    def share_keys(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None) -> dict[str, bytes]:
+        """{neighbour: ciphertext of its shares of this site's b and s key}; the server relays them. The
+        site keeps a share of each for itself (recomputed when it is needed)."""
+        roster = self._roster(roster)
+        holders, b_shares, s_shares = self._shares(roster, threshold, neighbours)
+        out = {}
+        for peer, bs, ss in zip(holders, b_shares, s_shares):
+            if peer == self.site_id:
                 continue
-            others[pid] = key
-        participants = tuple(sorted([self.site_id, *others]))
-        if len(participants) < MIN_SITES:
-            raise ConfigError(f"secure aggregation: site {self.site_id!r} has no peers in round {round}: "
-                              f"with fewer than {MIN_SITES} sites the update would be sent in the clear")
-        if isinstance(update_vector, Tensor):
-            update_vector = update_vector.detach().cpu().double().numpy()
-        values = np.asarray(update_vector, dtype=np.float64)
+            plain = json.dumps([self.site_id, peer, bs.to_bytes().hex(), ss.to_bytes().hex()]).encode()
+            aad = f"{self.instance}|{self.site_id}|{peer}".encode()
+            out[peer] = self._channel(peer, roster[peer].c_public, self.site_id, peer).encrypt(bytes(12), plain, aad)
+        return out
+
+    def mask(self, vector: Tensor | np.ndarray, roster: Mapping[str, Advertisement], shared: Collection[str],
+             neighbours: int | None, round: int, attempt: int) -> MaskedUpdate:
+        """This site's vector in fixed point plus its self-mask and its pairwise masks with the neighbours
+        in ``shared`` (the sites whose shares the server relayed: U2)."""
+        roster = self._roster(roster)
+        if self.site_id not in shared:
+            raise DataError(f"secure aggregation: site {self.site_id!r} is asked to mask but is not among the sites "
+                            "that shared their keys")
+        if isinstance(vector, Tensor):
+            vector = vector.detach().cpu().double().numpy()
+        values = np.asarray(vector, dtype=np.float64)
         if values.ndim != 1:
-            raise DataError(f"secure aggregation: site {self.site_id!r}: expected a 1-D update, got shape {list(values.shape)}")
+            raise DataError(f"secure aggregation: site {self.site_id!r}: expected a 1-D vector, got shape {list(values.shape)}")
         if not np.isfinite(values).all():
-            raise DataError(f"secure aggregation: site {self.site_id!r}: update contains NaN or infinite values")
-        bound = max_abs_value(len(participants), self.fractional_bits)
+            raise DataError(f"secure aggregation: site {self.site_id!r}: vector contains NaN or infinite values")
+        bound = max_abs_value(len(roster), self.fractional_bits)
         peak = float(np.abs(values).max()) if values.size else 0.0
         if peak > bound:
             raise DataError(f"secure aggregation: site {self.site_id!r}: a value of magnitude {peak:.4g} is beyond the "
-                            f"fixed-point range +-{bound:.4g} for {len(participants)} sites at 2^{self.fractional_bits}; "
+                            f"fixed-point range +-{bound:.4g} for {len(roster)} sites at 2^{self.fractional_bits}; "
                             "clip the update")
-        if (round, attempt) in self._used:
-            raise DataError(f"secure aggregation: site {self.site_id!r} already masked an update for round {round} "
-                            f"attempt {attempt}; a retry must use the next attempt number")
-        masked = encode_fixed(values, self.fractional_bits)
-        for pid, key in others.items():
-            m = self.pair_mask(pid, key, round, values.size, attempt)
-            masked = masked + m if pid > self.site_id else masked - m  # uint64 arithmetic wraps modulo 2**64
-        self._used.add((round, attempt))
-        return MaskedUpdate(self.site_id, round, attempt, participants, self.fractional_bits, masked)
+        masked = encode_fixed(values, self.fractional_bits) + self_mask(self._b, self.instance, values.size)
+        for peer in neighbour_graph(roster, neighbours, self.instance)[self.site_id]:
+            if peer not in shared:
+                continue
+            m = prg(pair_mask_key(self._s, roster[peer].s_public, self.instance, self.site_id, peer), values.size)
+            masked = masked + m if peer > self.site_id else masked - m  # uint64 arithmetic wraps modulo 2**64
+        return MaskedUpdate(self.site_id, self.instance, _check_int("round", round), _check_int("attempt", attempt),
+                            self.fractional_bits, masked)
+
+    def unmask(self, roster: Mapping[str, Advertisement], survivors: Collection[str], dropped: Collection[str],
+               ciphertexts: Mapping[str, bytes], threshold: int, neighbours: int | None = None) -> dict[str, tuple[str, bytes]]:
+        """For each site whose shares this site holds (itself included): (``"self"``, its b share) if it
+        survived, (``"pair"``, its s-key share) if it dropped. Refuses a peer that is both, and too few
+        survivors."""
+        roster = self._roster(roster)
+        survivors, dropped = set(survivors), set(dropped)
+        both = sorted(survivors & dropped)
+        if both:
+            raise DataError(f"secure aggregation: site {self.site_id!r} refuses to unmask: site(s) {', '.join(both)} "
+                            "listed both as survivor and as dropped (that would reveal both of their secrets)")
+        if self.site_id not in survivors:
+            raise DataError(f"secure aggregation: site {self.site_id!r} is asked to unmask but is not a survivor")
+        if len(survivors) < max(MIN_SITES, int(threshold)):
+            raise DataError(f"secure aggregation: site {self.site_id!r} refuses to unmask for {len(survivors)} "
+                            f"survivor(s), fewer than {max(MIN_SITES, int(threshold))}")
+        out = {}
+        for sender, ct in sorted(ciphertexts.items()):
+            if sender not in survivors and sender not in dropped:
+                continue
+            if sender not in roster:
+                raise DataError(f"secure aggregation: shares from {sender!r}, who is not in the roster")
+            aad = f"{self.instance}|{sender}|{self.site_id}".encode()
+            try:
+                plain = self._channel(sender, roster[sender].c_public, sender, self.site_id).decrypt(bytes(12), ct, aad)
+            except InvalidTag:
+                raise DataError(f"secure aggregation: site {self.site_id!r}: the shares from {sender!r} do not "
+                                "decrypt (tampered or misrouted)") from None
+            frm, to, b_hex, s_hex = json.loads(plain)
+            if (frm, to) != (sender, self.site_id):
+                raise DataError(f"secure aggregation: shares from {sender!r} are addressed {frm!r} -> {to!r}")
+            out[sender] = (SELF, bytes.fromhex(b_hex)) if sender in survivors else (PAIR, bytes.fromhex(s_hex))
+        holders, b_shares, _ = self._shares(roster, threshold, neighbours)
+        out[self.site_id] = (SELF, b_shares[holders.index(self.site_id)].to_bytes())
+        return out
 
 
-def aggregate(
-    masked_updates: Iterable[MaskedUpdate],
-    expected_sites: Collection[str],
-    round: int | None = None,
-    attempt: int | None = None,
-) -> Tensor:
-    """The float32 sum of the sites' updates, from their masked updates.
+# ------------------------------------------------------------------------------------ the server
 
-    Refuses (``DataError``) anything whose masks would not cancel: a site of ``expected_sites``
-    missing (it masked, then dropped: redo the round without it, next attempt), an unexpected or
-    duplicated site, updates from different rounds or attempts (or not from ``round`` / ``attempt``
-    when given), masked against another set of sites, or of different lengths or precisions.
-    """
-    expected = [_check_site_id(s) for s in expected_sites]
-    if len(set(expected)) != len(expected):
-        raise ConfigError(f"secure aggregation: expected_sites lists a site twice: {sorted(expected)}")
-    if len(expected) < MIN_SITES:
-        raise ConfigError(f"secure aggregation: needs at least {MIN_SITES} expected sites, got {sorted(expected)}")
-    updates: list[MaskedUpdate] = list(masked_updates)
-    for u in updates:
-        if not isinstance(u, MaskedUpdate):
-            raise DataError(f"secure aggregation: expected MaskedUpdate objects, got {type(u).__name__}")
-    got = [u.site_id for u in updates]
-    dup = sorted({s for s in got if got.count(s) > 1})
-    if dup:
-        raise DataError(f"secure aggregation: more than one update from site(s) {', '.join(dup)}")
-    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing:
-        raise DataError(f"secure aggregation: no update from site(s) {', '.join(missing)}: their masks do not cancel "
-                        "and the sum would be garbage; redo the round without them (next attempt)")
-    if extra:
-        raise DataError(f"secure aggregation: update(s) from unexpected site(s) {', '.join(extra)}")
-    want_round = updates[0].round if round is None else _check_int("round", round)
-    want_attempt = updates[0].attempt if attempt is None else _check_int("attempt", attempt)
-    participants = tuple(sorted(expected))
-    first = updates[0]
-    for u in updates:
-        if u.round != want_round or u.attempt != want_attempt:
-            raise DataError(f"secure aggregation: site {u.site_id!r} sent round {u.round} attempt {u.attempt}, "
-                            f"expected round {want_round} attempt {want_attempt}")
-        if u.participants != participants:
-            raise DataError(f"secure aggregation: site {u.site_id!r} masked for sites {list(u.participants)}, "
-                            f"expected {list(participants)}")
-        if u.fractional_bits != first.fractional_bits:
-            raise DataError(f"secure aggregation: site {u.site_id!r} used 2^{u.fractional_bits} fixed point, "
-                            f"site {first.site_id!r} 2^{first.fractional_bits}")
-        if not isinstance(u.values, np.ndarray) or u.values.dtype != np.uint64 or u.values.shape != first.values.shape \
-                or u.values.ndim != 1:
-            raise DataError(f"secure aggregation: site {u.site_id!r} sent {getattr(u.values, 'dtype', '?')} values of "
-                            f"shape {list(getattr(u.values, 'shape', []))}, expected uint64 of shape {list(first.values.shape)}")
-    total = np.zeros(first.values.shape, dtype=np.uint64)
-    for u in updates:
-        total += u.values  # modulo 2**64
-    return torch.from_numpy(decode_fixed(total, first.fractional_bits).astype(np.float32))
+
+@dataclass
+class SecAggServer:
+    """The server's side of one instance: routes the shares, then removes the masks from the sum."""
+
+    instance: str
+    roster: dict[str, Advertisement]
+    threshold: int
+    neighbours: int | None = None
+    ciphertexts: dict[str, dict[str, bytes]] = field(default_factory=dict)  # recipient -> sender -> ciphertext
+
+    def __post_init__(self) -> None:
+        self.roster = dict(sorted(self.roster.items()))
+        for sid, adv in self.roster.items():
+            if not isinstance(adv, Advertisement) or adv.site_id != sid or adv.instance != self.instance:
+                raise DataError(f"secure aggregation: advertisement of {sid!r} is not one of instance {self.instance}")
+        self.graph = neighbour_graph(self.roster, self.neighbours, self.instance)
+        self.shared: list[str] = []
+
+    def route(self, shares: Mapping[str, Mapping[str, bytes]]) -> None:
+        """Take each sender's {recipient: ciphertext}; the senders are the sites that shared (U2)."""
+        self.shared = sorted(shares)
+        self.ciphertexts = {}
+        for sender, by_recipient in shares.items():
+            expected = set(self.graph[sender])
+            if set(by_recipient) != expected:
+                raise DataError(f"secure aggregation: site {sender!r} sent shares to {sorted(by_recipient)}, its "
+                                f"neighbours are {sorted(expected)}")
+            for recipient, ct in by_recipient.items():
+                self.ciphertexts.setdefault(recipient, {})[sender] = ct
+
+    def inbox(self, site: str) -> dict[str, bytes]:
+        """The ciphertexts addressed to ``site`` from the sites that shared."""
+        return {s: ct for s, ct in self.ciphertexts.get(site, {}).items() if s in self.shared}
+
+    def finish(self, masked: Mapping[str, MaskedUpdate], revealed: Mapping[str, Mapping[str, tuple[str, bytes]]]) -> Tensor:
+        """The float64 sum of the survivors' vectors, from their masked inputs (``masked``: the survivors,
+        U3) and the survivors' answers to the unmask request (``revealed``: responder -> peer -> share).
+
+        Refuses (``DataError``) when some site's secret has fewer than ``threshold`` shares, or inputs
+        that are not of this instance or of one length.
+        """
+        survivors = sorted(masked)
+        dropped = sorted(set(self.shared) - set(survivors))
+        if len(survivors) < MIN_SITES:
+            raise DataError(f"secure aggregation: {len(survivors)} survivor(s): a sum over fewer than {MIN_SITES} "
+                            "sites is not released")
+        if set(survivors) - set(self.shared):
+            raise DataError(f"secure aggregation: masked input from site(s) "
+                            f"{', '.join(sorted(set(survivors) - set(self.shared)))} that did not share keys")
+        first = masked[survivors[0]]
+        for sid, u in masked.items():
+            if not isinstance(u, MaskedUpdate) or u.site_id != sid or u.instance != self.instance:
+                raise DataError(f"secure aggregation: the masked input of {sid!r} is not one of instance {self.instance}")
+            if u.values.dtype != np.uint64 or u.values.shape != first.values.shape or u.fractional_bits != first.fractional_bits:
+                raise DataError(f"secure aggregation: site {sid!r} sent {u.values.dtype} values of shape "
+                                f"{list(u.values.shape)} at 2^{u.fractional_bits}, expected those of {first.site_id!r}")
+        shares: dict[tuple[str, str], list[Share]] = {}
+        for responder, answers in revealed.items():
+            if responder not in survivors:
+                continue
+            for peer, (kind, data) in answers.items():
+                if responder not in self.graph.get(peer, ()) and responder != peer:
+                    continue
+                want = SELF if peer in survivors else PAIR if peer in dropped else None
+                if kind != want:
+                    raise DataError(f"secure aggregation: site {responder!r} revealed a {kind!r} share of {peer!r}, "
+                                    f"expected {want!r}")
+                shares.setdefault((kind, peer), []).append(Share.from_bytes(data))
+        short = [p for p in survivors + dropped
+                 if len(shares.get((SELF if p in survivors else PAIR, p), [])) < self.threshold]
+        if short:
+            raise DataError(f"secure aggregation: fewer than {self.threshold} shares for site(s) {', '.join(short)}: "
+                            "their masks cannot be removed")
+        size = first.values.size
+        total = np.zeros(size, dtype=np.uint64)
+        for u in masked.values():
+            total += u.values
+        for p in survivors:
+            total -= self_mask(combine(shares[SELF, p], self.threshold), self.instance, size)
+        for p in dropped:
+            s_key = X25519PrivateKey.from_private_bytes(combine(shares[PAIR, p], self.threshold))
+            if s_key.public_key().public_bytes_raw() != self.roster[p].s_public:
+                raise DataError(f"secure aggregation: the shares of {p!r}'s key do not match its public key")
+            for v in self.graph[p]:
+                if v not in survivors:
+                    continue
+                m = prg(pair_mask_key(s_key, self.roster[v].s_public, self.instance, p, v), size)
+                total = total - m if p > v else total + m  # v added +m when p sorts after it
+        return torch.from_numpy(decode_fixed(total, first.fractional_bits))
+
+
+def secure_sum(vectors: Mapping[str, np.ndarray | Tensor], masters: Mapping[str, bytes], instance: str,
+               threshold: int, neighbours: int | None = None, drop_after_sharing: Iterable[str] = (),
+               round: int = 0, attempt: int = 0) -> Tensor:
+    """The whole protocol in one process (tests, simulations): the sum over the sites that did not drop."""
+    clients = {s: SecAggClient(s, masters[s], instance) for s in vectors}
+    roster = {s: c.advertise() for s, c in clients.items()}
+    server = SecAggServer(instance, roster, threshold, neighbours)
+    server.route({s: c.share_keys(roster, threshold, neighbours) for s, c in clients.items()})
+    drop = set(drop_after_sharing)
+    masked = {s: c.mask(vectors[s], roster, server.shared, neighbours, round, attempt)
+              for s, c in clients.items() if s not in drop}
+    revealed = {s: clients[s].unmask(roster, list(masked), sorted(drop), server.inbox(s), threshold, neighbours)
+                for s in masked}
+    return server.finish(masked, revealed)
 

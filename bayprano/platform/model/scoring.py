@@ -178,7 +178,7 @@ def shift_covariate(mahalanobis, z: Tensor, dim: int, shift: int = SHIFT_CELLS) 
     return float(torch.log(image_statistic(mahalanobis(torch.cat(views)), dim)).mean())
 
 
-def _summary_moments(group) -> tuple[float, float, float, float, float, float]:
+def summary_moments(group) -> tuple[float, float, float, float, float, float]:
     """A category's summary as (n, sum x, sum y, sum xx, sum xy, sum yy), x the covariate and y log T;
     an older (mean, ss, count) summary has no covariate (x = 0)."""
     if len(group) == 3:
@@ -223,7 +223,7 @@ class NormalityPrior:
     def from_summaries(cls, summaries: dict, strength: float = 4.0) -> "NormalityPrior":
         table: dict = {}
         for k, groups in sorted(summaries.items(), key=lambda kv: int(kv[0])):
-            moments = [_summary_moments(g) for g in groups if g]
+            moments = [summary_moments(g) for g in groups if g]
             m = np.array([x for x in moments if x[0] > 0])
             if not m.size:
                 continue

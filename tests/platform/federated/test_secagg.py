@@ -1,136 +1,158 @@
-"""Secure aggregation: the masks cancel in the sum, hide each update, and a broken round is refused."""
+"""Secure aggregation with double masking: the masks cancel for the survivors, a dropped site costs no
+redo, a site never reveals both secrets of a peer, and the settings are checked."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.federated.secagg import (
-    SecAggSite,
-    aggregate,
+    PAIR,
+    SELF,
+    SecAggClient,
+    SecAggServer,
+    check_settings,
     decode_fixed,
     encode_fixed,
+    instance_id,
     max_abs_value,
+    neighbour_graph,
+    secure_sum,
+    pair_mask_key,
+    prg,
+    self_mask,
 )
+from bayprano.platform.federated.shamir import Share, combine
 
-SIZE = 10_000
-
-
-def make_sites(n=5):
-    sites = {f"site-{i}": SecAggSite(f"site-{i}") for i in range(n)}
-    keys = {sid: s.public_key_bytes() for sid, s in sites.items()}
-    return sites, keys
+SIZE = 4_000
 
 
-def updates(n=5, seed=0):
+def vectors(n=5, seed=0):
     rng = np.random.default_rng(seed)
-    return {f"site-{i}": (rng.normal(0, 0.05, SIZE) * rng.uniform(0.5, 2)).astype(np.float32) for i in range(n)}
+    return {f"site-{i}": rng.normal(0, 0.05, SIZE) for i in range(n)}
 
 
-def test_the_masked_sum_equals_the_plain_sum_for_five_sites():
-    sites, keys = make_sites()
-    xs = updates()
-    masked = [sites[sid].mask(torch.from_numpy(x), round=3, peers=keys) for sid, x in xs.items()]
-    total = aggregate(masked, expected_sites=list(sites), round=3)
-    plain = np.sum([x.astype(np.float64) for x in xs.values()], axis=0)
-    assert total.dtype == torch.float32 and total.shape == (SIZE,)
-    err = np.abs(total.numpy() - plain).max()
-    assert err < 1e-4
-    assert err < 5 * 2.0**-25 + 1e-6  # five roundings of at most 2^-25 each, plus float32 output
+def masters(sites):
+    return {s: os.urandom(32) for s in sites}
 
 
-def test_one_masked_update_alone_reveals_nothing_useful():
-    sites, keys = make_sites()
-    x = updates()["site-2"]
-    u = sites["site-2"].mask(x, round=0, peers=keys)
-    alone = decode_fixed(u.values, u.fractional_bits)
-    assert np.median(np.abs(alone - x)) > 1e9  # the masks are as large as the whole 64-bit range
-    assert abs(np.corrcoef(alone, x)[0, 1]) < 0.05
-    top = (u.values >> np.uint64(60)).astype(int)  # the top 4 bits are uniform over 16 values
-    counts = np.bincount(top, minlength=16)
-    assert np.all(np.abs(counts - SIZE / 16) < 6 * np.sqrt(SIZE / 16))
-    assert abs(float(((u.values >> np.uint64(63)) & np.uint64(1)).mean()) - 0.5) < 0.03
+@pytest.mark.parametrize("neighbours", [None, 4, 2])
+def test_the_masked_sum_equals_the_plain_sum(neighbours):
+    xs = vectors(7)
+    total = secure_sum(xs, masters(xs), "i", threshold=2, neighbours=neighbours)
+    plain = np.sum(list(xs.values()), axis=0)
+    assert total.dtype == torch.float64 and np.abs(total.numpy() - plain).max() < 7 * 2.0**-25 + 1e-6
 
 
-def test_both_parties_of_a_pair_derive_the_same_mask_and_nobody_else_does():
-    sites, keys = make_sites(3)
-    a, b, c = sites["site-0"], sites["site-1"], sites["site-2"]
-    ab = a.pair_mask("site-1", keys["site-1"], round=4, length=64)
-    assert np.array_equal(ab, b.pair_mask("site-0", keys["site-0"], round=4, length=64))
-    assert ab.dtype == np.uint64
-    assert not np.array_equal(ab, a.pair_mask("site-2", keys["site-2"], round=4, length=64))
-    assert not np.array_equal(ab, a.pair_mask("site-1", keys["site-1"], round=5, length=64))
-    assert not np.array_equal(ab, a.pair_mask("site-1", keys["site-1"], round=4, length=64, attempt=1))
-    restarted = SecAggSite("site-0", private_key=bytes(range(32)))
-    same = SecAggSite("site-0", private_key=bytes(range(32)))
-    assert restarted.public_key_bytes() == same.public_key_bytes()
+@pytest.mark.parametrize("neighbours", [None, 4])
+def test_sites_that_drop_after_sharing_leave_the_sum_of_the_survivors(neighbours):
+    xs = vectors(7)
+    total = secure_sum(xs, masters(xs), "i", threshold=2, neighbours=neighbours,
+                       drop_after_sharing=["site-1", "site-4"])
+    plain = np.sum([x for s, x in xs.items() if s not in ("site-1", "site-4")], axis=0)
+    assert np.abs(total.numpy() - plain).max() < 1e-5
 
 
-def test_a_site_that_dropped_after_masking_makes_the_round_fail_and_a_redo_without_it_works():
-    sites, keys = make_sites()
-    xs = updates()
-    masked = {sid: sites[sid].mask(x, round=1, peers=keys) for sid, x in xs.items()}
-    survivors = [u for sid, u in masked.items() if sid != "site-3"]
-    garbage = decode_fixed(np.sum([u.values for u in survivors], axis=0), 24)
-    assert np.abs(garbage).max() > 1e6  # what a silent sum would have returned
-    with pytest.raises(DataError, match="no update from site\\(s\\) site-3: their masks do not cancel"):
-        aggregate(survivors, expected_sites=list(sites))
-    with pytest.raises(DataError, match="site 'site-0' already masked an update for round 1 attempt 0"):
-        sites["site-0"].mask(xs["site-0"], round=1, peers=keys)
-    alive = {sid: k for sid, k in keys.items() if sid != "site-3"}
-    redo = [sites[sid].mask(xs[sid], round=1, peers=alive, attempt=1) for sid in alive]
-    total = aggregate(redo, expected_sites=list(alive), round=1, attempt=1)
-    plain = np.sum([xs[sid].astype(np.float64) for sid in alive], axis=0)
-    assert np.abs(total.numpy() - plain).max() < 1e-4
+def _setup(n=5, threshold=3, neighbours=None, instance="inst"):
+    xs = vectors(n)
+    keys = masters(xs)
+    clients = {s: SecAggClient(s, keys[s], instance) for s in xs}
+    roster = {s: c.advertise() for s, c in clients.items()}
+    server = SecAggServer(instance, roster, threshold, neighbours)
+    server.route({s: c.share_keys(roster, threshold, neighbours) for s, c in clients.items()})
+    return xs, keys, clients, roster, server
 
 
-def test_mismatched_rounds_peers_or_duplicates_are_refused():
-    sites, keys = make_sites(3)
-    xs = updates(3)
-    a = sites["site-0"].mask(xs["site-0"], round=7, peers=keys)
-    b = sites["site-1"].mask(xs["site-1"], round=7, peers=keys)
-    c_old = sites["site-2"].mask(xs["site-2"], round=6, peers=keys)
-    with pytest.raises(DataError, match="site 'site-2' sent round 6 attempt 0, expected round 7 attempt 0"):
-        aggregate([a, b, c_old], expected_sites=list(sites))
-    with pytest.raises(DataError, match="site 'site-0' sent round 7 attempt 0, expected round 8 attempt 0"):
-        aggregate([a, b, c_old], expected_sites=list(sites), round=8)
-    pair = {k: keys[k] for k in ("site-0", "site-2")}
-    c_pair = sites["site-2"].mask(xs["site-2"], round=7, peers=pair)
-    with pytest.raises(DataError, match=r"site 'site-2' masked for sites \['site-0', 'site-2'\], expected"):
-        aggregate([a, b, c_pair], expected_sites=list(sites))
-    with pytest.raises(DataError, match="more than one update from site\\(s\\) site-0"):
-        aggregate([a, a, b], expected_sites=list(sites))
-    with pytest.raises(DataError, match="update\\(s\\) from unexpected site\\(s\\) site-1"):
-        aggregate([a, b, c_old], expected_sites=["site-0", "site-2"])
+def test_a_masked_input_alone_is_uniform_noise_and_a_late_one_stays_hidden_after_the_unmasking():
+    xs, keys, clients, roster, server = _setup()
+    late = "site-2"
+    masked = {s: c.mask(xs[s], roster, server.shared, None, 0, 0) for s, c in clients.items()}
+    alone = decode_fixed(masked[late].values)
+    assert np.median(np.abs(alone - xs[late])) > 1e9 and abs(np.corrcoef(alone, xs[late])[0, 1]) < 0.05
+    on_time = {s: u for s, u in masked.items() if s != late}
+    revealed = {s: clients[s].unmask(roster, list(on_time), [late], server.inbox(s), 3) for s in on_time}
+    assert all(late not in answers or answers[late][0] == PAIR for answers in revealed.values())
+    assert all(kind == PAIR for answers in revealed.values() for p, (kind, _) in answers.items() if p == late)
+    total = server.finish(on_time, revealed)
+    assert np.abs(total.numpy() - sum(xs[s] for s in on_time)).max() < 1e-5
+    # the server's best use of the late input: it holds the late site's s key (from the pair shares), so
+    # it strips every pairwise mask; the self-mask remains, and its seed was never revealed
+    s_key = X25519PrivateKey.from_private_bytes(
+        combine([Share.from_bytes(revealed[r][late][1]) for r in revealed if late in revealed[r]], 3))
+    y = masked[late].values.copy()
+    for v in server.graph[late]:
+        m = prg(pair_mask_key(s_key, roster[v].s_public, "inst", late, v), SIZE)
+        y = y - m if v > late else y + m
+    assert np.median(np.abs(decode_fixed(y) - xs[late])) > 1e9 and abs(np.corrcoef(decode_fixed(y), xs[late])[0, 1]) < 0.05
+    # control: the self-mask is all that hides it (with its seed, which no site gave, the update is exact)
+    exact = decode_fixed(y - self_mask(clients[late]._b, "inst", SIZE))
+    assert np.abs(exact - xs[late]).max() < 2.0**-24
 
 
-def test_range_key_and_size_errors_are_clear():
-    sites, keys = make_sites(2)
-    s = sites["site-0"]
-    bound = max_abs_value(2)
-    assert bound == 2.0**38 / 2
+def test_a_site_never_gives_both_secrets_of_one_peer():
+    xs, keys, clients, roster, server = _setup()
+    c = clients["site-0"]
+    with pytest.raises(DataError, match="refuses to unmask: site\\(s\\) site-1 listed both as survivor and as dropped"):
+        c.unmask(roster, ["site-0", "site-1", "site-2"], ["site-1"], server.inbox("site-0"), 3)
+    with pytest.raises(DataError, match="refuses to unmask for 2 survivor\\(s\\), fewer than 3"):
+        c.unmask(roster, ["site-0", "site-1"], ["site-2"], server.inbox("site-0"), 3)
+    answers = c.unmask(roster, ["site-0", "site-1", "site-2", "site-3"], ["site-4"], server.inbox("site-0"), 3)
+    assert {p: k for p, (k, _) in answers.items()} == {"site-0": SELF, "site-1": SELF, "site-2": SELF, "site-3": SELF,
+                                                       "site-4": PAIR}
+
+
+def test_too_few_shares_refuse_the_sum_and_a_retry_has_fresh_masks():
+    xs, keys, clients, roster, server = _setup(threshold=3)
+    masked = {s: c.mask(xs[s], roster, server.shared, None, 0, 0) for s, c in clients.items() if s != "site-4"}
+    revealed = {s: clients[s].unmask(roster, list(masked), ["site-4"], server.inbox(s), 3)
+                for s in ("site-0", "site-1")}
+    with pytest.raises(DataError, match="fewer than 3 shares for site\\(s\\)"):
+        server.finish(masked, revealed)
+    again = SecAggClient("site-0", keys["site-0"], instance_id("s", "update", 1, 1))
+    first = SecAggClient("site-0", keys["site-0"], instance_id("s", "update", 1, 0))
+    assert again.advertise().s_public != first.advertise().s_public and again._b != first._b
+
+
+def test_the_neighbour_graph_is_symmetric_sparse_and_the_same_for_everyone():
+    sites = [f"s{i:03d}" for i in range(100)]
+    g = neighbour_graph(sites, 8, "x")
+    assert all(len(v) == 8 for v in g.values())
+    assert all(a in g[b] for a, vs in g.items() for b in vs)
+    assert g == neighbour_graph(list(reversed(sites)), 8, "x") and g != neighbour_graph(sites, 8, "y")
+    assert all(len(v) == 4 for v in neighbour_graph(sites[:5], None, "x").values())
+
+
+def test_settings_are_checked_with_the_setting_named():
+    assert check_settings(3) == (2, 2) and check_settings(10) == (9, 6) and check_settings(100, None, 10) == (10, 6)
+    assert check_settings(2) == (1, 1)
+    with pytest.raises(ConfigError, match="--secagg-threshold 5: above the 2 other site\\(s\\) of a round of 3"):
+        check_settings(3, threshold=5)
+    with pytest.raises(ConfigError, match="--secagg-neighbours 2: below --secagg-threshold 3"):
+        check_settings(10, threshold=3, neighbours=2)
+    with pytest.raises(ConfigError, match="--secure-agg needs at least 2 sites per round"):
+        check_settings(1)
+    with pytest.raises(ConfigError, match="--secagg-neighbours 0: must be a whole number of at least 1"):
+        check_settings(5, neighbours=0)
+
+
+def test_range_and_key_errors_are_clear():
+    xs, keys, clients, roster, server = _setup(n=3, threshold=2)
+    c = clients["site-0"]
+    bound = max_abs_value(3)
     with pytest.raises(DataError, match="beyond the fixed-point range"):
-        s.mask(np.array([bound * 1.01]), round=0, peers=keys)
-    with pytest.raises(ConfigError, match="has no peers in round 0: with fewer than 2 sites the update would be sent in the clear"):
-        s.mask(np.zeros(3), round=0, peers={"site-0": keys["site-0"]})
-    with pytest.raises(DataError, match="site 'site-9': a public key is 32 raw bytes"):
-        s.mask(np.zeros(3), round=0, peers={"site-9": b"short"})
-    with pytest.raises(DataError, match="site 'site-9': public key is not a usable X25519 key"):
-        s.mask(np.zeros(3), round=1, peers={"site-9": bytes(32)})
+        c.mask(np.array([bound * 1.01]), roster, server.shared, None, 0, 0)
     with pytest.raises(DataError, match="contains NaN or infinite values"):
-        s.mask(np.array([np.nan]), round=2, peers=keys)
-    with pytest.raises(ConfigError, match="round must be an integer of at least 0, got -1"):
-        s.mask(np.zeros(3), round=-1, peers=keys)
-
-
-def test_sums_right_at_the_overflow_bound_still_decode_exactly():
-    bits, n = 40, 3
-    bound = max_abs_value(n, bits)  # 2^22 / 3
-    sites = {f"s{i}": SecAggSite(f"s{i}", fractional_bits=bits) for i in range(n)}
-    keys = {sid: s.public_key_bytes() for sid, s in sites.items()}
-    x = np.array([bound, -bound, 0.5])
-    total = decode_fixed(np.sum([s.mask(x, round=0, peers=keys).values for s in sites.values()], axis=0), bits)
-    np.testing.assert_allclose(total, n * x, rtol=1e-12)
+        c.mask(np.array([np.nan]), roster, server.shared, None, 0, 0)
+    bad = dict(roster)
+    bad["site-0"] = clients["site-1"].advertise()
+    with pytest.raises(DataError, match="roster entry for 'site-0' is not an advertisement"):
+        c.mask(np.zeros(3), bad, server.shared, None, 0, 0)
+    tampered = {k: v[:-1] + bytes([v[-1] ^ 1]) for k, v in server.inbox("site-0").items()}
+    with pytest.raises(DataError, match="do not decrypt"):
+        c.unmask(roster, list(roster), [], tampered, 2)
     assert np.array_equal(decode_fixed(encode_fixed(np.array([-1.5, 2.25]), 4), 4), [-1.5, 2.25])
