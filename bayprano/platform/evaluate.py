@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bayprano.platform.data.anomalies import AnomalyInjector
+from bayprano.platform.data.anomalies import TRAINING_KINDS, AnomalyInjector
 from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
@@ -223,7 +223,7 @@ def run_evaluation(
     kinds = {get_method(m).checkpoint for m in methods} - {None}
     need_banks = bool(kinds - {"niw"}) or ("niw" in kinds and ckpt is None)
     banks: dict[str, TaskBank] = {}
-    injector = AnomalyInjector()
+    injector = AnomalyInjector(TRAINING_KINDS)
     if need_banks:
         for c in pool_categories:
             pool_data = data[c] if pool_root == Path(data_root) and c in data else load_category(pool_root, c, image_size)
