@@ -35,7 +35,7 @@ def root(tmp_path_factory):
 
 
 def test_the_built_in_methods_are_registered_in_the_harness_order():
-    assert list(METHODS)[:5] == ["bayes", "bayes-frozen", "protomaml", "patchcore", "padim"]
+    assert list(METHODS)[:6] == ["bayes", "bayes-frozen", "protomaml", "patchcore", "padim", "anomalydino"]
     assert get_method("bayes").checkpoint == "niw" and get_method("padim").checkpoint is None
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         get_method("nope")
@@ -66,7 +66,7 @@ def test_validation_loops_over_the_methods_a_site_can_build(registered):
     model = BayesianPatchModel(8, 4, seed=0)
     ckpt = model_checkpoint(model, "random", "random:0", 48, (6, 6), inner_steps=1, inner_positions=0)
     aurocs = validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)])
-    assert set(aurocs) == {"bayes", "patchcore", "padim", registered}  # not the ones needing other checkpoints
+    assert set(aurocs) == {"bayes", "patchcore", "padim", "anomalydino", registered}  # not the ones needing other checkpoints
     assert aurocs[registered] == 1.0 and aurocs["patchcore"] == 1.0
     with pytest.raises(ConfigError, match="not a 'euclidean' checkpoint"):
         validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)], ["protomaml"])
