@@ -16,7 +16,6 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from bayprano.platform.errors import ConfigError
@@ -57,8 +56,7 @@ def choose_statistic(tasks: Sequence[tuple[Tensor, Tensor, np.ndarray]], fit_sco
     scores: dict[str, list] = {name: [] for name in STATISTICS}
     labels: list = []
     for support, query, query_labels in tasks:
-        with torch.no_grad():
-            patches = fit_score(support, query)
+        patches = fit_score(support, query).detach()  # fitting may take gradient steps: no no_grad here
         for name, s in all_statistics(patches, image_size).items():
             scores[name].extend(s.tolist())
         labels.extend(np.asarray(query_labels).tolist())

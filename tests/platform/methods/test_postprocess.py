@@ -37,3 +37,22 @@ def test_the_choice_is_the_best_pooled_auroc_on_the_validation_tasks():
     assert name == "blur_max" and aurocs["blur_max"] == 1.0 and aurocs["max"] == 0.0
     name, aurocs = choose_statistic([(support, query[:4], labels[:4])], lambda s, q: q, 40)
     assert name == "max" and all(np.isnan(v) for v in aurocs.values())
+
+
+def test_a_meta_validation_set_holds_support_normal_and_anomalous_queries():
+    from bayprano.platform.evaluate import meta_validation_set
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((10, 32, 32, 3)) * 60 + 100).astype(np.uint8)
+
+    def extract(ims):
+        return torch.from_numpy(ims).float().permute(0, 3, 1, 2)
+
+    support, query, labels = meta_validation_set(images, extract, n_support=3, seed=1)
+    assert support.shape == (3, 3, 32, 32) and query.shape == (8, 3, 32, 32)  # 4 normals left, 4 anomalies of them
+    assert labels.tolist() == [0] * 4 + [1] * 4
+    assert all((query[i] != query[i + 4]).any() for i in range(4))  # each anomaly changes its normal
+    flat = {t.numpy().tobytes() for t in torch.cat([support, query[:4]])}
+    assert len(flat) == 7  # support and normal queries are different images
+    with pytest.raises(ConfigError, match="more than 10 good images"):
+        meta_validation_set(images, extract, n_support=10)

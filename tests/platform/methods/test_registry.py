@@ -12,8 +12,9 @@ import torch
 from bayprano.demo import method_rows
 from bayprano.platform.data.synth import generate_dataset
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.evaluate import run_evaluation
+from bayprano.platform.evaluate import markdown_table, run_evaluation
 from bayprano.platform.methods import METHODS, MethodContext, get_method, register_method, unregister_method
+from bayprano.platform.methods.postprocess import STATISTICS
 from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
 from bayprano.platform.model.bayes import BayesianPatchModel
 
@@ -54,6 +55,16 @@ def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root
     rows = method_rows(result, {"fabric": "site-0"})
     assert {r["method"] for r in rows} == methods and all(r["site"] == "site-0" for r in rows)
     assert registered in result["summary"]
+    # the post-processing menu: chosen on the other category (meta-validation), recorded, ablated
+    for r in result["records"]:
+        assert r["statistic"] in STATISTICS and set(r["validation_aurocs"]) == set(STATISTICS)
+        assert set(r["statistic_aurocs"]) == set(STATISTICS)
+        assert r["image_auroc"] == r["statistic_aurocs"][r["statistic"]]
+        assert 0.0 <= r["own_image_auroc"] <= 1.0
+    assert set(result["ablation"]) == methods
+    assert set(result["ablation"]["padim"]["2"]) == {*STATISTICS, "own", "chosen"}
+    assert result["ablation"]["padim"]["2"]["own"] == result["ablation"]["padim"]["2"]["max"]
+    assert "Image statistic ablation" in markdown_table(result)
 
 
 def test_validation_loops_over_the_methods_a_site_can_build(registered):
