@@ -49,10 +49,10 @@ def test_a_meta_validation_set_holds_support_normal_and_anomalous_queries():
         return torch.from_numpy(ims).float().permute(0, 3, 1, 2)
 
     support, query, labels = meta_validation_set(images, extract, n_support=3, seed=1)
-    assert support.shape == (3, 3, 32, 32) and query.shape == (8, 3, 32, 32)  # 4 normals left, 4 anomalies of them
-    assert labels.tolist() == [0] * 4 + [1] * 4
-    assert all((query[i] != query[i + 4]).any() for i in range(4))  # each anomaly changes its normal
-    flat = {t.numpy().tobytes() for t in torch.cat([support, query[:4]])}
-    assert len(flat) == 7  # support and normal queries are different images
+    assert support.shape == (3, 3, 32, 32) and query.shape == (12, 3, 32, 32)  # 6 normal queries, 6 anomalies of them
+    assert labels.tolist() == [0] * 6 + [1] * 6
+    assert all((query[i] != query[i + 6]).any() for i in range(6))  # each anomaly changes its normal
+    flat = {t.numpy().tobytes() for t in torch.cat([support, query[:6]])}
+    assert len(flat) == 9  # support and normal queries are different images
     with pytest.raises(ConfigError, match="more than 10 good images"):
         meta_validation_set(images, extract, n_support=10)
