@@ -46,7 +46,7 @@ def test_fast_demo_leaves_adapted_calibrated_site_models(tmp_path):
         assert (report / name).stat().st_size > 1000 and f"]({name})" in (report / "report.md").read_text()
     methods = {(r["site"], r["method"]) for r in results["methods"]}
     assert methods == {(s["site"], m) for s in summary["sites"]
-                       for m in ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim")}
+                       for m in ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim", "anomalydino")}
     assert len(summary["http"]) == 2
     for served in summary["http"]:
         assert served["images"] == 4 and served["matches_in_process"] and served["model_version"] == "v0001"

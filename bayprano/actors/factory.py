@@ -47,7 +47,7 @@ import numpy as np
 import ray
 import torch
 
-from bayprano.platform.data.anomalies import AnomalyInjector
+from bayprano.platform.data.anomalies import TRAINING_KINDS, VALIDATION_KINDS, AnomalyInjector
 from bayprano.platform.data.shards import ShardReader
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.data.imageio import resize_square
@@ -122,7 +122,7 @@ class FactorySite:
         rng = np.random.default_rng([int(s["seed"]), *self.site.encode()])
         holdout = int(s["holdout"])
         need = self.meta.shots + max(self.meta.n_query_normal, self.meta.n_query_anomalous)
-        injector = AnomalyInjector()
+        injector, val_injector = AnomalyInjector(TRAINING_KINDS), AnomalyInjector(VALIDATION_KINDS)
         for c, (ims, ids) in sorted(images.items()):
             order = rng.permutation(len(ims))
             train, held = order[holdout:], order[:holdout]
@@ -132,7 +132,7 @@ class FactorySite:
             self.banks[c] = build_task_bank(c, ims[train], [ids[i] for i in train], self._extract, injector,
                                             seed=int(s["seed"]))
             if holdout >= 2:
-                self.val_banks[c] = build_task_bank(c, ims[held], [ids[i] for i in held], self._extract, injector,
+                self.val_banks[c] = build_task_bank(c, ims[held], [ids[i] for i in held], self._extract, val_injector,
                                                     seed=int(s["seed"]) + 1)
         self.model = BayesianPatchModel(self.extractor.out_channels, int(s["dim"]), seed=int(s["seed"]))
         self.layout = ParameterLayout.from_model(self.model)

@@ -17,6 +17,17 @@ methods' records also carry what their threshold came from (``calibration``: the
 covariate and leave-one-out statistics, the site's calibration, the statistics of the test normals),
 and the output holds each fold's meta-learned normality prior, so a calibration rule can be checked
 again without rerunning the protocol.
+
+Image statistics (the post-processing menu, ``bayprano.platform.methods.postprocess``): every method's
+ranking metrics use the statistic of the same menu (raw patch max, max of the upsampled map after a
+sigma = 4 blur, mean of the top 1% of patch scores) that scored best for that method and K on
+meta-validation tasks: the meta-training pool's categories other than the evaluated one, K of their
+``train/good`` images as support, others as normal queries and the same images with synthetic anomalies
+of the validation families (``VALIDATION_KINDS``, never injected in meta-training) as anomalous queries.
+Each record carries the chosen ``statistic``, its ``validation_aurocs``, the test AUROC of every menu
+entry (``statistic_aurocs``, the ablation) and of the method's own statistic (``own_image_auroc``); F1
+and measured FPR stay at the method's own statistic and threshold (the one a site model uses). Without
+another category to validate on, the method's own statistic is used and ``statistic`` says so.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bayprano.platform.data.anomalies import AnomalyInjector
+from bayprano.platform.data.anomalies import TRAINING_KINDS, VALIDATION_KINDS, AnomalyInjector
 from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
@@ -49,6 +60,7 @@ from bayprano.platform.meta.protomaml import (
     meta_train,
 )
 from bayprano.platform.methods import METHODS, Method, MethodContext, get_method
+from bayprano.platform.methods.postprocess import STATISTICS, all_statistics, choose_statistic
 from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
@@ -56,7 +68,10 @@ from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 RECORD_KEYS = ("category", "method", "shots", "seed", "image_auroc", "pixel_auroc", "aupro", "f1", "target_fpr",
-               "measured_fpr", "adapt_seconds", "score_images_per_second", "calibration")
+               "measured_fpr", "adapt_seconds", "score_images_per_second", "statistic", "own_image_auroc",
+               "statistic_aurocs", "validation_aurocs", "calibration")
+OWN_STATISTIC = "own (no meta-validation category)"
+VALIDATION_QUERIES = 6  # normal (and as many anomalous) queries per meta-validation category
 
 
 @dataclass
@@ -107,6 +122,23 @@ def support_indices(n: int, shots: int, seed: int, category: str) -> np.ndarray:
         raise ConfigError(f"--shots {shots} is more than the {n} good training images of category {category!r}")
     digest = int(hashlib.sha256(f"{category}/{shots}/{seed}".encode()).hexdigest()[:8], 16)
     return np.sort(np.random.default_rng(digest).choice(n, size=shots, replace=False))
+
+
+def meta_validation_set(images: np.ndarray, extract: Callable[[np.ndarray], torch.Tensor], n_support: int,
+                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """One meta-validation category: support candidates (``n_support`` of its normal images), and queries
+    (other normal images, then the same images with one anomaly of the validation families each), as
+    features; returns (support features, query features, query labels)."""
+    n_query = min(VALIDATION_QUERIES, len(images) - n_support)
+    if n_query < 1:
+        raise ConfigError(f"meta-validation needs more than {n_support} good images per category, got {len(images)}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    support, normals = images[order[:n_support]], images[order[n_support : n_support + n_query]]
+    injector = AnomalyInjector(VALIDATION_KINDS)
+    anomalous = np.stack([injector(im, rng)[0] for im in normals])
+    query = extract(np.concatenate([normals, anomalous]))
+    return extract(support), query, np.array([0] * n_query + [1] * n_query)
 
 
 def _frozen_checkpoint(extractor: PatchFeatureExtractor, banks: dict[str, TaskBank], image_size: int,
@@ -223,12 +255,21 @@ def run_evaluation(
     kinds = {get_method(m).checkpoint for m in methods} - {None}
     need_banks = bool(kinds - {"niw"}) or ("niw" in kinds and ckpt is None)
     banks: dict[str, TaskBank] = {}
-    injector = AnomalyInjector()
+    injector = AnomalyInjector(TRAINING_KINDS)
     if need_banks:
         for c in pool_categories:
             pool_data = data[c] if pool_root == Path(data_root) and c in data else load_category(pool_root, c, image_size)
             banks[c] = build_task_bank(c, pool_data.train_images, pool_data.train_ids, extract, injector, seed=seed)
             progress(f"meta-training pool: {c} ({len(pool_data.train_images)} good images + synthetic anomalies)")
+
+    validation_sets: dict[str, tuple] = {}
+    for c in pool_categories:
+        pool_images = (data[c].train_images if pool_root == Path(data_root) and c in data
+                       else load_category(pool_root, c, image_size).train_images)
+        if len(pool_images) > max(shots):
+            validation_sets[c] = meta_validation_set(pool_images, extract, max(shots), seed=seed + 1)
+    progress(f"meta-validation of the image statistic on {len(validation_sets)} categories "
+             f"({', '.join(VALIDATION_KINDS)} anomalies)")
 
     meta_cfg = MetaConfig(shots=max(shots), inner_steps=inner_steps, episodes=episodes, seed=seed)
     trained: dict[tuple, MetaCheckpoint] = {}
@@ -274,8 +315,11 @@ def run_evaluation(
             if normality is not None:
                 priors[c] = normality.as_dict()
         context = MethodContext(inner_steps, target_fpr, provide, extractor)
+        choices = _choose_statistics(methods, context, {k: v for k, v in validation_sets.items() if k != c}, shots,
+                                     image_size)
         pictures[c] = _evaluate_category(d, methods, context, train_feats[c], test_feats[c], test_seconds[c], shots,
-                                         seeds, image_size, target_fpr, pools["test"], output, records, progress)
+                                         seeds, image_size, target_fpr, pools["test"], output, records, progress,
+                                         choices)
 
     summary = summarize(records)
     result = {
@@ -288,6 +332,7 @@ def run_evaluation(
         "checkpoint": str(checkpoint) if checkpoint else None,
         "records": records,
         "summary": summary,
+        "ablation": ablation(records),
         "pictures": pictures,
         "normality_priors": priors,
         "seconds": time.perf_counter() - t_start,
@@ -296,10 +341,26 @@ def run_evaluation(
     return result
 
 
+def _choose_statistics(methods: list[str], context: MethodContext, validation_sets: dict[str, tuple],
+                       shots: Sequence[int], image_size: int) -> dict[tuple[str, int], tuple[str, dict]]:
+    """{(method, K): (statistic, its meta-validation AUROCs)} on the given meta-validation categories."""
+    choices = {}
+    for method in methods:
+        spec = get_method(method)
+        for k in shots:
+            if not validation_sets:
+                choices[(method, k)] = (OWN_STATISTIC, {})
+                continue
+            tasks = [(sup[:k].float(), query.float(), labels) for sup, query, labels in validation_sets.values()]
+            choices[(method, k)] = choose_statistic(
+                tasks, lambda s, q: spec.build(context).fit(s).score(q).patches, image_size)
+    return choices
+
+
 def _evaluate_category(d: CategoryData, methods: list[str], context: MethodContext, train_feats: torch.Tensor,
                        test_feats: torch.Tensor, test_seconds: float, shots: Sequence[int], seeds: int,
                        image_size: int, target_fpr: float, test_pool: set[str], output: Path, records: list[dict],
-                       progress: Callable[[str], None]) -> list[str]:
+                       progress: Callable[[str], None], choices: dict | None = None) -> list[str]:
     """Every method on every support draw of one category: records appended to ``records``; returns the
     pictures written (the first method's overlays and every method's ROC, at the largest K, first draw)."""
     c = d.name
@@ -310,9 +371,11 @@ def _evaluate_category(d: CategoryData, methods: list[str], context: MethodConte
             idx = support_indices(len(d.train_images), k, s, c)
             check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": test_pool})
             for method in methods:
+                statistic, validation = (choices or {}).get((method, k), (OWN_STATISTIC, {}))
                 rec, maps, scores = _run_method(get_method(method).build(context), train_feats[idx].float(),
-                                                test_feats, test_seconds, d, image_size, target_fpr)
-                rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr)
+                                                test_feats, test_seconds, d, image_size, target_fpr, statistic)
+                rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr, statistic=statistic,
+                           validation_aurocs=validation)
                 records.append({key: rec.get(key) for key in RECORD_KEYS})
                 progress(_record_line(records[-1]))
                 if s == 0 and k == max(shots):
@@ -326,8 +389,10 @@ def _evaluate_category(d: CategoryData, methods: list[str], context: MethodConte
 
 
 def _run_method(method: Method, support_feats: torch.Tensor, test_feats: torch.Tensor, test_seconds: float,
-                d: CategoryData, image_size: int, target_fpr: float) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Fit one method on the support's features, score the test set: its record, maps and image scores.
+                d: CategoryData, image_size: int, target_fpr: float,
+                statistic: str = OWN_STATISTIC) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Fit one method on the support's features, score the test set: its record, maps and the image scores
+    of ``statistic`` (a menu entry, or the method's own).
 
     Feature extraction is timed once per test set; its share for the support is counted in the adaptation
     time and the whole of it in the scoring time of every method alike.
@@ -347,8 +412,14 @@ def _run_method(method: Method, support_feats: torch.Tensor, test_feats: torch.T
         calibration = {**calibration, "normal_statistics": scores[d.test_labels == 0].tolist()}
     pix = pixel_metrics(d.test_masks, maps) if d.has_pixel_masks else {"pixel_auroc": None, "aupro": None}
     finite = threshold is not None and math.isfinite(threshold)
+    menu = all_statistics(out.patches, (image_size, image_size))
+    statistic_aurocs = {name: image_auroc(d.test_labels, s) for name, s in menu.items()}
+    own_auroc = image_auroc(d.test_labels, scores)
+    ranked = menu.get(statistic, scores)
     rec = {
-        "image_auroc": image_auroc(d.test_labels, scores),
+        "image_auroc": statistic_aurocs.get(statistic, own_auroc),
+        "own_image_auroc": own_auroc,
+        "statistic_aurocs": statistic_aurocs,
         "pixel_auroc": pix["pixel_auroc"],
         "aupro": pix["aupro"],
         "f1": f1_at_threshold(d.test_labels, scores, threshold) if finite else None,
@@ -357,7 +428,7 @@ def _run_method(method: Method, support_feats: torch.Tensor, test_feats: torch.T
         "score_images_per_second": n_test / score_seconds,
         "calibration": calibration,
     }
-    return rec, maps, scores
+    return rec, maps, ranked
 
 
 def _record_line(r: dict) -> str:
@@ -388,15 +459,47 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def ablation(records: list[dict]) -> dict:
+    """{method: {K: {statistic: mean test image AUROC}}} over categories and seeds, for every menu entry and
+    the method's own statistic (``own``), with how often each entry was chosen (``chosen``)."""
+    out: dict = {}
+    for r in records:
+        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
+    table = {}
+    for m, by_k in out.items():
+        table[m] = {}
+        for k, rows in by_k.items():
+            entry = {name: _mean((x.get("statistic_aurocs") or {}).get(name) for x in rows) for name in STATISTICS}
+            entry["own"] = _mean(x.get("own_image_auroc") for x in rows)
+            chosen: dict[str, int] = {}
+            for x in rows:
+                chosen[x.get("statistic") or OWN_STATISTIC] = chosen.get(x.get("statistic") or OWN_STATISTIC, 0) + 1
+            table[m][k] = entry | {"chosen": chosen}
+    return table
+
+
+def ablation_table(result: dict) -> str:
+    """Each method with each image statistic, from the same run (mean test image AUROC)."""
+    rows = []
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for method, by_k in (result.get("ablation") or ablation(result["records"])).items():
+        for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
+            chosen = ", ".join(f"{n} x{c}" for n, c in sorted(s["chosen"].items()))
+            rows.append((method, k, *(fmt(s[n]) for n in STATISTICS), fmt(s["own"]), chosen))
+    return format_table(("method", "K", *STATISTICS, "own", "chosen on meta-validation"), rows)
+
+
 def markdown_table(result: dict) -> str:
+    """The summary table (image AUROC at each method's chosen statistic), then the statistic ablation."""
     rows = []
     for method, by_k in result["summary"].items():
         for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             rows.append((method, k, fmt(s["image_auroc"]), fmt(s["pixel_auroc"]), fmt(s["aupro"]), fmt(s["f1"]),
                          fmt(s["measured_fpr"]), f"{s['adapt_seconds']:.2f}", f"{s['score_images_per_second']:.1f}"))
-    return format_table(("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s",
-                         "images/s"), rows)
+    summary = format_table(("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s",
+                            "images/s"), rows)
+    return f"{summary}\n\nImage statistic ablation (image AUROC):\n\n{ablation_table(result)}"
 
 
 def _write_overlays(output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray,

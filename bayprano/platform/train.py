@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bayprano.config import TrainConfig
-from bayprano.platform.data.anomalies import AnomalyInjector
+from bayprano.platform.data.anomalies import TRAINING_KINDS, AnomalyInjector
 from bayprano.platform.data.imageio import is_image_file, load_image
 from bayprano.platform.data.mvtec import GOOD, list_categories
 from bayprano.platform.errors import ConfigError, DataError
@@ -114,7 +114,7 @@ def build_banks(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, TaskBank]:
     """One task bank per category: backbone features of its normals and of synthetic anomalies of them."""
-    injector = AnomalyInjector()
+    injector = AnomalyInjector(TRAINING_KINDS)
 
     def extract(images: np.ndarray) -> torch.Tensor:
         return extractor.extract(images, size=cfg.image_size).cpu()

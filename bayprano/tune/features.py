@@ -38,7 +38,7 @@ def build_feature_cache(spec: SweepConfig, root: Path, categories: dict[str, lis
     images, features and labels. An existing file is reused (a resumed sweep)."""
     import torch
 
-    from bayprano.platform.data.anomalies import AnomalyInjector
+    from bayprano.platform.data.anomalies import TRAINING_KINDS, AnomalyInjector
     from bayprano.platform.evaluate import load_category
     from bayprano.platform.meta.protomaml import build_task_bank
     from bayprano.platform.model.backbone import build_backbone
@@ -63,7 +63,7 @@ def build_feature_cache(spec: SweepConfig, root: Path, categories: dict[str, lis
                                    "image_size": size, "in_channels": extractor.out_channels, "banks": {},
                                    "validation": {}}
         if spec.trainer == "central":
-            injector = AnomalyInjector()
+            injector = AnomalyInjector(TRAINING_KINDS)
             for c in categories["train"]:
                 images, ids = train_good(root, c, size)
                 bank = build_task_bank(c, images, ids, extract, injector, seed=seed)

@@ -33,6 +33,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from bayprano.platform.errors import ConfigError, DataError
 
 KINDS = ("cut_paste", "texture_blend", "scratch", "blob")
+# The families are split so that meta-learning is measured on defects it never saw: meta-training (train,
+# evaluate's meta-training, tune, the Factory's local updates) injects only the families that ``data synth``'s
+# test defects do not resemble; the families of those defects (lines, holes, stains) are kept for validation
+# (the sites' validation during federated training, the meta-validation of the post-processing menu).
+TRAINING_KINDS = ("cut_paste", "texture_blend")
+VALIDATION_KINDS = ("scratch", "blob")
 TEXTURES = ("noise", "stripes", "checker", "gradient", "tint", "source")
 MIN_SIDE = 16
 
@@ -587,7 +593,8 @@ ANOMALIES: Mapping[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
 
 
 class AnomalyInjector:
-    """Picks one anomaly kind per call (by ``weights``, default uniform) and injects it.
+    """Picks one anomaly kind per call (by ``weights``, default uniform) and injects it; the default kinds
+    are the meta-training families (``TRAINING_KINDS``).
 
     ``injector(image, rng, source=None) -> (image, mask)``; ``source`` (another normal image, any
     size) is passed to ``texture_blend`` only. ``min_pixels`` and ``min_delta`` are passed to every kind.
@@ -595,7 +602,7 @@ class AnomalyInjector:
 
     def __init__(
         self,
-        kinds: Sequence[str] = KINDS,
+        kinds: Sequence[str] = TRAINING_KINDS,
         weights: Sequence[float] | None = None,
         *,
         min_pixels: int = 16,

@@ -8,6 +8,8 @@ import pytest
 from bayprano.platform.data.anomalies import (
     ANOMALIES,
     KINDS,
+    TRAINING_KINDS,
+    VALIDATION_KINDS,
     TEXTURES,
     AnomalyInjector,
     blob,
@@ -186,7 +188,7 @@ def test_injector_validates_kinds_and_weights():
 
 
 def test_injector_follows_weights_and_matches_the_chosen_kind():
-    injector = AnomalyInjector(weights=(0, 0, 1, 0))
+    injector = AnomalyInjector(KINDS, weights=(0, 0, 1, 0))
     rng = np.random.default_rng(0)
     assert {injector.choose(rng) for _ in range(50)} == {"scratch"}
     image = IMAGES["textured"]
@@ -197,12 +199,22 @@ def test_injector_follows_weights_and_matches_the_chosen_kind():
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(mask, ref_mask)
 
-    uniform = AnomalyInjector()
+    uniform = AnomalyInjector(KINDS)
     rng = np.random.default_rng(1)
     counts = {k: 0 for k in KINDS}
     for _ in range(2000):
         counts[uniform.choose(rng)] += 1
     assert all(400 < c < 600 for c in counts.values())
+
+
+def test_the_default_injector_makes_only_the_training_families():
+    assert set(TRAINING_KINDS) | set(VALIDATION_KINDS) == set(KINDS)
+    assert not set(TRAINING_KINDS) & set(VALIDATION_KINDS)
+    assert {"scratch", "blob"} <= set(VALIDATION_KINDS)
+    default = AnomalyInjector()
+    assert default.kinds == TRAINING_KINDS
+    rng = np.random.default_rng(2)
+    assert {default.choose(rng) for _ in range(200)} == set(TRAINING_KINDS)
 
 
 def test_injector_output_and_source():

@@ -12,8 +12,9 @@ import torch
 from bayprano.demo import method_rows
 from bayprano.platform.data.synth import generate_dataset
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.evaluate import run_evaluation
+from bayprano.platform.evaluate import markdown_table, run_evaluation
 from bayprano.platform.methods import METHODS, MethodContext, get_method, register_method, unregister_method
+from bayprano.platform.methods.postprocess import STATISTICS
 from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
 from bayprano.platform.model.bayes import BayesianPatchModel
 
@@ -35,7 +36,7 @@ def root(tmp_path_factory):
 
 
 def test_the_built_in_methods_are_registered_in_the_harness_order():
-    assert list(METHODS)[:5] == ["bayes", "bayes-frozen", "protomaml", "patchcore", "padim"]
+    assert list(METHODS)[:6] == ["bayes", "bayes-frozen", "protomaml", "patchcore", "padim", "anomalydino"]
     assert get_method("bayes").checkpoint == "niw" and get_method("padim").checkpoint is None
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         get_method("nope")
@@ -54,6 +55,16 @@ def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root
     rows = method_rows(result, {"fabric": "site-0"})
     assert {r["method"] for r in rows} == methods and all(r["site"] == "site-0" for r in rows)
     assert registered in result["summary"]
+    # the post-processing menu: chosen on the other category (meta-validation), recorded, ablated
+    for r in result["records"]:
+        assert r["statistic"] in STATISTICS and set(r["validation_aurocs"]) == set(STATISTICS)
+        assert set(r["statistic_aurocs"]) == set(STATISTICS)
+        assert r["image_auroc"] == r["statistic_aurocs"][r["statistic"]]
+        assert 0.0 <= r["own_image_auroc"] <= 1.0
+    assert set(result["ablation"]) == methods
+    assert set(result["ablation"]["padim"]["2"]) == {*STATISTICS, "own", "chosen"}
+    assert result["ablation"]["padim"]["2"]["own"] == result["ablation"]["padim"]["2"]["max"]
+    assert "Image statistic ablation" in markdown_table(result)
 
 
 def test_validation_loops_over_the_methods_a_site_can_build(registered):
@@ -66,7 +77,7 @@ def test_validation_loops_over_the_methods_a_site_can_build(registered):
     model = BayesianPatchModel(8, 4, seed=0)
     ckpt = model_checkpoint(model, "random", "random:0", 48, (6, 6), inner_steps=1, inner_positions=0)
     aurocs = validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)])
-    assert set(aurocs) == {"bayes", "patchcore", "padim", registered}  # not the ones needing other checkpoints
+    assert set(aurocs) == {"bayes", "patchcore", "padim", "anomalydino", registered}  # not the ones needing other checkpoints
     assert aurocs[registered] == 1.0 and aurocs["patchcore"] == 1.0
     with pytest.raises(ConfigError, match="not a 'euclidean' checkpoint"):
         validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)], ["protomaml"])
