@@ -107,8 +107,8 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     assert ckpt.image_size == 64 and ckpt.calibration.effective_patches > 0
     assert ckpt.normality is not None and 1 in ckpt.normality.table
     torch.testing.assert_close(trainer.layout.flatten(ckpt.model), trainer.global_vector)
-    for h in ckpt.history:  # every site validated every round, on its own held-out images
-        assert set(h["site_auroc"]) == set(trainer.sites) and all(np.isfinite(v) for v in h["site_auroc"].values())
+    for h in ckpt.history:  # every site validated every round; under secure aggregation only the sum is seen
+        assert h["site_auroc"] is None and np.isfinite(h["val_auroc"])
 
     # the shared model, adapted to two good images of a training category, ranks its defective test images
     # above its good ones (measured 0.67, 0.86, 0.86 on 6 + 6 test images per category at 64 px, mean 0.80;
