@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-unit bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 test: install
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The unit tests alone (no Ray), in about a minute: a quick check while editing. `make test` runs everything.
+test-unit: install
+	@$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
 # Benchmarks (not tests): each prints a Markdown table and writes JSON to benchmarks/results/.
 DATA_TIMING_ARGS ?=

@@ -1,4 +1,9 @@
-"""Fixtures shared by the whole suite: small MVTec-layout datasets written with PIL."""
+"""Fixtures shared by the whole suite: small MVTec-layout datasets written with PIL, one torch thread, one Ray.
+
+Every test that needs Ray (through ``ray_session``, directly or through another fixture) is marked
+``integration``; the rest are ``unit`` tests, which run in seconds without a cluster:
+``pytest -m unit`` (``make test-unit``) for a quick check, ``make test`` for all of them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,14 @@ from pathlib import Path
 import pytest
 
 from mvtec_fixtures import write_mvtec_category
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture

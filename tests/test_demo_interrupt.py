@@ -6,10 +6,14 @@ import os
 import queue
 import signal
 import subprocess
+
+import pytest
 import sys
 import threading
 import time
 from pathlib import Path
+
+pytestmark = pytest.mark.integration  # runs Ray in a child process
 
 BAYPRANO = str(Path(sys.executable).with_name("bayprano"))
 

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # runs Ray in a child process
+
 SCRIPT = Path(__file__).with_name("multinode_federation.py")
 
 
