@@ -416,6 +416,28 @@ def _image_list(images) -> list[np.ndarray]:
     return list(images)
 
 INNER_POSITIONS_SEED = 0
+# The inner loop's leave-one-out loss refits the prototype once per view, with gradients: its time and
+# memory grow with the square of the views (105 tiles of five 4096 x 256 strips: 151 s and 18 GB).
+# Augmented or tiled supports adapt the head on at most this many views (or K, if more), spread over
+# the original images; the posterior and the calibration then use every view.
+INNER_VIEWS = 8
+
+
+def _inner_views(groups: Sequence[int], limit: int) -> list[int] | None:
+    """At most ``limit`` view indices, taken in turn from each original image's views (evenly spaced
+    among them), or None when there are no more views than that."""
+    if len(groups) <= limit:
+        return None
+    by_image: dict[int, list[int]] = {}
+    for v, g in enumerate(groups):
+        by_image.setdefault(g, []).append(v)
+    originals = sorted(by_image)
+    quota = {g: limit // len(originals) + (1 if r < limit % len(originals) else 0) for r, g in enumerate(originals)}
+    chosen = []
+    for g in originals:
+        views, n = by_image[g], min(quota[g], len(by_image[g]))
+        chosen += [views[int(j * len(views) / n)] for j in range(n)] if n else []
+    return sorted(chosen)
 
 
 def _to_host(t: Tensor) -> Tensor:
@@ -514,11 +536,15 @@ def adapt_features(
     if steps and inner_positions and inner_positions < h * w:
         gen = torch.Generator().manual_seed(INNER_POSITIONS_SEED)
         positions = torch.randperm(h * w, generator=gen)[:inner_positions].to(features.device)
-    adapted = adapt_head(model, features, steps, positions)
+    inner = _inner_views(layout.groups, max(INNER_VIEWS, shots))
+    adapted = adapt_head(model, features if inner is None else features[inner], steps, positions)
     proto, z = adapted.prototype, adapted.support_embeddings
     with torch.no_grad():
         model.head.weight.copy_(adapted.params["weight"])
         model.head.bias.copy_(adapted.params["bias"])
+        if inner is not None:  # the posterior is fitted on every view
+            z = model.embed(features)
+            proto = model.prototype(z)
     stages["inner_loop"] = clock.lap()
     with torch.no_grad():
         covariate = _shift_covariate(proto.distance, z, model.dim, layout.fit_inside)

@@ -213,3 +213,21 @@ def test_bad_settings_are_refused_by_name(checkpoint, extractor, tmp_path):
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "scoring": "zoom"}))
     with pytest.raises(DataError, match="meta.json.*scoring mode 'zoom'"):
         SiteModel.load(tmp_path / "m", extractor=extractor)
+
+
+def test_the_inner_loop_takes_a_bounded_spread_of_the_views():
+    from bayprano.platform.model.site import _inner_views
+
+    groups = [g for g in range(3) for _ in range(21)]
+    chosen = _inner_views(groups, 8)
+    assert len(chosen) == 8 and chosen == sorted(set(chosen))
+    assert sorted({groups[v] for v in chosen}) == [0, 1, 2]
+    assert _inner_views(list(range(5)), 8) is None
+
+
+def test_a_tiled_support_adapts_with_inner_steps_and_fits_every_view(extractor):
+    ckpt = frozen_checkpoint(extractor, np.stack(good("wood", 0, 4)), SIZE, DIM, inner_steps=1)
+    site = adapt(ckpt, [strip(1), strip(2)], extractor=extractor, scoring="tile")
+    assert site.info["support_views"] == 2 * len(plan_tiles(64, 256, SIZE, 8).origins) > 8
+    assert site.prototype.n_support_ == site.info["support_views"]
+    assert np.isfinite(site.score([strip(3)])[0].score)
