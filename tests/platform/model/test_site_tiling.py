@@ -231,3 +231,14 @@ def test_a_tiled_support_adapts_with_inner_steps_and_fits_every_view(extractor):
     assert site.info["support_views"] == 2 * len(plan_tiles(64, 256, SIZE, 8).origins) > 8
     assert site.prototype.n_support_ == site.info["support_views"]
     assert np.isfinite(site.score([strip(3)])[0].score)
+
+
+def test_export_refuses_a_tiled_model_or_one_with_a_region(checkpoint, extractor, tmp_path):
+    from bayprano.platform.export import export_site_model
+
+    support = good("wood", 1, 2)
+    for site in (adapt(checkpoint, support, extractor=extractor, scoring="tile"),
+                 adapt(checkpoint, support, extractor=extractor, roi=RegionOfInterest.rectangle(0, 0, 32, 32))):
+        with pytest.raises(ConfigError, match="export covers resize scoring without a region of interest"):
+            export_site_model(tmp_path / "m", "onnx", tmp_path / "out", site=site)
+    assert not (tmp_path / "out").exists()
