@@ -349,13 +349,23 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             raise ConfigError(f"--shots {args.shots} but only {len(files)} good images in {args.support}")
         files = files[: args.shots]
     images = [_read_image(p) for p in files]
-    site = adapt(ckpt, images, steps=args.steps, target_fpr=args.target_fpr)
+    roi = None
+    if args.roi is not None:
+        from bayprano.platform.model.tiling import RegionOfInterest
+
+        roi = RegionOfInterest.parse(args.roi)
+    site = adapt(ckpt, images, steps=args.steps, target_fpr=args.target_fpr, scoring=args.scoring,
+                 tile_overlap=args.tile_overlap, roi=roi, augment=args.augment)
     site.save(out)
     loo = site.info.get("loo_statistics") or []
     print(f"wrote site model {out}")
     print(f"  version    model sha256 {site.info['model_sha256'][:12]}, from checkpoint {ckpt.sha256[:12]} "
           f"({args.checkpoint}), backbone {ckpt.backbone_fingerprint}, {site.image_size} px")
-    print(f"  support    {len(images)} good image(s) from {args.support}, {site.info['inner_steps']} inner step(s)")
+    print(f"  support    {len(images)} good image(s) from {args.support}, {site.info['inner_steps']} inner step(s), "
+          f"augmentation {args.augment} ({site.info['support_views']} view(s))")
+    print(f"  scoring    {site.scoring}" + (f" (tile {site.image_size} px, overlap {site.tile_overlap:g})"
+                                            if site.scoring == "tile" else f" (resized to {site.image_size} px)")
+          + ("" if roi is None else f", region of interest {roi.describe()}"))
     print(f"  threshold  {site.threshold:.3f} for target FPR {site.target_fpr:g} ({site.calibration.describe()}; "
           f"leave-one-out statistics "
           f"{', '.join(f'{s:.2f}' for s in loo) if loo else 'none: one shot'})")
@@ -511,6 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=_positive_int("--shots"), metavar="K", help="use the first K images (sorted)")
     p.add_argument("--target-fpr", type=float, default=0.05, metavar="A",
                    help="target false-positive rate of the threshold (default 0.05)")
+    p.add_argument("--scoring", choices=("resize", "tile"), default="resize",
+                   help="resize: each image resized to the model's side (default); tile: images larger than one "
+                   "tile scored as overlapping tiles, map and statistic at the image's own size")
+    p.add_argument("--tile-overlap", type=float, default=0.25, metavar="F",
+                   help="fraction of a tile that neighbouring tiles share, in [0, 1) (default 0.25)")
+    p.add_argument("--roi", metavar="X0,Y0,X1,Y1|MASK", help="region of interest: a pixel rectangle (x1, y1 "
+                   "exclusive) or a mask image at the images' size (non-zero = inside); the map is zero and the "
+                   "statistic ignores the patches outside it")
+    p.add_argument("--augment", choices=("none", "flips", "dihedral", "shifts"), default="none",
+                   help="support augmentation before the fit and the calibration (default none)")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("score", help="score images with an adapted site model: one JSON line per image")

@@ -285,3 +285,25 @@ def test_evaluate_meta_trains_on_another_root_with_meta_train_root(root, held, w
     data = json.loads(output.read_text())
     assert data["protocol"] == f"meta-train on {pool}"
     assert [(r["category"], r["method"], r["shots"]) for r in data["records"]] == [(held, "bayes", 2)]
+
+
+def test_adapt_with_tiles_a_region_and_augmentation_and_score_uses_them(work, checkpoint, support, capsys):
+    """`adapt --scoring tile --roi ... --augment flips` saves what it was given; `score` (in process) scores a
+    strip of four support-sized images at its own size, the map zero outside the region."""
+    out = work / "site-tiled"
+    capsys.readouterr()
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--support", str(support), "--shots", "2", "--out",
+                 str(out), "--scoring", "tile", "--roi", "0,0,48,64", "--augment", "flips"]) == 0
+    printed = capsys.readouterr().out
+    assert "augmentation flips (6 view(s))" in printed and "scoring    tile (tile 64 px" in printed
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["scoring"] == "tile" and meta["roi"] == {"rectangle": [0, 0, 48, 64]} and meta["augment"] == "flips"
+    strip = np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in sorted(support.glob("*.png"))[:4]], 1)
+    path = work / "strip.png"
+    Image.fromarray(strip).save(path)
+    maps = work / "tiled-maps"
+    assert main(["score", "--model", str(out), str(path), "--maps", str(maps)]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert Image.open(line["map"]).size == (256, 64) and line["score"] > 0
+    assert "region of interest" in fails(capsys, "adapt", "--checkpoint", str(checkpoint), "--support", str(support),
+                                         "--out", str(work / "bad-roi"), "--roi", "5,5,nope")

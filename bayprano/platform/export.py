@@ -140,6 +140,9 @@ def export_site_model(model_dir: str | os.PathLike, fmt: str, out: str | os.Path
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     site = site if site is not None else load_site_model(model_dir)
+    if getattr(site, "scoring", "resize") != "resize" or getattr(site, "roi", None) is not None:
+        raise ConfigError(f"{model_dir}: export covers resize scoring without a region of interest; this model "
+                          f"scores {site.scoring} with region {site.roi.describe() if site.roi else 'none'}")
     meta = export_metadata(site)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = write_onnx(site, meta, out / "model.onnx")

@@ -7,7 +7,7 @@ Layout under the registry root::
     sites/<site>/site.json          created, token hash (sha256 of the token; the token itself is never
                                     stored), the token's scopes
     sites/<site>/current            the live version's name, e.g. ``v0002``
-    sites/<site>/versions/v0001/    a site model folder (model.pt, meta.json) plus version.json
+    sites/<site>/versions/v0001/    a site model folder (model.pt, meta.json, roi.png if its region is a mask) plus version.json
 
 A site token has scopes: ``score`` and ``review`` by default, ``adapt`` only when granted. A version
 published without activation is a candidate until ``promote`` makes it current. A site keeps at most
@@ -315,7 +315,7 @@ class Registry:
         to it (unless ``make_current`` is False: a candidate, made live by ``promote``). Then the oldest
         versions beyond ``keep`` are deleted, never the current one.
         """
-        from bayprano.platform.model.site import SiteModel
+        from bayprano.platform.model.site import ROI_MASK_FILE, SiteModel
 
         self._require_site(site)
         versions = self._site_dir(site) / "versions"
@@ -323,7 +323,9 @@ class Registry:
         try:
             if isinstance(model, SiteModel):
                 model.save(staging / "model")
-                for name in ("model.pt", "meta.json"):
+                for name in ("model.pt", "meta.json", ROI_MASK_FILE):
+                    if name == ROI_MASK_FILE and not (staging / "model" / name).is_file():
+                        continue
                     os.replace(staging / "model" / name, staging / name)
                 (staging / "model").rmdir()
             else:
@@ -332,6 +334,8 @@ class Registry:
                     if not (src / name).is_file():
                         raise DataError(f"{src}: not a site model folder ({name} is missing)")
                     shutil.copyfile(src / name, staging / name)
+                if (src / ROI_MASK_FILE).is_file():  # a region of interest given as a mask
+                    shutil.copyfile(src / ROI_MASK_FILE, staging / ROI_MASK_FILE)
             loaded = SiteModel.load(staging)  # checks kind, format and the sha256 of model.pt
             info = loaded.info
             serving = self._serving_fingerprint()

@@ -88,6 +88,26 @@ def server(ray_session, tmp_path_factory, checkpoint, make_site_model):
     serve.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tiled_server(ray_session, tmp_path_factory, checkpoint):
+    """A Serve application like ``server``'s whose pixel limits admit one 1024 x 256 image."""
+    from ray import serve
+
+    from bayprano.config import ServeConfig
+    from bayprano.serve.app import application
+    from bayprano.serve.registry import Registry
+
+    base = tmp_path_factory.mktemp("serve-tiled")
+    registry, _ = Registry.init(base / "registry", checkpoint=checkpoint)
+    pixels = 1024 * 256  # a 1024 x 256 strip
+    settings = {**SERVER_SETTINGS, "max_image_pixels": pixels, "max_request_pixels": 2 * pixels,
+                "max_inflight_pixels": 4 * pixels}
+    cfg = ServeConfig(registry=registry.root, host="127.0.0.1", site_storage=base / "storage", **settings)
+    url = serve_on_a_free_port(application(cfg), "bayprano-tiled-test")
+    yield {"url": url, "registry": registry}
+    serve.shutdown()
+
+
 def serve_on_a_free_port(app, name: str, attempts: int = 3) -> str:
     """Start Serve's proxy on a free port and run ``app`` there; a port taken between choosing and binding it
     (by another process) is retried with a new one. Returns the base URL once /healthz answers as ours."""
