@@ -20,8 +20,10 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/bayprano demo $(DEMO_ARGS)
 
-# pytest exits 5 when it collected no test: that is a failure, not a pass.
+# ruff checks the code first (pyflakes and syntax); pytest exits 5 when it collected no test: that is a
+# failure, not a pass.
 test: install
+	$(VENV)/bin/ruff check bayprano tests benchmarks
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

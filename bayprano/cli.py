@@ -172,7 +172,7 @@ def _log(label: str) -> Callable[[str], None]:
     return emit
 
 
-def _settings(args: argparse.Namespace, model_cls) -> Any:
+def settings_from_args(args: argparse.Namespace, model_cls) -> Any:
     """The command's pydantic settings: its --config file with the flags the user gave laid over it."""
     from bayprano.config import load_yaml_config
 
@@ -220,7 +220,7 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             raise ConfigError(f"--{name.replace('_', '-')} is for centralised training; with --shards each site "
                               "trains on all of its categories for --rounds x --local-steps episodes")
-    cfg = _settings(args, FederatedTrainConfig)
+    cfg = settings_from_args(args, FederatedTrainConfig)
     from bayprano.actors.coordinator import train_federated
 
     summary = train_federated(cfg)
@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = [name for name in _FEDERATED_FLAGS if getattr(args, name) is not None]
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} is for federated training: give --shards DIR")
-    cfg = _settings(args, TrainConfig)
+    cfg = settings_from_args(args, TrainConfig)
     from bayprano.platform.train import train_centralised
 
     start = time.perf_counter()
@@ -261,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bayprano.config import EvalConfig
 
-    cfg = _settings(args, EvalConfig)
+    cfg = settings_from_args(args, EvalConfig)
     from bayprano.platform.data.mvtec import list_categories
     from bayprano.platform.evaluate import METHODS, markdown_table, run_evaluation
     from bayprano.platform.meta.checkpoint import load_checkpoint

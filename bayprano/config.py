@@ -188,7 +188,7 @@ class FederatedTrainConfig(_MetaTrainingSettings):
             try:
                 check_settings(k, self.secagg_threshold, self.secagg_neighbours)
             except ConfigError as exc:
-                raise ValueError(str(exc)) from None
+                raise ValueError(f"{exc} (--sites-per-round {f:g} of {n} sites gives {k})") from None
         return self
 
     def site_paths(self) -> dict[str, str]:

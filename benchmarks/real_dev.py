@@ -83,7 +83,8 @@ def table(runs: list[dict], categories: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default="/work/shared/data/aitex")
+    p.add_argument("--data-root", default=os.environ.get("BAYPRANO_AITEX", "../shared/data/aitex"),
+                   help="the AITEX copy (MVTec layout, image-level labels); default $BAYPRANO_AITEX or ../shared/data/aitex")
     p.add_argument("--categories", default="fabric02,fabric03")
     p.add_argument("--backbones", default="efficientnet_lite2:256,dinov2_vits14:252")
     p.add_argument("--shots", default="1,5")

@@ -47,9 +47,10 @@ from bayprano.platform.data.info import format_table
 from bayprano.platform.data.synth import render_good
 from bayprano.platform.errors import BaypranoError
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
+from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import Calibration, anomaly_map
+from bayprano.platform.model.scoring import Calibration
 from bayprano.platform.model.site import SiteModel, adapt
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -16,9 +16,9 @@ def good(category: str, seed: int, n: int, size: int = SIZE) -> list[np.ndarray]
 
 
 def defective(category: str, seed: int, size: int = SIZE) -> np.ndarray:
-    from bayprano.platform.data.synth import _check_category, render_defective
+    from bayprano.platform.data.synth import check_category, render_defective
 
-    defect = sorted(_check_category(category).defects)[0]
+    defect = sorted(check_category(category).defects)[0]
     return render_defective(category, defect, np.random.default_rng([seed, 99]), size, severity=1.0)[0]
 
 

@@ -69,12 +69,12 @@ def test_a_bad_flag_names_the_flag_and_missing_settings_are_named(tmp_path):
 
 
 def test_sites_flag_names_each_site_with_its_shard_path_like_the_yaml_form(tmp_path, capsys):
-    from bayprano.cli import _settings, build_parser, main
+    from bayprano.cli import settings_from_args, build_parser, main
     from bayprano.config import FederatedTrainConfig
 
     args = build_parser().parse_args(["train", "--sites", "plant-a=/data/a.parquet, plant-b=/data/b.parquet",
                                       "--out", str(tmp_path / "fed.pt"), "--sites-per-round", "1", "--rounds", "2"])
-    cfg = _settings(args, FederatedTrainConfig)
+    cfg = settings_from_args(args, FederatedTrainConfig)
     f = write(tmp_path / "fed.yaml", f"sites:\n  plant-a: /data/a.parquet\n  plant-b: /data/b.parquet\n"
                                      f"out: {tmp_path / 'fed.pt'}\nsites_per_round: 1\nrounds: 2\n")
     assert cfg.site_paths() == load_yaml_config(f, FederatedTrainConfig, {}).site_paths() == {

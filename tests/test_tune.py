@@ -227,7 +227,7 @@ def test_asha_stops_the_federated_trials_that_spend_more_epsilon_after_their_fir
         accountant = PrivacyAccountant(float(z), 1.0, 1e-5)
         expected = [accountant.step() for _ in range(len(group))]
         assert group.sort_values("round")["epsilon"].tolist() == pytest.approx(expected, rel=1e-9)
-    assert trials["site_val_auroc"].notna().all()
+    assert trials["site_val_auroc"].isna().all()  # under DP the sites' validation results stay home
     summary = yaml.safe_load((out / "summary.json").read_text())
     assert summary["best"]["params"] == {"dp_noise": 2.0}
     ckpt = load_checkpoint(out / "best_checkpoint.pt")

@@ -75,7 +75,7 @@ def wire_bytes(reply: Any) -> int:
     return len(pickle.dumps(reply, protocol=5))
 
 
-def _site_settings(cfg) -> dict:
+def site_settings_of(cfg) -> dict:
     return {
         "backbone": cfg.backbone, "image_size": cfg.image_size, "dim": cfg.dim, "seed": cfg.seed,
         "holdout": cfg.holdout, "device": cfg.device,
@@ -88,7 +88,7 @@ def _site_settings(cfg) -> dict:
 def spawn_factories(cfg, num_cpus: float = 0.25) -> dict[str, Any]:
     """A handle per site (``cfg.site_paths()``): its own Factory actor, or with ``cfg.pool_size`` a
     ``VirtualSite`` played by a pool of that many actors."""
-    settings = _site_settings(cfg)
+    settings = site_settings_of(cfg)
     paths = cfg.site_paths()
     if cfg.pool_size:
         pool = FactoryPool(cfg.pool_size, settings, num_cpus=num_cpus)
@@ -548,7 +548,7 @@ class FederatedTrainer:
         cfg = self.cfg
         first = self.infos[self.sites[0]]
         calibration = self.calibration or Calibration.from_prior(self.model.dim, 1.0)
-        settings = {k: v for k, v in _site_settings(cfg)["meta"].items()}
+        settings = {k: v for k, v in site_settings_of(cfg)["meta"].items()}
         settings.update(inner_positions=128, seed=cfg.seed, shards=None if cfg.shards is None else str(cfg.shards),
                         sites=cfg.site_paths(), actor_pool_size=cfg.pool_size, rounds=cfg.rounds,
                         local_steps=cfg.local_steps, sites_per_round=cfg.sites_per_round, server_opt=cfg.server_opt,

@@ -233,7 +233,7 @@ class FactorySite:
         self.layout.load_into(self.model, vector)
         return vector
 
-    def _local_delta(self, round: int, attempt: int, start: torch.Tensor, settings: Mapping[str, Any]):
+    def local_delta(self, round: int, attempt: int, start: torch.Tensor, settings: Mapping[str, Any]):
         steps = int(settings["local_steps"])
         return local_meta_update(self.model, self.banks, self.meta, steps, start, self.layout,
                                  fedprox_mu=float(settings.get("fedprox_mu", 0.0)),
@@ -244,7 +244,7 @@ class FactorySite:
         """This round's delta: with ``secagg`` (the instance, roster and sites that shared) one masked vector
         [weight * delta, weight] (+ [loss] without DP); else the encoded delta with its weight and metrics."""
         start = self._load_global(global_bytes, settings)
-        delta, metrics = self._local_delta(round, attempt, start, settings)
+        delta, metrics = self.local_delta(round, attempt, start, settings)
         norm = float(delta.norm())
         clip = settings.get("clip")
         if clip is not None:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, file_sha256
-from bayprano.platform.model.anomaly_map import _map_operator, anomaly_map
+from bayprano.platform.model.anomaly_map import map_operator, anomaly_map
 from bayprano.platform.model.niw import patch_score
 from bayprano.platform.model.scoring import STATISTIC_SIGMA, image_statistic
 
@@ -72,8 +72,8 @@ class SiteGraph(nn.Module):
         # ``anomaly_map``'s two operators (rows @ scores @ cols^T), as constants: traced, ``anomaly_map``
         # would record the float64 ops that build them.
         h, w = self.grid
-        self.register_buffer("map_rows", _map_operator(h, self.size, MAP_SIGMA, torch.float32, torch.device("cpu")))
-        self.register_buffer("map_cols", _map_operator(w, self.size, MAP_SIGMA, torch.float32, torch.device("cpu")))
+        self.register_buffer("map_rows", map_operator(h, self.size, MAP_SIGMA, torch.float32, torch.device("cpu")))
+        self.register_buffer("map_cols", map_operator(w, self.size, MAP_SIGMA, torch.float32, torch.device("cpu")))
         self.eval()
 
     def mahalanobis(self, z: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Evaluation metrics for anomaly detection: image AUROC, pixel AUROC, AUPRO, F1 and FPR at a threshold.
 
-These are the numbers of the evaluation protocol (design brief, Method 6) and of every baseline run on
+These are the numbers of the leave-one-category-out protocol and of every baseline run on
 the same harness, so they are exact rather than approximate wherever that is affordable:
 
 - Image-level numbers (``roc_curve``, ``auroc``, ``image_auroc``, ``precision_recall_curve``, F1, FPR

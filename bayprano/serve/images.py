@@ -134,7 +134,7 @@ def decode(data: bytes, name: str, expected: Probe, max_pixels: int,
             image = _to_rgb(img)
     except (ImageRejected, DecodeCancelled):
         raise
-    except Exception as exc:
+    except Exception:
         if cancel is not None and cancel.is_set():
             raise DecodeCancelled() from None
         raise ImageRejected(400, "corrupt_image", f"{name}: image data is corrupt or truncated") from None

@@ -3,7 +3,6 @@ categories and the data a sweep runs on."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable

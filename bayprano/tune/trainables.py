@@ -110,7 +110,7 @@ def _federated_trial(settings: dict, setup: dict) -> None:
     import ray
     from ray import tune
 
-    from bayprano.actors.coordinator import FederatedTrainer, _site_settings
+    from bayprano.actors.coordinator import FederatedTrainer, site_settings_of
     from bayprano.actors.factory import Factory
     from bayprano.config import FederatedTrainConfig
     from bayprano.platform.meta.checkpoint import load_checkpoint
@@ -124,10 +124,10 @@ def _federated_trial(settings: dict, setup: dict) -> None:
             shutil.copyfile(Path(folder) / FEDERATED_FILE, out)
     cfg = FederatedTrainConfig.model_validate({**settings, "shards": setup["shards"], "out": out,
                                                "rounds": setup["rounds"], "resume": checkpoint is not None})
-    site_settings = _site_settings(cfg)
+    settings_for_sites = site_settings_of(cfg)
     # Scheduled inside the trial's placement group, in the bundles reserved for them.
     factories = {site: Factory.options(num_cpus=setup["factory_cpu"], max_restarts=1, max_task_retries=0)
-                 .remote(site, path, site_settings) for site, path in cfg.site_paths().items()}
+                 .remote(site, path, settings_for_sites) for site, path in cfg.site_paths().items()}
     try:
         trainer = FederatedTrainer(cfg, factories, log=lambda m: print(f"[federated] {m}", flush=True))
         trainer.setup()

@@ -216,8 +216,8 @@ def test_secure_aggregation_with_one_site_per_round_is_refused_in_one_line(ray_s
                  "--out", str(out), *SMALL_FLAGS])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert err == ("bayprano: error: --secure-agg needs at least 2 sites per round, --sites-per-round 0.34 of 3 "
-                   "sites gives 1")
+    assert err == ("bayprano: error: --secure-agg needs at least 2 sites per round, got 1 (--sites-per-round 0.34 "
+                   "of 3 sites gives 1)")
     assert not out.exists()
 
 

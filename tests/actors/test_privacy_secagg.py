@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayprano.actors.coordinator import FederatedTrainer, _site_settings
+from bayprano.actors.coordinator import FederatedTrainer, site_settings_of
 from bayprano.actors.factory import FactorySite
 from bayprano.config import FederatedTrainConfig
 from bayprano.platform.federated.aggregation import pack_weighted
@@ -62,8 +62,8 @@ class GatedSite(FactorySite):
     def arm(self, gate, round: int, holds: bool) -> None:
         self.gate, self.round, self.holds = gate, round, holds
 
-    def _local_delta(self, round, attempt, start, settings):
-        delta, metrics = super()._local_delta(round, attempt, start, settings)
+    def local_delta(self, round, attempt, start, settings):
+        delta, metrics = super().local_delta(round, attempt, start, settings)
         self.clear[(round, attempt)] = (delta.clone(), dict(metrics))
         return delta, metrics
 
@@ -88,7 +88,7 @@ def cfg_for(shard_dir, out, **overrides) -> FederatedTrainConfig:
 def gated(ray_session, shard_dir, tmp_path_factory):
     cfg = cfg_for(shard_dir, tmp_path_factory.mktemp("g") / "c.pt")
     actor = ray.remote(GatedSite)
-    handles = {s: actor.options(num_cpus=0.2, max_restarts=1, max_task_retries=0).remote(s, p, _site_settings(cfg))
+    handles = {s: actor.options(num_cpus=0.2, max_restarts=1, max_task_retries=0).remote(s, p, site_settings_of(cfg))
                for s, p in cfg.site_paths().items()}
     ray.get([h.describe.remote() for h in handles.values()], timeout=300)  # banks built before the tests start
     yield handles

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from bayprano.config import TrainConfig
 from bayprano.platform.data.imageio import load_image
@@ -140,7 +139,7 @@ def test_evaluation_refuses_a_checkpoint_trained_on_the_evaluated_category(train
 
 def test_evaluation_refuses_a_checkpoint_whose_pool_held_a_test_image(trained, root, held, tmp_path):
     """The same checkpoint, as if its meta-training pool (elsewhere) had held a copy of a held-out test image."""
-    cfg, ckpt = trained.cfg, trained.ckpt
+    ckpt = trained.ckpt
     test_image = load_category(root, held, SIZE).test_images[-1]
     leaky = replace(ckpt, meta_config={**ckpt.meta_config,
                                        "pool_sha256": ckpt.meta_config["pool_sha256"] + [*pixel_hashes([test_image])]})
@@ -167,7 +166,7 @@ def test_train_refuses_too_few_images_and_unknown_categories(root, held, tmp_pat
 
 
 def test_adapt_refuses_bad_images_and_another_backbone(trained, extractor):
-    cfg, ckpt = trained.cfg, trained.ckpt
+    ckpt = trained.ckpt
     good = list(np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8))
     site = adapt(ckpt, good, extractor=extractor)  # the default target: a normal image's p-value 0.05
     assert site.target_fpr == 0.05 and float(site.calibration.p_value(site.threshold, site.df)) == pytest.approx(0.05)

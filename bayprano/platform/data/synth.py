@@ -853,7 +853,7 @@ DEFECT_TYPES: dict[str, tuple[str, ...]] = {name: tuple(c.defects) for name, c i
 # public API: single images
 
 
-def _check_category(category: Any) -> _Category:
+def check_category(category: Any) -> _Category:
     if not isinstance(category, str) or category not in _CATALOGUE:
         raise ConfigError(f"category: unknown category {category!r} (known: {', '.join(CATEGORIES)})")
     return _CATALOGUE[category]
@@ -873,7 +873,7 @@ def _check_rng(rng: Any) -> np.random.Generator:
 
 def render_good(category: str, rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """A normal image of ``category``: uint8 RGB, shape (size, size, 3)."""
-    cat = _check_category(category)
+    cat = check_category(category)
     size = _check_size(size)
     rng = _check_rng(rng)
     scene = cat.render(rng, size, None, 0.0)
@@ -888,7 +888,7 @@ def render_defective(
     ``severity`` in [0, 1] sets the defect's contrast and size (0: faint and small, 1: obvious);
     by default it is drawn uniformly from ``rng``.
     """
-    cat = _check_category(category)
+    cat = check_category(category)
     if defect not in cat.defects:
         raise ConfigError(f"defect: unknown defect {defect!r} for {category} (known: {', '.join(cat.defects)})")
     size = _check_size(size)

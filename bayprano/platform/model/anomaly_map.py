@@ -47,13 +47,13 @@ def anomaly_map(patch_scores: Tensor, size: tuple[int, int], sigma: float = 4.0)
     pixel, which cost as much as a tenth of the backbone at 256 px.
     """
     b, h, w = patch_scores.shape
-    rows = _map_operator(h, int(size[0]), float(sigma), patch_scores.dtype, patch_scores.device)
-    cols = _map_operator(w, int(size[1]), float(sigma), patch_scores.dtype, patch_scores.device)
+    rows = map_operator(h, int(size[0]), float(sigma), patch_scores.dtype, patch_scores.device)
+    cols = map_operator(w, int(size[1]), float(sigma), patch_scores.dtype, patch_scores.device)
     return rows @ patch_scores @ cols.t()
 
 
 @functools.lru_cache(maxsize=16)
-def _map_operator(n_in: int, n_out: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+def map_operator(n_in: int, n_out: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(n_out, n_in) matrix of 1-D bilinear upsampling (align_corners=False) then the reflect-padded
     Gaussian blur of ``gaussian_blur``, built by passing unit impulses through both (in float64)."""
     impulses = torch.eye(n_in, dtype=torch.float64)[:, None, None, :]  # (n_in, 1, 1, n_in)

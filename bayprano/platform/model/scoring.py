@@ -47,7 +47,7 @@ from scipy import stats
 from torch import Tensor
 
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.model.anomaly_map import anomaly_map, gaussian_blur
+from bayprano.platform.model.anomaly_map import gaussian_blur
 
 DECISIONS = ("normal", "anomalous", "review")
 

@@ -423,7 +423,7 @@ INNER_POSITIONS_SEED = 0
 INNER_VIEWS = 8
 
 
-def _inner_views(groups: Sequence[int], limit: int) -> list[int] | None:
+def inner_views(groups: Sequence[int], limit: int) -> list[int] | None:
     """At most ``limit`` view indices, taken in turn from each original image's views (evenly spaced
     among them), or None when there are no more views than that."""
     if len(groups) <= limit:
@@ -536,7 +536,7 @@ def adapt_features(
     if steps and inner_positions and inner_positions < h * w:
         gen = torch.Generator().manual_seed(INNER_POSITIONS_SEED)
         positions = torch.randperm(h * w, generator=gen)[:inner_positions].to(features.device)
-    inner = _inner_views(layout.groups, max(INNER_VIEWS, shots))
+    inner = inner_views(layout.groups, max(INNER_VIEWS, shots))
     adapted = adapt_head(model, features if inner is None else features[inner], steps, positions)
     proto, z = adapted.prototype, adapted.support_embeddings
     with torch.no_grad():

@@ -216,13 +216,13 @@ def test_bad_settings_are_refused_by_name(checkpoint, extractor, tmp_path):
 
 
 def test_the_inner_loop_takes_a_bounded_spread_of_the_views():
-    from bayprano.platform.model.site import _inner_views
+    from bayprano.platform.model.site import inner_views
 
     groups = [g for g in range(3) for _ in range(21)]
-    chosen = _inner_views(groups, 8)
+    chosen = inner_views(groups, 8)
     assert len(chosen) == 8 and chosen == sorted(set(chosen))
     assert sorted({groups[v] for v in chosen}) == [0, 1, 2]
-    assert _inner_views(list(range(5)), 8) is None
+    assert inner_views(list(range(5)), 8) is None
 
 
 def test_a_tiled_support_adapts_with_inner_steps_and_fits_every_view(extractor):

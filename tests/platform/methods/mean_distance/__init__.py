@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bayprano.platform.methods import MethodContext, PatchScoreMethod, register_method
+from bayprano.platform.methods import PatchScoreMethod, register_method
 
 NAME = "mean-distance"
 
