@@ -55,14 +55,13 @@ from bayprano.platform.fileio import atomic_directory
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.inner import adapt_head
 from bayprano.platform.meta.outer import MetaConfig
-from bayprano.platform.model.anomaly_map import gaussian_blur
+from bayprano.platform.model.anomaly_map import anomaly_map, gaussian_blur
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype, StudentT
 from bayprano.platform.model.scoring import (
     Calibration,
     LogNormalCalibration,
-    anomaly_map,
     calibration_from_dict,
     decide,
     image_statistic,
