@@ -237,7 +237,8 @@ def test_fingerprints_tell_backbones_apart(lite2, random_control, resnet18):
 # --- frozen and deterministic --------------------------------------------------------------------
 
 
-def test_frozen_in_eval_mode_with_fixed_batchnorm(lite2):
+def test_frozen_in_eval_mode_with_fixed_batchnorm():
+    lite2 = build_backbone()  # its own: a BatchNorm forced into training counts batches, which the shared one must not
     assert all(not p.requires_grad for p in lite2.parameters())
     before = {k: v.clone() for k, v in lite2.state_dict().items()}
     try:
