@@ -101,5 +101,6 @@ def test_pooled_mode_with_dp_accounts_the_sample_rate_of_the_virtual_sites_and_r
     state = ckpt.meta_config["federated"]
     assert state["round"] == 2 and PrivacyAccountant(z, 4 / SITES, delta).load_state_dict(
         state["accountant"]).epsilon == pytest.approx(expected[1], rel=1e-12)
-    moved = resumed.layout.flatten(ckpt.model) - resumed.layout.flatten(after_one.model)
-    assert float(moved.abs().max()) > 0
+    # Whether round 2 moved the weights is not asserted: under DP the sample is Poisson and secret, and with
+    # 4 of 20 expected a round falls short of its quorum with probability about 0.07 and is skipped (still
+    # accounted, as checked above). That the resumed run started from round 1's weights is checked above.
