@@ -17,7 +17,6 @@ as (B, C, H/14, W/14) maps. Input sides must be multiples of 14.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_bytes
+from bayprano.platform.fileio import atomic_write_bytes, file_sha256
 
 PATCH = 14
 WIDTH = 384
@@ -174,14 +173,6 @@ def onnx_file() -> Path:
     if not path.is_file():
         raise ConfigError(f"backbone 'dinov2_vits14': the package {PIP_NAME} has no file {ONNX_FILE} ({path})")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_dir() -> Path:
