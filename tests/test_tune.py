@@ -156,9 +156,11 @@ def _wait_for(check, seconds: float, what: str, proc: subprocess.Popen | None = 
         time.sleep(0.2)
 
 
-def test_an_interrupted_sweep_resumes_from_its_checkpoints(ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("interrupt_after", ["checkpoint", "finished trial"])
+def test_an_interrupted_sweep_resumes_from_its_checkpoints(ray_session, tmp_path, capsys, interrupt_after):
     """Ctrl-C reaches the sweep, a `bayprano tune` process of its own, once a trial has checkpointed a
-    round; the same command with --resume (here, in this process's Ray) then finishes it."""
+    round (mid-trial) or once the first trial has finished (often before the second exists); the same
+    command with --resume (here, in this process's Ray) then finishes it."""
     sweep = write_sweep(tmp_path / "tiny.yaml")
     out = tmp_path / "out"
     experiment = out / "tune"
@@ -168,8 +170,11 @@ def test_an_interrupted_sweep_resumes_from_its_checkpoints(ray_session, tmp_path
         proc = subprocess.Popen([BAYPRANO, "tune", str(sweep), "--out", str(out)], stdout=sink,
                                 stderr=subprocess.STDOUT, env=env)
         try:
-            _wait_for(lambda: any(experiment.glob("*/checkpoint_*")), 300, "a trial saved its first checkpoint",
-                      proc)
+            if interrupt_after == "checkpoint":
+                _wait_for(lambda: any(experiment.glob("*/checkpoint_*")), 300, "a trial saved its first checkpoint",
+                          proc)
+            else:
+                _wait_for(lambda: "trial 1/2 done" in log.read_text(), 300, "the first trial finished", proc)
             proc.send_signal(signal.SIGINT)  # as Ctrl+C: Tune saves its state and stops
             code = proc.wait(timeout=180)
         finally:

@@ -176,9 +176,10 @@ def run_sweep(
         grid = tuner.fit()
         # The state Tune saved last (before it stops the trials of an interrupted run) tells what is unfinished.
         saved = tune.ExperimentAnalysis(str(experiment)).trials
-        unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
+        # A stop between two trials leaves none unfinished, but fewer than the sweep has were ever created.
+        unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved) + max(0, total - len(saved))
         if unfinished:
-            log(f"interrupted with {len(unfinished)} of {len(saved)} trial(s) unfinished; their last "
+            log(f"interrupted with {unfinished} of {total} trial(s) unfinished; their last "
                 f"checkpoints are saved in {experiment}: the same command with --resume continues the sweep")
             raise KeyboardInterrupt
         summary = finish_sweep(spec, grid, out, root, categories, features, smoke, log)
