@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from bayprano.platform.errors import BaypranoError, ConfigError, DataError
 from bayprano.serve import cli as serve_cli
@@ -106,11 +106,11 @@ def cmd_data_import_folder(args: argparse.Namespace) -> int:
 def _manifest_table(manifest: dict) -> str:
     from bayprano.platform.data.info import format_table
 
-    rows = []
+    rows: list[Iterable[str]] = []
     for site in manifest["sites"]:
         by_split = site.get("rows_by_split", {})
-        rows.append((site["name"], ", ".join(site["categories"]), by_split.get("train", 0), by_split.get("test", 0),
-                     site["rows"], f"{site.get('image_bytes', 0) / 1e6:.1f} MB"))
+        rows.append((site["name"], ", ".join(site["categories"]), str(by_split.get("train", 0)),
+                     str(by_split.get("test", 0)), str(site["rows"]), f"{site.get('image_bytes', 0) / 1e6:.1f} MB"))
     return format_table(("site", "categories", "train", "test", "rows", "image bytes"), rows)
 
 

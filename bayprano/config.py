@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from bayprano.platform.errors import ConfigError
 
@@ -197,8 +198,9 @@ class FederatedTrainConfig(_MetaTrainingSettings):
             return {name: str(path) for name, path in sorted(self.sites.items())}
         from bayprano.platform.data.shards import read_manifest
 
+        assert self.shards is not None, "validated: either sites or shards is given"
         manifest = read_manifest(self.shards)
-        return {s["name"]: str(Path(self.shards) / s["file"]) for s in manifest["sites"]}
+        return {s["name"]: str(self.shards / s["file"]) for s in manifest["sites"]}
 
     @property
     def round_size(self) -> int:
@@ -316,7 +318,8 @@ class ServeConfig(_Settings):
     def _replicas_consistent(self) -> "ServeConfig":
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("autoscaling needs both min_replicas and max_replicas")
-        if self.min_replicas is not None and self.max_replicas < max(self.min_replicas, 1):
+        if (self.min_replicas is not None and self.max_replicas is not None
+                and self.max_replicas < max(self.min_replicas, 1)):
             raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix {self.route_prefix!r} must start with '/'")
@@ -527,8 +530,8 @@ class SweepConfig(_Settings):
         groups = {"train_categories": self.train_categories or [], "validation_categories": self.validation_categories,
                   "test_categories": self.test_categories}
         seen: dict[str, str] = {}
-        for group, names in groups.items():
-            for c in names:
+        for group, members in groups.items():
+            for c in members:
                 if c in seen and seen[c] != group:
                     raise ValueError(f"category {c!r} is in both {seen[c]} and {group}")
                 seen[c] = group
@@ -548,7 +551,7 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _describe(error: dict, source_of: Callable[[str], str | None]) -> str:
+def _describe(error: ErrorDetails, source_of: Callable[[str], str | None]) -> str:
     loc = [str(part) for part in error.get("loc", ())]
     key = loc[0] if loc else ""
     where = source_of(key)

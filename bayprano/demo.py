@@ -18,12 +18,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.fileio import atomic_write_json
+
+if TYPE_CHECKING:
+    from bayprano.platform.evaluate import CategoryData
+    from bayprano.platform.model.site import ImageResult
 
 STAGES = 6
 TARGET_FPR = 0.05
@@ -128,7 +132,10 @@ def _pipeline(
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = []
-    rows, results, calibration_points, new_product_data = [], [], {}, {}
+    rows: list[Iterable[str]] = []
+    results: list[dict] = []
+    calibration_points: dict[str, list[tuple[float, float]]] = {}
+    new_product_data: dict[str, CategoryData] = {}
     uncertainty: dict[str, list[float]] = {d: [] for d in ("normal", "anomalous", "review")}
     for site, product in sorted(site_product.items()):
         data = new_product_data[site] = load_category(data_root, product, size)
@@ -145,7 +152,7 @@ def _pipeline(
                                     for a in CALIBRATION_TARGETS]
         name = f"overlays_{site}.png"
         plot_extremes(f"{site}, new product {product}: most and least anomalous test images (K={shots})",
-                      data.test_images, np.stack([r.anomaly_map for r in scored]), scores,
+                      data.test_images, _anomaly_maps(scored), scores,
                       [f"{Path(i).parent.name} {r.decision}\nscore {r.score:.2f} p {r.p_value:.3f}"
                        for i, r in zip(data.test_ids, scored)], report_dir / name, masks=data.test_masks)
         figures.append((f"{site} ({product}): heatmap overlays of its most and least anomalous test images", name))
@@ -162,7 +169,7 @@ def _pipeline(
             "model": str(out / "models" / site),
         }
         results.append(record)
-        rows.append((site, product, shots, f"{record['image_auroc']:.3f}", f"{record['measured_fpr']:.3f}",
+        rows.append((site, product, str(shots), f"{record['image_auroc']:.3f}", f"{record['measured_fpr']:.3f}",
                      " / ".join(str(record["decisions"][d]) for d in ("normal", "anomalous", "review")),
                      f"{record['adapt_seconds']:.2f}"))
         log(f"  {site}: {product} adapted in {record['adapt_seconds']:.2f}s, image AUROC {record['image_auroc']:.3f}, "
@@ -235,6 +242,14 @@ def _pipeline(
 HTTP_IMAGES_PER_SITE = 4
 
 
+def _anomaly_maps(results: list[ImageResult]) -> np.ndarray:
+    """(B, H, W): the anomaly maps of images scored with ``maps=True``."""
+    maps = [r.anomaly_map for r in results if r.anomaly_map is not None]
+    if len(maps) != len(results):
+        raise ValueError("every image must be scored with maps=True")
+    return np.stack(maps)
+
+
 def method_rows(evaluation: dict, site_of: dict[str, str]) -> list[dict]:
     """The report's method table: one row per evaluation record (every registered method), by site."""
     return sorted(({"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
@@ -297,8 +312,8 @@ def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, new_product
                 files.append(("files", (Path(data.test_ids[i]).parent.name + "_" + Path(data.test_ids[i]).name,
                                         buf.getvalue(), "image/png")))
             latencies, rows = [], []
-            for f in files:  # one request per image, as a line camera sends them
-                r = requests.post(f"{url}/v1/sites/{site}/score", files=[f], timeout=300,
+            for upload in files:  # one request per image, as a line camera sends them
+                r = requests.post(f"{url}/v1/sites/{site}/score", files=[upload], timeout=300,
                                   headers={"Authorization": f"Bearer {tokens[site]}"})
                 r.raise_for_status()
                 rows += r.json()["results"]

@@ -16,10 +16,15 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from bayprano.platform.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from bayprano.platform.exported import ExportedModel
+    from bayprano.platform.model.site import ImageResult, SiteModel
 
 BATCH = 16
 
@@ -39,15 +44,17 @@ class ServedResult:
 class LocalScorer:
     """A site model folder (torch) or an exported graph (onnxruntime / OpenVINO)."""
 
+    model: ExportedModel | SiteModel
+    level: Callable[[ImageResult], np.ndarray]
+
     def __init__(self, model: str, target_fpr: float | None):
         from bayprano.platform.exported import ExportedModel, is_exported_model
 
         if Path(model).is_file() and not is_exported_model(model):
             raise DataError(f"{model}: not a site model folder nor an exported model (.onnx, .xml)")
         if is_exported_model(model):
-            self.model = ExportedModel.load(model, target_fpr)
-            self.version = self.model.version
-            self.level = self.model.heat_level
+            exported = ExportedModel.load(model, target_fpr)
+            self.model, self.version, self.level = exported, exported.version, exported.heat_level
         else:
             from bayprano.platform.export import load_site_model
             from bayprano.platform.model.anomaly_map import heat_level
@@ -55,7 +62,12 @@ class LocalScorer:
             site = load_site_model(model)
             self.model = site if target_fpr is None else site.with_target_fpr(target_fpr)
             self.version = str(site.info.get("model_sha256") or "")[:12]
-            self.level = lambda r: heat_level(r.anomaly_map, r.score, r.threshold, site.model.dim, site.df)
+
+            def level(result: ImageResult) -> np.ndarray:
+                assert result.anomaly_map is not None, "scored with maps=True"
+                return heat_level(result.anomaly_map, result.score, result.threshold, site.model.dim, site.df)
+
+            self.level = level
 
     def __call__(self, images):
         return self.model.score(images, maps=True, batch_size=BATCH)
@@ -113,6 +125,7 @@ def run_score(args: argparse.Namespace) -> int:
     from bayprano.platform.data.imageio import save_png
     from bayprano.platform.predict import expand_inputs, overlay_names, predict
 
+    scorer: HttpScorer | LocalScorer
     if args.url:
         scorer = HttpScorer(args)
     elif args.model:

@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -344,7 +344,7 @@ def run_evaluation(
 def _choose_statistics(methods: list[str], context: MethodContext, validation_sets: dict[str, tuple],
                        shots: Sequence[int], image_size: int) -> dict[tuple[str, int], tuple[str, dict]]:
     """{(method, K): (statistic, its meta-validation AUROCs)} on the given meta-validation categories."""
-    choices = {}
+    choices: dict[tuple[str, int], tuple[str, dict]] = {}
     for method in methods:
         spec = get_method(method)
         for k in shots:
@@ -465,7 +465,7 @@ def ablation(records: list[dict]) -> dict:
     out: dict = {}
     for r in records:
         out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
-    table = {}
+    table: dict[str, dict] = {}
     for m, by_k in out.items():
         table[m] = {}
         for k, rows in by_k.items():
@@ -480,22 +480,22 @@ def ablation(records: list[dict]) -> dict:
 
 def ablation_table(result: dict) -> str:
     """Each method with each image statistic, from the same run (mean test image AUROC)."""
-    rows = []
+    rows: list[Iterable[str]] = []
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for method, by_k in (result.get("ablation") or ablation(result["records"])).items():
         for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             chosen = ", ".join(f"{n} x{c}" for n, c in sorted(s["chosen"].items()))
-            rows.append((method, k, *(fmt(s[n]) for n in STATISTICS), fmt(s["own"]), chosen))
+            rows.append((method, str(k), *(fmt(s[n]) for n in STATISTICS), fmt(s["own"]), chosen))
     return format_table(("method", "K", *STATISTICS, "own", "chosen on meta-validation"), rows)
 
 
 def markdown_table(result: dict) -> str:
     """The summary table (image AUROC at each method's chosen statistic), then the statistic ablation."""
-    rows = []
+    rows: list[Iterable[str]] = []
     for method, by_k in result["summary"].items():
         for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            rows.append((method, k, fmt(s["image_auroc"]), fmt(s["pixel_auroc"]), fmt(s["aupro"]), fmt(s["f1"]),
+            rows.append((method, str(k), fmt(s["image_auroc"]), fmt(s["pixel_auroc"]), fmt(s["aupro"]), fmt(s["f1"]),
                          fmt(s["measured_fpr"]), f"{s['adapt_seconds']:.2f}", f"{s['score_images_per_second']:.1f}"))
     summary = format_table(("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s",
                             "images/s"), rows)

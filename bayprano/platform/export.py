@@ -28,6 +28,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,9 @@ from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, file
 from bayprano.platform.model.anomaly_map import map_operator, anomaly_map
 from bayprano.platform.model.niw import patch_score
 from bayprano.platform.model.scoring import STATISTIC_SIGMA, image_statistic
+
+if TYPE_CHECKING:
+    from bayprano.platform.model.site import SiteModel
 
 EXPORT_KIND = "bayprano-exported-model"
 EXPORT_FORMAT = 1
@@ -51,6 +55,14 @@ MAP_SIGMA = float(inspect.signature(anomaly_map).parameters["sigma"].default)  #
 
 class SiteGraph(nn.Module):
     """A site model as one module: raw RGB images (B, 3, S, S), 0..255 -> (anomaly map (B, S, S), T (B,))."""
+
+    # buffers, registered in __init__
+    loc: Tensor
+    whitening_t: Tensor
+    pixel_mean: Tensor
+    pixel_std: Tensor
+    map_rows: Tensor
+    map_cols: Tensor
 
     def __init__(self, site) -> None:
         super().__init__()
@@ -122,7 +134,7 @@ def export_metadata(site) -> dict:
     }
 
 
-def load_site_model(model_dir: str | os.PathLike):
+def load_site_model(model_dir: str | os.PathLike) -> SiteModel:
     """The site model in ``model_dir`` with its backbone, refused (naming the file) when corrupt or foreign."""
     from bayprano.platform.model.backbone import build_backbone
     from bayprano.platform.model.site import SiteModel

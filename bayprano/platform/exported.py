@@ -106,6 +106,8 @@ class ExportedModel:
         ]
 
     def heat_level(self, result: ImageResult) -> np.ndarray:
+        if result.anomaly_map is None:
+            raise ValueError("heat_level needs the image's anomaly map: score it with maps=True")
         return heat_level(result.anomaly_map, result.score, result.threshold, self.dim, self.df)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence, overload
 
 import numpy as np
 from scipy import ndimage
@@ -419,6 +419,14 @@ def tpr_at_threshold(labels, scores, threshold: float) -> float:
     if n_pos == 0:
         raise DataError("tpr_at_threshold needs at least one anomalous sample; got none")
     return _confusion(y, flagged)[3] / n_pos
+
+
+@overload
+def best_f1(labels, scores, return_threshold: Literal[False] = False) -> float: ...
+
+
+@overload
+def best_f1(labels, scores, return_threshold: Literal[True]) -> tuple[float, float]: ...
 
 
 def best_f1(labels, scores, return_threshold: bool = False) -> float | tuple[float, float]:

@@ -154,7 +154,7 @@ def predict(
         if emit:
             emit(row)
     batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    kept: list[tuple[Prediction, np.ndarray]] = []
+    kept: list[tuple[Prediction, bytes]] = []
     for batch in progress(batches) if progress else batches:
         images, readable = [], []
         for path in batch:
@@ -241,11 +241,12 @@ def _histogram_png(rows: Sequence[Prediction]) -> bytes | None:
 
     fig = Figure(figsize=(6, 3), dpi=100)
     ax = fig.add_subplot()
-    scores = np.array([r.score for r in scored])
-    bins = np.linspace(scores.min(), scores.max(), 30) if scores.max() > scores.min() else 10
+    scores = np.array([r.score for r in scored], dtype=float)
+    decisions = np.array([r.decision for r in scored])
+    bins: int | list[float] = np.linspace(scores.min(), scores.max(), 30).tolist() if scores.max() > scores.min() else 10
     for decision, colour in (("normal", "tab:blue"), ("review", "tab:orange"), ("anomalous", "tab:red")):
-        values = [r.score for r in scored if r.decision == decision]
-        if values:
+        values = scores[decisions == decision]
+        if len(values):
             ax.hist(values, bins=bins, color=colour, alpha=0.7, label=f"{decision} ({len(values)})")
     thresholds = sorted({r.threshold for r in scored if r.threshold is not None})
     for t in thresholds[:1]:

@@ -17,6 +17,7 @@ from bayprano.platform.meta.inner import adapt_head
 from bayprano.platform.meta.outer import MetaConfig
 from bayprano.platform.meta.tasks import TaskBank, sample_episode
 from bayprano.platform.model.bayes import BayesianPatchModel
+from bayprano.platform.model.niw import NIWPrototype
 from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_statistic, shift_covariate
 
 
@@ -34,7 +35,11 @@ def calibrate(
         adapted = adapt_head(model, ep.support, cfg.inner_steps)
         maha = adapted.distance(ep.query)
         stats_.extend(image_statistic(maha, model.dim).tolist())
-        dfs.extend([adapted.prototype.df] * maha.shape[0])
+        prototype = adapted.prototype
+        if not isinstance(prototype, NIWPrototype):
+            raise ConfigError(f"calibrate: the effective patch count needs the Bayesian (NIW) prototype, not "
+                              f"{type(prototype).__name__}")
+        dfs.extend([prototype.df] * maha.shape[0])
     return Calibration.estimate(model.dim, np.array(stats_), np.array(dfs))
 
 

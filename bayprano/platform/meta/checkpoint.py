@@ -41,10 +41,11 @@ class MetaCheckpoint:
     normality: NormalityPrior | None = None
 
     def save(self, path: str | os.PathLike) -> Path:
+        created = self.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         payload = {
             "kind": CHECKPOINT_KIND,
             "format": CHECKPOINT_FORMAT,
-            "created": self.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": created,
             "model_config": self.model.config(),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "backbone": self.backbone,
@@ -60,7 +61,7 @@ class MetaCheckpoint:
         torch.save(payload, buf)
         data = buf.getvalue()
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.created = payload["created"]
+        self.created = created
         return atomic_write_bytes(path, data)
 
 

@@ -111,7 +111,7 @@ def sample_episode(
 def feature_sums(banks: Mapping[str, TaskBank], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, int]:
     """Per-channel sum and sum of squares over all normal features of all banks, and the count of
     patches summed: what sites share so that the standardisation is set without sharing features."""
-    total, total_sq, count = 0.0, 0.0, 0
+    total, total_sq, count = torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype), 0
     for bank in banks.values():
         x = bank.normals.to(dtype)
         total = total + x.sum((0, 2, 3))

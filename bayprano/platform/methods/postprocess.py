@@ -33,7 +33,7 @@ def statistic(patches: Tensor, name: str, image_size: tuple[int, int] | int) -> 
     if name == "max":
         out = patches.flatten(1).amax(1)
     elif name == "blur_max":
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        size = (image_size, image_size) if isinstance(image_size, int) else (image_size[0], image_size[1])
         out = anomaly_map(patches, size, sigma=BLUR_SIGMA).flatten(1).amax(1)
     elif name == "top1_mean":
         flat = patches.flatten(1)
