@@ -25,7 +25,9 @@ from PIL import Image
 from bayprano.cli import main
 from bayprano.platform.data.mvtec import list_categories
 from bayprano.platform.data.synth import generate_dataset
+from bayprano.platform.data.imageio import load_image
 from bayprano.platform.evaluate import RECORD_KEYS
+from bayprano.platform.export import load_site_model
 from bayprano.platform.meta.checkpoint import load_checkpoint
 from bayprano.platform.model.backbone import build_backbone
 
@@ -125,10 +127,13 @@ def test_score_prints_a_json_line_per_image_and_writes_maps(site, root, held, wo
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["image"] for r in lines] == images
-    for r in lines:
+    # what the command printed is what the site model says of the same images, in this process
+    expected = load_site_model(site).score([load_image(p) for p in images], maps=False)
+    for r, e in zip(lines, expected):
         assert set(r) == SCORE_KEYS | {"map"}
-        assert r["decision"] in {"normal", "anomalous", "review"}
-        assert 0 <= r["p_value"] <= 1 and 0 <= r["uncertainty"] <= 1 and r["score"] > 0
+        assert r["score"] == pytest.approx(e.score, rel=1e-5) and r["p_value"] == pytest.approx(e.p_value, rel=1e-4)
+        assert r["threshold"] == pytest.approx(e.threshold, rel=1e-6)
+        assert r["uncertainty"] == pytest.approx(e.uncertainty, abs=1e-5) and r["decision"] == e.decision
         assert Image.open(r["map"]).size == (64, 64)
     assert len({r["map"] for r in lines}) == len(images)  # test/good/000.png and test/crack/000.png both kept
     assert len({r["threshold"] for r in lines}) == 1
