@@ -45,6 +45,7 @@ class ShardRow(ShardMeta):
     image: np.ndarray | bytes
     mask: np.ndarray | bytes | None
 
+
 class ShardReader:
     """Streaming reader of one site's shard.
 
