@@ -44,8 +44,6 @@ def _sort_key(sample: Sample) -> tuple:
     return (sample.category, _SPLIT_ORDER.get(sample.split, len(SPLITS)), sample.defect_type, sample.path)
 
 
-
-
 def _partition_by_category(samples: list[Sample], sites: int, rng: np.random.Generator) -> list[list[Sample]]:
     categories = sorted({s.category for s in samples})
     if sites > len(categories):
