@@ -56,6 +56,16 @@ def load_mask(source: str | os.PathLike | bytes, name: str | None = None) -> np.
     return np.ascontiguousarray(arr > 0)
 
 
+def check_mask_size(mask: np.ndarray, image: np.ndarray, where: object, image_name: object = None) -> None:
+    """Raise a DataError naming ``where`` (the mask's file or row) unless ``mask`` is the image's size."""
+    if mask.shape != image.shape[:2]:
+        of = "image" if image_name is None else f"image {image_name}"
+        raise DataError(
+            f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
+            f"{of} size {image.shape[1]}x{image.shape[0]}"
+        )
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of an image file, read from its header only."""
     try:

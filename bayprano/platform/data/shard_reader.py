@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bayprano.platform.data.imageio import load_image, load_mask
+from bayprano.platform.data.imageio import check_mask_size, load_image, load_mask
 from bayprano.platform.data.mvtec import SPLITS
 from bayprano.platform.data.shard_schema import COLUMNS, METADATA_COLUMNS, check_int, check_schema
 from bayprano.platform.errors import ConfigError, DataError
@@ -185,11 +185,7 @@ class ShardReader:
         mask = None
         if record["mask"] is not None:
             mask = load_mask(record["mask"], name=f"{where} (mask)")
-            if mask.shape != image.shape[:2]:
-                raise DataError(
-                    f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
-                    f"image size {image.shape[1]}x{image.shape[0]}"
-                )
+            check_mask_size(mask, image, where)
         elif record["label"] != 0:
             raise DataError(f"{where}: defective image without mask")
         record.update(image=image, mask=mask)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bayprano.platform.data.imageio import encode_png, load_image, load_mask
+from bayprano.platform.data.imageio import check_mask_size, encode_png, load_image, load_mask
 from bayprano.platform.data.mvtec import SPLITS, Sample, scan_root
 from bayprano.platform.data.shard_schema import (
     COLUMNS,
@@ -97,11 +97,7 @@ def _encode_row(sample: Sample, root: Path) -> dict[str, Any]:
     mask_png = None
     if sample.mask_path is not None:
         mask = load_mask(sample.mask_path)
-        if mask.shape != image.shape[:2]:
-            raise DataError(
-                f"{sample.mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
-                f"image {sample.path} size {image.shape[1]}x{image.shape[0]}"
-            )
+        check_mask_size(mask, image, sample.mask_path, image_name=sample.path)
         mask_png = encode_png(mask)
     return {
         "image": png,

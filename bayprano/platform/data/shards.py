@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bayprano.platform.data.imageio import load_image, load_mask
+from bayprano.platform.data.imageio import check_mask_size, load_image, load_mask
 from bayprano.platform.data.mvtec import Sample
 from bayprano.platform.data.shard_reader import ShardMeta, ShardReader, ShardRow
 from bayprano.platform.data.shard_schema import (
@@ -219,11 +219,7 @@ class ShardSample:
         if self.mask is None:
             return image, np.zeros(image.shape[:2], dtype=bool)
         mask = load_mask(self.mask, name=self.sample.mask_path)
-        if mask.shape != image.shape[:2]:
-            raise DataError(
-                f"{self.sample.mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
-                f"image size {image.shape[1]}x{image.shape[0]}"
-            )
+        check_mask_size(mask, image, self.sample.mask_path)
         return image, mask
 
 

@@ -10,15 +10,23 @@ from bayprano.platform.data.synth_draw import Scene, everywhere, pixel_grid, rgb
 _F = np.float32
 
 
-def render_fabric(rng: np.random.Generator, size: int, part: str | None, sev: float) -> Scene:
+def _lattice(
+    rng: np.random.Generator, size: int, period: float, period_jitter: float, tilt_sd: float, phase: float
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A square lattice over the image, slightly rotated and shifted at random: the drawn period in pixels,
+    each pixel's cell indices (iu, iv) and its position (fu, fv) in [0, 1) inside its cell."""
     y, x = pixel_grid(size)
-    period = 10.0 * size / 256 * (1 + 0.01 * rng.standard_normal())
-    th = 0.012 * rng.standard_normal()
+    period = period * (1 + period_jitter * rng.standard_normal())
+    th = tilt_sd * rng.standard_normal()
     c, s = np.cos(th), np.sin(th)
-    u = (c * x + s * y) / _F(period) + _F(rng.uniform(0, 2))
-    v = (-s * x + c * y) / _F(period) + _F(rng.uniform(0, 2))
+    u = (c * x + s * y) / _F(period) + _F(rng.uniform(0, phase))
+    v = (-s * x + c * y) / _F(period) + _F(rng.uniform(0, phase))
     iu, iv = np.floor(u), np.floor(v)
-    fu, fv = u - iu, v - iv
+    return period, iu, iv, u - iu, v - iv
+
+
+def render_fabric(rng: np.random.Generator, size: int, part: str | None, sev: float) -> Scene:
+    _, iu, iv, fu, fv = _lattice(rng, size, 10.0 * size / 256, 0.01, 0.012, 2)
     warp_on_top = np.mod(iu + iv, 2) < 0.5  # plain weave: warp and weft alternate over and under
     warp_tab = (1 + 0.06 * rng.standard_normal(64)).astype(_F)
     weft_tab = (1 + 0.06 * rng.standard_normal(64)).astype(_F)
@@ -66,14 +74,7 @@ def render_wood(rng: np.random.Generator, size: int, part: str | None, sev: floa
 
 
 def render_tiles(rng: np.random.Generator, size: int, part: str | None, sev: float) -> Scene:
-    y, x = pixel_grid(size)
-    period = size / 3.6 * (1 + 0.005 * rng.standard_normal())
-    th = 0.008 * rng.standard_normal()
-    c, s = np.cos(th), np.sin(th)
-    u = (c * x + s * y) / _F(period) + _F(rng.uniform(0, 1))
-    v = (-s * x + c * y) / _F(period) + _F(rng.uniform(0, 1))
-    iu, iv = np.floor(u), np.floor(v)
-    fu, fv = u - iu, v - iv
+    period, iu, iv, fu, fv = _lattice(rng, size, size / 3.6, 0.005, 0.008, 1)
     px = 1.0 / period  # one pixel in tile units
     edge = np.minimum(np.minimum(fu, 1 - fu), np.minimum(fv, 1 - fv))
     grout_half = 0.04

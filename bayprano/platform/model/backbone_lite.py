@@ -76,17 +76,7 @@ def build_lite(name: str, path: Path | None) -> PatchFeatureExtractor:
     state, digest = read_state_dict(path, name)
     net = EfficientNet.from_name(arch, image_size=None)
     load_state(net, state, path, name)
-    trunk = _LiteTrunk(net)
-    return PatchFeatureExtractor(
-        name,
-        trunk,
-        EFFICIENTNET_LITE_MEAN,
-        EFFICIENTNET_LITE_STD,
-        out_channels=trunk.out_channels,
-        weights_id=digest,
-        layers=(f"_blocks.{trunk.idx8}", f"_blocks.{trunk.idx16}"),
-        weights_path=str(path),
-    )
+    return _extractor(name, net, digest, str(path))
 
 
 def build_random() -> PatchFeatureExtractor:
@@ -106,13 +96,19 @@ def build_random() -> PatchFeatureExtractor:
     for key, tensor in net.state_dict().items():
         h.update(key.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return _extractor(RANDOM_BACKBONE, net, h.hexdigest()[:16], None)
+
+
+def _extractor(name: str, net: nn.Module, weights_id: str, weights_path: str | None) -> PatchFeatureExtractor:
+    """An EfficientNet-Lite network cut at stride 16, as a patch feature extractor."""
     trunk = _LiteTrunk(net)
     return PatchFeatureExtractor(
-        RANDOM_BACKBONE,
+        name,
         trunk,
         EFFICIENTNET_LITE_MEAN,
         EFFICIENTNET_LITE_STD,
         out_channels=trunk.out_channels,
-        weights_id=h.hexdigest()[:16],
+        weights_id=weights_id,
         layers=(f"_blocks.{trunk.idx8}", f"_blocks.{trunk.idx16}"),
+        weights_path=weights_path,
     )

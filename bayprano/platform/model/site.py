@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from bayprano.platform.model.site_adapt import adapt, adapt_features
 from bayprano.platform.model.site_artifact import ARTIFACT_FORMAT, ARTIFACT_KIND, ROI_MASK_FILE
-from bayprano.platform.model.site_model import ImageResult, SiteModel, statistic
+from bayprano.platform.model.site_model import ImageResult, SiteModel
 from bayprano.platform.model.site_support import inner_views
 from bayprano.platform.model.tiling import DEFAULT_SCORING, DEFAULT_TILE_OVERLAP, SCORING_MODES
 
@@ -55,5 +55,4 @@ __all__ = [
     "adapt",
     "adapt_features",
     "inner_views",
-    "statistic",
 ]

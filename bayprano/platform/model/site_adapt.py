@@ -12,7 +12,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bayprano.platform.data.augment import AUGMENTATIONS
@@ -23,8 +22,8 @@ from bayprano.platform.meta.outer import MetaConfig
 from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.extractor import PatchFeatureExtractor
-from bayprano.platform.model.scoring import SHIFT_CELLS, Calibration, LogNormalCalibration, shift_covariate
-from bayprano.platform.model.site_model import SiteModel, statistic
+from bayprano.platform.model.scoring import Calibration, LogNormalCalibration, shift_covariate
+from bayprano.platform.model.site_model import SiteModel
 from bayprano.platform.model.site_support import INNER_VIEWS, SupportLayout, inner_views, support_views
 from bayprano.platform.model.tiling import DEFAULT_SCORING, DEFAULT_TILE_OVERLAP, RegionOfInterest, check_scoring
 
@@ -128,7 +127,7 @@ def adapt_features(
             proto = model.prototype(z)
     stages["inner_loop"] = clock.lap()
     with torch.no_grad():
-        covariate = _shift_covariate(proto.distance, z, model.dim, layout.fit_inside)
+        covariate = shift_covariate(proto.distance, z, model.dim, inside=layout.fit_inside)
         if ckpt.normality is not None:
             # The covariate-conditioned prior where the support has no leave-one-out statistic; with them, the
             # plain prior, which defers more to the site's own evidence (measured in the README's table).
@@ -164,17 +163,6 @@ def adapt_features(
         "adapt_stage_seconds": stages,
     }
     return SiteModel(model, proto, calibration, target_fpr, ckpt.image_size, info, extractor, z_review)
-
-
-def _shift_covariate(distance, z: Tensor, dim: int, inside: Tensor | None) -> float:
-    """``scoring.shift_covariate``, with the statistic taken over the views' cells inside the region."""
-    if inside is None:
-        return shift_covariate(distance, z, dim)
-    h, w = z.shape[-2:]
-    s = max(1, min(SHIFT_CELLS, h - 1, w - 1))
-    padded = F.pad(z, (s, s, s, s), mode="reflect")
-    views = [padded[..., s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in ((0, s), (0, -s), (s, 0), (-s, 0))]
-    return float(torch.log(statistic(distance(torch.cat(views)), dim, inside.repeat(4, 1, 1))).mean())
 
 
 def _adapt_settings(ckpt: MetaCheckpoint, target_fpr: float, steps: int | None,

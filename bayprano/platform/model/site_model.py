@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.model.anomaly_map import anomaly_map, gaussian_blur
+from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.extractor import PatchFeatureExtractor
 from bayprano.platform.model.niw import NIWPrototype, StudentT
 from bayprano.platform.model.scoring import (
-    STATISTIC_SIGMA,
     Calibration,
     LogNormalCalibration,
     decide,
@@ -35,7 +35,6 @@ from bayprano.platform.model.tiling import (
     TilePlan,
     check_scoring,
     crop_grid,
-    masked_max,
     plan_tiles,
     split,
     stitch,
@@ -150,7 +149,7 @@ class SiteModel:
                                  inside: Tensor | None = None) -> list[ImageResult]:
         """Results of Mahalanobis grids (B, rows, cols); ``inside`` (rows, cols) or (B, rows, cols): the cells of
         the region of interest (the map is zero outside them), None for all of them."""
-        stat = statistic(maha, self.model.dim, inside).cpu().numpy()
+        stat = image_statistic(maha, self.model.dim, inside=inside).cpu().numpy()
         p = self.calibration.p_value(stat, self.df)
         decisions, uncertainty = decide(stat, self.threshold, relative_sd(stat, self.model.dim, self.nu_n, self.kappa_n),
                                         self.z_review)
@@ -183,7 +182,7 @@ class SiteModel:
         results = self.results_from_mahalanobis(maha, (self.image_size, self.image_size) if maps else None, inside)
         if maps and self.roi is not None:
             for image, result in zip(_image_list(images), results):
-                result.anomaly_map = result.anomaly_map * _resized_mask(self.roi.mask(*image.shape[:2]), self.image_size)
+                result.anomaly_map = result.anomaly_map * resize_square(self.roi.mask(*image.shape[:2]), self.image_size, mask=True)
         return results
 
     def _score_tiled(self, images, maps: bool, batch_size: int) -> list[ImageResult]:
@@ -220,23 +219,6 @@ class SiteModel:
         return load_site_model(cls, path, extractor)
 
 
-def statistic(maha: Tensor, dim: int, inside: Tensor | None = None) -> Tensor:
-    """The image statistic of Mahalanobis grids (B, rows, cols): ``image_statistic``, or with ``inside``
-    (the region of interest's cells) the same smoothing over the inside cells only (a normalised
-    convolution, so that no value outside leaks in) followed by the maximum over those cells."""
-    if inside is None:
-        return image_statistic(maha, dim)
-    weight = inside.to(maha.device).expand_as(maha).to(maha.dtype)
-    smoothed = gaussian_blur(maha / dim * weight, STATISTIC_SIGMA) / gaussian_blur(weight, STATISTIC_SIGMA).clamp_min(1e-12)
-    return masked_max(smoothed, inside)
-
-
-def _resized_mask(mask: np.ndarray, side: int) -> np.ndarray:
-    """A pixel mask resized (nearest) to side x side, as float32 0/1."""
-    from PIL import Image
-
-    return (np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side), Image.NEAREST)) > 0) \
-        .astype(np.float32)
 
 
 def _image_list(images) -> list[np.ndarray]:

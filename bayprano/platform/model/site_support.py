@@ -13,7 +13,7 @@ from torch import Tensor
 
 from bayprano.platform.data.augment import augment_support
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.model.site_model import statistic
+from bayprano.platform.model.scoring import image_statistic
 from bayprano.platform.model.tiling import RegionOfInterest, TilePlan, crop_grid, plan_tiles, split, stitch, stitched_cells
 
 # The inner loop's leave-one-out loss refits the prototype once per view, with gradients: its time and
@@ -86,7 +86,7 @@ class SupportLayout:
         if plan is not None:
             maha = crop_grid(stitch(maha, plan), plan)[None]
         inside = None if self.query_inside is None else self.query_inside[i]
-        return float(statistic(maha, dim, inside)[0])
+        return float(image_statistic(maha, dim, inside=inside)[0])
 
 
 def support_views(images: Sequence[np.ndarray], size: int, stride: int, scoring: str, tile_overlap: float,
