@@ -123,7 +123,7 @@ class AnomalyInjector:
     ) -> tuple[np.ndarray, np.ndarray]:
         check_rng(rng)
         kind = self.choose(rng)
-        params = {"min_pixels": self.min_pixels, "min_delta": self.min_delta}
+        params: dict[str, int | np.ndarray | None] = {"min_pixels": self.min_pixels, "min_delta": self.min_delta}
         if kind == "texture_blend":
             params["source"] = source
         return ANOMALIES[kind](image, rng, **params)

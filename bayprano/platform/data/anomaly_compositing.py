@@ -55,7 +55,7 @@ def check_range(name: str, value: Sequence[float], low: float, high: float) -> t
 
 
 def _is_int(value: object, low: int, high: float) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and low <= value <= high
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(low <= value <= high)
 
 
 def check_limits(min_pixels: int, min_delta: int, image: np.ndarray | None = None) -> None:
@@ -184,4 +184,4 @@ def resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a uint8 image or a float32 (H, W) array."""
     if array.shape[:2] == (height, width):
         return array
-    return np.array(Image.fromarray(array).resize((width, height), Image.BILINEAR), dtype=array.dtype)
+    return np.array(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR), dtype=array.dtype)

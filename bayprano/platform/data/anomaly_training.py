@@ -104,6 +104,8 @@ def _foreign_texture(
     y0, y1, x0, x1 = box
     h, w = y1 - y0, x1 - x0
     if kind == "source":
+        if source is None:
+            raise ConfigError("texture 'source' needs a source image")
         return _source_texture(source, h, w, rng)
     if kind == "tint":
         tinted = planes(image, box)
@@ -182,8 +184,8 @@ def cut_paste(
         patch = img[y0 : y0 + ph, x0 : x0 + pw]
         keep = np.ones((ph, pw), dtype=bool)
         if angle:
-            patch = np.asarray(Image.fromarray(patch).rotate(angle, Image.BILINEAR, expand=True))[:h, :w]
-            full = Image.fromarray(np.full((ph, pw), 255, np.uint8)).rotate(angle, Image.NEAREST, expand=True)
+            patch = np.asarray(Image.fromarray(patch).rotate(angle, Image.Resampling.BILINEAR, expand=True))[:h, :w]
+            full = Image.fromarray(np.full((ph, pw), 255, np.uint8)).rotate(angle, Image.Resampling.NEAREST, expand=True)
             keep = (np.asarray(full) > 0)[:h, :w]
         j = jitter * strength
         patch = patch.transpose(2, 0, 1).astype(np.float32)

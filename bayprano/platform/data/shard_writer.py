@@ -120,7 +120,8 @@ def _write_shard(
     row_group_rows: int,
     on_row: Callable[[], None],
 ) -> dict[str, Any]:
-    stats = {"rows_by_split": {s: 0 for s in SPLITS}, "image_bytes": 0, "mask_bytes": 0}
+    rows_by_split = {s: 0 for s in SPLITS}
+    sizes = {"image_bytes": 0, "mask_bytes": 0}
 
     def write(tmp: str) -> None:
         writer = pq.ParquetWriter(
@@ -136,9 +137,9 @@ def _write_shard(
                 for sample in samples[start : start + row_group_rows]:
                     row = _encode_row(sample, root)
                     rows.append(row)
-                    stats["rows_by_split"][row["split"]] += 1
-                    stats["image_bytes"] += len(row["image"])
-                    stats["mask_bytes"] += len(row["mask"] or b"")
+                    rows_by_split[row["split"]] += 1
+                    sizes["image_bytes"] += len(row["image"])
+                    sizes["mask_bytes"] += len(row["mask"] or b"")
                     on_row()
                 table = pa.Table.from_pylist(rows, schema=SCHEMA)
                 writer.write_table(table, row_group_size=row_group_rows)
@@ -146,7 +147,7 @@ def _write_shard(
             writer.close()
 
     atomic_write(path, write)
-    return stats
+    return {"rows_by_split": rows_by_split, **sizes}
 
 
 def _previous_shard_files(out: Path) -> list[str]:

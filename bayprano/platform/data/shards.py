@@ -241,5 +241,7 @@ def shard_samples(
                 defect_type=row.defect_type,
                 mask_path=None if row.mask is None else shard_uri(reader.path, row.source_path, mask=True),
             )
+            # not decoded: the image and the mask are the PNG bytes as stored
+            assert isinstance(row.image, bytes) and (row.mask is None or isinstance(row.mask, bytes))
             out.append(ShardSample(sample, row.image, row.mask))
     return out

@@ -118,7 +118,7 @@ def render_screw(rng: np.random.Generator, size: int, part: str | None, sev: flo
     if part == "manipulated_tip":
         full, _ = _screw_geometry(size, s, t, 0.0, None)
         mask = (full - cover) > 0.25
-    elif part == "thread_damage":
+    elif part == "thread_damage" and flat is not None:
         mask = (s > flat[0] - 1) & (s < flat[1] + 1) & (np.abs(t) < 0.034 * size * 1.35)
     return Scene(img.astype(_F), cover > 0.5, mask)
 

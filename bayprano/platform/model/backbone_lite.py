@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ LITE_MODELS = {
 class _LiteTrunk(nn.Module):
     """EfficientNet-Lite from its stem to the last block at stride 16, returning the stride-8 and -16 maps."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:  # an efficientnet_lite_pytorch.EfficientNet, a package without types
         super().__init__()
         self.conv_stem = net._conv_stem
         self.bn0 = net._bn0
@@ -47,8 +48,9 @@ class _LiteTrunk(nn.Module):
                 self.idx8 = i
             elif stride == 16:
                 self.idx16 = i
-        self.blocks = nn.ModuleList(list(net._blocks)[: self.idx16 + 1])
-        self.out_channels = sum(self.blocks[i]._block_args.output_filters for i in (self.idx8, self.idx16))
+        blocks = list(net._blocks)[: self.idx16 + 1]
+        self.blocks = nn.ModuleList(blocks)
+        self.out_channels = sum(blocks[i]._block_args.output_filters for i in (self.idx8, self.idx16))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.act(self.bn0(self.conv_stem(x)))

@@ -7,6 +7,7 @@ import hashlib
 import io
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +38,12 @@ def read_state_dict(path: Path, backbone: str) -> tuple[dict[str, Tensor], str]:
     return obj, hashlib.sha256(data).hexdigest()[:16]
 
 
-def rename_keys(state: dict[str, Tensor], rename) -> dict[str, Tensor]:
+def rename_keys(state: dict[str, Tensor], rename: Callable[[str], str]) -> dict[str, Tensor]:
     """``state`` with renamed keys, keeping the per-module versions some models check when loading."""
     renamed = OrderedDict((rename(k), v) for k, v in state.items())
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
-        renamed._metadata = OrderedDict((rename(k) if k else k, v) for k, v in metadata.items())
+        setattr(renamed, "_metadata", OrderedDict((rename(k) if k else k, v) for k, v in metadata.items()))
     return renamed
 
 

@@ -32,6 +32,9 @@ class PatchFeatureExtractor(nn.Module):
     is asked, its parameters never require gradients and its BatchNorm statistics are never updated.
     """
 
+    mean: Tensor  # buffers (1, 3, 1, 1) of the input normalisation
+    std: Tensor
+
     def __init__(
         self,
         name: str,

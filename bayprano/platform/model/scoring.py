@@ -203,7 +203,8 @@ def summary_moments(group) -> tuple[float, float, float, float, float, float]:
     if len(group) == 3:
         mean, ss, n = group
         return float(n), 0.0, mean * n, 0.0, 0.0, ss + n * mean * mean
-    return tuple(float(v) for v in group)
+    n, sx, sy, sxx, sxy, syy = (float(v) for v in group)
+    return n, sx, sy, sxx, sxy, syy
 
 
 @dataclass

@@ -20,8 +20,9 @@ from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.inner import adapt_head
 from bayprano.platform.meta.outer import MetaConfig
 from bayprano.platform.model.backbone import build_backbone
-from bayprano.platform.model.bayes import BayesianPatchModel
+from bayprano.platform.model.bayes import BayesianPatchModel, Prototype
 from bayprano.platform.model.extractor import PatchFeatureExtractor
+from bayprano.platform.model.niw import NIWPrototype
 from bayprano.platform.model.scoring import Calibration, LogNormalCalibration, shift_covariate
 from bayprano.platform.model.site_model import SiteModel
 from bayprano.platform.model.site_support import INNER_VIEWS, SupportLayout, inner_views, support_views
@@ -118,20 +119,20 @@ def adapt_features(
         positions = torch.randperm(h * w, generator=gen)[:inner_positions].to(features.device)
     inner = inner_views(layout.groups, max(INNER_VIEWS, shots))
     adapted = adapt_head(model, features if inner is None else features[inner], steps, positions)
-    proto, z = adapted.prototype, adapted.support_embeddings
+    proto, z = _niw(adapted.prototype, model), adapted.support_embeddings
     with torch.no_grad():
         model.head.weight.copy_(adapted.params["weight"])
-        model.head.bias.copy_(adapted.params["bias"])
+        model.head_bias.copy_(adapted.params["bias"])
         if inner is not None:  # the posterior is fitted on every view
             z = model.embed(features)
-            proto = model.prototype(z)
+            proto = _niw(model.prototype(z), model)
     stages["inner_loop"] = clock.lap()
     with torch.no_grad():
         covariate = shift_covariate(proto.distance, z, model.dim, inside=layout.fit_inside)
         if ckpt.normality is not None:
             # The covariate-conditioned prior where the support has no leave-one-out statistic; with them, the
             # plain prior, which defers more to the site's own evidence (measured in the README's table).
-            calibration = ckpt.normality.for_shots(shots, covariate if shots < 2 else None)
+            calibration: Calibration | LogNormalCalibration = ckpt.normality.for_shots(shots, covariate if shots < 2 else None)
         else:
             calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []
@@ -139,7 +140,7 @@ def adapt_features(
             groups = torch.as_tensor(layout.groups, device=z.device)
             for i in range(shots):
                 # Every view of image i (its augmentations, its tiles) leaves with it; only the original is scored.
-                rest = model.prototype(z[groups != i])
+                rest = _niw(model.prototype(z[groups != i]), model)
                 query = z[i : i + 1] if layout.queries is None else model.embed(layout.queries[i])
                 loo.append((layout.held_out_statistic(i, rest.distance(query), model.dim), rest.df))
             if isinstance(calibration, LogNormalCalibration):
@@ -199,3 +200,10 @@ def _copy_model(model: BayesianPatchModel) -> BayesianPatchModel:
     copy = BayesianPatchModel(model.in_channels, model.dim, window=model.window)
     copy.load_state_dict(model.state_dict())
     return copy.eval()
+
+
+def _niw(prototype: Prototype, model: BayesianPatchModel) -> NIWPrototype:
+    """``prototype`` as the Bayesian (NIW) prototype that a site model's calibration and artifact need."""
+    if not isinstance(prototype, NIWPrototype):
+        raise ConfigError(f"a site model needs a checkpoint with the NIW prototype, not {model.prototype_kind!r}")
+    return prototype

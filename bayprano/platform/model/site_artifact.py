@@ -37,7 +37,7 @@ _INFO_KEYS = ("backbone", "backbone_fingerprint", "created", "support_size", "su
 def _tensors(site: SiteModel) -> dict:
     return {
         "head_weight": site.model.head.weight.detach().cpu(),
-        "head_bias": site.model.head.bias.detach().cpu(),
+        "head_bias": site.model.head_bias.detach().cpu(),
         "feature_mean": site.model.feature_mean.cpu(),
         "feature_std": site.model.feature_std.cpu(),
         "loc": site.predictive.loc.detach().cpu(),
@@ -117,7 +117,7 @@ def load_site_model(
         model = BayesianPatchModel(meta["in_channels"], meta["dim"], window=meta["window"])
         with torch.no_grad():
             model.head.weight.copy_(t["head_weight"])
-            model.head.bias.copy_(t["head_bias"])
+            model.head_bias.copy_(t["head_bias"])
         model.set_feature_statistics(t["feature_mean"], t["feature_std"])
         prototype = NIWPrototype.from_predictive(
             StudentT(t["loc"], t["scale_tril"], t["df"]), meta["nu_n"], meta["kappa_n"],

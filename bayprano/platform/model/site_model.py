@@ -111,7 +111,8 @@ class SiteModel:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.prototype.shape_[1:])
+        _, rows, cols = self.prototype.shape_
+        return rows, cols
 
     @property
     def backbone(self) -> str:
@@ -202,7 +203,7 @@ class SiteModel:
             rows, cols = grid.shape[-2:]
             size = (rows * plan.stride, cols * plan.stride) if maps else None
             result = self.results_from_mahalanobis(grid, size, inside)[0]
-            if maps:
+            if maps and result.anomaly_map is not None:
                 result.anomaly_map = np.ascontiguousarray(result.anomaly_map[:h, :w])
                 if mask is not None:
                     result.anomaly_map = result.anomaly_map * mask

@@ -74,7 +74,10 @@ class SupportLayout:
         if self.query_index is not None:
             self.queries = [features[list(idx)] for idx in self.query_index]
         if self.fit_masks is not None and any(m is not None for m in self.fit_masks):
-            self.fit_inside = torch.stack([RegionOfInterest.cells(m, rows, cols) for m in self.fit_masks]) \
+            fit_masks = [m for m in self.fit_masks if m is not None]
+            if len(fit_masks) != len(self.fit_masks) or self.query_masks is None or self.plans is None:
+                raise ConfigError("support layout: a region of interest needs a mask for every view and every query")
+            self.fit_inside = torch.stack([RegionOfInterest.cells(m, rows, cols) for m in fit_masks]) \
                 .to(features.device)
             self.query_inside = [None if m is None else (stitched_cells(m, plan) if plan is not None
                                                          else RegionOfInterest.cells(m, rows, cols))
@@ -96,11 +99,16 @@ def support_views(images: Sequence[np.ndarray], size: int, stride: int, scoring:
     In tile mode, tiles mostly outside the region of interest are not fitted (a view keeps at least its
     tile with the most inside); the originals' tiles are all scored for the leave-one-out statistic."""
     crops: list[np.ndarray] = []
-    groups, fit_index, fit_masks, query_index, query_masks, plans = [], [], [], [], [], []
+    groups: list[int] = []
+    fit_index: list[int] = []
+    fit_masks: list[np.ndarray | None] = []
+    query_index: list[list[int]] = []
+    query_masks: list[np.ndarray | None] = []
+    plans: list[TilePlan | None] = []
     for i, image in enumerate(images):
         mask = None if roi is None else roi.mask(*image.shape[:2])
         views = augment_support([image], augment)
-        mask_views = [None] * len(views) if mask is None else \
+        mask_views: list[np.ndarray | None] = [None] * len(views) if mask is None else \
             [v[..., 0] > 0 for v in augment_support([mask[..., None].astype(np.uint8)], augment)]
         for v, (view, view_mask) in enumerate(zip(views, mask_views)):
             if scoring == "resize":
@@ -113,16 +121,19 @@ def support_views(images: Sequence[np.ndarray], size: int, stride: int, scoring:
                 fit_masks.append(view_mask)
                 crops.append(view)
                 continue
-            plan = plan_tiles(*view.shape[:2], size, stride, tile_overlap)
+            height, width = view.shape[:2]
+            plan = plan_tiles(height, width, size, stride, tile_overlap)
             tiles = split(view, plan)
+            tile_masks: list[np.ndarray | None]
             if view_mask is None:
                 tile_masks = [None] * len(tiles)
                 keep = list(range(len(tiles)))
             else:
                 padded = np.zeros((plan.padded_height, plan.padded_width), dtype=bool)
                 padded[: plan.height, : plan.width] = view_mask
-                tile_masks = [padded[y : y + size, x : x + size] for y, x in plan.origins]
-                fractions = np.array([m.mean() for m in tile_masks])
+                inside = [padded[y : y + size, x : x + size] for y, x in plan.origins]
+                fractions = np.array([m.mean() for m in inside])
+                tile_masks = list(inside)
                 keep = [k for k in range(len(tiles)) if fractions[k] >= 0.5] or [int(fractions.argmax())]
             if v == 0:
                 query_index.append(list(range(len(crops), len(crops) + len(tiles))))

@@ -90,8 +90,11 @@ def split(image: np.ndarray, plan: TilePlan) -> np.ndarray:
         raise DataError(f"image of shape {image.shape} does not match the tile plan's {plan.height}x{plan.width}")
     pad_h, pad_w = plan.padded_height - plan.height, plan.padded_width - plan.width
     if pad_h or pad_w:
-        mode = "reflect" if pad_h < plan.height and pad_w < plan.width else "edge"
-        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+        widths = ((0, pad_h), (0, pad_w), (0, 0))
+        if pad_h < plan.height and pad_w < plan.width:
+            image = np.pad(image, widths, mode="reflect")
+        else:
+            image = np.pad(image, widths, mode="edge")
     t = plan.tile
     return np.stack([image[y : y + t, x : x + t] for y, x in plan.origins])
 
