@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayprano.platform.data.imageio import encode_png, is_image_file, load_image, load_mask
+from bayprano.platform.data.imageio import check_mask_size, encode_png, is_image_file, load_image, load_mask
 from bayprano.platform.data.mvtec import CATEGORY_INFO, GOOD, scan_category
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.fileio import atomic_directory, atomic_write_json
@@ -117,11 +117,7 @@ def import_folder(
                     if mpath is None:
                         raise DataError(f"{src}: abnormal image without mask in {mask_dir} (expected {src.stem}_mask.png)")
                     mask = load_mask(mpath)
-                    if mask.shape != image.shape[:2]:
-                        raise DataError(
-                            f"{mpath}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
-                            f"image {src} size {image.shape[1]}x{image.shape[0]}"
-                        )
+                    check_mask_size(mask, image, mpath, image_name=src)
                     _write(staging / "ground_truth" / defect / f"{src.stem}_mask.png", encode_png(mask))
                 counts[f"test/{defect}"] = counts.get(f"test/{defect}", 0) + 1
         (staging / "test").mkdir(exist_ok=True)

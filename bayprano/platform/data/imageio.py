@@ -56,6 +56,16 @@ def load_mask(source: str | os.PathLike | bytes, name: str | None = None) -> np.
     return np.ascontiguousarray(arr > 0)
 
 
+def check_mask_size(mask: np.ndarray, image: np.ndarray, where: object, image_name: object = None) -> None:
+    """Raise a DataError naming ``where`` (the mask's file or row) unless ``mask`` is the image's size."""
+    if mask.shape != image.shape[:2]:
+        of = "image" if image_name is None else f"image {image_name}"
+        raise DataError(
+            f"{where}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
+            f"{of} size {image.shape[1]}x{image.shape[0]}"
+        )
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of an image file, read from its header only."""
     try:
@@ -91,5 +101,5 @@ def resize_square(image: np.ndarray, size: int, mask: bool = False) -> np.ndarra
     if image.shape[0] == size and image.shape[1] == size:
         return image
     if mask:
-        return np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        return np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))

@@ -63,11 +63,11 @@ class DatasetSummary:
 
 def format_table(header: Iterable[str], rows: list[Iterable[str]]) -> str:
     """A Markdown table with padded columns, readable in a terminal and in a README."""
-    header = list(header)
-    rows = [list(map(str, r)) for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    head = list(header)
+    body = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
 def summarize_root(root: str | os.PathLike, categories=None) -> DatasetSummary:

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bayprano.platform.data.imageio import image_size, is_image_file, load_image, load_mask
+from bayprano.platform.data.imageio import check_mask_size, image_size, is_image_file, load_image, load_mask
 from bayprano.platform.errors import DataError
 
 GOOD = "good"
@@ -183,9 +183,5 @@ def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     if sample.mask_path is None:
         return image, np.zeros(image.shape[:2], dtype=bool)
     mask = load_mask(sample.mask_path)
-    if mask.shape != image.shape[:2]:
-        raise DataError(
-            f"{sample.mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match "
-            f"image size {image.shape[1]}x{image.shape[0]}"
-        )
+    check_mask_size(mask, image, sample.mask_path)
     return image, mask

@@ -79,7 +79,7 @@ def overlay(image: np.ndarray, level: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     h, w = image.shape[:2]
-    level = np.asarray(Image.fromarray(level.astype(np.float32)).resize((w, h), Image.BILINEAR)).clip(0, 1)
+    level = np.asarray(Image.fromarray(level.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR)).clip(0, 1)
     colour = colormaps["jet"](level)[..., :3] * 255
     alpha = (0.2 + 0.5 * level)[..., None]
     return ((1 - alpha) * image + alpha * colour).round().clip(0, 255).astype(np.uint8)

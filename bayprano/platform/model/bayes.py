@@ -81,6 +81,12 @@ class BayesianPatchModel(nn.Module):
 
     HEAD = ("head.weight", "head.bias")
 
+    in_channels: int
+    dim: int
+    window: int
+    feature_mean: Tensor  # buffers (C,) of the feature standardisation
+    feature_std: Tensor
+
     def __init__(
         self,
         in_channels: int,
@@ -107,7 +113,7 @@ class BayesianPatchModel(nn.Module):
         q, _ = torch.linalg.qr(torch.randn(in_channels, dim, generator=gen))
         with torch.no_grad():
             self.head.weight.copy_(q.t().reshape(dim, in_channels, 1, 1))
-            self.head.bias.zero_()
+            self.head_bias.zero_()
         self.register_buffer("feature_mean", torch.zeros(in_channels))
         self.register_buffer("feature_std", torch.ones(in_channels))
         self.raw_kappa0 = nn.Parameter(torch.tensor(_inv_softplus(kappa0)))
@@ -131,7 +137,15 @@ class BayesianPatchModel(nn.Module):
         self.feature_std.copy_(std.clamp_min(1e-6))
 
     def head_params(self) -> dict[str, Tensor]:
-        return {"weight": self.head.weight, "bias": self.head.bias}
+        return {"weight": self.head.weight, "bias": self.head_bias}
+
+    @property
+    def head_bias(self) -> Tensor:
+        """The head's bias (the head is always built with one)."""
+        bias = self.head.bias
+        if bias is None:
+            raise RuntimeError("the projection head has lost its bias")
+        return bias
 
     def embed(self, features: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         """Backbone features (B, C, h, w) -> patch embeddings (B, d, h, w) with the given head params."""

@@ -124,7 +124,7 @@ class VisionTransformerS14(nn.Module):
         self.out_channels = WIDTH * len(self.taps)
 
     def position_embedding(self, h: int, w: int) -> Tensor:
-        grid = self.grid_pos
+        grid: Tensor = self.grid_pos
         if (h, w) != (GRID, GRID):
             grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
         return torch.cat([self.cls_pos, grid.flatten(2).transpose(1, 2)], dim=1)

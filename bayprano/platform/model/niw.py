@@ -238,6 +238,16 @@ class NIWPrototype:
     (B, d, H, W) of the same grid.
     """
 
+    hyper: NIWHyper | None  # None for a prototype rebuilt from its predictive alone
+    global_: NIWPosterior | None
+    local_: NIWPosterior | None
+    predictive_: StudentT
+    shape_: tuple[int, ...]
+    n_support_: int | None
+    positions_: Tensor | None
+    nu_n_: float
+    kappa_n_: float
+
     def __init__(self, hyper: NIWHyper | None = None):
         self.hyper = (hyper or NIWHyper()).validate()
 
@@ -246,6 +256,8 @@ class NIWPrototype:
         (then distances and scores are (B, P') instead of maps)."""
         if z.dim() != 4:
             raise ConfigError(f"NIWPrototype.fit: expected support maps (K, d, H, W), got shape {tuple(z.shape)}")
+        if self.hyper is None:
+            raise ConfigError("NIWPrototype.fit: this prototype was rebuilt from a predictive and has no prior")
         self.global_, self.local_ = fit_posteriors(z, self.hyper, positions)
         self.predictive_ = self.local_.predictive()
         self.shape_ = tuple(z.shape[1:])
@@ -322,4 +334,6 @@ class NIWPrototype:
         return self.predictive_.df
 
     def with_hyper(self, **changes) -> "NIWPrototype":
+        if self.hyper is None:
+            raise ConfigError("NIWPrototype.with_hyper: this prototype was rebuilt from a predictive and has no prior")
         return NIWPrototype(replace(self.hyper, **changes))

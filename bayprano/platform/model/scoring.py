@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from torch import Tensor
 
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.model.anomaly_map import gaussian_blur
+from bayprano.platform.model.tiling import masked_max
 
 DECISIONS = ("normal", "anomalous", "review")
 
@@ -55,12 +57,21 @@ DECISIONS = ("normal", "anomalous", "review")
 STATISTIC_SIGMA = 1.0  # in patch cells
 
 
-def image_statistic(mahalanobis: Tensor, dim: int, sigma: float = STATISTIC_SIGMA) -> Tensor:
+def image_statistic(
+    mahalanobis: Tensor, dim: int, sigma: float = STATISTIC_SIGMA, *, inside: Tensor | None = None
+) -> Tensor:
     """T = max over patches of m / d after a light Gaussian smoothing of the map, per image: (B, h, w) -> (B,).
 
     The smoothing (sigma in patch cells) averages out isolated noisy patches; a defect spans several.
+    ``inside`` ((h, w) or (B, h, w) bool, a region of interest's cells): the same smoothing over the
+    inside cells only (a normalised convolution, so that no value outside leaks in), then the maximum
+    over those cells.
     """
-    return gaussian_blur(mahalanobis / dim, sigma).flatten(1).amax(1)
+    if inside is None:
+        return gaussian_blur(mahalanobis / dim, sigma).flatten(1).amax(1)
+    weight = inside.to(mahalanobis.device).expand_as(mahalanobis).to(mahalanobis.dtype)
+    smoothed = gaussian_blur(mahalanobis / dim * weight, sigma) / gaussian_blur(weight, sigma).clamp_min(1e-12)
+    return masked_max(smoothed, inside)
 
 
 def _neg_log_cdf(t: np.ndarray, dim: int, df: np.ndarray | float) -> np.ndarray:
@@ -168,14 +179,22 @@ class LogNormalCalibration:
 SHIFT_CELLS = 3  # patch cells: beyond the posterior's 3x3 pooling window
 
 
-def shift_covariate(mahalanobis, z: Tensor, dim: int, shift: int = SHIFT_CELLS) -> float:
+def shift_covariate(
+    mahalanobis: Callable[[Tensor], Tensor],
+    z: Tensor,
+    dim: int,
+    shift: int = SHIFT_CELLS,
+    inside: Tensor | None = None,
+) -> float:
     """Mean log T of the support embeddings ``z`` (K, d, h, w) shifted by ``shift`` cells up, down, left
-    and right (reflected at the border), scored by ``mahalanobis`` (the support's own posterior)."""
+    and right (reflected at the border), scored by ``mahalanobis`` (the support's own posterior);
+    ``inside`` (K, h, w): the views' cells inside a region of interest, over which T is taken."""
     h, w = z.shape[-2:]
     s = max(1, min(shift, h - 1, w - 1))
     padded = F.pad(z, (s, s, s, s), mode="reflect")
     views = [padded[..., s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in ((0, s), (0, -s), (s, 0), (-s, 0))]
-    return float(torch.log(image_statistic(mahalanobis(torch.cat(views)), dim)).mean())
+    region = None if inside is None else inside.repeat(4, 1, 1)
+    return float(torch.log(image_statistic(mahalanobis(torch.cat(views)), dim, inside=region)).mean())
 
 
 def summary_moments(group) -> tuple[float, float, float, float, float, float]:
@@ -184,7 +203,8 @@ def summary_moments(group) -> tuple[float, float, float, float, float, float]:
     if len(group) == 3:
         mean, ss, n = group
         return float(n), 0.0, mean * n, 0.0, 0.0, ss + n * mean * mean
-    return tuple(float(v) for v in group)
+    n, sx, sy, sxx, sxy, syy = (float(v) for v in group)
+    return n, sx, sy, sxx, sxy, syy
 
 
 @dataclass

@@ -25,6 +25,17 @@ from torch import Tensor
 
 from bayprano.platform.errors import ConfigError, DataError
 
+SCORING_MODES = ("resize", "tile")  # an image resized to one tile, or scored as stitched tiles
+DEFAULT_SCORING = "resize"
+DEFAULT_TILE_OVERLAP = 0.25
+
+
+def check_scoring(scoring: str, tile_overlap: float) -> None:
+    if scoring not in SCORING_MODES:
+        raise ConfigError(f"scoring mode {scoring!r} is not one of {', '.join(SCORING_MODES)}")
+    if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, (int, float)) or not 0 <= tile_overlap < 1:
+        raise ConfigError(f"tile overlap must be a number in [0, 1), got {tile_overlap!r}")
+
 
 @dataclass(frozen=True)
 class TilePlan:
@@ -79,8 +90,11 @@ def split(image: np.ndarray, plan: TilePlan) -> np.ndarray:
         raise DataError(f"image of shape {image.shape} does not match the tile plan's {plan.height}x{plan.width}")
     pad_h, pad_w = plan.padded_height - plan.height, plan.padded_width - plan.width
     if pad_h or pad_w:
-        mode = "reflect" if pad_h < plan.height and pad_w < plan.width else "edge"
-        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+        widths = ((0, pad_h), (0, pad_w), (0, 0))
+        if pad_h < plan.height and pad_w < plan.width:
+            image = np.pad(image, widths, mode="reflect")
+        else:
+            image = np.pad(image, widths, mode="edge")
     t = plan.tile
     return np.stack([image[y : y + t, x : x + t] for y, x in plan.origins])
 
@@ -190,3 +204,12 @@ class RegionOfInterest:
 def masked_max(grids: Tensor, inside: Tensor) -> Tensor:
     """The maximum of each (B, rows, cols) grid over the cells inside the region."""
     return grids.masked_fill(~inside.to(grids.device), float("-inf")).flatten(1).max(dim=1).values
+
+
+def stitched_cells(mask: np.ndarray, plan: TilePlan) -> Tensor:
+    """The cells of a stitched, cropped grid that lie mostly inside the pixel ``mask`` (at the image's size)."""
+    rows, cols = math.ceil(plan.height / plan.stride), math.ceil(plan.width / plan.stride)
+    padded = np.zeros((rows * plan.stride, cols * plan.stride), dtype=bool)
+    padded[: plan.height, : plan.width] = mask
+    return RegionOfInterest.cells(padded, rows, cols)
+

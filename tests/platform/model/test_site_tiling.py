@@ -20,7 +20,8 @@ from site_fixtures import SIZE, frozen_checkpoint, good  # noqa: E402
 
 from bayprano.platform.data.augment import augment_support  # noqa: E402
 from bayprano.platform.errors import ConfigError, DataError  # noqa: E402
-from bayprano.platform.model.site import SiteModel, adapt, statistic  # noqa: E402
+from bayprano.platform.model.scoring import image_statistic  # noqa: E402
+from bayprano.platform.model.site import SiteModel, adapt  # noqa: E402
 from bayprano.platform.model.tiling import RegionOfInterest, crop_grid, plan_tiles, split, stitch  # noqa: E402
 
 DIM = 32
@@ -147,9 +148,9 @@ def test_leave_one_out_leaves_every_view_of_an_image_out_together(checkpoint, ex
     with torch.no_grad():
         for i in range(3):
             rest = model.prototype(torch.cat([z[j] for j in range(3) if j != i]))
-            together.append(float(statistic(rest.distance(z[i][:1]), DIM)[0]))
+            together.append(float(image_statistic(rest.distance(z[i][:1]), DIM)[0]))
             others = model.prototype(torch.cat([z[j] for j in range(3) if j != i] + [z[i][1:]]))
-            alone.append(float(statistic(others.distance(z[i][:1]), DIM)[0]))
+            alone.append(float(image_statistic(others.distance(z[i][:1]), DIM)[0]))
     assert site.info["loo_statistics"] == pytest.approx(together, rel=1e-4)
     # Leaving only the original out would be optimistic: its shifted copies stay and look like it.
     assert all(a < t for a, t in zip(alone, together))
