@@ -48,10 +48,12 @@ def test_serve_refuses_bad_settings_before_starting_ray(tmp_path, registry, caps
 
 
 def test_shipped_configs_are_valid(registry):
+    from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
     from bayprano.config import ServeConfig, load_yaml_config
-    from bayprano.serve.app import build_app
+    from bayprano.platform.errors import DataError
+    from bayprano.serve.app import build_app, build_config, deployment_options
 
     cfg = load_yaml_config(ROOT / "configs" / "serve.yaml", ServeConfig, {"registry": str(registry[0].root)})
     assert cfg.max_models_per_replica >= 1 and cfg.batching and cfg.docs is False
@@ -60,21 +62,17 @@ def test_shipped_configs_are_valid(registry):
     app = schema.applications[0]
     assert app.import_path == "bayprano.serve.app:build_app"
     args = {**app.args, "registry": str(registry[0].root), "config": str(ROOT / "configs" / "serve.yaml")}
-    built = build_app(args)
-    from ray import serve
-
-    from bayprano.platform.errors import DataError
-
-    assert isinstance(built, serve.Application)
-    gateway = built._bound_deployment  # what `serve deploy` would run: the ingress bound to the model deployment
-    assert gateway.name == "Gateway" and gateway.ray_actor_options == {"num_cpus": cfg.ingress_num_cpus}
-    models, settings = gateway.init_args
-    assert settings["registry"] == str(registry[0].root) and settings["docs"] is False
-    assert settings["max_image_pixels"] == cfg.max_image_pixels and settings["max_jpeg_scans"] == cfg.max_jpeg_scans
-    deployment = models._bound_deployment
-    assert deployment.name == "SiteModels" and deployment.ray_actor_options["num_cpus"] == app.args["num_cpus"]
-    scaling = deployment._deployment_config.autoscaling_config
-    assert (scaling.min_replicas, scaling.max_replicas) == (app.args["min_replicas"], app.args["max_replicas"])
+    assert isinstance(build_app(args), serve.Application)
+    # what `serve deploy` would run: the settings and deployment options that build_app binds
+    built = build_config(args)
+    assert built.registry == registry[0].root and built.docs is False
+    assert built.max_image_pixels == cfg.max_image_pixels and built.max_jpeg_scans == cfg.max_jpeg_scans
+    options = deployment_options(built)
+    assert options["Gateway"]["ray_actor_options"] == {"num_cpus": cfg.ingress_num_cpus}
+    assert options["SiteModels"]["ray_actor_options"]["num_cpus"] == app.args["num_cpus"]
+    scaling = options["SiteModels"]["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (app.args["min_replicas"], app.args["max_replicas"])
+    assert "num_replicas" not in options["SiteModels"]  # autoscaling replaces a fixed count
     assert cfg.gateway_memory_budget < 2 * 1024**3  # the shipped limits bound the gateway to under 2 GiB
     with pytest.raises(DataError, match="not a model registry"):
         build_app({**app.args})
