@@ -17,14 +17,14 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import AsyncIterator, Literal, Optional
+from typing import Any, AsyncIterator, Literal, Optional
 
 from fastapi import Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from bayprano.config import ServeConfig
 from bayprano.platform.errors import BaypranoError
@@ -122,7 +122,8 @@ class Gateway:
             raise ApiError(401, "invalid_token", "the bearer token is not valid")
 
     @contextlib.asynccontextmanager
-    async def _guard(self, site: str, credentials, scope: str) -> AsyncIterator[float]:
+    async def _guard(self, site: str, credentials: Optional[HTTPAuthorizationCredentials],
+                     scope: str) -> AsyncIterator[float]:
         """Authorization, then the token's limits for the duration of the request; yields its deadline
         (time.monotonic())."""
         key = self._authorize(site, credentials, scope)
@@ -137,7 +138,11 @@ class Gateway:
                                             "/v1/sites/{site}/adapt, then promote it)")
         return mid, parse_model_id(mid)[1]
 
-    async def _call(self, response, what: str, deadline: float):
+    async def _call(self, response: DeploymentResponse | DeploymentResponseGenerator, what: str,
+                    deadline: float) -> Any:
+        """The model replica's answer by ``deadline``, its failures mapped to 503, 422 or 504."""
+        if not isinstance(response, DeploymentResponse):  # the handle does not stream
+            raise TypeError("expected a unary response from the model deployment")
         try:
             return await asyncio.wait_for(response, timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -155,23 +160,23 @@ class Gateway:
     # ------------------------------------------------------------------------------------ endpoints
 
     @api.get("/", include_in_schema=False, response_class=HTMLResponse)
-    async def review_page(self):
+    async def review_page(self) -> HTMLResponse:
         return HTMLResponse(REVIEW_PAGE.read_text())
 
     @api.get("/static/{name}", include_in_schema=False)
-    async def static(self, name: str):
+    async def static(self, name: str) -> Response:
         if name not in STATIC_FILES:
             raise ApiError(404, "not_found", f"no static file {show(name)}")
         return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name])
 
     @api.get("/openapi.json", include_in_schema=False)
-    async def openapi(self):
+    async def openapi(self) -> JSONResponse:
         if not self.cfg.docs:
             raise ApiError(404, "not_found", "the API description is off on this server (serve setting docs)")
         return JSONResponse(api.openapi())
 
     @api.get("/docs", include_in_schema=False)
-    async def docs(self):
+    async def docs(self) -> HTMLResponse:
         from fastapi.openapi.docs import get_swagger_ui_html
 
         if not self.cfg.docs:
@@ -326,7 +331,7 @@ class Gateway:
 
     @api.get("/readyz", response_model=Health, responses={503: {"model": Health}},
              summary="Ready to serve: the registry is readable and a model replica answers")
-    async def readyz(self):
+    async def readyz(self) -> Health | JSONResponse:
         try:
             await asyncio.to_thread(Registry, self.cfg.registry)
             await asyncio.wait_for(self.models.ready.remote(), timeout=5)

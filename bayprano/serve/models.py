@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 from ray import serve
@@ -30,7 +30,14 @@ from bayprano.serve.api import public
 from bayprano.serve.metrics import serve_metrics
 from bayprano.serve.registry import Registry, parse_model_id
 
+if TYPE_CHECKING:
+    from bayprano.platform.meta.checkpoint import MetaCheckpoint
+    from bayprano.platform.model.backbone import PatchFeatureExtractor
+    from bayprano.platform.model.site import ImageResult, SiteModel
+
 log = logging.getLogger("ray.serve")
+Outcome = Union["ImageResult", "Failed"]  # one image's result, or its failure
+BatchItem = tuple[str, list[np.ndarray], bool]  # model id, images, whether maps are wanted
 
 
 class ModelUnavailable(RuntimeError):
@@ -53,7 +60,7 @@ def error_row(code: str, message: str) -> dict:
     return {"status": "error", "error": {"code": code, "message": message}}
 
 
-def render_map(site_model: Any, image: np.ndarray, result: Any, mode: str) -> str:
+def render_map(site_model: "SiteModel", image: np.ndarray, result: "ImageResult", mode: str) -> str:
     """The anomaly map of one result as base64 PNG: a heatmap over the image (``png``) or a binary mask of
     the pixels over the threshold (``mask``), at the image's own size."""
     from PIL import Image
@@ -61,6 +68,8 @@ def render_map(site_model: Any, image: np.ndarray, result: Any, mode: str) -> st
     from bayprano.platform.data.imageio import encode_png
     from bayprano.platform.model.anomaly_map import heat_level, overlay
 
+    if result.anomaly_map is None:
+        raise ValueError("the result holds no anomaly map (it was scored without maps)")
     h, w = image.shape[:2]
     amap = result.anomaly_map.astype(np.float32)
     if mode == "mask":
@@ -79,15 +88,15 @@ class SiteModels:
         cfg = ServeConfig.model_validate(settings)
         self.cfg = cfg
         self.registry = Registry(cfg.registry)
-        self._extractors: dict[str, Any] = {}
-        self._checkpoint: tuple[Path, float, Any] | None = None
+        self._extractors: dict[str, PatchFeatureExtractor] = {}
+        self._checkpoint: tuple[Path, float, MetaCheckpoint] | None = None
         self._compute = asyncio.Lock()
         self._adapting = asyncio.Lock()
         self.loads: list[str] = []
         self._held: set[str] = set()  # model ids in Serve's LRU after our last load
         self.batch_sizes: list[int] = []
 
-        async def load(mid: str):
+        async def load(mid: str) -> SiteModel:
             return await self._load(mid)
 
         # Built here rather than as a decorated method so that the LRU size comes from the config.
@@ -100,19 +109,19 @@ class SiteModels:
         if checkpoint:  # build the backbone now, so that the replica is ready when it says so
             self._extractor(checkpoint["backbone"])
 
-    def _extractor(self, backbone: str):
+    def _extractor(self, backbone: str) -> PatchFeatureExtractor:
         from bayprano.platform.model.backbone import build_backbone
 
         if backbone not in self._extractors:
             self._extractors[backbone] = build_backbone(backbone, device=self.cfg.device)
         return self._extractors[backbone]
 
-    async def _load(self, mid: str):
+    async def _load(self, mid: str) -> SiteModel:
         from bayprano.platform.model.site import SiteModel
 
         site, version = parse_model_id(mid)
 
-        def load():
+        def load() -> SiteModel:
             try:
                 path = self.registry.check_version(site, version)
                 backbone = json.loads((path / "meta.json").read_text())["backbone"]
@@ -133,12 +142,12 @@ class SiteModels:
         metrics.model_loaded(site, len(self._held))
         return model
 
-    def _run(self, model, images: list[np.ndarray], maps: bool):
+    def _run(self, model: SiteModel, images: list[np.ndarray], maps: bool) -> list[ImageResult]:
         return model.score(images, maps=maps, batch_size=max(1, min(len(images), 32)))
 
-    def _run_each(self, model, images: list[np.ndarray], maps: bool) -> list:
+    def _run_each(self, model: SiteModel, images: list[np.ndarray], maps: bool) -> list[Outcome]:
         """Score images one by one, so that one that fails is the only one to fail."""
-        out = []
+        out: list[Outcome] = []
         for image in images:
             try:
                 out.append(self._run(model, [image], maps)[0])
@@ -148,9 +157,9 @@ class SiteModels:
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, items: list[tuple[str, list[np.ndarray], bool]]) -> list:
+    async def _score_batch(self, items: list[BatchItem]) -> list[tuple[SiteModel, list[Outcome]] | Failed]:
         self.batch_sizes.append(len(items))
-        out: list = [None] * len(items)
+        out: list[tuple[SiteModel, list[Outcome]] | Failed] = [Failed(RuntimeError("not scored"))] * len(items)
         groups: dict[str, list[int]] = {}
         for i, (mid, _, _) in enumerate(items):
             groups.setdefault(mid, []).append(i)
@@ -162,9 +171,10 @@ class SiteModels:
                     out[i] = Failed(exc)
                 continue
             maps = any(items[i][2] for i in idx)
+            images = [im for i in idx for im in items[i][1]]
+            results: list[Outcome]
             try:
-                images = [im for i in idx for im in items[i][1]]
-                results = await asyncio.to_thread(self._run, model, images, maps)
+                results = list(await asyncio.to_thread(self._run, model, images, maps))
             except Exception:  # one bad image must not fail the other requests of the group: score them alone
                 results = await asyncio.to_thread(self._run_each, model, images, maps)
             start = 0
@@ -179,6 +189,7 @@ class SiteModels:
         """One row per image: the result, or ``status: error`` for an image that failed in scoring. Map
         rendering stops at ``deadline`` (a time.time() value), once the gateway has given up."""
         model = await self.get_model(mid)  # a cold site loads here, outside the batch loop
+        results: list[Outcome]
         if self.cfg.batching:
             got = await self._score_batch((mid, images, map_mode is not None))
             if isinstance(got, Failed):
@@ -187,12 +198,12 @@ class SiteModels:
         else:
             async with self._compute:
                 try:
-                    results = await asyncio.to_thread(self._run, model, images, map_mode is not None)
+                    results = list(await asyncio.to_thread(self._run, model, images, map_mode is not None))
                 except Exception:
                     results = await asyncio.to_thread(self._run_each, model, images, map_mode is not None)
 
-        def records():
-            rows = []
+        def records() -> list[dict]:
+            rows: list[dict] = []
             for image, r in zip(images, results):
                 if isinstance(r, Failed):
                     rows.append(error_row("scoring_failed", "the model could not score this image"))

@@ -133,7 +133,7 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self._token_sites: tuple[tuple[FileStamp | None, ...], dict[str, str]] | None = None
+        self._token_sites: tuple[tuple[FileStamp | None, ...], dict[str, str], frozenset[str]] | None = None
         self._admin_hash: tuple[FileStamp, str] | None = None
         path = self.root / "registry.json"
         if not path.is_file():
@@ -265,16 +265,21 @@ class Registry:
     def token_scopes(self, site: str, token: str | None) -> tuple[str, ...] | None:
         """The scopes of ``token`` on ``site``; None when it is not that site's token (without reading a file
         when the token is no site's)."""
-        if not token or self._indexed_site(token) != site or not self.has_site(site):
+        if not token:
             return None
-        record = self._read_json(self._site_dir(site) / "site.json")
+        index, unreadable = self._token_index()
+        if index.get(hash_token(token)) != site and site not in unreadable:
+            return None
+        if not self.has_site(site):
+            return None
+        record = self._read_json(self._site_dir(site) / "site.json")  # an unreadable one raises: the server's fault
         if not hmac.compare_digest(hash_token(token), str(record.get("token_sha256", ""))):
             return None
         return tuple(record.get("scopes", DEFAULT_SCOPES))
 
     def site_of_token(self, token: str | None) -> str | None:
         """The site whose token ``token`` is, if any (without reading a file when it is no site's)."""
-        site = self._indexed_site(token) if token else None
+        site = self._token_index()[0].get(hash_token(token)) if token else None
         if site is None:
             return None
         try:
@@ -283,27 +288,26 @@ class Registry:
             return None
         return site if token and hmac.compare_digest(hash_token(token), expected) else None
 
-    def _indexed_site(self, token: str) -> str | None:
-        """The site that the in-memory index names for ``token``'s hash. The hash of a 256-bit random token
-        cannot be steered by a client, so a dictionary lookup leaks nothing that a constant-time comparison
-        would hide; callers still compare with the site's own record."""
-        return self._token_index().get(hash_token(token))
-
-    def _token_index(self) -> dict[str, str]:
-        """Token hash -> site, rebuilt from every site.json when the registry has changed."""
+    def _token_index(self) -> tuple[dict[str, str], frozenset[str]]:
+        """Token hash -> site, and the sites whose site.json could not be read, rebuilt from every site.json
+        when the registry has changed. The hash of a 256-bit random token cannot be steered by a client, so
+        looking it up in a dictionary leaks nothing that a constant-time comparison would hide; callers still
+        compare with the site's own record."""
         sites = self.root / "sites"
         stamp = (_stamp(sites), _stamp(sites / CHANGES_FILE))  # taken first: a change while reading rebuilds again
         if self._token_sites is None or self._token_sites[0] != stamp:
             index: dict[str, str] = {}
+            unreadable: set[str] = set()
             for site in self.sites():
                 try:
                     digest = self._read_json(self._site_dir(site) / "site.json").get("token_sha256")
                 except DataError:
-                    continue  # a broken site.json: that site's token is refused, the others still work
+                    unreadable.add(site)  # checked against its file again, which fails as the server's fault
+                    continue
                 if isinstance(digest, str):
                     index[digest] = site
-            self._token_sites = (stamp, index)
-        return self._token_sites[1]
+            self._token_sites = (stamp, index, frozenset(unreadable))
+        return self._token_sites[1], self._token_sites[2]
 
     def scopes(self, site: str) -> tuple[str, ...]:
         self._require_site(site)

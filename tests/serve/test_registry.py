@@ -25,6 +25,7 @@ def registry(tmp_path, checkpoint) -> Registry:
 
 _FILE_ACCESS: list[list[str]] = []  # the lists that the audit hook fills while files_touched() is active
 _FILE_EVENTS = ("open", "os.listdir", "os.scandir")
+_AUDIT_HOOK: list = []  # the hook, once installed
 
 
 def _note_file_access(event: str, args: tuple) -> None:
@@ -36,9 +37,9 @@ def _note_file_access(event: str, args: tuple) -> None:
 def files_touched(root: Path) -> Iterator[list[str]]:
     """The files opened and folders listed under ``root`` while the block runs, as the interpreter's audit
     events report them (a hook cannot be removed, so one is installed once and idles outside the block)."""
-    if not getattr(sys, "_bayprano_file_audit", False):
+    if not _AUDIT_HOOK:
         sys.addaudithook(_note_file_access)
-        sys._bayprano_file_audit = True  # type: ignore[attr-defined]
+        _AUDIT_HOOK.append(_note_file_access)
     seen: list[str] = []
     _FILE_ACCESS.append(seen)
     try:
@@ -291,3 +292,18 @@ def test_an_invalid_token_costs_no_file_read_and_changes_in_another_process_are_
     with files_touched(reg.root) as touched:
         assert server.site_of_token("bp_nothing") is None and not server.check_admin_token("bp_nothing")
     assert touched == []
+
+
+def test_a_broken_site_json_fails_its_own_site_as_the_servers_fault_and_no_other(tmp_path, checkpoint):
+    reg, _ = Registry.init(tmp_path / "reg", checkpoint=checkpoint)
+    broken, fine = reg.add_site("plant-a"), reg.add_site("plant-b")
+    server = Registry(reg.root)
+    assert server.token_scopes("plant-a", broken) == ("score", "review")
+    (reg.root / "sites" / "plant-a" / "site.json").write_text("{ not json")  # rewritten in place, not through reg
+    with pytest.raises(BaypranoError, match="not valid JSON"):
+        server.token_scopes("plant-a", broken)
+    reg.add_site("plant-c")  # a change: the server rebuilds its index, and still refuses to guess
+    with pytest.raises(BaypranoError, match="not valid JSON"):
+        server.token_scopes("plant-a", broken)
+    assert server.token_scopes("plant-b", fine) == ("score", "review") and server.site_of_token(fine) == "plant-b"
+    assert server.site_of_token(broken) is None and server.token_scopes("plant-b", broken) is None

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from bayprano.cli import main
 from bayprano.serve.registry import Registry
 
 from serving_fixtures import free_port, good, png
+from waiting import poll
 from test_cli_data import BAYPRANO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,11 +78,10 @@ def test_shipped_configs_are_valid(registry):
         build_app({**app.args})
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
     """'ours' once our server answers /readyz; 'taken' when something else answers on the port; 'exited' or
     'timeout' otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def state() -> str | None:
         if proc.poll() is not None:
             return "exited"
         try:
@@ -93,8 +92,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
                 return "taken"
         except (requests.RequestException, ValueError):  # not listening yet, or the proxy is still starting
             pass
-        time.sleep(1)
-    return "timeout"
+        return None
+
+    return poll(state, timeout, every=1.0) or "timeout"
 
 
 def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
@@ -113,7 +113,7 @@ def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
         proc = subprocess.Popen([BAYPRANO, "serve", "--registry", str(reg.root), "--config", str(config), "--port",
                                  str(port), "--address", address], stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
-        ready = _wait_ready(url, proc, timeout=240)
+        ready = wait_ready(url, proc, timeout=240)
         if ready == "ours":
             break
         proc.kill()
