@@ -17,7 +17,7 @@ from bayprano.cli import main
 from bayprano.serve.registry import Registry
 
 from serving_fixtures import free_port, good, png
-from waiting import poll
+from waiting import poll, wait_until
 from test_cli_data import BAYPRANO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,6 +126,9 @@ def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
                           headers={"Authorization": f"Bearer {token}"}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["score"] == pytest.approx(model.score(image, maps=False)[0].score, rel=1e-4)
+        # /readyz can answer before `serve.run` has returned in the command: stop it once it says it serves
+        wait_until(lambda: f"at http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text(),
+                   "the serve command printed where it serves", timeout=120, every=0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
         assert "bayprano" not in serve.status().applications  # it removed its application, nothing more
