@@ -17,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Iterable
 
 from bayprano.platform.errors import ConfigError, DataError
 
@@ -92,7 +93,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     ckpt = registry.meta.get("checkpoint")
     print(f"registry {registry.root}; meta-checkpoint: "
           f"{ckpt['source'] + ' (sha256 ' + ckpt['sha256'][:12] + ')' if ckpt else 'none'}")
-    rows = []
+    rows: list[Iterable[str]] = []
     for s in sites:
         for v in s["versions"] or [{"version": "-"}]:
             rows.append((s["site"], v["version"] + (" *" if v.get("current") else ""), v.get("published") or "-",
@@ -104,18 +105,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_registry_promote(args: argparse.Namespace) -> int:
+def cmd_registry_move_current(args: argparse.Namespace) -> int:
+    """``promote SITE [VERSION]`` (default: the newest) and ``rollback SITE [--to VERSION]`` (default: the one
+    before the current one): move the site's ``current`` pointer and say from where to where."""
     registry = _registry(args)
     before = registry.current(args.site)
-    now = registry.promote(args.site, args.version)
-    print(f"site {args.site!r}: current version {before} -> {now}")
-    return 0
-
-
-def cmd_registry_rollback(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    before = registry.current(args.site)
-    now = registry.rollback(args.site, args.to)
+    move = registry.promote if args.registry_command == "promote" else registry.rollback
+    now = move(args.site, args.version)
     print(f"site {args.site!r}: current version {before} -> {now}")
     return 0
 
@@ -295,13 +291,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     registry_arg(p)
     p.add_argument("site")
     p.add_argument("version", nargs="?", metavar="vNNNN")
-    p.set_defaults(func=cmd_registry_promote)
+    p.set_defaults(func=cmd_registry_move_current)
 
     p = rsub.add_parser("rollback", help="make an earlier version current (default: the one before)")
     registry_arg(p)
     p.add_argument("site")
-    p.add_argument("--to", metavar="vNNNN")
-    p.set_defaults(func=cmd_registry_rollback)
+    p.add_argument("--to", dest="version", metavar="vNNNN")
+    p.set_defaults(func=cmd_registry_move_current)
 
     p = rsub.add_parser("rotate-token", help="give a site (or the admin) a new token; prints it once")
     registry_arg(p)

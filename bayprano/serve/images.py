@@ -1,14 +1,17 @@
 """Decoding uploaded images safely: an allow-list of formats, limits checked before and after decoding,
 and a decode that can be stopped.
 
-An upload is untrusted. ``probe`` opens it with Pillow restricted to PNG, JPEG, BMP and TIFF, reads
-only its header and checks the declared size against the per-image pixel limit and the minimum side;
+An upload is untrusted. ``probe`` opens it with Pillow's PNG, JPEG, BMP and TIFF readers only, reads
+only its header and checks the declared size against the per-image pixel limit of the call (the limit of
+the deployment that got the request: Pillow's own process-wide ``MAX_IMAGE_PIXELS`` is neither read nor
+set here, so two deployments with different limits in one process do not interfere) and the minimum side;
 a JPEG with more scans than ``max_jpeg_scans`` is refused there too (each scan of a progressive JPEG
 makes the decoder walk the whole image again, so a small file of repeated scans takes minutes).
 ``decode`` then decodes it, checks that the decoded size is the declared one, and converts it to RGB
 uint8. Every Pillow failure, whatever its class, becomes an ``ImageRejected`` with a 400 or 413 status
 and a message naming the image, never Pillow's own text. A ``threading.Event`` passed as ``cancel``
-stops a decode at its next read of the file (the gateway sets it when the request's deadline passes).
+stops a probe or a decode at its next read of the file (the gateway sets it when the request's deadline
+passes), with ``DecodeCancelled``.
 
 Nothing here imports Ray or FastAPI: the gateway runs these functions in its bounded decode pool.
 """
@@ -16,11 +19,13 @@ Nothing here imports Ray or FastAPI: the gateway runs these functions in its bou
 from __future__ import annotations
 
 import io
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 MIN_SIDE = 32  # the backbone's minimum image side (bayprano.platform.model.backbone.MIN_IMAGE_SIZE)
@@ -62,42 +67,54 @@ class _CancellableBytes(io.BytesIO):
         return super().read(size)
 
 
-def set_pixel_limit(max_pixels: int) -> None:
-    """Pillow's own decompression-bomb limit, from the configured per-image limit (Pillow raises above
-    twice it; the header check here refuses anything above it first)."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = int(max_pixels)
-
-
 def jpeg_scans(data: bytes) -> int:
     """The number of start-of-scan markers of a JPEG stream (0xFF 0xDA cannot occur inside entropy-coded
     data, where every 0xFF byte is followed by 0x00 or a restart marker)."""
     return data.count(b"\xff\xda")
 
 
-def _open(data: bytes, cancel: Optional[threading.Event]):
-    from PIL import Image
+def _open(data: bytes, cancel: Optional[threading.Event]) -> ImageFile.ImageFile:
+    """The upload opened by the first of the allowed readers that accepts its signature. This is what
+    ``Image.open(fp, formats=FORMATS)`` does, without its check of the declared size against Pillow's
+    process-wide limit: the callers check it against their own limit instead."""
+    Image.preinit()  # registers the PNG, JPEG and BMP readers
+    from PIL import TiffImagePlugin  # noqa: F401  (registers the TIFF reader)
 
-    return Image.open(_CancellableBytes(data, cancel), formats=list(FORMATS))
+    fp = _CancellableBytes(data, cancel)
+    prefix = fp.read(16)
+    for fmt in FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept(prefix) if accept is not None else True
+        if isinstance(accepted, str) or not accepted:  # a str is Pillow's warning: not this format
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+            continue
+    raise UnidentifiedImageError("not an allowed image format")
 
 
 def _rejected(name: str, exc: BaseException, max_pixels: int) -> ImageRejected:
-    from PIL import Image
-
     if isinstance(exc, Image.DecompressionBombError):
         return ImageRejected(413, "image_too_large", f"{name}: image is larger than the limit of {max_pixels} pixels")
     return ImageRejected(400, "bad_image", f"{name}: not a readable image ({', '.join(FORMATS)} expected)")
 
 
-def probe(data: bytes, name: str, max_pixels: int, max_jpeg_scans: int) -> Probe:
-    """The declared size and format of an upload, read from its header; refuses what must not be decoded."""
+def probe(data: bytes, name: str, max_pixels: int, max_jpeg_scans: int,
+          cancel: Optional[threading.Event] = None) -> Probe:
+    """The declared size and format of an upload, read from its header; refuses what must not be decoded.
+    Raises ``DecodeCancelled`` when ``cancel`` is set while the header is read."""
     if not data:
         raise ImageRejected(400, "bad_image", f"{name}: empty image")
     try:
-        with _open(data, None) as img:
+        with _open(data, cancel) as img:
             w, h, fmt = int(img.size[0]), int(img.size[1]), str(img.format)
+    except DecodeCancelled:
+        raise
     except Exception as exc:  # Pillow raises many kinds of error for hostile input; every one is the image's fault
+        if cancel is not None and cancel.is_set():
+            raise DecodeCancelled() from None
         raise _rejected(name, exc, max_pixels) from None
     if w * h > max_pixels:
         raise ImageRejected(413, "image_too_large", f"{name}: image is {w}x{h} px, more than the limit of "
@@ -110,9 +127,7 @@ def probe(data: bytes, name: str, max_pixels: int, max_jpeg_scans: int) -> Probe
     return Probe(w, h, fmt)
 
 
-def _to_rgb(img) -> np.ndarray:
-    from PIL import Image
-
+def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)

@@ -22,7 +22,11 @@ folder), and the ``current`` pointer is replaced atomically, so a server reading
 old or the new version, never a half-written one. Changes to one site are serialised with a file lock.
 
 Tokens are 256-bit random strings, so a plain sha256 of each is enough to store them safely; they are
-compared in constant time. Nothing here imports Ray: the registry is used by the server, the operator's
+compared in constant time. A ``Registry`` keeps an index from token hash to site in memory and the admin
+token's hash, so that a token which is nobody's costs no file read: the index is rebuilt when
+``sites/.changed`` (rewritten by every change made through a ``Registry``: a new site, a rotated token, a
+publish, promote or rollback, in any process) or the ``sites`` folder itself changes, the admin hash when
+``registry.json`` does. A token found in the index is still checked against its site's ``site.json``. Nothing here imports Ray: the registry is used by the server, the operator's
 command line and tests alike.
 """
 
@@ -38,10 +42,11 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -54,6 +59,18 @@ TOKEN_BYTES = 32
 SCOPES = ("score", "review", "adapt")
 DEFAULT_SCOPES = ("score", "review")
 KEEP_VERSIONS = 20
+CHANGES_FILE = ".changed"  # under sites/: rewritten on every change, so that readers know to refresh
+
+
+FileStamp = tuple[int, int, int, int]  # inode, size, mtime and ctime in ns: changes when the file is replaced
+
+
+def _stamp(path: Path) -> FileStamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _now() -> str:
@@ -116,6 +133,8 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._token_sites: tuple[tuple[FileStamp | None, ...], dict[str, str], frozenset[str]] | None = None
+        self._admin_hash: tuple[FileStamp, str] | None = None
         path = self.root / "registry.json"
         if not path.is_file():
             raise DataError(f"{self.root}: not a model registry (no registry.json; create one with "
@@ -179,8 +198,20 @@ class Registry:
         return self.root / info["path"]
 
     def check_admin_token(self, token: str | None) -> bool:
-        expected = self.meta.get("admin_token_sha256")
-        return bool(token) and bool(expected) and hmac.compare_digest(hash_token(token), expected)
+        if not token:
+            return False
+        expected = self._admin_token_hash()
+        return bool(expected) and hmac.compare_digest(hash_token(token), expected)
+
+    def _admin_token_hash(self) -> str:
+        """The admin token's hash, read again only when registry.json has changed."""
+        stamp = _stamp(self.root / "registry.json")
+        if stamp is None or self._admin_hash is None or self._admin_hash[0] != stamp:
+            expected = self.meta.get("admin_token_sha256")  # raises when registry.json is gone
+            if stamp is None:
+                return expected if isinstance(expected, str) else ""
+            self._admin_hash = (stamp, expected if isinstance(expected, str) else "")
+        return self._admin_hash[1]
 
     def rotate_admin_token(self) -> str:
         token = new_token()
@@ -212,6 +243,7 @@ class Registry:
         token = new_token()
         atomic_write_json(folder / "site.json", {"site": site, "created": _now(), "token_sha256": hash_token(token),
                                                  "token_rotated": None, "scopes": list(scopes)})
+        self._note_change()
         return token
 
     def rotate_token(self, site: str) -> str:
@@ -223,6 +255,7 @@ class Registry:
             record["token_sha256"] = hash_token(token)
             record["token_rotated"] = _now()
             atomic_write_json(self._site_dir(site) / "site.json", record)
+            self._note_change()
         return token
 
     def check_token(self, site: str, token: str | None) -> bool:
@@ -230,27 +263,51 @@ class Registry:
         return self.token_scopes(site, token) is not None
 
     def token_scopes(self, site: str, token: str | None) -> tuple[str, ...] | None:
-        """The scopes of ``token`` on ``site``; None when it is not that site's token."""
-        if not token or not self.has_site(site):
+        """The scopes of ``token`` on ``site``; None when it is not that site's token (without reading a file
+        when the token is no site's)."""
+        if not token:
             return None
-        record = self._read_json(self._site_dir(site) / "site.json")
-        if not hmac.compare_digest(hash_token(token), record.get("token_sha256", "")):
+        index, unreadable = self._token_index()
+        if index.get(hash_token(token)) != site and site not in unreadable:
+            return None
+        if not self.has_site(site):
+            return None
+        record = self._read_json(self._site_dir(site) / "site.json")  # an unreadable one raises: the server's fault
+        if not hmac.compare_digest(hash_token(token), str(record.get("token_sha256", ""))):
             return None
         return tuple(record.get("scopes", DEFAULT_SCOPES))
 
     def site_of_token(self, token: str | None) -> str | None:
-        """The site whose token ``token`` is, if any."""
-        if not token:
+        """The site whose token ``token`` is, if any (without reading a file when it is no site's)."""
+        site = self._token_index()[0].get(hash_token(token)) if token else None
+        if site is None:
             return None
-        digest = hash_token(token)
-        for site in self.sites():
-            try:
-                expected = self._read_json(self._site_dir(site) / "site.json").get("token_sha256", "")
-            except DataError:
-                continue
-            if hmac.compare_digest(digest, expected):
-                return site
-        return None
+        try:
+            expected = str(self._read_json(self._site_dir(site) / "site.json").get("token_sha256", ""))
+        except DataError:
+            return None
+        return site if token and hmac.compare_digest(hash_token(token), expected) else None
+
+    def _token_index(self) -> tuple[dict[str, str], frozenset[str]]:
+        """Token hash -> site, and the sites whose site.json could not be read, rebuilt from every site.json
+        when the registry has changed. The hash of a 256-bit random token cannot be steered by a client, so
+        looking it up in a dictionary leaks nothing that a constant-time comparison would hide; callers still
+        compare with the site's own record."""
+        sites = self.root / "sites"
+        stamp = (_stamp(sites), _stamp(sites / CHANGES_FILE))  # taken first: a change while reading rebuilds again
+        if self._token_sites is None or self._token_sites[0] != stamp:
+            index: dict[str, str] = {}
+            unreadable: set[str] = set()
+            for site in self.sites():
+                try:
+                    digest = self._read_json(self._site_dir(site) / "site.json").get("token_sha256")
+                except DataError:
+                    unreadable.add(site)  # checked against its file again, which fails as the server's fault
+                    continue
+                if isinstance(digest, str):
+                    index[digest] = site
+            self._token_sites = (stamp, index, frozenset(unreadable))
+        return self._token_sites[1], self._token_sites[2]
 
     def scopes(self, site: str) -> tuple[str, ...]:
         self._require_site(site)
@@ -358,7 +415,7 @@ class Registry:
                 atomic_write_json(staging / "version.json", record)
                 os.rename(staging, versions / version)  # the lock makes the name free; rename is atomic
                 if make_current:
-                    atomic_write_text(self._site_dir(site) / "current", version + "\n")
+                    self._set_current(site, version)
                 self._trim_versions(site, keep)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -386,29 +443,32 @@ class Registry:
 
     def promote(self, site: str, version: str | None = None) -> str:
         """Make a version current (default: the newest one); returns its name."""
-        with self._lock(site):
-            names = [v.version for v in self.versions(site)]
+        def newest(names: list[str], current: str | None) -> str:
             if not names:
                 raise ConfigError(f"site {site!r} has no version to promote")
-            to = names[-1] if version is None else version
-            if to not in names:
-                raise ConfigError(f"site {site!r} has no version {to} (versions: {', '.join(names)})")
-            atomic_write_text(self._site_dir(site) / "current", to + "\n")
-        return to
+            return names[-1]
+
+        return self._point_current(site, version, newest)
 
     def rollback(self, site: str, to: str | None = None) -> str:
         """Point ``current`` at version ``to`` (default: the newest version older than the current one)."""
+        def previous(names: list[str], current: str | None) -> str:
+            older = [n for n in names if current is not None and int(n[1:]) < int(current[1:])]
+            if not older:
+                raise ConfigError(f"site {site!r}: no version older than {current or 'none'} to roll back to")
+            return older[-1]
+
+        return self._point_current(site, to, previous)
+
+    def _point_current(self, site: str, version: str | None,
+                       default: Callable[[list[str], str | None], str]) -> str:
+        """Point ``current`` at ``version``, or at ``default(versions, current)`` when it is None."""
         with self._lock(site):
             names = [v.version for v in self.versions(site)]
-            cur = self.current(site)
-            if to is None:
-                older = [n for n in names if cur is not None and int(n[1:]) < int(cur[1:])]
-                if not older:
-                    raise ConfigError(f"site {site!r}: no version older than {cur or 'none'} to roll back to")
-                to = older[-1]
-            elif to not in names:
+            to = default(names, self.current(site)) if version is None else version
+            if to not in names:
                 raise ConfigError(f"site {site!r} has no version {to} (versions: {', '.join(names) or 'none'})")
-            atomic_write_text(self._site_dir(site) / "current", to + "\n")
+            self._set_current(site, to)
         return to
 
     def describe(self, site: str) -> dict:
@@ -423,6 +483,14 @@ class Registry:
         return {"site": site, "created": created, "current": cur, "versions": versions}
 
     # -------------------------------------------------------------------------------------- helpers
+
+    def _set_current(self, site: str, version: str) -> None:
+        atomic_write_text(self._site_dir(site) / "current", version + "\n")
+        self._note_change()
+
+    def _note_change(self) -> None:
+        """Tell every Registry on this folder, in any process, that a site changed (see ``_token_index``)."""
+        atomic_write_text(self.root / "sites" / CHANGES_FILE, f"{time.time_ns()} {secrets.token_hex(8)}\n")
 
     def _site_dir(self, site: str) -> Path:
         return self.root / "sites" / site

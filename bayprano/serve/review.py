@@ -38,6 +38,7 @@ MAX_PENDING = 200
 MAX_ITEMS = 1000
 IMAGE_SIDE = 512
 RESULT_KEYS = ("score", "p_value", "threshold", "decision", "uncertainty", "model_version")
+Items = list[dict]  # inside ReviewQueue, ``list`` is its method
 
 
 def _age(item: dict) -> tuple:
@@ -148,6 +149,6 @@ class ReviewQueue:
             im.save(buf, format="PNG")
         return buf.getvalue()
 
-    def labelled(self, site: str) -> list[dict]:
+    def labelled(self, site: str) -> Items:
         """The site's labelled data: every item an inspector marked good or defective."""
         return sorted((i for i in self._items(site) if i["label"] is not None), key=_age)

@@ -111,26 +111,25 @@ def tiled_server(ray_session, tmp_path_factory, checkpoint):
 def serve_on_a_free_port(app, name: str, attempts: int = 3) -> str:
     """Start Serve's proxy on a free port and run ``app`` there; a port taken between choosing and binding it
     (by another process) is retried with a new one. Returns the base URL once /healthz answers as ours."""
-    import time
-
     import requests
     from ray import serve
 
     from serving_fixtures import free_port
+    from waiting import poll
+
+    def ours(url: str) -> bool:
+        try:
+            r = requests.get(f"{url}/healthz", timeout=5)
+        except requests.RequestException:
+            return False
+        return r.status_code == 200 and r.headers.get("X-Frame-Options") == "DENY"
 
     for _ in range(attempts):
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app, name=name, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                r = requests.get(f"{url}/healthz", timeout=5)
-                if r.status_code == 200 and r.headers.get("X-Frame-Options") == "DENY":
-                    return url
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+        if poll(lambda: ours(url), timeout=60, every=0.2):
+            return url
         serve.shutdown()
     raise AssertionError(f"Serve did not answer on a free port in {attempts} attempts")

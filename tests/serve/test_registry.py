@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -17,6 +21,32 @@ from bayprano.serve.registry import Registry, hash_token, parse_model_id
 def registry(tmp_path, checkpoint) -> Registry:
     reg, _ = Registry.init(tmp_path / "reg", checkpoint=checkpoint)
     return reg
+
+
+_FILE_ACCESS: list[list[str]] = []  # the lists that the audit hook fills while files_touched() is active
+_FILE_EVENTS = ("open", "os.listdir", "os.scandir")
+_AUDIT_HOOK: list = []  # the hook, once installed
+
+
+def _note_file_access(event: str, args: tuple) -> None:
+    if _FILE_ACCESS and event in _FILE_EVENTS and isinstance(args[0], (str, bytes, os.PathLike)):
+        _FILE_ACCESS[-1].append(os.fsdecode(args[0]))
+
+
+@contextlib.contextmanager
+def files_touched(root: Path) -> Iterator[list[str]]:
+    """The files opened and folders listed under ``root`` while the block runs, as the interpreter's audit
+    events report them (a hook cannot be removed, so one is installed once and idles outside the block)."""
+    if not _AUDIT_HOOK:
+        sys.addaudithook(_note_file_access)
+        _AUDIT_HOOK.append(_note_file_access)
+    seen: list[str] = []
+    _FILE_ACCESS.append(seen)
+    try:
+        yield seen
+    finally:
+        _FILE_ACCESS.pop()
+    seen[:] = [f for f in seen if Path(f).is_relative_to(root)]
 
 
 def all_text(root: Path) -> str:
@@ -228,3 +258,52 @@ def test_set_checkpoint_rotate_admin_token_add_site_scopes_and_promote_commands(
     assert "v0001 -> v0002" in capsys.readouterr().out and Registry(root).current("plant-a") == "v0002"
     assert main(["registry", "promote", "--registry", root, "plant-a", "v0009"]) == 2
     assert "no version v0009" in capsys.readouterr().err
+
+
+def test_an_invalid_token_costs_no_file_read_and_changes_in_another_process_are_seen(tmp_path, checkpoint):
+    """The server's Registry keeps token hashes in memory: a token that is nobody's reads nothing, however
+    many sites there are; a change made through another Registry (the operator's command line) is seen by
+    the next check."""
+    reg, admin = Registry.init(tmp_path / "reg", checkpoint=checkpoint)
+    tokens = {site: reg.add_site(site) for site in ("plant-a", "plant-b", "plant-c")}
+    server = Registry(reg.root)
+    assert server.site_of_token(tokens["plant-a"]) == "plant-a"  # the first checks build the index
+    assert server.check_admin_token(admin)
+    with files_touched(reg.root) as touched:
+        for bad in ("bp_nothing", "x" * 300, tokens["plant-a"][:-1]):
+            assert not server.check_admin_token(bad)
+            assert server.token_scopes("plant-b", bad) is None
+            assert server.site_of_token(bad) is None
+    assert touched == []
+    with files_touched(reg.root) as touched:  # another site's token: its own site.json is read, no other
+        assert server.token_scopes("plant-b", tokens["plant-a"]) is None
+        assert server.site_of_token(tokens["plant-a"]) == "plant-a"
+    assert touched == [str(reg.root / "sites" / "plant-a" / "site.json")]
+
+    operator = Registry(reg.root)  # as `bayprano registry ...` would, in its own process
+    new_site = operator.add_site("plant-d")
+    rotated = operator.rotate_token("plant-a")
+    new_admin = operator.rotate_admin_token()
+    assert server.token_scopes("plant-d", new_site) == ("score", "review")
+    assert server.token_scopes("plant-a", rotated) == ("score", "review")
+    assert server.token_scopes("plant-a", tokens["plant-a"]) is None
+    assert server.site_of_token(tokens["plant-a"]) is None
+    assert server.check_admin_token(new_admin) and not server.check_admin_token(admin)
+    with files_touched(reg.root) as touched:
+        assert server.site_of_token("bp_nothing") is None and not server.check_admin_token("bp_nothing")
+    assert touched == []
+
+
+def test_a_broken_site_json_fails_its_own_site_as_the_servers_fault_and_no_other(tmp_path, checkpoint):
+    reg, _ = Registry.init(tmp_path / "reg", checkpoint=checkpoint)
+    broken, fine = reg.add_site("plant-a"), reg.add_site("plant-b")
+    server = Registry(reg.root)
+    assert server.token_scopes("plant-a", broken) == ("score", "review")
+    (reg.root / "sites" / "plant-a" / "site.json").write_text("{ not json")  # rewritten in place, not through reg
+    with pytest.raises(BaypranoError, match="not valid JSON"):
+        server.token_scopes("plant-a", broken)
+    reg.add_site("plant-c")  # a change: the server rebuilds its index, and still refuses to guess
+    with pytest.raises(BaypranoError, match="not valid JSON"):
+        server.token_scopes("plant-a", broken)
+    assert server.token_scopes("plant-b", fine) == ("score", "review") and server.site_of_token(fine) == "plant-b"
+    assert server.site_of_token(broken) is None and server.token_scopes("plant-b", broken) is None

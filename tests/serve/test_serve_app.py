@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +24,7 @@ from bayprano.cli import main
 from bayprano.serve.app import SECURITY_HEADERS
 
 from serving_fixtures import CATEGORIES, defective, good, png
+from waiting import wait_until
 
 
 def auth(token: str) -> dict:
@@ -52,14 +52,6 @@ def stats(ray_session) -> dict:
     from ray import serve
 
     return serve.get_deployment_handle("SiteModels", app_name="bayprano-test").stats.remote().result()
-
-
-def wait_until(condition, what: str, timeout: float = 60.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout:g}s")
-        time.sleep(every)
 
 
 def test_score_multipart_json_and_raw_match_in_process_scoring(server):
@@ -509,7 +501,7 @@ def test_review_page_in_a_headless_browser(server, review_site, tmp_path):
             page.wait_for_selector("#overlay[src^='data:image/png;base64,']", state="visible", timeout=60_000)
             assert page.inner_text("#decision") == "review"
             assert float(page.inner_text("#score")) == pytest.approx(model.score([image])[0].score, abs=0.01)
-            assert 0 <= float(page.inner_text("#uncertainty")) <= 1
+            shown_uncertainty = page.inner_text("#uncertainty")
             overlay = page.eval_on_selector("#overlay", "img => [img.complete, img.naturalWidth, img.naturalHeight]")
             assert overlay[0] and overlay[1] == image.shape[1] and overlay[2] == image.shape[0]
             row = page.wait_for_selector("#queue tr", timeout=60_000)
@@ -524,3 +516,9 @@ def test_review_page_in_a_headless_browser(server, review_site, tmp_path):
 
     labelled = ReviewQueue(server["registry"].root).labelled(site)
     assert [(i["id"], i["label"]) for i in labelled] == [(item_id, "good")]
+    # the page shows (to its two decimals) the uncertainty that the JSON endpoint gives for the same image
+    r = score_json(server, site, [image], token)
+    assert r.status_code == 200, r.text
+    uncertainty = r.json()["results"][0]["uncertainty"]
+    assert uncertainty is not None and 0 <= uncertainty <= 1
+    assert float(shown_uncertainty) == pytest.approx(uncertainty, abs=0.005 + 1e-9)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from bayprano.cli import main
 from bayprano.serve.registry import Registry
 
 from serving_fixtures import free_port, good, png
+from waiting import poll, wait_until
 from test_cli_data import BAYPRANO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,10 +48,12 @@ def test_serve_refuses_bad_settings_before_starting_ray(tmp_path, registry, caps
 
 
 def test_shipped_configs_are_valid(registry):
+    from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
     from bayprano.config import ServeConfig, load_yaml_config
-    from bayprano.serve.app import build_app
+    from bayprano.platform.errors import DataError
+    from bayprano.serve.app import build_app, build_config, deployment_options
 
     cfg = load_yaml_config(ROOT / "configs" / "serve.yaml", ServeConfig, {"registry": str(registry[0].root)})
     assert cfg.max_models_per_replica >= 1 and cfg.batching and cfg.docs is False
@@ -60,31 +62,26 @@ def test_shipped_configs_are_valid(registry):
     app = schema.applications[0]
     assert app.import_path == "bayprano.serve.app:build_app"
     args = {**app.args, "registry": str(registry[0].root), "config": str(ROOT / "configs" / "serve.yaml")}
-    built = build_app(args)
-    from ray import serve
-
-    from bayprano.platform.errors import DataError
-
-    assert isinstance(built, serve.Application)
-    gateway = built._bound_deployment  # what `serve deploy` would run: the ingress bound to the model deployment
-    assert gateway.name == "Gateway" and gateway.ray_actor_options == {"num_cpus": cfg.ingress_num_cpus}
-    models, settings = gateway.init_args
-    assert settings["registry"] == str(registry[0].root) and settings["docs"] is False
-    assert settings["max_image_pixels"] == cfg.max_image_pixels and settings["max_jpeg_scans"] == cfg.max_jpeg_scans
-    deployment = models._bound_deployment
-    assert deployment.name == "SiteModels" and deployment.ray_actor_options["num_cpus"] == app.args["num_cpus"]
-    scaling = deployment._deployment_config.autoscaling_config
-    assert (scaling.min_replicas, scaling.max_replicas) == (app.args["min_replicas"], app.args["max_replicas"])
+    assert isinstance(build_app(args), serve.Application)
+    # what `serve deploy` would run: the settings and deployment options that build_app binds
+    built = build_config(args)
+    assert built.registry == registry[0].root and built.docs is False
+    assert built.max_image_pixels == cfg.max_image_pixels and built.max_jpeg_scans == cfg.max_jpeg_scans
+    options = deployment_options(built)
+    assert options["Gateway"]["ray_actor_options"] == {"num_cpus": cfg.ingress_num_cpus}
+    assert options["SiteModels"]["ray_actor_options"]["num_cpus"] == app.args["num_cpus"]
+    scaling = options["SiteModels"]["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (app.args["min_replicas"], app.args["max_replicas"])
+    assert "num_replicas" not in options["SiteModels"]  # autoscaling replaces a fixed count
     assert cfg.gateway_memory_budget < 2 * 1024**3  # the shipped limits bound the gateway to under 2 GiB
     with pytest.raises(DataError, match="not a model registry"):
         build_app({**app.args})
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
     """'ours' once our server answers /readyz; 'taken' when something else answers on the port; 'exited' or
     'timeout' otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def state() -> str | None:
         if proc.poll() is not None:
             return "exited"
         try:
@@ -95,8 +92,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
                 return "taken"
         except (requests.RequestException, ValueError):  # not listening yet, or the proxy is still starting
             pass
-        time.sleep(1)
-    return "timeout"
+        return None
+
+    return poll(state, timeout, every=1.0) or "timeout"
 
 
 def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
@@ -115,7 +113,7 @@ def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
         proc = subprocess.Popen([BAYPRANO, "serve", "--registry", str(reg.root), "--config", str(config), "--port",
                                  str(port), "--address", address], stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
-        ready = _wait_ready(url, proc, timeout=240)
+        ready = wait_ready(url, proc, timeout=240)
         if ready == "ours":
             break
         proc.kill()
@@ -128,6 +126,9 @@ def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
                           headers={"Authorization": f"Bearer {token}"}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["score"] == pytest.approx(model.score(image, maps=False)[0].score, rel=1e-4)
+        # /readyz can answer before `serve.run` has returned in the command: stop it once it says it serves
+        wait_until(lambda: f"at http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text(),
+                   "the serve command printed where it serves", timeout=120, every=0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
         assert "bayprano" not in serve.status().applications  # it removed its application, nothing more

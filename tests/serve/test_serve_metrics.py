@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import secrets
-import time
 
 import pytest
 import requests
 
 from serving_fixtures import defective, good, png
+from waiting import wait_until
 
 DEADLINE_S = 60.0
 
@@ -59,20 +59,21 @@ def total(samples, name: str, **labels) -> float:
 def wait_for_metrics(expected: dict, what: str) -> list:
     """Scrape until every ``(name, labels) -> value`` of ``expected`` holds (``None``: at least 1, for a series
     that other tests add to as well); returns the last scrape."""
+    wrong: dict = {}
+
     def holds(got: float, want) -> bool:
         return got >= 1 if want is None else got == want
 
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
+    def scrape_matches() -> tuple[list] | None:  # a tuple: truthy even when the scrape is empty
         samples = scrape()
         got = {key: total(samples, key[0], **dict(key[1])) for key in expected}
-        wrong = {f"{name}{dict(labels)}": (got[(name, labels)], ">= 1" if want is None else want)
-                 for (name, labels), want in expected.items() if not holds(got[(name, labels)], want)}
-        if not wrong:
-            return samples
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: after {DEADLINE_S:g}s the endpoint still shows (got, expected) {wrong}")
-        time.sleep(0.5)
+        wrong.clear()
+        wrong.update({f"{name}{dict(labels)}": (got[(name, labels)], ">= 1" if want is None else want)
+                      for (name, labels), want in expected.items() if not holds(got[(name, labels)], want)})
+        return None if wrong else (samples,)
+
+    return wait_until(scrape_matches, what, timeout=DEADLINE_S, every=0.5,
+                      detail=lambda: f"the endpoint still shows (got, expected) {wrong}")[0]
 
 
 def key(name: str, **labels) -> tuple:
