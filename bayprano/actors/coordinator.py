@@ -272,7 +272,9 @@ class FederatedTrainer:
 
     def instruction(self) -> RoundInstruction:
         """What every site of a round is told (the strategy's, with the model's feature standardisation)."""
-        return self.strategy.configure_round(self.model.feature_mean.tolist(), self.model.feature_std.tolist())
+        mean, std = self.model.feature_mean, self.model.feature_std
+        assert isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor)  # buffers of the model
+        return self.strategy.configure_round(mean.tolist(), std.tolist())
 
     def sample(self, round: int) -> list[str]:
         """The round's sites, as the strategy samples them (under DP: Poisson, secret, recorded nowhere)."""
@@ -530,7 +532,7 @@ def train_federated(cfg) -> dict:
         options: dict[str, Any] = {"num_cpus": 0.1}
         if ray.cluster_resources().get("coordinator", 0) > 0:  # cluster.yaml's head node
             options["resources"] = {"coordinator": 0.001}
-        coordinator = Coordinator.options(**options).remote(cfg)
+        coordinator: Any = Coordinator.options(**options).remote(cfg)
         try:
             return ray.get(coordinator.run.remote())
         except ray.exceptions.RayTaskError as exc:

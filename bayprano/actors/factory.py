@@ -139,14 +139,21 @@ class FactorySite:
             if holdout >= 2:
                 self.val_banks[c] = build_task_bank(c, ims[held], [ids[i] for i in held], self._extract, val_injector,
                                                     seed=s.seed + 1)
-        self.model = BayesianPatchModel(self.extractor.out_channels, s.dim, seed=s.seed)
+        self.model = BayesianPatchModel(self.backbone.out_channels, s.dim, seed=s.seed)
         self.layout = ParameterLayout.from_model(self.model)
         self._loaded = True
 
     # ------------------------------------------------------------------------------------ data
 
+    @property
+    def backbone(self) -> PatchFeatureExtractor:
+        """The feature extractor (built at the first exchange that needs the shard)."""
+        if self.extractor is None:
+            raise DataError(f"site {self.site!r}: the backbone is built with the task banks; none is loaded yet")
+        return self.extractor
+
     def _extract(self, images: np.ndarray) -> torch.Tensor:
-        return self.extractor.extract(images, size=self.settings.image_size).cpu()
+        return self.backbone.extract(images, size=self.settings.image_size).cpu()
 
     def _read_normals(self) -> dict[str, tuple[np.ndarray, list[str]]]:
         size = self.settings.image_size
@@ -154,6 +161,8 @@ class FactorySite:
         with ShardReader(self.shard_path) as reader:
             for row in reader.iter_rows(split="train"):
                 if row.label == 0:
+                    if not isinstance(row.image, np.ndarray):
+                        raise DataError(f"{self.shard_path}: row {row.source_path} was not decoded to an image")
                     grouped[row.category].append((row.source_path, resize_square(row.image, size)))
         if not grouped:
             raise DataError(f"{self.shard_path}: no train/good rows, nothing to train on")
@@ -165,8 +174,8 @@ class FactorySite:
         """What the site runs and where; the number of its normal images too, except under DP."""
         self._load()
         return SiteDescription(
-            site=self.site, categories=tuple(sorted(self.banks)), in_channels=self.extractor.out_channels,
-            backbone=self.extractor.name, fingerprint=self.extractor.fingerprint(),
+            site=self.site, categories=tuple(sorted(self.banks)), in_channels=self.backbone.out_channels,
+            backbone=self.backbone.name, fingerprint=self.backbone.fingerprint(),
             image_size=self.settings.image_size, layout=self.layout.digest, node=_node_id(),
             host=socket.gethostname(), normals=None if dp else sum(len(b) for b in self.banks.values()))
 
@@ -277,8 +286,9 @@ class FactorySite:
             tasks.append((support, query, np.array([0] * len(val) + [1] * val.anomalies.shape[0])))
         if not tasks:
             return {m: math.nan for m in methods}
-        ckpt = model_checkpoint(self.model, self.extractor.name, self.extractor.fingerprint(),
-                                self.settings.image_size, tuple(tasks[0][0].shape[-2:]), inner_steps,
+        grid = tasks[0][0].shape[-2:]
+        ckpt = model_checkpoint(self.model, self.backbone.name, self.backbone.fingerprint(),
+                                self.settings.image_size, (int(grid[0]), int(grid[1])), inner_steps,
                                 inner_positions=0)
         return validation_aurocs(model_context(ckpt, inner_steps), tasks, methods)
 
@@ -423,7 +433,7 @@ class FactoryPool:
             raise ConfigError(f"--pool-size must be a whole number of at least 1, got {size!r}")
         settings = SiteSettings() if settings is None else settings
         options = _actor_options(settings, num_cpus, max_restarts, None)
-        self.actors = [PooledFactory.options(**options).remote(settings) for _ in range(size)]
+        self.actors: list[Any] = [PooledFactory.options(**options).remote(settings) for _ in range(size)]
         self._next = 0
 
     def site(self, site: str, shard_path: str) -> VirtualSite:

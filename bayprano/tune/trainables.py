@@ -7,7 +7,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def validate(model, cache: dict, shots: int, inner_steps: int, seeds: int) -> di
     return out
 
 
-def _report(metrics: dict, files: Mapping[str, Callable[[Path], None]]) -> None:
+def _report(metrics: dict, files: Mapping[str, Callable[[Path], object]]) -> None:
     """``tune.report`` the metrics with a checkpoint folder holding ``files`` (name -> writer)."""
     from ray import tune
 
@@ -128,7 +128,7 @@ def _federated_trial(settings: dict, setup: dict) -> None:
                                                "rounds": setup["rounds"], "resume": checkpoint is not None})
     site_settings = SiteSettings.from_config(cfg)
     # Scheduled inside the trial's placement group, in the bundles reserved for them.
-    factories = {site: Factory.options(num_cpus=setup["factory_cpu"], max_restarts=1, max_task_retries=0)
+    factories: dict[str, Any] = {site: Factory.options(num_cpus=setup["factory_cpu"], max_restarts=1, max_task_retries=0)
                  .remote(site, path, site_settings) for site, path in cfg.site_paths().items()}
     try:
         trainer = FederatedTrainer(cfg, factories, log=lambda m: print(f"[federated] {m}", flush=True))

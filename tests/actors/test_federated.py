@@ -104,7 +104,7 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     assert shard_bytes > 0 and summary["bytes"] == trainer.ledger.total() > 0
     ckpt = load_checkpoint(cfg.out)
     assert ckpt.meta_config["federated"]["round"] == 2 and [h["round"] for h in ckpt.history] == [1, 2]
-    assert ckpt.categories == sorted(c for i in trainer.infos.values() for c in i["categories"])
+    assert ckpt.categories == sorted(c for i in trainer.infos.values() for c in i.categories)
     assert ckpt.image_size == 64 and ckpt.calibration.effective_patches > 0
     assert ckpt.normality is not None and 1 in ckpt.normality.table
     torch.testing.assert_close(trainer.layout.flatten(ckpt.model), trainer.global_vector)

@@ -93,9 +93,11 @@ class Strategy(Protocol):
 
     sites: list[str]
     expected_sites: int  # sites per round (the mean, under Poisson sampling)
-    server: ServerOptimizer
     dp: bool  # under DP: who took part is secret, and metrics, validation and feature statistics stay home
     accountant: PrivacyAccountant | None
+
+    @property
+    def server(self) -> ServerOptimizer: ...
 
     def sample(self, round: int) -> list[str]: ...
 
