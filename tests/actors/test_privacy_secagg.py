@@ -202,4 +202,4 @@ def test_a_site_killed_after_masking_leaves_the_survivors_sum_without_a_redo(gat
         time.sleep(0.5)
     ray.get(gated[victim].describe.remote(), timeout=300)  # its banks rebuilt before the round's deadline runs
     trainer.on_broadcast = None
-    assert trainer.run_round(2)["sites"] == sorted(gated)  # the restarted site, with a new secret, rejoins
+    assert trainer.run_round(2).sites == sorted(gated)  # the restarted site, with a new secret, rejoins
