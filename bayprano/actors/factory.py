@@ -21,8 +21,8 @@ features never leave it. What it sends out:
 - ``local_update(round, attempt, global_bytes, secagg, instruction)``: the clipped parameter delta of
   E local Proto-MAML episodes (E and the rest from the round's ``RoundInstruction``), masked under
   secure aggregation (with the weight and, without DP, the loss summed in the same vector: a
-  ``MaskedReply``) or encoded as bytes with its weight and metrics (an ``UpdateReply``); the local episodes are drawn from a seed of
-  (run seed, site, round, attempt), so a retried round trains afresh;
+  ``MaskedReply``) or encoded as bytes with its weight and metrics (an ``UpdateReply``); the local
+  episodes are drawn from a seed of (run seed, site, round, attempt), so a retried round trains afresh;
 - ``validate(...)``: image AUROC on its held-out normals and synthetic anomalies made from them, its
   calibration statistics and the moments of its normal log-statistics, as one additive vector
   (``platform.federated.summaries``): in the clear, or masked; under DP nothing (validation stays home);
