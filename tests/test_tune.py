@@ -190,7 +190,11 @@ def test_an_interrupted_sweep_resumes_from_its_checkpoints(ray_session, tmp_path
         from bayprano.tune import run_sweep
 
         run_sweep(load_sweep(sweep), out)
+    capsys.readouterr()
     assert main(["tune", str(sweep), "--out", str(out), "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    # the restored run's progress lines reach this run's output, counted over the whole sweep
+    assert "[tune] trial 2/2 done" in resumed and "[tune] trial 3/2" not in resumed, resumed
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 2 and set(trials["status"]) == {"completed"} and set(trials["rounds"]) == {3}
     rounds = pd.read_parquet(out / "rounds.parquet")

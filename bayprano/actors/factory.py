@@ -7,9 +7,9 @@ node: a missing one is reported naming the site, the path and the host), reads i
 (backbone features of its normals and of synthetic anomalies made from them). Images and per-image
 features never leave it. What it sends out:
 
-- ``describe(dp)``: its categories, the backbone's name and fingerprint, the feature width, the number
-  of its normal images (not under DP), and the Ray node and host it runs on;
-- ``feature_statistics(settings, secagg)``: the per-channel sums of its normal features (sum, sum of
+- ``describe(dp)``: a ``SiteDescription``: its categories, the backbone's name and fingerprint, the
+  feature width, the number of its normal images (not under DP), and the Ray node and host it runs on;
+- ``feature_statistics(dp, secagg)``: the per-channel sums of its normal features (sum, sum of
   squares, count), from which the Coordinator sets the shared feature standardisation: in the clear,
   or masked under secure aggregation; under DP it is not asked for (the standardisation stays the
   identity) and the site refuses it;
@@ -18,15 +18,19 @@ features never leave it. What it sends out:
   neighbours, and, once per instance, the shares it holds of the survivors' self-mask seeds and of the
   dropped sites' pairwise keys (never both kinds for one peer). Every instance's keys and masks come
   from a 32-byte master secret drawn from the OS when the actor starts, which never leaves it;
-- ``local_update(...)``: the clipped parameter delta of E local Proto-MAML episodes, masked under
-  secure aggregation (with the weight and, without DP, the loss summed in the same vector) or encoded
-  as bytes with its weight and metrics (plain mode); the local episodes are drawn from a seed of
-  (run seed, site, round, attempt), so a retried round trains afresh;
+- ``local_update(round, attempt, global_bytes, secagg, instruction)``: the clipped parameter delta of
+  E local Proto-MAML episodes (E and the rest from the round's ``RoundInstruction``), masked under
+  secure aggregation (with the weight and, without DP, the loss summed in the same vector: a
+  ``MaskedReply``) or encoded as bytes with its weight and metrics (an ``UpdateReply``); the local
+  episodes are drawn from a seed of (run seed, site, round, attempt), so a retried round trains afresh;
 - ``validate(...)``: image AUROC on its held-out normals and synthetic anomalies made from them, its
   calibration statistics and the moments of its normal log-statistics, as one additive vector
   (``platform.federated.summaries``): in the clear, or masked; under DP nothing (validation stays home);
 - ``shard_bytes()``: how many bytes of images (encoded, as stored; masks not counted) its shard holds, to
   compare with what federation moves.
+
+Every message in and out is a dataclass of ``platform.federated.messages``; a site runs the
+``SiteSettings`` it is given, as is.
 
 Pooled mode simulates many virtual sites over a bounded pool of actors: ``FactoryPool`` holds
 ``PooledFactory`` actors, each playing one virtual site per call, and hands out ``VirtualSite`` handles
@@ -35,6 +39,7 @@ that are used like Factory handles and keep each virtual site's state between it
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -53,12 +58,23 @@ from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.federated.aggregation import pack_weighted
 from bayprano.platform.federated.local import local_meta_update
+from bayprano.platform.federated.messages import (
+    FeatureReply,
+    MaskedReply,
+    RoundInstruction,
+    SecAggContext,
+    SharesReply,
+    SiteDescription,
+    SiteSettings,
+    UpdateMetrics,
+    UpdateReply,
+    ValidationReply,
+)
 from bayprano.platform.federated.privacy import clip_update
 from bayprano.platform.federated.secagg import SecAggClient
 from bayprano.platform.federated.summaries import feature_vector, normality_shots, validation_vector
 from bayprano.platform.federated.state import ParameterLayout, decode_update, encode_update
 from bayprano.platform.meta.protomaml import (
-    MetaConfig,
     TaskBank,
     build_task_bank,
     calibrate,
@@ -70,17 +86,6 @@ from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbo
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import NormalityPrior
 
-DEFAULT_SITE_SETTINGS = {
-    "backbone": "efficientnet_lite2",
-    "image_size": 256,
-    "dim": 64,
-    "seed": 0,
-    "holdout": 4,  # train/good images per category kept back for validation
-    "device": "cpu",
-    "meta": {},  # MetaConfig fields
-}
-
-
 def _site_seed(seed: int, site: str, round: int, attempt: int = 0) -> int:
     """The local episodes' seed of (run, site, round, attempt): another attempt of a round trains on
     other episodes, so a retried round never sends the same update twice."""
@@ -91,12 +96,12 @@ def _site_seed(seed: int, site: str, round: int, attempt: int = 0) -> int:
 class FactorySite:
     """A site's private data and its side of every federated exchange."""
 
-    def __init__(self, site: str, shard_path: str, settings: Mapping[str, Any] | None = None,
+    def __init__(self, site: str, shard_path: str, settings: SiteSettings | None = None,
                  extractor: PatchFeatureExtractor | None = None):
         torch.set_num_threads(1)
         self.site = site
-        self.settings = {**DEFAULT_SITE_SETTINGS, **dict(settings or {})}
-        self.meta = MetaConfig(**{**self.settings["meta"], "seed": int(self.settings["seed"])}).validate()
+        self.settings = SiteSettings() if settings is None else settings
+        self.meta = self.settings.meta
         self.shard_path = str(shard_path)
         self.extractor = extractor
         self.banks: dict[str, TaskBank] = {}
@@ -117,10 +122,10 @@ class FactorySite:
         s = self.settings
         self._check_shard()
         if self.extractor is None:
-            self.extractor = build_backbone(s["backbone"], device=s["device"])
+            self.extractor = build_backbone(s.backbone, device=s.device)
         images = self._read_normals()
-        rng = np.random.default_rng([int(s["seed"]), *self.site.encode()])
-        holdout = int(s["holdout"])
+        rng = np.random.default_rng([s.seed, *self.site.encode()])
+        holdout = s.holdout
         need = self.meta.shots + max(self.meta.n_query_normal, self.meta.n_query_anomalous)
         injector, val_injector = AnomalyInjector(TRAINING_KINDS), AnomalyInjector(VALIDATION_KINDS)
         for c, (ims, ids) in sorted(images.items()):
@@ -130,25 +135,34 @@ class FactorySite:
                 raise DataError(f"{self.shard_path}: category {c!r} has {len(ims)} train/good images; {holdout} held "
                                 f"out for validation leaves {len(train)}, an episode needs {need}")
             self.banks[c] = build_task_bank(c, ims[train], [ids[i] for i in train], self._extract, injector,
-                                            seed=int(s["seed"]))
+                                            seed=s.seed)
             if holdout >= 2:
                 self.val_banks[c] = build_task_bank(c, ims[held], [ids[i] for i in held], self._extract, val_injector,
-                                                    seed=int(s["seed"]) + 1)
-        self.model = BayesianPatchModel(self.extractor.out_channels, int(s["dim"]), seed=int(s["seed"]))
+                                                    seed=s.seed + 1)
+        self.model = BayesianPatchModel(self.backbone.out_channels, s.dim, seed=s.seed)
         self.layout = ParameterLayout.from_model(self.model)
         self._loaded = True
 
     # ------------------------------------------------------------------------------------ data
 
+    @property
+    def backbone(self) -> PatchFeatureExtractor:
+        """The feature extractor (built at the first exchange that needs the shard)."""
+        if self.extractor is None:
+            raise DataError(f"site {self.site!r}: the backbone is built with the task banks; none is loaded yet")
+        return self.extractor
+
     def _extract(self, images: np.ndarray) -> torch.Tensor:
-        return self.extractor.extract(images, size=int(self.settings["image_size"])).cpu()
+        return self.backbone.extract(images, size=self.settings.image_size).cpu()
 
     def _read_normals(self) -> dict[str, tuple[np.ndarray, list[str]]]:
-        size = int(self.settings["image_size"])
+        size = self.settings.image_size
         grouped: dict[str, list] = defaultdict(list)
         with ShardReader(self.shard_path) as reader:
             for row in reader.iter_rows(split="train"):
                 if row.label == 0:
+                    if not isinstance(row.image, np.ndarray):
+                        raise DataError(f"{self.shard_path}: row {row.source_path} was not decoded to an image")
                     grouped[row.category].append((row.source_path, resize_square(row.image, size)))
         if not grouped:
             raise DataError(f"{self.shard_path}: no train/good rows, nothing to train on")
@@ -156,26 +170,25 @@ class FactorySite:
 
     # ------------------------------------------------------------------------------- exchanges
 
-    def describe(self, dp: bool = False) -> dict:
+    def describe(self, dp: bool = False) -> SiteDescription:
         """What the site runs and where; the number of its normal images too, except under DP."""
         self._load()
-        out = {
-            "site": self.site, "categories": sorted(self.banks), "in_channels": self.extractor.out_channels,
-            "backbone": self.extractor.name, "fingerprint": self.extractor.fingerprint(),
-            "image_size": int(self.settings["image_size"]), "layout": self.layout.digest,
-            "node": _node_id(), "host": socket.gethostname(),
-        }
-        if not dp:
-            out["normals"] = sum(len(b) for b in self.banks.values())
-        return out
+        return SiteDescription(
+            site=self.site, categories=tuple(sorted(self.banks)), in_channels=self.backbone.out_channels,
+            backbone=self.backbone.name, fingerprint=self.backbone.fingerprint(),
+            image_size=self.settings.image_size, layout=self.layout.digest, node=_node_id(),
+            host=socket.gethostname(), normals=None if dp else sum(len(b) for b in self.banks.values()))
 
-    def feature_statistics(self, settings: Mapping[str, Any], secagg: Mapping[str, Any] | None = None) -> dict:
+    def feature_statistics(self, dp: bool, secagg: SecAggContext | None = None) -> FeatureReply | MaskedReply:
         """Per-channel sums of its normal features, in the clear or masked (``secagg``); refused under DP."""
-        if settings.get("dp"):
+        if dp:
             raise ConfigError(f"site {self.site!r}: under DP the feature statistics stay home")
         self._load()
         total, total_sq, count = feature_sums(self.banks, torch.float64)
-        return self._release("features", feature_vector(total.numpy(), total_sq.numpy(), count), secagg)
+        vector = feature_vector(total.numpy(), total_sq.numpy(), count)
+        if secagg is not None:
+            return self._mask(vector, secagg)
+        return FeatureReply(self.site, np.asarray(vector, dtype=np.float64))
 
     # ------------------------------------------------------------------------ secure aggregation
 
@@ -191,30 +204,27 @@ class FactorySite:
     def secagg_advertise(self, instance: str):
         return self._client(instance).advertise()
 
-    def secagg_share(self, instance: str, roster: Mapping[str, Any], threshold: int, neighbours: int | None) -> dict:
-        return {"site": self.site, "instance": instance,
-                "shares": self._client(instance).share_keys(roster, threshold, neighbours)}
+    def secagg_share(self, instance: str, roster: Mapping[str, Any], threshold: int,
+                     neighbours: int | None) -> SharesReply:
+        return SharesReply(self.site, instance, self._client(instance).share_keys(roster, threshold, neighbours))
 
     def secagg_unmask(self, instance: str, roster: Mapping[str, Any], survivors: list[str], dropped: list[str],
-                      inbox: Mapping[str, bytes], threshold: int, neighbours: int | None = None) -> dict:
+                      inbox: Mapping[str, bytes], threshold: int, neighbours: int | None = None) -> SharesReply:
         self._spend(instance, "unmask")
-        return {"site": self.site, "instance": instance,
-                "shares": self._client(instance).unmask(roster, survivors, dropped, inbox, threshold, neighbours)}
+        return SharesReply(self.site, instance,
+                           self._client(instance).unmask(roster, survivors, dropped, inbox, threshold, neighbours))
 
     def use_secrets(self, master: bytes, spent: set) -> None:
         """Take the master secret and the spent stages from outside (pooled mode: a virtual site's state is
         kept by the pool between its calls, since the actor that plays it changes)."""
         self._master, self._spent = bytes(master), spent
 
-    def _release(self, what: str, vector: np.ndarray, secagg: Mapping[str, Any] | None) -> dict:
-        """``vector`` as this site sends it: masked for the instance in ``secagg``, or in the clear."""
-        if secagg is None:
-            return {"site": self.site, what: np.asarray(vector, dtype=np.float64)}
-        instance = secagg["instance"]
-        self._spend(instance, "mask")
-        masked = self._client(instance).mask(vector, secagg["roster"], secagg["shared"], secagg.get("neighbours"),
-                                             int(secagg["round"]), int(secagg["attempt"]))
-        return {"site": self.site, "masked": masked}
+    def _mask(self, vector: np.ndarray, secagg: SecAggContext) -> MaskedReply:
+        """``vector`` masked for the instance of ``secagg``."""
+        self._spend(secagg.instance, "mask")
+        masked = self._client(secagg.instance).mask(vector, secagg.roster, list(secagg.shared), secagg.neighbours,
+                                                    secagg.round, secagg.attempt)
+        return MaskedReply(self.site, masked)
 
     def shard_bytes(self) -> int:
         self._check_shard()
@@ -224,53 +234,50 @@ class FactorySite:
                 total += sum(len(v) for v in batch.column("image").to_pylist() if v is not None)
         return total
 
-    def _load_global(self, global_bytes: bytes, settings: Mapping[str, Any]) -> torch.Tensor:
+    def _load_global(self, global_bytes: bytes, instruction: RoundInstruction) -> torch.Tensor:
         self._load()
-        mean = torch.tensor(settings["feature_mean"], dtype=torch.float32)
-        std = torch.tensor(settings["feature_std"], dtype=torch.float32)
+        mean = torch.tensor(instruction.feature_mean, dtype=torch.float32)
+        std = torch.tensor(instruction.feature_std, dtype=torch.float32)
         self.model.set_feature_statistics(mean, std)
         vector = decode_update(global_bytes, self.layout)
         self.layout.load_into(self.model, vector)
         return vector
 
-    def local_delta(self, round: int, attempt: int, start: torch.Tensor, settings: Mapping[str, Any]):
-        steps = int(settings["local_steps"])
-        return local_meta_update(self.model, self.banks, self.meta, steps, start, self.layout,
-                                 fedprox_mu=float(settings.get("fedprox_mu", 0.0)),
-                                 seed=_site_seed(int(self.settings["seed"]), self.site, int(round), int(attempt)))
+    def local_delta(self, round: int, attempt: int, start: torch.Tensor,
+                    instruction: RoundInstruction) -> tuple[torch.Tensor, dict[str, float]]:
+        return local_meta_update(self.model, self.banks, self.meta, instruction.local_steps, start, self.layout,
+                                 fedprox_mu=instruction.fedprox_mu,
+                                 seed=_site_seed(self.settings.seed, self.site, int(round), int(attempt)))
 
-    def local_update(self, round: int, attempt: int, global_bytes: bytes, secagg: Mapping[str, Any] | None,
-                     settings: Mapping[str, Any]) -> dict:
+    def local_update(self, round: int, attempt: int, global_bytes: bytes, secagg: SecAggContext | None,
+                     instruction: RoundInstruction) -> UpdateReply | MaskedReply:
         """This round's delta: with ``secagg`` (the instance, roster and sites that shared) one masked vector
         [weight * delta, weight] (+ [loss] without DP); else the encoded delta with its weight and metrics."""
-        start = self._load_global(global_bytes, settings)
-        delta, metrics = self.local_delta(round, attempt, start, settings)
+        start = self._load_global(global_bytes, instruction)
+        delta, metrics = self.local_delta(round, attempt, start, instruction)
         norm = float(delta.norm())
-        clip = settings.get("clip")
-        if clip is not None:
-            delta, norm = clip_update(delta, float(clip))
-        weight = float(metrics["episodes"]) if settings.get("weighted", True) else 1.0
+        if instruction.clip is not None:
+            delta, norm = clip_update(delta, float(instruction.clip))
+        weight = float(metrics["episodes"]) if instruction.weighted else 1.0
         if secagg is not None:
             vector = pack_weighted(delta, weight).double().numpy()
-            if not settings.get("dp"):
+            if not instruction.dp:
                 vector = np.concatenate([vector, [float(metrics["loss"])]])
-            reply = self._release("update", vector, {**secagg, "round": round, "attempt": attempt})
-            reply.update(round=int(round), attempt=int(attempt))
-            return reply
-        data = encode_update(delta, self.layout, fp16=bool(settings.get("fp16", False)))
-        reply = {"site": self.site, "round": int(round), "attempt": int(attempt), "weight": weight, "update": data}
-        if not settings.get("dp"):  # under DP the metrics stay home
-            reply.update(episodes=int(metrics["episodes"]),
-                         metrics={"loss": float(metrics["loss"]), "delta_norm": norm,
-                                  "clipped_norm": float(delta.norm()), "seconds": float(metrics["seconds"])})
-        return reply
+            masked = self._mask(vector, secagg)
+            return dataclasses.replace(masked, round=int(round), attempt=int(attempt))
+        data = encode_update(delta, self.layout, fp16=instruction.fp16)
+        if instruction.dp:  # under DP the metrics stay home
+            return UpdateReply(self.site, int(round), int(attempt), weight, data)
+        return UpdateReply(self.site, int(round), int(attempt), weight, data, episodes=int(metrics["episodes"]),
+                           metrics=UpdateMetrics(loss=float(metrics["loss"]), delta_norm=norm,
+                                                 clipped_norm=float(delta.norm()), seconds=float(metrics["seconds"])))
 
     def _auroc(self, inner_steps: int) -> float:
         return self._method_aurocs(inner_steps, ("bayes",))["bayes"]
 
     def _method_aurocs(self, inner_steps: int, methods) -> dict[str, float]:
         """Image AUROC per registered method on the held-out normals and synthetic anomalies."""
-        rng = np.random.default_rng(int(self.settings["seed"]) + 17)
+        rng = np.random.default_rng(self.settings.seed + 17)
         tasks = []
         for c, val in self.val_banks.items():
             bank = self.banks[c]
@@ -279,23 +286,28 @@ class FactorySite:
             tasks.append((support, query, np.array([0] * len(val) + [1] * val.anomalies.shape[0])))
         if not tasks:
             return {m: math.nan for m in methods}
-        ckpt = model_checkpoint(self.model, self.extractor.name, self.extractor.fingerprint(),
-                                int(self.settings["image_size"]), tuple(tasks[0][0].shape[-2:]), inner_steps,
+        grid = tasks[0][0].shape[-2:]
+        ckpt = model_checkpoint(self.model, self.backbone.name, self.backbone.fingerprint(),
+                                self.settings.image_size, (int(grid[0]), int(grid[1])), inner_steps,
                                 inner_positions=0)
         return validation_aurocs(model_context(ckpt, inner_steps), tasks, methods)
 
-    def validate(self, global_bytes: bytes, settings: Mapping[str, Any], secagg: Mapping[str, Any] | None = None) -> dict:
+    def validate(self, global_bytes: bytes, instruction: RoundInstruction,
+                 secagg: SecAggContext | None = None) -> ValidationReply | MaskedReply:
         """AUROC, calibration and normality moments as one additive vector (``summaries.validation_vector``),
         in the clear or masked; refused under DP (validation stays home)."""
-        if settings.get("dp"):
+        if instruction.dp:
             raise ConfigError(f"site {self.site!r}: under DP the validation results stay home")
-        self._load_global(global_bytes, settings)
+        self._load_global(global_bytes, instruction)
         self.model.eval()
         auroc = self._auroc(self.meta.inner_steps)
         cal = calibrate(self.model, self.banks, self.meta)
         shots = normality_shots(self.meta.shots)
         normality = NormalityPrior.summarize(normal_log_statistics(self.model, self.banks, self.meta))
-        return self._release("validation", validation_vector(auroc, cal, normality, shots), secagg)
+        vector = validation_vector(auroc, cal, normality, shots)
+        if secagg is not None:
+            return self._mask(vector, secagg)
+        return ValidationReply(self.site, np.asarray(vector, dtype=np.float64))
 
     def ping(self) -> str:
         return self.site
@@ -326,9 +338,9 @@ class PooledFactorySite:
     at every call, so nothing else carries over.
     """
 
-    def __init__(self, settings: Mapping[str, Any] | None = None):
+    def __init__(self, settings: SiteSettings | None = None):
         torch.set_num_threads(1)
-        self.settings = {**DEFAULT_SITE_SETTINGS, **dict(settings or {})}
+        self.settings = SiteSettings() if settings is None else settings
         self.extractor: PatchFeatureExtractor | None = None
         self.current: FactorySite | None = None
         self.switches = 0
@@ -339,7 +351,7 @@ class PooledFactorySite:
         if self.current is None or (self.current.site, self.current.shard_path) != (site, str(shard_path)):
             self.current = None  # release the last site's banks before building the next site's
             if self.extractor is None:
-                self.extractor = build_backbone(self.settings["backbone"], device=self.settings["device"])
+                self.extractor = build_backbone(self.settings.backbone, device=self.settings.device)
             self.current = FactorySite(site, shard_path, self.settings, extractor=self.extractor)
             self.switches += 1
         if state.get("master") is not None:
@@ -366,23 +378,23 @@ POOLED_METHODS = ("describe", "feature_statistics", "secagg_advertise", "secagg_
                   "validate", "shard_bytes", "ping", "node", "check")
 
 
-def _actor_options(settings: Mapping[str, Any], num_cpus: float, max_restarts: int, pin: str | None) -> dict:
+def _actor_options(settings: SiteSettings, num_cpus: float, max_restarts: int, pin: str | None) -> dict:
     resources = ray.cluster_resources()
     options: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": max_restarts, "max_task_retries": 0}
     if pin is not None and resources.get(pin, 0) > 0:
         options["resources"] = {pin: 0.001}
-    if resources.get("GPU", 0) > 0 and settings.get("device", "cpu") != "cpu":
-        options["num_gpus"] = float(settings.get("gpu_fraction", 0.1))
+    if resources.get("GPU", 0) > 0 and settings.device != "cpu":
+        options["num_gpus"] = float(settings.gpu_fraction)
     return options
 
 
-def make_factory(site: str, shard_path: str, settings: Mapping[str, Any] | None = None, num_cpus: float = 0.25,
-                 max_restarts: int = 3):
+def make_factory(site: str, shard_path: str, settings: SiteSettings | None = None, num_cpus: float = 0.25,
+                 max_restarts: int = 3) -> Any:
     """A ``Factory`` actor for ``site``: pinned to its node when the cluster has a ``factory:<site>`` resource,
     with a GPU fraction when the cluster has GPUs (and ``settings`` then asks for cuda)."""
-    settings = dict(settings or {})
+    settings = SiteSettings() if settings is None else settings
     options = _actor_options(settings, num_cpus, max_restarts, f"factory:{site}")
-    return Factory.options(**options).remote(site, shard_path, {k: v for k, v in settings.items() if k != "gpu_fraction"})
+    return Factory.options(**options).remote(site, shard_path, settings)
 
 
 class VirtualSite:
@@ -415,14 +427,13 @@ class _PooledCall:
 class FactoryPool:
     """``size`` PooledFactory actors that play any number of virtual sites, the calls dealt round-robin."""
 
-    def __init__(self, size: int, settings: Mapping[str, Any] | None = None, num_cpus: float = 0.25,
+    def __init__(self, size: int, settings: SiteSettings | None = None, num_cpus: float = 0.25,
                  max_restarts: int = 3):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"--pool-size must be a whole number of at least 1, got {size!r}")
-        settings = dict(settings or {})
+        settings = SiteSettings() if settings is None else settings
         options = _actor_options(settings, num_cpus, max_restarts, None)
-        clean = {k: v for k, v in settings.items() if k != "gpu_fraction"}
-        self.actors = [PooledFactory.options(**options).remote(clean) for _ in range(size)]
+        self.actors: list[Any] = [PooledFactory.options(**options).remote(settings) for _ in range(size)]
         self._next = 0
 
     def site(self, site: str, shard_path: str) -> VirtualSite:
@@ -454,7 +465,7 @@ def _stage_spent(method: str, args: tuple) -> tuple[str, str] | None:
         return (args[0], "unmask")
     secagg = {"local_update": 3, "validate": 2, "feature_statistics": 1}.get(method)
     if secagg is not None and len(args) > secagg and args[secagg] is not None:
-        return (args[secagg]["instance"], "mask")
+        return (args[secagg].instance, "mask")
     return None
 
 

@@ -166,7 +166,7 @@ def finish_sweep(spec: SweepConfig, grid, out: Path, root: Path, categories: dic
                                 backbone=settings.get("backbone", "efficientnet_lite2"),
                                 device=str(settings.get("device", "cpu")), progress=lambda m: None)
         s = result["summary"]["bayes"][str(shots)]
-        per_category = {}
+        per_category: dict[str, list[float]] = {}
         for r in result["records"]:
             per_category.setdefault(r["category"], []).append(r["image_auroc"])
         test = {"categories": categories["test"], "shots": shots, "inner_steps": steps, "seeds": spec.test_seeds,

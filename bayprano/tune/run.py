@@ -1,4 +1,5 @@
-"""Running a sweep with Ray Tune (search space, progress lines, resume), and the ``bayprano tune`` command."""
+"""Running a sweep with Ray Tune (search space, resume; progress lines in ``progress``), and the ``bayprano tune``
+command."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from bayprano.config import SweepConfig
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.fileio import atomic_write_json, jsonable
 from bayprano.tune.features import build_feature_cache
-from bayprano.tune.results import finish_sweep, fmt
+from bayprano.tune.results import finish_sweep
 from bayprano.tune.spec import EXPERIMENT, load_sweep, prepare_data, resolve_categories, smoke_sweep
 from bayprano.tune.trainables import sweep_trial
 
@@ -32,40 +33,6 @@ def trial_count(spec: SweepConfig) -> int:
     return grid * spec.num_samples
 
 
-def _progress_callback(total: int, rounds: int, metric: str, log: Callable[[str], None], already: int = 0):
-    from ray.tune import Callback
-
-    class TrialLines(Callback):
-        """One line per finished trial: its settings, its last metrics, how many rounds it ran."""
-
-        def __init__(self):
-            self.finished = already  # trials a resumed sweep had finished before
-            self.started: dict[str, float] = {}
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.started.setdefault(trial.trial_id, time.perf_counter())
-
-        def _line(self, trial, what: str) -> None:
-            self.finished += 1
-            params = " ".join(f"{k}={fmt(v)}" for k, v in sorted(trial.config.items()))
-            r = trial.last_result or {}
-            ran = int(r.get("training_iteration", 0))
-            early = " (stopped early by ASHA)" if what == "done" and ran < rounds else ""
-            values = ", ".join(f"{k} {fmt(r[k])}" for k in dict.fromkeys([metric, "val_image_auroc", "adapt_seconds",
-                                                                             "epsilon"]) if k in r)
-            secs = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
-            log(f"trial {self.finished}/{total} {what}: {params}: {values or 'no report'} after {ran}/{rounds} "
-                f"round(s){early} ({secs:.0f}s)")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trial, "done")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trial, "FAILED")
-
-    return TrialLines()
-
-
 def _spec_record(spec: SweepConfig, smoke: bool) -> dict:
     return {"smoke": smoke, "sweep": json.loads(spec.model_dump_json())}
 
@@ -81,6 +48,8 @@ def run_sweep(
     """Run (or with ``resume`` continue) the sweep into ``out``; returns the summary written there."""
     import ray
     from ray import tune
+
+    from bayprano.tune.progress import FINISHED, TrialLines, forward_progress
 
     start = time.perf_counter()
     # Progress is one line per finished trial (the callback below), not Tune's tables and warnings.
@@ -143,16 +112,11 @@ def run_sweep(
             trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles))
         else:
             trainable = tune.with_resources(trainable, {k.lower(): v for k, v in first.items()})
-        already = 0
         if resume:
-            already = sum(t.status in ("TERMINATED", "ERROR") for t in tune.ExperimentAnalysis(str(experiment)).trials)
-        callback = _progress_callback(total, spec.rounds, spec.metric, log, already)
-        if resume:
+            # the restored run uses the interrupted one's TrialLines (see bayprano.tune.progress)
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+            already = sum(t.status in FINISHED for t in tune.ExperimentAnalysis(str(experiment)).trials)
             log(f"resuming the sweep in {out}: {already} of {total} trial(s) had finished")
-            run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
-            if run_config is not None:  # the restored run keeps the callbacks of the interrupted one
-                run_config.callbacks = [callback]
         else:
             from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
             from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -169,11 +133,13 @@ def run_sweep(
                                             search_alg=BasicVariantGenerator(random_state=int(spec.fixed.get("seed", 0)),
                                                                              max_concurrent=spec.max_concurrent_trials or 0),
                                             num_samples=spec.num_samples, reuse_actors=True),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[callback],
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
+                                          callbacks=[TrialLines(total, spec.rounds, spec.metric)],
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
-        grid = tuner.fit()
+        with forward_progress(log):
+            grid = tuner.fit()
         # The state Tune saved last (before it stops the trials of an interrupted run) tells what is unfinished.
         saved = tune.ExperimentAnalysis(str(experiment)).trials
         # A stop between two trials leaves none unfinished, but fewer than the sweep has were ever created.

@@ -97,10 +97,10 @@ def check_trial_values(spec: SweepConfig, source: str) -> None:
         for i in range(len(dim.values)):
             check(name, i)
     for name in FEATURE_SETTINGS:
-        dim = spec.search_space.get(name)
-        if dim is not None and dim.kind not in ("grid", "choice"):
+        feature_dim = spec.search_space.get(name)
+        if feature_dim is not None and feature_dim.kind not in ("grid", "choice"):
             raise ConfigError(f"{source}: search_space.{name}: the backbone features are computed once per value, "
-                              f"so give a grid or a choice, not {dim.kind}")
+                              f"so give a grid or a choice, not {feature_dim.kind}")
     if spec.trainer == "federated" and "epsilon" == spec.metric and "dp_noise" not in {**spec.fixed, **spec.search_space}:
         raise ConfigError(f"{source}: metric 'epsilon' needs dp_noise in fixed or search_space (without DP, "
                           "epsilon is infinite)")
@@ -167,8 +167,9 @@ def prepare_data(spec: SweepConfig, out: Path, smoke: bool, log: Callable[[str],
         names = list(dict.fromkeys((spec.train_categories or []) + spec.validation_categories + spec.test_categories))
         if not spec.train_categories:
             cats = spec.synth.categories
-            pool = cats if isinstance(cats, list) else None
-            if pool is None:
+            if isinstance(cats, list):
+                pool = cats
+            else:
                 from bayprano.platform.data.synth import CATEGORIES
 
                 pool = list(CATEGORIES[:cats])

@@ -7,7 +7,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def validate(model, cache: dict, shots: int, inner_steps: int, seeds: int) -> di
     return out
 
 
-def _report(metrics: dict, files: Mapping[str, Callable[[Path], None]]) -> None:
+def _report(metrics: dict, files: Mapping[str, Callable[[Path], object]]) -> None:
     """``tune.report`` the metrics with a checkpoint folder holding ``files`` (name -> writer)."""
     from ray import tune
 
@@ -107,12 +107,14 @@ def _central_trial(settings: dict, setup: dict) -> None:
 
 
 def _federated_trial(settings: dict, setup: dict) -> None:
+    """One federated round per report: the trainer steps the federation a round at a time."""
     import ray
     from ray import tune
 
-    from bayprano.actors.coordinator import FederatedTrainer, site_settings_of
+    from bayprano.actors.coordinator import FederatedTrainer
     from bayprano.actors.factory import Factory
     from bayprano.config import FederatedTrainConfig
+    from bayprano.platform.federated.messages import SiteSettings
     from bayprano.platform.meta.checkpoint import load_checkpoint
 
     cache, _ = load_cache(setup["features"][feature_key(settings)])
@@ -124,20 +126,17 @@ def _federated_trial(settings: dict, setup: dict) -> None:
             shutil.copyfile(Path(folder) / FEDERATED_FILE, out)
     cfg = FederatedTrainConfig.model_validate({**settings, "shards": setup["shards"], "out": out,
                                                "rounds": setup["rounds"], "resume": checkpoint is not None})
-    settings_for_sites = site_settings_of(cfg)
+    site_settings = SiteSettings.from_config(cfg)
     # Scheduled inside the trial's placement group, in the bundles reserved for them.
-    factories = {site: Factory.options(num_cpus=setup["factory_cpu"], max_restarts=1, max_task_retries=0)
-                 .remote(site, path, settings_for_sites) for site, path in cfg.site_paths().items()}
+    factories: dict[str, Any] = {site: Factory.options(num_cpus=setup["factory_cpu"], max_restarts=1, max_task_retries=0)
+                 .remote(site, path, site_settings) for site, path in cfg.site_paths().items()}
     try:
         trainer = FederatedTrainer(cfg, factories, log=lambda m: print(f"[federated] {m}", flush=True))
         trainer.setup()
-        while trainer.round < setup["rounds"]:
-            before = trainer.round
-            trainer.cfg = cfg.model_copy(update={"rounds": before + 1})
-            trainer.run()
-            if trainer.round == before:  # stopped: the privacy budget is spent or too few sites answered
+        while True:
+            row = trainer.step()
+            if row is None:  # every round ran, or stopped: the privacy budget is spent or too few sites answered
                 break
-            row = trainer.history[-1]
             ckpt = load_checkpoint(out)
             metrics = {"round": trainer.round, "loss": row["loss"], "site_val_auroc": row["val_auroc"],
                        "epsilon": math.inf if row["epsilon"] is None else float(row["epsilon"]),

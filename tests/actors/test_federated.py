@@ -19,6 +19,7 @@ from bayprano.actors.coordinator import FederatedTrainer
 from bayprano.cli import main
 from bayprano.platform.data.imageio import load_image
 from bayprano.platform.evaluate import load_category
+from bayprano.platform.federated.messages import UpdateReply, sent_fields
 from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.federated.secagg import MaskedUpdate
 from bayprano.platform.federated.state import encoded_num_bytes
@@ -66,7 +67,7 @@ def assert_no_image_bytes(replies: list, shard_dir: Path) -> None:
         blob = pickle.dumps(reply, protocol=5)
         assert b"\x89PNG" not in blob and b"IHDR" not in blob and b"IDAT" not in blob, f"reply {i}: a PNG"
         leaked = [j for j, piece in enumerate(pieces) if piece in blob]
-        assert not leaked, f"reply {i} ({reply.get('site') if isinstance(reply, dict) else type(reply).__name__}): holds bytes of image(s) {leaked[:5]}"
+        assert not leaked, f"reply {i} ({getattr(reply, 'site', type(reply).__name__)}): holds bytes of image(s) {leaked[:5]}"
 
 
 def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordinator_only_masked_sums(
@@ -81,7 +82,7 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     size = trainer.layout.size
 
     updates = [t["reply"] for t in trainer.transcript if t["stage"] == "update"]
-    assert len(updates) == 6 and {r["site"] for r in updates} == set(trainer.sites)
+    assert len(updates) == 6 and {r.site for r in updates} == set(trainer.sites)
     assert len(trainer.received) == 6 + 2 * 3  # and a validation reply per site and round
     assert_no_image_bytes([t["reply"] for t in trainer.transcript], shard_dir)  # every reply of every stage
     for reply in trainer.received:
@@ -94,16 +95,16 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
             else:
                 assert where.endswith(".masked.values"), f"{where}: an array other than the masked vector"
     for reply in updates:  # [weight * delta, weight, loss], masked
-        assert isinstance(reply["masked"], MaskedUpdate) and set(reply) == {"site", "masked", "round", "attempt"}
-        assert reply["masked"].values.dtype == np.uint64 and reply["masked"].values.shape == (size + 2,)
+        assert isinstance(reply.masked, MaskedUpdate) and sent_fields(reply) == {"site", "masked", "round", "attempt"}
+        assert reply.masked.values.dtype == np.uint64 and reply.masked.values.shape == (size + 2,)
     validations = [t["reply"] for t in trainer.transcript if t["stage"] == "validation"]
-    assert len(validations) == 6 and all(set(r) == {"site", "masked"} for r in validations)
+    assert len(validations) == 6 and all(sent_fields(r) == {"site", "masked"} for r in validations)
 
     shard_bytes = sum(ray.get([f.shard_bytes.remote() for f in factories.values()]))
     assert shard_bytes > 0 and summary["bytes"] == trainer.ledger.total() > 0
     ckpt = load_checkpoint(cfg.out)
     assert ckpt.meta_config["federated"]["round"] == 2 and [h["round"] for h in ckpt.history] == [1, 2]
-    assert ckpt.categories == sorted(c for i in trainer.infos.values() for c in i["categories"])
+    assert ckpt.categories == sorted(c for i in trainer.infos.values() for c in i.categories)
     assert ckpt.image_size == 64 and ckpt.calibration.effective_patches > 0
     assert ckpt.normality is not None and 1 in ckpt.normality.table
     torch.testing.assert_close(trainer.layout.flatten(ckpt.model), trainer.global_vector)
@@ -132,12 +133,12 @@ def test_secure_aggregation_on_and_off_give_the_same_aggregate(factories, shard_
                                    factories, log=quiet)
         trainer.setup()
         result = trainer.run_round(1)
-        assert result["sites"] == trainer.sites and result["attempt"] == 0
+        assert result.sites == trainer.sites and result.attempt == 0
         assert len(trainer.received) == 3
         assert_no_image_bytes(trainer.received, shard_dir)
-        deltas[secure, fp16] = result["delta"]
+        deltas[secure, fp16] = result.delta
         if not secure:
-            assert all(isinstance(r["update"], bytes) and len(r["update"]) == encoded_num_bytes(trainer.layout, fp16)
+            assert all(isinstance(r.update, bytes) and len(r.update) == encoded_num_bytes(trainer.layout, fp16)
                        for r in trainer.received)
     plain = deltas[False, False]
     assert float(plain.abs().max()) > 0
@@ -220,7 +221,7 @@ def test_a_late_site_is_dropped_for_that_round_and_takes_part_in_the_next(factor
     rounds = {h["round"]: h for h in trainer.history}
     assert rounds[1]["sites"] == trainer.sites and rounds[3]["sites"] == trainer.sites
     assert rounds[2]["sites"] == ["site-000", "site-001"]
-    assert [r["site"] for r in trainer.received if "update" in r].count(straggler) == 2  # rounds 1 and 3
+    assert [r.site for r in trainer.received if isinstance(r, UpdateReply)].count(straggler) == 2  # rounds 1 and 3
 
 
 def test_a_killed_factory_is_dropped_for_the_round_which_the_others_complete_without_a_redo_and_it_rejoins(

@@ -51,13 +51,13 @@ def test_a_round_with_fewer_sites_than_the_quorum_stops_the_run_with_the_reason_
         own_factories, shard_dir, tmp_path):
     out = tmp_path / "quorum.pt"
     logged: list[str] = []
-    cfg = fed_cfg(shard_dir, out, rounds=1, local_steps=1, min_sites=3)
+    cfg = fed_cfg(shard_dir, out, rounds=3, local_steps=1, min_sites=3)
     trainer = FederatedTrainer(cfg, own_factories, log=logged.append)
-    assert trainer.run()["rounds"] == 1
+    trainer.setup()
+    assert [row["round"] for row in trainer.run_rounds(1)] == [1] and trainer.round == 1
     after_one = weights(out)
     ray.kill(own_factories["site-002"], no_restart=True)  # dead for good: round 2 has two of the three sites
 
-    trainer.cfg = cfg.model_copy(update={"rounds": 3})
     summary = trainer.run()
     assert summary["rounds"] == 1
     assert summary["stop_reason"] == "stopped at round 2: fewer than 3 sites answered", logged
@@ -175,14 +175,14 @@ def test_dp_without_secure_aggregation_adds_noise_of_z_times_c_to_the_sum_of_cli
     trainer = FederatedTrainer(cfg, factories, log=quiet)
     trainer.setup()
     result = trainer.run_round(1)
-    assert result["sites"] == trainer.sites and len(trainer.received) == 3
+    assert result.sites == trainer.sites and len(trainer.received) == 3
 
     # what the Coordinator aggregates: every site's update, each within the bound (site-side clipping)
-    deltas = [decode_update(r["update"], trainer.layout) for r in trainer.received]
+    deltas = [decode_update(r.update, trainer.layout) for r in trainer.received]
     norms = [float(d.norm()) for d in deltas]
     assert all(n == pytest.approx(clip, rel=1e-4) for n in norms), norms
     # the unweighted sum plus Gaussian noise z * C, over the number of sites
-    noise = result["delta"].double() * len(deltas) - torch.stack(deltas).double().sum(0)
+    noise = result.delta.double() * len(deltas) - torch.stack(deltas).double().sum(0)
     n = noise.numel()
     assert n > 5000
     assert float(noise.std()) == pytest.approx(z * clip, rel=0.05)
@@ -201,9 +201,9 @@ def test_with_secure_aggregation_the_aggregate_of_clipped_deltas_is_within_the_c
     trainer = FederatedTrainer(cfg, factories, log=quiet)
     trainer.setup()
     result = trainer.run_round(1)
-    assert result["sites"] == trainer.sites
+    assert result.sites == trainer.sites
     # no noise (z = 0): the mean of three deltas of norm C, which point different ways
-    norm = float(result["delta"].norm())
+    norm = float(result.delta.norm())
     assert 0.1 * clip < norm <= clip * (1 + 1e-4)
 
 
@@ -228,8 +228,8 @@ def test_secure_aggregation_with_two_sites_per_round_gives_the_plain_aggregate(f
         trainer = FederatedTrainer(cfg, factories, log=quiet)
         trainer.setup()
         result = trainer.run_round(1)
-        assert len(result["sites"]) == 2 and result["sites"] == trainer.sample(1)
-        deltas[secure] = result["delta"]
+        assert len(result.sites) == 2 and result.sites == trainer.sample(1)
+        deltas[secure] = result.delta
     assert float(deltas[False].abs().max()) > 0
     torch.testing.assert_close(deltas[True], deltas[False], atol=1e-6, rtol=0)
 

@@ -50,8 +50,8 @@ def test_twenty_virtual_sites_over_two_actors_train_with_secure_aggregation_and_
         assert all(len(h["sites"]) == 4 and h["attempt"] == 0 for h in trainer.history)
         assert len({s for h in trainer.history for s in h["sites"]}) > 4  # a new sample each round
         # every virtual site was played by one of the two actors: each described its own shard
-        assert sorted(i["site"] for i in trainer.infos.values()) == sorted(factories)
-        assert all(i["normals"] == 4 for i in trainer.infos.values())
+        assert sorted(i.site for i in trainer.infos.values()) == sorted(factories)
+        assert all(i.normals == 4 for i in trainer.infos.values())
         stats = pool.stats()
         assert len(stats) == 2 and all(s["switches"] > 0 for s in stats)
         assert sum(s["switches"] for s in stats) >= SITES
@@ -59,15 +59,15 @@ def test_twenty_virtual_sites_over_two_actors_train_with_secure_aggregation_and_
         # have published it: the pooled secure aggregate equals the plain one
         participants = trainer.sample(3)
         secure = trainer.run_round(3)
-        assert secure["sites"] == participants
+        assert secure.sites == participants
         plain_cfg = pooled_cfg(many_shards, tmp_path / "plain.pt")
         plain = FederatedTrainer(plain_cfg, factories, log=lambda m: None)
         plain.infos, plain.layout, plain.model = trainer.infos, trainer.layout, trainer.model  # no second setup
         plain.global_vector = trainer.global_vector.clone()
         expected = plain.run_round(3)
-        assert expected["sites"] == participants
-        torch.testing.assert_close(secure["delta"], expected["delta"], atol=1e-6, rtol=0)
-        assert float(expected["delta"].abs().max()) > 0
+        assert expected.sites == participants
+        torch.testing.assert_close(secure.delta, expected.delta, atol=1e-6, rtol=0)
+        assert float(expected.delta.abs().max()) > 0
     finally:
         kill_factories(factories)
 

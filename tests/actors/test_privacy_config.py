@@ -41,7 +41,7 @@ def test_under_dp_sites_are_poisson_sampled_from_the_os_and_no_seed_replays_the_
     plain = trainer()
     assert plain.sample(5) == trainer().sample(5) and len(plain.sample(5)) == 2  # seeded, fixed size
     private = trainer(dp_noise=1.0, dp_clip=0.5)
-    assert isinstance(private.sampler, secrets.SystemRandom)
+    assert isinstance(private.strategy.sampler.source, secrets.SystemRandom)
     draws = [private.sample(r) for r in range(3000)]
     q = 2 / 3
     counts = {s: sum(s in d for d in draws) for s in private.sites}

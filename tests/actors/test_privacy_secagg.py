@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from bayprano.actors.coordinator import FederatedTrainer, site_settings_of
+from bayprano.actors.coordinator import FederatedTrainer
 from bayprano.actors.factory import FactorySite
 from bayprano.config import FederatedTrainConfig
 from bayprano.platform.federated.aggregation import pack_weighted
+from bayprano.platform.federated.messages import SiteSettings
 from bayprano.platform.federated.secagg import PAIR, SELF, decode_fixed, pair_mask_key, prg
 from bayprano.platform.federated.shamir import Share, combine
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -62,13 +63,13 @@ class GatedSite(FactorySite):
     def arm(self, gate, round: int, holds: bool) -> None:
         self.gate, self.round, self.holds = gate, round, holds
 
-    def local_delta(self, round, attempt, start, settings):
-        delta, metrics = super().local_delta(round, attempt, start, settings)
+    def local_delta(self, round, attempt, start, instruction):
+        delta, metrics = super().local_delta(round, attempt, start, instruction)
         self.clear[(round, attempt)] = (delta.clone(), dict(metrics))
         return delta, metrics
 
-    def local_update(self, round, attempt, global_bytes, secagg, settings):
-        reply = super().local_update(round, attempt, global_bytes, secagg, settings)
+    def local_update(self, round, attempt, global_bytes, secagg, instruction):
+        reply = super().local_update(round, attempt, global_bytes, secagg, instruction)
         if self.gate is not None and round == self.round:
             ray.get((self.gate.hold if self.holds else self.gate.arrive).remote(self.site))
         return reply
@@ -88,7 +89,7 @@ def cfg_for(shard_dir, out, **overrides) -> FederatedTrainConfig:
 def gated(ray_session, shard_dir, tmp_path_factory):
     cfg = cfg_for(shard_dir, tmp_path_factory.mktemp("g") / "c.pt")
     actor = ray.remote(GatedSite)
-    handles = {s: actor.options(num_cpus=0.2, max_restarts=1, max_task_retries=0).remote(s, p, site_settings_of(cfg))
+    handles = {s: actor.options(num_cpus=0.2, max_restarts=1, max_task_retries=0).remote(s, p, SiteSettings.from_config(cfg))
                for s, p in cfg.site_paths().items()}
     ray.get([h.describe.remote() for h in handles.values()], timeout=300)  # banks built before the tests start
     yield handles
@@ -123,22 +124,22 @@ def test_a_late_sites_stale_reply_does_not_reveal_its_update_and_the_round_needs
         ray.get(gate.open.remote())
         ray.get([h.arm.remote(None, None, False) for h in gated.values()])
     survivors = ["site-000", "site-001"]
-    assert result["sites"] == survivors and result["attempt"] == 0  # completed by the survivors, no redo
+    assert result.sites == survivors and result.attempt == 0  # completed by the survivors, no redo
     truth = {s: ray.get(gated[s].clear_vector.remote(1, 0)) for s in gated}
     size = trainer.layout.size
     plain = sum(truth[s] for s in survivors)
-    torch.testing.assert_close(result["delta"].double(), torch.from_numpy(plain[:size] / plain[size]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.delta.double(), torch.from_numpy(plain[:size] / plain[size]), atol=1e-6, rtol=0)
 
     # the coordinator never read the late reply; the attacker (the test) takes it from the abandoned ref
     assert not any(t["site"] == late and t["stage"] == "update" for t in trainer.transcript)
     stale = [a for a in trainer.abandoned if a["site"] == late and a["stage"] == "update"]
     assert len(stale) == 1
-    y = ray.get(stale[0]["ref"], timeout=60)["masked"].values
+    y = ray.get(stale[0]["ref"], timeout=60).masked.values
 
     # everything the server holds: the roster, the survivors' masked inputs, the unmask answers
     seen = {(t["stage"], t["site"]): t["reply"] for t in trainer.transcript if t["round"] == 1}
     roster = {s: seen["advertise", s] for s in gated}
-    answers = {s: seen["unmask", s]["shares"] for s in survivors}
+    answers = {s: seen["unmask", s].shares for s in survivors}
     assert all(answers[s][late][0] == PAIR for s in survivors)  # of the late site: only its pairwise key
     assert all(answers[s][o][0] == SELF for s in survivors for o in survivors if o != s)
     s_late = X25519PrivateKey.from_private_bytes(combine([Share.from_bytes(answers[s][late][1]) for s in survivors], 2))
@@ -153,7 +154,7 @@ def test_a_late_sites_stale_reply_does_not_reveal_its_update_and_the_round_needs
     # least squares over every vector the server received or computed for the round, against what the
     # survivors' sum alone (which it may know) explains of the late site's update: the sites train the
     # same model, so their updates are alike, and the sum predicts much of it; the rest adds nothing
-    survivors_masked = [decode_fixed(seen["update", s]["masked"].values) for s in survivors]
+    survivors_masked = [decode_fixed(seen["update", s].masked.values) for s in survivors]
 
     def unexplained(*cols):
         a = np.stack([*cols, np.ones_like(x)], axis=1)
@@ -187,12 +188,12 @@ def test_a_site_killed_after_masking_leaves_the_survivors_sum_without_a_redo(gat
     trainer.setup()
     result = trainer.run_round(1)
     survivors = ["site-000", "site-002"]
-    assert result["sites"] == survivors and result["attempt"] == 0, logged
+    assert result.sites == survivors and result.attempt == 0, logged
     assert any(f"update 1 attempt 0: {victim} dropped after sharing" in line for line in logged), logged
     truth = {s: ray.get(gated[s].clear_vector.remote(1, 0)) for s in survivors}
     size = trainer.layout.size
     plain = sum(truth.values())
-    torch.testing.assert_close(result["delta"].double(), torch.from_numpy(plain[:size] / plain[size]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.delta.double(), torch.from_numpy(plain[:size] / plain[size]), atol=1e-6, rtol=0)
     for s in survivors:
         ray.get(gated[s].arm.remote(None, None, False))
     deadline = time.monotonic() + 60
@@ -201,4 +202,4 @@ def test_a_site_killed_after_masking_leaves_the_survivors_sum_without_a_redo(gat
         time.sleep(0.5)
     ray.get(gated[victim].describe.remote(), timeout=300)  # its banks rebuilt before the round's deadline runs
     trainer.on_broadcast = None
-    assert trainer.run_round(2)["sites"] == sorted(gated)  # the restarted site, with a new secret, rejoins
+    assert trainer.run_round(2).sites == sorted(gated)  # the restarted site, with a new secret, rejoins

@@ -17,6 +17,7 @@ import torch
 
 from bayprano.actors.coordinator import FederatedTrainer, spawn_factories
 from bayprano.config import FederatedTrainConfig
+from bayprano.platform.federated.messages import sent_fields
 from bayprano.platform.federated.secagg import Advertisement, MaskedUpdate
 from bayprano.platform.federated.state import decode_update
 from bayprano.platform.meta.checkpoint import load_checkpoint
@@ -89,18 +90,18 @@ def test_under_secure_aggregation_and_dp_the_coordinator_gets_only_masked_vector
         if stage == "check":
             assert reply == t["site"]
         elif stage == "describe":
-            assert set(reply) == DESCRIBE, where  # no image count, no feature statistic
+            assert sent_fields(reply) == DESCRIBE, where  # no image count, no feature statistic
         elif stage == "advertise":
             assert isinstance(reply, Advertisement) and len(reply.c_public) == len(reply.s_public) == 32
         elif stage == "share":
-            assert set(reply) == {"site", "instance", "shares"}
-            assert all(isinstance(ct, bytes) and len(ct) < 400 for ct in reply["shares"].values())  # sealed to peers
+            assert sent_fields(reply) == {"site", "instance", "shares"}
+            assert all(isinstance(ct, bytes) and len(ct) < 400 for ct in reply.shares.values())  # sealed to peers
         elif stage == "update":
-            assert set(reply) == {"site", "masked", "round", "attempt"} and isinstance(reply["masked"], MaskedUpdate)
-            assert reply["masked"].values.shape == (trainer.layout.size + 1,)  # [clipped delta, 1]: no loss
+            assert sent_fields(reply) == {"site", "masked", "round", "attempt"} and isinstance(reply.masked, MaskedUpdate)
+            assert reply.masked.values.shape == (trainer.layout.size + 1,)  # [clipped delta, 1]: no loss
         elif stage == "unmask":
-            assert set(reply) == {"site", "instance", "shares"}
-            assert all(kind == "self" and len(share) == 71 for kind, share in reply["shares"].values())  # none dropped
+            assert sent_fields(reply) == {"site", "instance", "shares"}
+            assert all(kind == "self" and len(share) == 71 for kind, share in reply.shares.values())  # none dropped
         for path, leaf in leaves(reply):
             if isinstance(leaf, np.ndarray):
                 assert path == ".masked.values" and leaf.dtype == np.uint64, f"{where}{path}: an array in the clear"
@@ -132,18 +133,18 @@ def test_without_secure_aggregation_each_sites_values_are_visible(factories, sha
     updates = {t["site"]: t["reply"] for t in trainer.transcript if t["stage"] == "update"}
     assert set(updates) == set(trainer.sites)
     for site, reply in updates.items():  # the site's own delta, in the clear
-        delta = decode_update(reply["update"], trainer.layout)
+        delta = decode_update(reply.update, trainer.layout)
         assert float(delta.abs().max()) > 0
         if mode == "dp":
-            assert set(reply) == {"site", "round", "attempt", "weight", "update"} and reply["weight"] == 1.0
+            assert sent_fields(reply) == {"site", "round", "attempt", "weight", "update"} and reply.weight == 1.0
             assert float(delta.norm()) <= CLIP * (1 + 1e-5)  # clipped, not noised: the noise is added at the server
         else:
-            assert set(reply["metrics"]) == {"loss", "delta_norm", "clipped_norm", "seconds"}
+            assert reply.metrics is not None and sent_fields(reply.metrics) == {"loss", "delta_norm", "clipped_norm", "seconds"}
     if mode == "plain":
-        validations = [t["reply"]["validation"] for t in trainer.transcript if t["stage"] == "validation"]
-        features = [t["reply"]["features"] for t in trainer.transcript if t["stage"] == "features"]
+        validations = [t["reply"].validation for t in trainer.transcript if t["stage"] == "validation"]
+        features = [t["reply"].features for t in trainer.transcript if t["stage"] == "features"]
         assert len(validations) == len(features) == 3
         assert all(0 <= v[0] <= 1 and v[1] == 1 for v in validations)  # each site's AUROC
         assert all(f[-1] > 0 for f in features)  # each site's feature sums and count
         describe = [t["reply"] for t in trainer.transcript if t["stage"] == "describe"]
-        assert all(set(d) == DESCRIBE | {"normals"} for d in describe)
+        assert all(sent_fields(d) == DESCRIBE | {"normals"} for d in describe)

@@ -11,6 +11,11 @@ server does with it.
 - ``summaries``: what a site reports besides its update (feature statistics, validation), as vectors
   whose sum over sites is all the server needs.
 - ``aggregation``: server update rules on flat vectors (FedAvg, FedProx's penalty, FedAdam).
+- ``strategy``: the pieces a round is made of, composable: sampling (seeded, or Poisson under DP), the
+  round's instruction, aggregation (plain or from a secure sum), the server optimiser, and client-level
+  DP as a wrapper around a strategy.
+- ``messages``: the typed messages between the Coordinator and the sites (settings, round instruction,
+  replies).
 
 The Ray actors (Factory, Coordinator) move these objects between processes and hold no logic of their
 own. Submodules are imported by name; this package imports nothing, so that ``privacy`` (which pulls in

@@ -166,13 +166,13 @@ class FedAdamServer(ServerOptimizer):
 
     def step(self, global_vector: Tensor, aggregated_delta: Tensor) -> Tensor:
         g, d = self._inputs(global_vector, aggregated_delta)
-        if self.m is None:
-            self.m = torch.zeros_like(g)
-            self.v = torch.full_like(g, self.tau**2)
-        elif self.m.numel() != g.numel():
-            raise DataError(f"FedAdam: state holds {self.m.numel()} values, the global vector has {g.numel()}")
-        self.m = self.beta1 * self.m + (1 - self.beta1) * d
-        self.v = self.beta2 * self.v + (1 - self.beta2) * d * d
+        m, v = self.m, self.v
+        if m is None or v is None:
+            m, v = torch.zeros_like(g), torch.full_like(g, self.tau**2)
+        elif m.numel() != g.numel():
+            raise DataError(f"FedAdam: state holds {m.numel()} values, the global vector has {g.numel()}")
+        self.m = self.beta1 * m + (1 - self.beta1) * d
+        self.v = self.beta2 * v + (1 - self.beta2) * d * d
         self.steps += 1
         return g + self.lr * self.m / (self.v.sqrt() + self.tau)
 

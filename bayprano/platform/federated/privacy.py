@@ -223,7 +223,7 @@ class PrivacyAccountant:
                 z, q = float(z), float(q)
             except (TypeError, ValueError):
                 raise DataError(f"privacy accountant state: a history row must be [noise, sample_rate, steps], got {row!r}") from None
-            if not (z >= 0 and 0 < q <= 1 and isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1):
+            if not (z >= 0 and 0 < q <= 1 and isinstance(n, numbers.Integral) and not isinstance(n, bool) and int(n) >= 1):
                 raise DataError(f"privacy accountant state: invalid history row {row!r}")
             history.append((z, q, int(n)))
         self._history = history

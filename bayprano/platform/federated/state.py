@@ -33,7 +33,7 @@ MAGIC = b"BPFV"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sBB2x16sQ")
 HEADER_BYTES = _HEADER.size  # 32
-_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
+_DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
 _FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
@@ -119,6 +119,7 @@ class ParameterLayout:
 
     def flatten(self, model_or_state: nn.Module | Mapping[str, Tensor]) -> Tensor:
         """A model's parameters (or a state dict's, ignoring its buffers) as one float32 CPU vector."""
+        tensors: Mapping[str, Tensor]
         if isinstance(model_or_state, nn.Module):
             tensors = dict(model_or_state.named_parameters())
             where = "model"

@@ -106,5 +106,5 @@ def feature_standardisation(summed: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     if count <= 0:
         raise DataError("feature statistics: no features were counted")
     mean, std = statistics_from_sums(torch.from_numpy(summed[:channels]), torch.from_numpy(summed[channels:2 * channels]),
-                                     float(count))
+                                     int(round(float(count))))  # a sum of whole counts
     return mean.numpy(), std.numpy()
