@@ -20,10 +20,11 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/bayprano demo $(DEMO_ARGS)
 
-# ruff (pyflakes and syntax) and mypy (the type check over bayprano/, configured in pyproject.toml) check
-# the code first; pytest exits 5 when it collected no test: that is a failure, not a pass.
+# ruff (pyflakes, syntax and the format) and mypy (the type check over bayprano/, configured in
+# pyproject.toml) check the code first; pytest exits 5 when it collected no test: that is a failure.
 test: install
 	$(VENV)/bin/ruff check bayprano tests benchmarks
+	$(VENV)/bin/ruff format --check bayprano tests benchmarks
 	$(VENV)/bin/mypy
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc

@@ -47,8 +47,11 @@ class _Progress:
         if done < total and now - self.last < self.every:
             return
         self.last = now
-        print(f"[{self.label}] {done}/{total} {item} ({now - self.start:.1f}s)".replace("  ", " "),
-              file=sys.stderr, flush=True)
+        print(
+            f"[{self.label}] {done}/{total} {item} ({now - self.start:.1f}s)".replace("  ", " "),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -59,8 +62,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     meta = generate_dataset(
-        args.out, categories=args.categories, seed=args.seed, size=args.size,
-        n_train=args.train, n_test_good=args.test_good, n_test_defective=args.test_defective,
+        args.out,
+        categories=args.categories,
+        seed=args.seed,
+        size=args.size,
+        n_train=args.train,
+        n_test_good=args.test_good,
+        n_test_defective=args.test_defective,
         progress=_Progress("synth"),
     )
     cats = [c["name"] if isinstance(c, dict) else c for c in meta["categories"]]
@@ -73,12 +81,18 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     manifest = shard_dataset(
-        args.root, args.out, sites=args.sites, mode="iid" if args.iid else "by-category", seed=args.seed,
+        args.root,
+        args.out,
+        sites=args.sites,
+        mode="iid" if args.iid else "by-category",
+        seed=args.seed,
         progress=_Progress("shard"),
     )
     print(_manifest_table(manifest))
-    print(f"wrote {len(manifest['sites'])} shards ({manifest['total_rows']} rows, {manifest['mode']}) "
-          f"to {args.out} in {time.perf_counter() - start:.1f}s")
+    print(
+        f"wrote {len(manifest['sites'])} shards ({manifest['total_rows']} rows, {manifest['mode']}) "
+        f"to {args.out} in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
@@ -95,8 +109,14 @@ def cmd_data_import_folder(args: argparse.Namespace) -> int:
     from bayprano.platform.data.folder import import_folder
 
     result = import_folder(
-        args.category, args.normal, args.out, abnormal=args.abnormal, masks=args.masks,
-        test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite,
+        args.category,
+        args.normal,
+        args.out,
+        abnormal=args.abnormal,
+        masks=args.masks,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
     )
     counts = ", ".join(f"{k} {v}" for k, v in result["counts"].items())
     print(f"wrote category {args.category!r} to {Path(args.out) / args.category}: {counts}")
@@ -109,8 +129,16 @@ def _manifest_table(manifest: dict) -> str:
     rows: list[Iterable[str]] = []
     for site in manifest["sites"]:
         by_split = site.get("rows_by_split", {})
-        rows.append((site["name"], ", ".join(site["categories"]), str(by_split.get("train", 0)),
-                     str(by_split.get("test", 0)), str(site["rows"]), f"{site.get('image_bytes', 0) / 1e6:.1f} MB"))
+        rows.append(
+            (
+                site["name"],
+                ", ".join(site["categories"]),
+                str(by_split.get("train", 0)),
+                str(by_split.get("test", 0)),
+                str(site["rows"]),
+                f"{site.get('image_bytes', 0) / 1e6:.1f} MB",
+            )
+        )
     return format_table(("site", "categories", "train", "test", "rows", "image bytes"), rows)
 
 
@@ -155,8 +183,17 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bayprano.demo import run_demo
 
-    run_demo(args.out, data_root=args.data_root, sites=args.sites, shots=args.shots, dp=args.dp, fast=args.fast,
-             seed=args.seed, progress=_Progress("demo"), log=lambda m: print(m, flush=True))
+    run_demo(
+        args.out,
+        data_root=args.data_root,
+        sites=args.sites,
+        shots=args.shots,
+        dp=args.dp,
+        fast=args.fast,
+        seed=args.seed,
+        progress=_Progress("demo"),
+        log=lambda m: print(m, flush=True),
+    )
     return 0
 
 
@@ -180,9 +217,27 @@ def settings_from_args(args: argparse.Namespace, model_cls) -> Any:
     return load_yaml_config(args.config, model_cls, given)
 
 
-_FEDERATED_FLAGS = ("sites_per_round", "rounds", "local_steps", "dp_noise", "dp_clip", "target_epsilon", "dp_delta",
-                    "secure_agg", "fp16", "server_opt", "server_lr", "fedprox_mu", "resume", "address", "min_sites",
-                    "round_timeout", "pool_size", "secagg_threshold", "secagg_neighbours")
+_FEDERATED_FLAGS = (
+    "sites_per_round",
+    "rounds",
+    "local_steps",
+    "dp_noise",
+    "dp_clip",
+    "target_epsilon",
+    "dp_delta",
+    "secure_agg",
+    "fp16",
+    "server_opt",
+    "server_lr",
+    "fedprox_mu",
+    "resume",
+    "address",
+    "min_sites",
+    "round_timeout",
+    "pool_size",
+    "secagg_threshold",
+    "secagg_neighbours",
+)
 
 
 def _site_paths(text: str) -> dict[str, str]:
@@ -218,8 +273,10 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
         raise ConfigError("give --data-root (centralised) or --shards (federated), not both")
     for name in ("categories", "exclude", "episodes"):
         if getattr(args, name) is not None:
-            raise ConfigError(f"--{name.replace('_', '-')} is for centralised training; with --shards each site "
-                              "trains on all of its categories for --rounds x --local-steps episodes")
+            raise ConfigError(
+                f"--{name.replace('_', '-')} is for centralised training; with --shards each site "
+                "trains on all of its categories for --rounds x --local-steps episodes"
+            )
     cfg = settings_from_args(args, FederatedTrainConfig)
     from bayprano.actors.coordinator import train_federated
 
@@ -229,11 +286,15 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
     eps = "" if summary["epsilon"] is None else f", epsilon {summary['epsilon']:.3f} at delta {cfg.dp_delta:g}"
     for site, b in summary["site_bytes"].items():
         share = "" if b["sent_fraction"] is None else f" = {100 * b['sent_fraction']:.2f}%"
-        print(f"  {site}: sent {b['sent']} bytes{share} of its {b['shard_bytes']} image bytes, "
-              f"received {b['received']} bytes")
-    print(f"wrote checkpoint {cfg.out}: {summary['rounds']} federated round(s) of {cfg.rounds}{eps}, "
-          f"{summary['bytes']} bytes moved (the shards hold {summary['shard_bytes']} image bytes), "
-          f"in {summary['seconds']:.1f}s")
+        print(
+            f"  {site}: sent {b['sent']} bytes{share} of its {b['shard_bytes']} image bytes, "
+            f"received {b['received']} bytes"
+        )
+    print(
+        f"wrote checkpoint {cfg.out}: {summary['rounds']} federated round(s) of {cfg.rounds}{eps}, "
+        f"{summary['bytes']} bytes moved (the shards hold {summary['shard_bytes']} image bytes), "
+        f"in {summary['seconds']:.1f}s"
+    )
     return 0
 
 
@@ -250,11 +311,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     ckpt = train_centralised(cfg, progress=_log("train"))
-    print(f"wrote checkpoint {cfg.out} (sha256 {ckpt.sha256[:12]}): meta-trained on {len(ckpt.categories)} "
-          f"categories ({', '.join(ckpt.categories)}), {cfg.episodes} episodes, K={cfg.shots}, S={cfg.inner_steps}, "
-          f"{'second' if cfg.second_order else 'first'}-order, backbone {ckpt.backbone_fingerprint}, "
-          f"{ckpt.image_size} px, effective patch count {ckpt.calibration.effective_patches:.1f}, "
-          f"in {time.perf_counter() - start:.1f}s")
+    print(
+        f"wrote checkpoint {cfg.out} (sha256 {ckpt.sha256[:12]}): meta-trained on {len(ckpt.categories)} "
+        f"categories ({', '.join(ckpt.categories)}), {cfg.episodes} episodes, K={cfg.shots}, S={cfg.inner_steps}, "
+        f"{'second' if cfg.second_order else 'first'}-order, backbone {ckpt.backbone_fingerprint}, "
+        f"{ckpt.image_size} px, effective patch count {ckpt.calibration.effective_patches:.1f}, "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
@@ -276,32 +339,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     image_size = cfg.image_size
     if ckpt is not None:
         if "image_size" in cfg.model_fields_set and cfg.image_size != ckpt.image_size:
-            raise ConfigError(f"--image-size {cfg.image_size}: the checkpoint {cfg.checkpoint} was meta-trained at "
-                              f"{ckpt.image_size} px")
+            raise ConfigError(
+                f"--image-size {cfg.image_size}: the checkpoint {cfg.checkpoint} was meta-trained at "
+                f"{ckpt.image_size} px"
+            )
         image_size = ckpt.image_size
         if "bayes" in methods:
             if categories is None:
                 categories = [c for c in list_categories(cfg.data_root) if c not in ckpt.categories]
                 if not categories:
-                    raise ConfigError(f"{cfg.checkpoint}: meta-trained on every category of {cfg.data_root}; "
-                                      "none is left to evaluate without leakage")
+                    raise ConfigError(
+                        f"{cfg.checkpoint}: meta-trained on every category of {cfg.data_root}; "
+                        "none is left to evaluate without leakage"
+                    )
                 log(f"evaluating the categories the checkpoint never saw: {', '.join(categories)}")
             seen = [c for c in categories if c in ckpt.categories]
             if seen:
-                raise ConfigError(f"{cfg.checkpoint}: meta-trained on category {seen[0]!r}; "
-                                  "evaluating it there would leak")
+                raise ConfigError(
+                    f"{cfg.checkpoint}: meta-trained on category {seen[0]!r}; evaluating it there would leak"
+                )
     backbone = cfg.backbone or (ckpt.backbone if ckpt is not None else DEFAULT_BACKBONE)
     start = time.perf_counter()
     result = run_evaluation(
-        cfg.data_root, cfg.output, categories=categories, shots=cfg.shots, seeds=cfg.seeds, methods=methods,
-        checkpoint=cfg.checkpoint, meta_train_root=cfg.meta_train_root, inner_steps=cfg.inner_steps,
-        target_fpr=cfg.target_fpr, episodes=cfg.episodes, image_size=image_size, backbone=backbone, dim=cfg.dim,
-        device=cfg.device, seed=cfg.seed, progress=log,
+        cfg.data_root,
+        cfg.output,
+        categories=categories,
+        shots=cfg.shots,
+        seeds=cfg.seeds,
+        methods=methods,
+        checkpoint=cfg.checkpoint,
+        meta_train_root=cfg.meta_train_root,
+        inner_steps=cfg.inner_steps,
+        target_fpr=cfg.target_fpr,
+        episodes=cfg.episodes,
+        image_size=image_size,
+        backbone=backbone,
+        dim=cfg.dim,
+        device=cfg.device,
+        seed=cfg.seed,
+        progress=log,
     )
     print(markdown_table(result))
     pictures = sum(len(v) for v in result["pictures"].values())
-    print(f"wrote {cfg.output} ({len(result['records'])} records, {result['protocol']}) and {pictures} pictures "
-          f"beside it in {time.perf_counter() - start:.1f}s")
+    print(
+        f"wrote {cfg.output} ({len(result['records'])} records, {result['protocol']}) and {pictures} pictures "
+        f"beside it in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
@@ -354,21 +437,41 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         from bayprano.platform.model.tiling import RegionOfInterest
 
         roi = RegionOfInterest.parse(args.roi)
-    site = adapt(ckpt, images, steps=args.steps, target_fpr=args.target_fpr, scoring=args.scoring,
-                 tile_overlap=args.tile_overlap, roi=roi, augment=args.augment)
+    site = adapt(
+        ckpt,
+        images,
+        steps=args.steps,
+        target_fpr=args.target_fpr,
+        scoring=args.scoring,
+        tile_overlap=args.tile_overlap,
+        roi=roi,
+        augment=args.augment,
+    )
     site.save(out)
     loo = site.info.get("loo_statistics") or []
     print(f"wrote site model {out}")
-    print(f"  version    model sha256 {site.info['model_sha256'][:12]}, from checkpoint {ckpt.sha256[:12]} "
-          f"({args.checkpoint}), backbone {ckpt.backbone_fingerprint}, {site.image_size} px")
-    print(f"  support    {len(images)} good image(s) from {args.support}, {site.info['inner_steps']} inner step(s), "
-          f"augmentation {args.augment} ({site.info['support_views']} view(s))")
-    print(f"  scoring    {site.scoring}" + (f" (tile {site.image_size} px, overlap {site.tile_overlap:g})"
-                                            if site.scoring == "tile" else f" (resized to {site.image_size} px)")
-          + ("" if roi is None else f", region of interest {roi.describe()}"))
-    print(f"  threshold  {site.threshold:.3f} for target FPR {site.target_fpr:g} ({site.calibration.describe()}; "
-          f"leave-one-out statistics "
-          f"{', '.join(f'{s:.2f}' for s in loo) if loo else 'none: one shot'})")
+    print(
+        f"  version    model sha256 {site.info['model_sha256'][:12]}, from checkpoint {ckpt.sha256[:12]} "
+        f"({args.checkpoint}), backbone {ckpt.backbone_fingerprint}, {site.image_size} px"
+    )
+    print(
+        f"  support    {len(images)} good image(s) from {args.support}, {site.info['inner_steps']} inner step(s), "
+        f"augmentation {args.augment} ({site.info['support_views']} view(s))"
+    )
+    print(
+        f"  scoring    {site.scoring}"
+        + (
+            f" (tile {site.image_size} px, overlap {site.tile_overlap:g})"
+            if site.scoring == "tile"
+            else f" (resized to {site.image_size} px)"
+        )
+        + ("" if roi is None else f", region of interest {roi.describe()}")
+    )
+    print(
+        f"  threshold  {site.threshold:.3f} for target FPR {site.target_fpr:g} ({site.calibration.describe()}; "
+        f"leave-one-out statistics "
+        f"{', '.join(f'{s:.2f}' for s in loo) if loo else 'none: one shot'})"
+    )
     print(f"  adapted in {site.info['adapt_seconds']:.2f}s")
     return 0
 
@@ -454,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", metavar="NAME", help="efficientnet_lite2 (default), random, or a torchvision CNN")
     p.add_argument("--dim", metavar="D", help="embedding dimension of the head (default 64)")
     p.add_argument("--lr", metavar="LR", help="outer learning rate (default 0.002)")
-    p.add_argument("--inner-lr", metavar="LR", help="initial inner-loop step size, meta-learned from there (default 0.05)")
+    p.add_argument(
+        "--inner-lr", metavar="LR", help="initial inner-loop step size, meta-learned from there (default 0.05)"
+    )
     p.add_argument("--supcon-weight", metavar="W", help="weight of the supervised contrastive loss (default 0.1)")
     p.add_argument("--n-query-normal", metavar="N", help="normal query images per episode (default 4)")
     p.add_argument("--n-query-anomalous", metavar="N", help="synthetic anomalous query images per episode (default 4)")
@@ -463,8 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="DEV", help="backbone device: cpu (default), cuda, cuda:N, auto")
     fed = p.add_argument_group("federated training (with --shards)")
     fed.add_argument("--shards", metavar="DIR", help="shard folder (manifest.json): one Factory actor per site")
-    fed.add_argument("--sites", metavar="NAME=PATH,...", type=_site_paths,
-                     help="or the sites by name, each with the path of its shard on its own node")
+    fed.add_argument(
+        "--sites",
+        metavar="NAME=PATH,...",
+        type=_site_paths,
+        help="or the sites by name, each with the path of its shard on its own node",
+    )
     fed.add_argument("--sites-per-round", metavar="F", help="fraction of the sites sampled each round (default 1)")
     fed.add_argument("--rounds", metavar="R", help="federated rounds")
     fed.add_argument("--local-steps", metavar="E", help="local meta-training episodes per site and round (default 1)")
@@ -472,17 +581,30 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--dp-clip", metavar="C", help="client-level DP: clip each site's delta to L2 norm C")
     fed.add_argument("--target-epsilon", metavar="EPS", help="stop before a round that would spend more epsilon")
     fed.add_argument("--dp-delta", metavar="D", help="DP delta (default 1e-5)")
-    fed.add_argument("--secure-agg", action="store_true", default=None,
-                     help="secure aggregation (double masking, dropout-robust): the server only learns sums")
-    fed.add_argument("--secagg-threshold", metavar="T", help="secure aggregation: shares that recover a site's mask "
-                     "secrets (default: a majority of its neighbours)")
-    fed.add_argument("--secagg-neighbours", metavar="K", help="secure aggregation: peers of each site, SecAgg+ "
-                     "(default: every other site of the round)")
+    fed.add_argument(
+        "--secure-agg",
+        action="store_true",
+        default=None,
+        help="secure aggregation (double masking, dropout-robust): the server only learns sums",
+    )
+    fed.add_argument(
+        "--secagg-threshold",
+        metavar="T",
+        help="secure aggregation: shares that recover a site's mask secrets (default: a majority of its neighbours)",
+    )
+    fed.add_argument(
+        "--secagg-neighbours",
+        metavar="K",
+        help="secure aggregation: peers of each site, SecAgg+ (default: every other site of the round)",
+    )
     fed.add_argument("--fp16", action="store_true", default=None, help="send the global model as float16")
     fed.add_argument("--server-opt", metavar="NAME", help="fedavg (default), fedprox or fedadam")
     fed.add_argument("--server-lr", metavar="LR", help="server step size (default 1 for fedavg/fedprox, 0.01 fedadam)")
-    fed.add_argument("--min-sites", metavar="N", help="quorum: fewest sites a round may complete with "
-                     "(default: half the round's sites, rounded up)")
+    fed.add_argument(
+        "--min-sites",
+        metavar="N",
+        help="quorum: fewest sites a round may complete with (default: half the round's sites, rounded up)",
+    )
     fed.add_argument("--round-timeout", metavar="S", help="seconds a round waits for its sites (default 300)")
     fed.add_argument("--pool-size", metavar="N", help="pooled mode: simulate every site over N shared actors")
     fed.add_argument("--fedprox-mu", metavar="MU", help="FedProx proximal weight (with --server-opt fedprox)")
@@ -493,15 +615,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="leave-one-category-out evaluation of every method, written as JSON")
     p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags given here override it")
     p.add_argument("--data-root", metavar="DIR", help="MVTec-layout root")
-    p.add_argument("--categories", metavar="A,B", help="categories to evaluate (default: all; with --checkpoint, "
-                   "those it was not meta-trained on)")
+    p.add_argument(
+        "--categories",
+        metavar="A,B",
+        help="categories to evaluate (default: all; with --checkpoint, those it was not meta-trained on)",
+    )
     p.add_argument("--shots", metavar="K[,K2]", help="support sizes (default 5)")
     p.add_argument("--seeds", metavar="N", help="support sets drawn per category and K (default 3)")
     p.add_argument("--methods", metavar="M,N", help="bayes, bayes-frozen, patchcore, padim, protomaml (default: all)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="CKPT", help="meta-checkpoint for the bayes method")
-    source.add_argument("--meta-train-root", metavar="DIR", help="meta-train on this root instead of the other "
-                        "categories of --data-root")
+    source.add_argument(
+        "--meta-train-root",
+        metavar="DIR",
+        help="meta-train on this root instead of the other categories of --data-root",
+    )
     p.add_argument("--inner-steps", metavar="S", help="inner-loop steps, 0..10 (default 1)")
     p.add_argument("--target-fpr", metavar="A", help="target false-positive rate of the threshold (default 0.05)")
     p.add_argument("--episodes", metavar="N", help="meta-training episodes when there is no checkpoint (default 200)")
@@ -519,29 +647,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="site model folder to write")
     p.add_argument("--steps", type=int, metavar="S", help="inner-loop steps, 0..10 (default: the checkpoint's)")
     p.add_argument("--shots", type=_positive_int("--shots"), metavar="K", help="use the first K images (sorted)")
-    p.add_argument("--target-fpr", type=float, default=0.05, metavar="A",
-                   help="target false-positive rate of the threshold (default 0.05)")
-    p.add_argument("--scoring", choices=("resize", "tile"), default="resize",
-                   help="resize: each image resized to the model's side (default); tile: images larger than one "
-                   "tile scored as overlapping tiles, map and statistic at the image's own size")
-    p.add_argument("--tile-overlap", type=float, default=0.25, metavar="F",
-                   help="fraction of a tile that neighbouring tiles share, in [0, 1) (default 0.25)")
-    p.add_argument("--roi", metavar="X0,Y0,X1,Y1|MASK", help="region of interest: a pixel rectangle (x1, y1 "
-                   "exclusive) or a mask image at the images' size (non-zero = inside); the map is zero and the "
-                   "statistic ignores the patches outside it")
-    p.add_argument("--augment", choices=("none", "flips", "dihedral", "shifts"), default="none",
-                   help="support augmentation before the fit and the calibration (default none)")
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.05,
+        metavar="A",
+        help="target false-positive rate of the threshold (default 0.05)",
+    )
+    p.add_argument(
+        "--scoring",
+        choices=("resize", "tile"),
+        default="resize",
+        help="resize: each image resized to the model's side (default); tile: images larger than one "
+        "tile scored as overlapping tiles, map and statistic at the image's own size",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="fraction of a tile that neighbouring tiles share, in [0, 1) (default 0.25)",
+    )
+    p.add_argument(
+        "--roi",
+        metavar="X0,Y0,X1,Y1|MASK",
+        help="region of interest: a pixel rectangle (x1, y1 "
+        "exclusive) or a mask image at the images' size (non-zero = inside); the map is zero and the "
+        "statistic ignores the patches outside it",
+    )
+    p.add_argument(
+        "--augment",
+        choices=("none", "flips", "dihedral", "shifts"),
+        default="none",
+        help="support augmentation before the fit and the calibration (default none)",
+    )
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("score", help="score images with an adapted site model: one JSON line per image")
-    p.add_argument("--model", metavar="MODEL", help="site model folder written by `bayprano adapt`, or an "
-                   "exported model.onnx / model.xml written by `bayprano export`")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP; any size), folders "
-                   "(walked recursively) or glob patterns")
+    p.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="site model folder written by `bayprano adapt`, or an "
+        "exported model.onnx / model.xml written by `bayprano export`",
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (PNG, JPEG, BMP; any size), folders (walked recursively) or glob patterns",
+    )
     p.add_argument("--target-fpr", type=float, metavar="A", help="target false-positive rate (default: the model's)")
     p.add_argument("--maps", metavar="DIR", help="write a heatmap overlay PNG per image here")
-    p.add_argument("--output", metavar="DIR", help="write predictions.csv, predictions.jsonl, overlays of the "
-                   "anomalous and review images, and summary.html here")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="write predictions.csv, predictions.jsonl, overlays of the "
+        "anomalous and review images, and summary.html here",
+    )
     serve_cli.add_score_client_arguments(p)
     p.set_defaults(func=cmd_score)
 

@@ -156,8 +156,9 @@ class FederatedTrainConfig(_MetaTrainingSettings):
         if self.resume and not self.out.is_file():
             raise ValueError(f"--resume: there is no checkpoint {self.out} to resume from")
         if (self.shards is None) == (self.sites is None):
-            raise ValueError("give the sites either as --shards DIR (a manifest) or as `sites:` (name: shard path), "
-                             "one of the two")
+            raise ValueError(
+                "give the sites either as --shards DIR (a manifest) or as `sites:` (name: shard path), one of the two"
+            )
         if self.shards is not None and not (self.shards / "manifest.json").is_file():
             raise ValueError(f"--shards {self.shards}: no manifest.json (write one with `bayprano data shard`)")
         if self.sites is not None:
@@ -171,8 +172,9 @@ class FederatedTrainConfig(_MetaTrainingSettings):
         n = len(self.site_paths())
         f = self.sites_per_round
         if f > 1 and f != int(f):
-            raise ValueError(f"--sites-per-round {f:g}: give a fraction of the sites (at most 1) or a whole number "
-                             "of sites")
+            raise ValueError(
+                f"--sites-per-round {f:g}: give a fraction of the sites (at most 1) or a whole number of sites"
+            )
         if f > n:
             raise ValueError(f"--sites-per-round {f:g}: more than the {n} site(s) there are")
         k = self.round_size
@@ -318,25 +320,34 @@ class ServeConfig(_Settings):
     def _replicas_consistent(self) -> "ServeConfig":
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("autoscaling needs both min_replicas and max_replicas")
-        if (self.min_replicas is not None and self.max_replicas is not None
-                and self.max_replicas < max(self.min_replicas, 1)):
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.max_replicas < max(self.min_replicas, 1)
+        ):
             raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix {self.route_prefix!r} must start with '/'")
         if not self.max_image_pixels <= self.max_request_pixels <= self.max_inflight_pixels:
-            raise ValueError(f"pixel limits must grow: max_image_pixels {self.max_image_pixels} <= max_request_pixels "
-                             f"{self.max_request_pixels} <= max_inflight_pixels {self.max_inflight_pixels}")
+            raise ValueError(
+                f"pixel limits must grow: max_image_pixels {self.max_image_pixels} <= max_request_pixels "
+                f"{self.max_request_pixels} <= max_inflight_pixels {self.max_inflight_pixels}"
+            )
         if self.max_request_bytes > self.max_inflight_bytes:
-            raise ValueError(f"max_request_bytes {self.max_request_bytes} is above max_inflight_bytes "
-                             f"{self.max_inflight_bytes}")
+            raise ValueError(
+                f"max_request_bytes {self.max_request_bytes} is above max_inflight_bytes {self.max_inflight_bytes}"
+            )
         return self
 
     @property
     def gateway_memory_budget(self) -> int:
         """Bytes the gateway may hold for requests above its idle size: bodies, decoded RGB images (and
         the copy handed to the model replica), and Pillow's 4-byte buffers of the images being decoded."""
-        return (self.max_inflight_bytes + 2 * 3 * self.max_inflight_pixels
-                + 4 * self.max_concurrent_decodes * self.max_image_pixels)
+        return (
+            self.max_inflight_bytes
+            + 2 * 3 * self.max_inflight_pixels
+            + 4 * self.max_concurrent_decodes * self.max_image_pixels
+        )
 
     @property
     def autoscaling(self) -> bool:
@@ -393,8 +404,10 @@ class SearchDimension(_Settings):
     def _exactly_one(self) -> "SearchDimension":
         given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of grid, choice, uniform, loguniform"
-                             + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError(
+                "give exactly one of grid, choice, uniform, loguniform"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         kind = given[0]
         if kind in ("grid", "choice") and not getattr(self, kind):
             raise ValueError(f"empty {kind}: give at least one value")
@@ -514,21 +527,27 @@ class SweepConfig(_Settings):
     def _consistent(self) -> "SweepConfig":
         reported = SWEEP_METRICS[self.trainer]
         if self.metric not in reported:
-            raise ValueError(f"metric {self.metric!r}: {self.trainer} trials do not report it "
-                             f"(they report {', '.join(reported)})")
+            raise ValueError(
+                f"metric {self.metric!r}: {self.trainer} trials do not report it (they report {', '.join(reported)})"
+            )
         valid = sweep_parameters(self.trainer)
         for section, names in (("search_space", self.search_space), ("fixed", self.fixed)):
             for name in names:
                 if name not in valid:
                     owned = name in _SWEEP_OWNED[self.trainer]
                     why = "is set by the sweep itself" if owned else "is not a training setting"
-                    raise ValueError(f"{section}.{name}: unknown parameter {name!r} for {self.trainer} trials, it "
-                                     f"{why} (tunable: {', '.join(valid)})")
+                    raise ValueError(
+                        f"{section}.{name}: unknown parameter {name!r} for {self.trainer} trials, it "
+                        f"{why} (tunable: {', '.join(valid)})"
+                    )
         both = sorted(set(self.search_space) & set(self.fixed))
         if both:
             raise ValueError(f"{both[0]!r} is both in fixed and in search_space")
-        groups = {"train_categories": self.train_categories or [], "validation_categories": self.validation_categories,
-                  "test_categories": self.test_categories}
+        groups = {
+            "train_categories": self.train_categories or [],
+            "validation_categories": self.validation_categories,
+            "test_categories": self.test_categories,
+        }
         seen: dict[str, str] = {}
         for group, members in groups.items():
             for c in members:
@@ -536,8 +555,9 @@ class SweepConfig(_Settings):
                     raise ValueError(f"category {c!r} is in both {seen[c]} and {group}")
                 seen[c] = group
         if self.scheduler.kind == "asha" and self.scheduler.grace_period > self.rounds:
-            raise ValueError(f"scheduler.grace_period {self.scheduler.grace_period} is more than the "
-                             f"{self.rounds} rounds of a trial")
+            raise ValueError(
+                f"scheduler.grace_period {self.scheduler.grace_period} is more than the {self.rounds} rounds of a trial"
+            )
         return self
 
     def trial_model(self) -> type[BaseModel]:
@@ -577,9 +597,7 @@ def _describe(error: ErrorDetails, source_of: Callable[[str], str | None]) -> st
 
 
 def load_yaml_config(
-    path: str | os.PathLike | None,
-    model_cls: type[Settings],
-    overrides: Mapping[str, Any] | None = None,
+    path: str | os.PathLike | None, model_cls: type[Settings], overrides: Mapping[str, Any] | None = None
 ) -> Settings:
     """The settings in the YAML file ``path`` (may be None), with ``overrides`` (flag values; None means
     "not given") laid over them, validated; any problem is one ConfigError naming file or flag, key and value."""

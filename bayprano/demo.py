@@ -45,8 +45,7 @@ def run_demo(out: str | Path, **options) -> dict:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+        ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
     try:
         return _pipeline(out, **options)
     finally:
@@ -91,14 +90,18 @@ def _pipeline(
     if data_root is None:
         data_root = out / "data"
         counts = dict(n_train=30, n_test_good=20, n_test_defective=20) if fast else {}
-        log(f"== 1/{STAGES} generating the synthetic industrial dataset ({2 * sites} categories, {size} px) in {data_root}")
+        log(
+            f"== 1/{STAGES} generating the synthetic industrial dataset ({2 * sites} categories, {size} px) in {data_root}"
+        )
         generate_dataset(data_root, categories=2 * sites, seed=seed, size=size, progress=progress, **counts)
     else:
         log(f"== 1/{STAGES} using the dataset at {data_root}")
     categories = list_categories(data_root)
     if len(categories) < 2 * sites:
-        raise ConfigError(f"--sites {sites}: the demo needs {2 * sites} categories (one to train on and one new "
-                          f"product per site), {data_root} has {len(categories)}")
+        raise ConfigError(
+            f"--sites {sites}: the demo needs {2 * sites} categories (one to train on and one new "
+            f"product per site), {data_root} has {len(categories)}"
+        )
     train_lines, new_products = categories[:sites], categories[sites : 2 * sites]
     stages["dataset"] = time.perf_counter() - t0
 
@@ -113,13 +116,26 @@ def _pipeline(
     t0 = time.perf_counter()
     ckpt_path = out / "meta.pt"
     rounds = 3 if fast else 6
-    settings = dict(shards=shard_dir, out=ckpt_path, rounds=rounds, sites_per_round=1.0, local_steps=3,
-                    shots=shots, inner_steps=1, image_size=size, seed=seed, calibration_episodes=3, holdout=4)
+    settings = dict(
+        shards=shard_dir,
+        out=ckpt_path,
+        rounds=rounds,
+        sites_per_round=1.0,
+        local_steps=3,
+        shots=shots,
+        inner_steps=1,
+        image_size=size,
+        seed=seed,
+        calibration_episodes=3,
+        holdout=4,
+    )
     if dp:
         settings.update(secure_agg=True, dp_noise=0.8, dp_clip=1.0, target_epsilon=50.0)
     cfg = FederatedTrainConfig(**settings)
-    log(f"== 3/{STAGES} federated meta-training: {sites} factories, {rounds} rounds"
-        + (", secure aggregation, client-level DP" if dp else ""))
+    log(
+        f"== 3/{STAGES} federated meta-training: {sites} factories, {rounds} rounds"
+        + (", secure aggregation, client-level DP" if dp else "")
+    )
     from bayprano.actors.coordinator import train_federated
 
     fed = train_federated(cfg)
@@ -148,13 +164,22 @@ def _pipeline(
         for r in scored:
             uncertainty[r.decision].append(r.uncertainty)
         normals = scores[data.test_labels == 0]
-        calibration_points[site] = [(a, float(np.mean(normals > model.with_target_fpr(a).threshold)))
-                                    for a in CALIBRATION_TARGETS]
+        calibration_points[site] = [
+            (a, float(np.mean(normals > model.with_target_fpr(a).threshold))) for a in CALIBRATION_TARGETS
+        ]
         name = f"overlays_{site}.png"
-        plot_extremes(f"{site}, new product {product}: most and least anomalous test images (K={shots})",
-                      data.test_images, _anomaly_maps(scored), scores,
-                      [f"{Path(i).parent.name} {r.decision}\nscore {r.score:.2f} p {r.p_value:.3f}"
-                       for i, r in zip(data.test_ids, scored)], report_dir / name, masks=data.test_masks)
+        plot_extremes(
+            f"{site}, new product {product}: most and least anomalous test images (K={shots})",
+            data.test_images,
+            _anomaly_maps(scored),
+            scores,
+            [
+                f"{Path(i).parent.name} {r.decision}\nscore {r.score:.2f} p {r.p_value:.3f}"
+                for i, r in zip(data.test_ids, scored)
+            ],
+            report_dir / name,
+            masks=data.test_masks,
+        )
         figures.append((f"{site} ({product}): heatmap overlays of its most and least anomalous test images", name))
         record = {
             "site": site,
@@ -169,24 +194,49 @@ def _pipeline(
             "model": str(out / "models" / site),
         }
         results.append(record)
-        rows.append((site, product, str(shots), f"{record['image_auroc']:.3f}", f"{record['measured_fpr']:.3f}",
-                     " / ".join(str(record["decisions"][d]) for d in ("normal", "anomalous", "review")),
-                     f"{record['adapt_seconds']:.2f}"))
-        log(f"  {site}: {product} adapted in {record['adapt_seconds']:.2f}s, image AUROC {record['image_auroc']:.3f}, "
-            f"FPR {record['measured_fpr']:.3f} at target {TARGET_FPR}")
+        rows.append(
+            (
+                site,
+                product,
+                str(shots),
+                f"{record['image_auroc']:.3f}",
+                f"{record['measured_fpr']:.3f}",
+                " / ".join(str(record["decisions"][d]) for d in ("normal", "anomalous", "review")),
+                f"{record['adapt_seconds']:.2f}",
+            )
+        )
+        log(
+            f"  {site}: {product} adapted in {record['adapt_seconds']:.2f}s, image AUROC {record['image_auroc']:.3f}, "
+            f"FPR {record['measured_fpr']:.3f} at target {TARGET_FPR}"
+        )
     plot_calibration(calibration_points, report_dir / "calibration.png")
     plot_uncertainty(uncertainty, report_dir / "uncertainty.png")
-    figures += [("calibration: false-positive rate measured on each new product's good test images against the "
-                 "target", "calibration.png"),
-                ("uncertainty of every decision on the new products' test images", "uncertainty.png")]
+    figures += [
+        (
+            "calibration: false-positive rate measured on each new product's good test images against the target",
+            "calibration.png",
+        ),
+        ("uncertainty of every decision on the new products' test images", "uncertainty.png"),
+    ]
     stages["adapt and score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     log(f"== 5/{STAGES} every method of the evaluation harness on the new products (K={shots}, same support images)")
     evaluation = run_evaluation(
-        data_root, report_dir / "evaluation.json", categories=sorted(site_product.values()), shots=(shots,), seeds=1,
-        checkpoint=ckpt_path, inner_steps=1, target_fpr=TARGET_FPR, episodes=rounds * cfg.local_steps * sites,
-        image_size=size, seed=seed, pool_categories=train_lines, progress=lambda m: log(f"  {m.strip()}"))
+        data_root,
+        report_dir / "evaluation.json",
+        categories=sorted(site_product.values()),
+        shots=(shots,),
+        seeds=1,
+        checkpoint=ckpt_path,
+        inner_steps=1,
+        target_fpr=TARGET_FPR,
+        episodes=rounds * cfg.local_steps * sites,
+        image_size=size,
+        seed=seed,
+        pool_categories=train_lines,
+        progress=lambda m: log(f"  {m.strip()}"),
+    )
     site_of = {product: site for site, product in site_product.items()}
     methods = method_rows(evaluation, site_of)
     for site, product in sorted(site_product.items()):
@@ -206,36 +256,58 @@ def _pipeline(
         figures.insert(0, ("federated meta-training per round" + (" and epsilon spent" if dp else ""), "training.png"))
     if fed.get("site_bytes"):
         plot_bytes(fed["site_bytes"], report_dir / "bytes.png")
-        figures.insert(1, ("bytes each factory sent and received over the whole training, against its images",
-                           "bytes.png"))
+        figures.insert(
+            1, ("bytes each factory sent and received over the whole training, against its images", "bytes.png")
+        )
 
-    table = format_table(("site", "new product", "K", "image AUROC", "FPR at 0.05", "normal / anomalous / review",
-                          "adapt s"), rows)
-    federated = {k: fed.get(k) for k in ("rounds", "epsilon", "bytes", "shard_bytes", "stop_reason", "site_bytes",
-                                         "history")}
-    summary = {"data_root": str(data_root), "shards": str(shard_dir), "checkpoint": str(ckpt_path),
-               "federated": federated, "sites": results, "methods": methods, "http": http["sites"],
-               "registry": http["registry"], "stages_seconds": stages,
-               "report": str(report_dir / "report.html")}
+    table = format_table(
+        ("site", "new product", "K", "image AUROC", "FPR at 0.05", "normal / anomalous / review", "adapt s"), rows
+    )
+    federated = {
+        k: fed.get(k) for k in ("rounds", "epsilon", "bytes", "shard_bytes", "stop_reason", "site_bytes", "history")
+    }
+    summary = {
+        "data_root": str(data_root),
+        "shards": str(shard_dir),
+        "checkpoint": str(ckpt_path),
+        "federated": federated,
+        "sites": results,
+        "methods": methods,
+        "http": http["sites"],
+        "registry": http["registry"],
+        "stages_seconds": stages,
+        "report": str(report_dir / "report.html"),
+    }
     t0 = time.perf_counter()
-    write_report(report_dir, {
-        "title": "bayprano demo report",
-        "intro": (f"{sites} factories meta-trained one model together on their own product lines "
-                  f"({', '.join(train_lines)}) without sharing images, then each adapted it to a new product "
-                  f"({', '.join(new_products)}) from {shots} good images. Images: {size} px"
-                  + (", with secure aggregation and client-level differential privacy." if dp else ".")),
-        **summary, "figures": figures})
+    write_report(
+        report_dir,
+        {
+            "title": "bayprano demo report",
+            "intro": (
+                f"{sites} factories meta-trained one model together on their own product lines "
+                f"({', '.join(train_lines)}) without sharing images, then each adapted it to a new product "
+                f"({', '.join(new_products)}) from {shots} good images. Images: {size} px"
+                + (", with secure aggregation and client-level differential privacy." if dp else ".")
+            ),
+            **summary,
+            "figures": figures,
+        },
+    )
     stages["report"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", summary)
     log("")
     log(table)
     eps = "" if fed["epsilon"] is None else f", epsilon {fed['epsilon']:.2f}"
-    log(f"federated: {fed['rounds']} rounds{eps}, {fed['bytes'] / 1e6:.2f} MB moved against "
-        f"{fed['shard_bytes'] / 1e6:.1f} MB of images that stayed in the factories")
+    log(
+        f"federated: {fed['rounds']} rounds{eps}, {fed['bytes'] / 1e6:.2f} MB moved against "
+        f"{fed['shard_bytes'] / 1e6:.1f} MB of images that stayed in the factories"
+    )
     log("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
     log(f"models: {out / 'models'}; report: {report_dir / 'report.html'}; summary: {out / 'summary.json'}")
-    log(f"review page: `bayprano serve --registry {http['registry']}`, then open "
-        f"http://127.0.0.1:8000/?site={min(site_product)} with a token from {http['tokens']}")
+    log(
+        f"review page: `bayprano serve --registry {http['registry']}`, then open "
+        f"http://127.0.0.1:8000/?site={min(site_product)} with a token from {http['tokens']}"
+    )
     return summary
 
 
@@ -252,12 +324,18 @@ def _anomaly_maps(results: list[ImageResult]) -> np.ndarray:
 
 def method_rows(evaluation: dict, site_of: dict[str, str]) -> list[dict]:
     """The report's method table: one row per evaluation record (every registered method), by site."""
-    return sorted(({"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
-                   for r in evaluation["records"]), key=lambda r: r["site"])
+    return sorted(
+        (
+            {"site": site_of[r["category"]], **{k: v for k, v in r.items() if k != "calibration"}}
+            for r in evaluation["records"]
+        ),
+        key=lambda r: r["site"],
+    )
 
 
-def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, new_product_data: dict, seed: int,
-                     log: Callable[[str], None]) -> dict:
+def _serve_and_score(
+    out: Path, ckpt_path: Path, site_product: dict, new_product_data: dict, seed: int, log: Callable[[str], None]
+) -> dict:
     """Publish every site's model to a fresh registry, serve it on 127.0.0.1, score a few of each new
     product's test images over HTTP (checked against in-process scoring), and shut Serve down."""
     import io
@@ -290,8 +368,14 @@ def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, new_product
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = ServeConfig(registry=root, host="127.0.0.1", port=port, num_cpus=0.5, ingress_num_cpus=0.1,
-                      max_models_per_replica=len(site_product))
+    cfg = ServeConfig(
+        registry=root,
+        host="127.0.0.1",
+        port=port,
+        num_cpus=0.5,
+        ingress_num_cpus=0.1,
+        max_models_per_replica=len(site_product),
+    )
     url = f"http://127.0.0.1:{port}"
     results = []
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # the demo prints its own line per request
@@ -309,30 +393,54 @@ def _serve_and_score(out: Path, ckpt_path: Path, site_product: dict, new_product
             for i in chosen:
                 buf = io.BytesIO()
                 Image.fromarray(data.test_images[i]).save(buf, format="PNG")
-                files.append(("files", (Path(data.test_ids[i]).parent.name + "_" + Path(data.test_ids[i]).name,
-                                        buf.getvalue(), "image/png")))
+                files.append(
+                    (
+                        "files",
+                        (
+                            Path(data.test_ids[i]).parent.name + "_" + Path(data.test_ids[i]).name,
+                            buf.getvalue(),
+                            "image/png",
+                        ),
+                    )
+                )
             latencies, rows = [], []
             for upload in files:  # one request per image, as a line camera sends them
-                r = requests.post(f"{url}/v1/sites/{site}/score", files=[upload], timeout=300,
-                                  headers={"Authorization": f"Bearer {tokens[site]}"})
+                r = requests.post(
+                    f"{url}/v1/sites/{site}/score",
+                    files=[upload],
+                    timeout=300,
+                    headers={"Authorization": f"Bearer {tokens[site]}"},
+                )
                 r.raise_for_status()
                 rows += r.json()["results"]
                 latencies.append(r.json()["results"][0]["latency_ms"])
             local = SiteModel.load(out / "models" / site).score(data.test_images[chosen], maps=False)
-            same = all(abs(a["score"] - b.score) <= 1e-3 * max(1.0, abs(b.score)) and a["decision"] == b.decision
-                       for a, b in zip(rows, local))
+            same = all(
+                abs(a["score"] - b.score) <= 1e-3 * max(1.0, abs(b.score)) and a["decision"] == b.decision
+                for a, b in zip(rows, local)
+            )
             decisions = {d: sum(r["decision"] == d for r in rows) for d in ("normal", "anomalous", "review")}
-            results.append({"site": site, "new_product": product, "model_version": rows[0]["model_version"],
-                            "images": len(rows), "decisions": decisions, "matches_in_process": same,
-                            "latency_ms_p50": float(np.median(latencies)),
-                            "scored": [{"image": f[1][0], **{k: r[k] for k in ("score", "p_value", "decision",
-                                                                             "uncertainty")}}
-                                       for f, r in zip(files, rows)]})
-            log(f"  {site}: {len(rows)} {product} images over HTTP: " + ", ".join(
-                f"{f[1][0]} {r['decision']}" for f, r in zip(files, rows))
-                + f"; same as in-process: {'yes' if same else 'NO'}; median latency {np.median(latencies):.0f} ms")
+            results.append(
+                {
+                    "site": site,
+                    "new_product": product,
+                    "model_version": rows[0]["model_version"],
+                    "images": len(rows),
+                    "decisions": decisions,
+                    "matches_in_process": same,
+                    "latency_ms_p50": float(np.median(latencies)),
+                    "scored": [
+                        {"image": f[1][0], **{k: r[k] for k in ("score", "p_value", "decision", "uncertainty")}}
+                        for f, r in zip(files, rows)
+                    ],
+                }
+            )
+            log(
+                f"  {site}: {len(rows)} {product} images over HTTP: "
+                + ", ".join(f"{f[1][0]} {r['decision']}" for f, r in zip(files, rows))
+                + f"; same as in-process: {'yes' if same else 'NO'}; median latency {np.median(latencies):.0f} ms"
+            )
     finally:
         serve.shutdown()
     log("  Serve stopped")
     return {"sites": results, "registry": str(root), "tokens": str(token_file)}
-

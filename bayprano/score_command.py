@@ -97,15 +97,27 @@ class HttpScorer:
         from bayprano.platform.data.imageio import encode_png
         from bayprano.serve.cli import post_json
 
-        payload = {"images": [{"name": f"{i}.png", "data": base64.b64encode(encode_png(im)).decode()}
-                              for i, im in enumerate(images)]}
+        payload = {
+            "images": [
+                {"name": f"{i}.png", "data": base64.b64encode(encode_png(im)).decode()} for i, im in enumerate(images)
+            ]
+        }
         response = post_json(self.endpoint, self.token, payload, self.timeout)
-        return [ServedResult(r.get("score"), r.get("p_value"), r.get("threshold"), r.get("decision"),
-                             r.get("uncertainty"), {k: r.get(k) for k in ("model_version", "latency_ms")},
-                             base64.b64decode(r["map"]) if r.get("map") else None,
-                             (r.get("error") or {}).get("message") or "refused by the server"
-                             if r.get("status") == "error" else None)
-                for r in response["results"]]
+        return [
+            ServedResult(
+                r.get("score"),
+                r.get("p_value"),
+                r.get("threshold"),
+                r.get("decision"),
+                r.get("uncertainty"),
+                {k: r.get(k) for k in ("model_version", "latency_ms")},
+                base64.b64decode(r["map"]) if r.get("map") else None,
+                (r.get("error") or {}).get("message") or "refused by the server"
+                if r.get("status") == "error"
+                else None,
+            )
+            for r in response["results"]
+        ]
 
     @staticmethod
     def overlay(image: np.ndarray, result: ServedResult) -> np.ndarray:
@@ -131,8 +143,10 @@ def run_score(args: argparse.Namespace) -> int:
     elif args.model:
         scorer = LocalScorer(args.model, args.target_fpr)
     else:
-        raise ConfigError("score needs --model MODEL_DIR or an exported .onnx/.xml (score locally) or --url URL "
-                          "--site S (score on a server)")
+        raise ConfigError(
+            "score needs --model MODEL_DIR or an exported .onnx/.xml (score locally) or --url URL "
+            "--site S (score on a server)"
+        )
     maps = Path(args.maps) if args.maps else None
     files, _ = expand_inputs(args.images)
     names = dict(zip(map(str, files), overlay_names(files)))
@@ -148,8 +162,15 @@ def run_score(args: argparse.Namespace) -> int:
             print(f"bayprano: error: {row.path}: {row.error}", file=sys.stderr, flush=True)
             return
         image, result = pending.popleft()
-        record = {"image": row.path, "score": row.score, "p_value": row.p_value, "threshold": row.threshold,
-                  "decision": row.decision, "uncertainty": row.uncertainty, **scorer.extra(result)}
+        record = {
+            "image": row.path,
+            "score": row.score,
+            "p_value": row.p_value,
+            "threshold": row.threshold,
+            "decision": row.decision,
+            "uncertainty": row.uncertainty,
+            **scorer.extra(result),
+        }
         if maps is not None:
             record["map"] = str(save_png(maps / f"{names[row.path]}.png", scorer.overlay(image, result)))
         print(json.dumps(record), flush=True)
@@ -157,8 +178,16 @@ def run_score(args: argparse.Namespace) -> int:
     def progress(batches):
         return tqdm(batches, desc="scoring", unit="batch", file=sys.stderr, disable=None)
 
-    run = predict(args.images, score, output=args.output, overlay=scorer.overlay, model_version=scorer.version,
-                  batch_size=BATCH, progress=progress, emit=emit)
+    run = predict(
+        args.images,
+        score,
+        output=args.output,
+        overlay=scorer.overlay,
+        model_version=scorer.version,
+        batch_size=BATCH,
+        progress=progress,
+        emit=emit,
+    )
     if args.output:
         counts = ", ".join(f"{v} {k}" for k, v in run.counts().items())
         print(f"wrote {Path(args.output) / 'predictions.csv'} and summary.html ({counts})", file=sys.stderr)

@@ -45,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-defective", type=int, default=40)
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes for generation (default: generate_dataset's, min(2, CPUs))")
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes for generation (default: generate_dataset's, min(2, CPUs))"
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cli", action="store_true", help="also time the `bayprano data` commands as subprocesses")
     p.add_argument("--workdir", type=Path, default=None, help="where the temporary folder goes (default: system temp)")
@@ -94,8 +95,9 @@ def one_repeat(args: argparse.Namespace, tmp: Path) -> list[dict]:
     per_category = args.train + args.test_good + args.test_defective
 
     def synth(out: Path) -> int:
-        info = generate_dataset(out, categories=args.categories, seed=args.seed, size=args.size,
-                                workers=args.workers, **counts)
+        info = generate_dataset(
+            out, categories=args.categories, seed=args.seed, size=args.size, workers=args.workers, **counts
+        )
         return sum(sum(c["counts"].values()) for c in info["categories"])
 
     def shard(root: Path, out: Path) -> int:
@@ -109,11 +111,37 @@ def one_repeat(args: argparse.Namespace, tmp: Path) -> list[dict]:
         run_stage("data shard", tmp / "shards", lambda: shard(tmp / "synth", tmp / "shards")),
     ]
     if args.cli:
-        synth_argv = ["data", "synth", "--out", str(tmp / "synth-cli"), "--categories", str(args.categories),
-                      "--seed", str(args.seed), "--size", str(args.size), "--train", str(args.train),
-                      "--test-good", str(args.test_good), "--test-defective", str(args.test_defective)]
-        shard_argv = ["data", "shard", "--root", str(tmp / "synth-cli"), "--out", str(tmp / "shards-cli"),
-                      "--sites", str(args.sites), "--by-category", "--seed", str(args.seed)]
+        synth_argv = [
+            "data",
+            "synth",
+            "--out",
+            str(tmp / "synth-cli"),
+            "--categories",
+            str(args.categories),
+            "--seed",
+            str(args.seed),
+            "--size",
+            str(args.size),
+            "--train",
+            str(args.train),
+            "--test-good",
+            str(args.test_good),
+            "--test-defective",
+            str(args.test_defective),
+        ]
+        shard_argv = [
+            "data",
+            "shard",
+            "--root",
+            str(tmp / "synth-cli"),
+            "--out",
+            str(tmp / "shards-cli"),
+            "--sites",
+            str(args.sites),
+            "--by-category",
+            "--seed",
+            str(args.seed),
+        ]
         n_images = args.categories * per_category
         runs.append(run_stage("data synth (CLI)", tmp / "synth-cli", lambda: cli(*synth_argv) or n_images))
         runs.append(run_stage("data shard (CLI)", tmp / "shards-cli", lambda: cli(*shard_argv) or n_images))
@@ -127,10 +155,18 @@ def summarize(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if r["stage"] == stage]
         seconds = statistics.median(r["seconds"] for r in rs)
         images = rs[0]["images"]
-        out.append({"stage": stage, "images": images, "seconds": seconds, "images_per_s": images / seconds,
-                    "mb_written": statistics.median(r["bytes_written"] for r in rs) / 1e6,
-                    "seconds_min": min(r["seconds"] for r in rs), "seconds_max": max(r["seconds"] for r in rs),
-                    "repeats": len(rs)})
+        out.append(
+            {
+                "stage": stage,
+                "images": images,
+                "seconds": seconds,
+                "images_per_s": images / seconds,
+                "mb_written": statistics.median(r["bytes_written"] for r in rs) / 1e6,
+                "seconds_min": min(r["seconds"] for r in rs),
+                "seconds_max": max(r["seconds"] for r in rs),
+                "repeats": len(rs),
+            }
+        )
     return out
 
 
@@ -148,19 +184,31 @@ def main(argv=None) -> int:
     summary = summarize(runs)
 
     print()
-    print(f"data stages: {args.categories} categories x ({args.train} train + {args.test_good} good test + "
-          f"{args.test_defective} defective test) at {args.size} px, {args.sites} sites by category; "
-          f"median of {args.repeats} run(s); load average before {load_before}, after {load_after}")
-    print(format_table(("stage", "images", "seconds", "images/s", "MB written"),
-                       [(s["stage"], s["images"], f"{s['seconds']:.1f}", f"{s['images_per_s']:.1f}",
-                         f"{s['mb_written']:.1f}") for s in summary]))
+    print(
+        f"data stages: {args.categories} categories x ({args.train} train + {args.test_good} good test + "
+        f"{args.test_defective} defective test) at {args.size} px, {args.sites} sites by category; "
+        f"median of {args.repeats} run(s); load average before {load_before}, after {load_after}"
+    )
+    print(
+        format_table(
+            ("stage", "images", "seconds", "images/s", "MB written"),
+            [
+                (s["stage"], s["images"], f"{s['seconds']:.1f}", f"{s['images_per_s']:.1f}", f"{s['mb_written']:.1f}")
+                for s in summary
+            ],
+        )
+    )
 
     result = {
         "benchmark": "data_timing",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                        "load_average_before": load_before, "load_average_after": load_after},
+        "environment": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
         "summary": summary,
         "runs": runs,
         "seconds": time.perf_counter() - t_start,

@@ -83,8 +83,16 @@ def noise_for(epsilon: float, rounds: int, q: float, delta: float) -> float:
 def evaluate(root: Path, checkpoint: Path, out: Path, args) -> dict:
     from bayprano.platform.evaluate import run_evaluation
 
-    result = run_evaluation(root, out, categories=list(HELD_OUT), shots=[args.shots], seeds=args.seeds,
-                            methods=["bayes"], checkpoint=checkpoint, progress=lambda m: None)
+    result = run_evaluation(
+        root,
+        out,
+        categories=list(HELD_OUT),
+        shots=[args.shots],
+        seeds=args.seeds,
+        methods=["bayes"],
+        checkpoint=checkpoint,
+        progress=lambda m: None,
+    )
     summary = result["summary"]["bayes"][str(args.shots)]
     return {"image_auroc": summary["image_auroc"], "pixel_auroc": summary.get("pixel_auroc")}
 
@@ -109,11 +117,27 @@ def main(argv=None) -> int:
     per_category = args.sites // len(META)
     train_root, test_root = work / "meta_train", work / "held_out"
     if not (train_root / "synth.json").is_file():
-        generate_dataset(train_root, categories=list(META), seed=0, size=args.image_size,
-                         n_train=args.per_site * per_category, n_test_good=1, n_test_defective=1, workers=1)
+        generate_dataset(
+            train_root,
+            categories=list(META),
+            seed=0,
+            size=args.image_size,
+            n_train=args.per_site * per_category,
+            n_test_good=1,
+            n_test_defective=1,
+            workers=1,
+        )
     if not (test_root / "synth.json").is_file():
-        generate_dataset(test_root, categories=list(HELD_OUT), seed=1, size=args.image_size, n_train=20,
-                         n_test_good=args.n_test, n_test_defective=args.n_test, workers=1)
+        generate_dataset(
+            test_root,
+            categories=list(HELD_OUT),
+            seed=1,
+            size=args.image_size,
+            n_train=20,
+            n_test_good=args.n_test,
+            n_test_defective=args.n_test,
+            workers=1,
+        )
     sites: dict[str, str] = {}
     for c in META:
         out = work / f"shards_{c}_{per_category}"
@@ -127,31 +151,64 @@ def main(argv=None) -> int:
     runs = [("no DP", {})]
     for e in args.epsilons:
         z = noise_for(e, args.rounds, q, args.dp_delta)
-        runs.append((f"DP epsilon {e:g}", dict(dp_noise=z, dp_clip=args.dp_clip, dp_delta=args.dp_delta,
-                                                target_epsilon=e)))
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+        runs.append(
+            (f"DP epsilon {e:g}", dict(dp_noise=z, dp_clip=args.dp_clip, dp_delta=args.dp_delta, target_epsilon=e))
+        )
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+    )
     rows = []
     try:
         for i, (name, extra) in enumerate(runs):
             ckpt = work / f"run_{i}.pt"
-            cfg = FederatedTrainConfig(sites=sites, out=ckpt, rounds=args.rounds, local_steps=args.local_steps,
-                                       sites_per_round=args.per_round, pool_size=args.pool_size, secure_agg=True,
-                                       fp16=True, image_size=args.image_size, shots=args.shots, n_query_normal=2,
-                                       n_query_anomalous=2, calibration_episodes=2, holdout=0, inner_steps=1,
-                                       round_timeout=3600.0, setup_timeout=3600.0, **extra)
+            cfg = FederatedTrainConfig(
+                sites=sites,
+                out=ckpt,
+                rounds=args.rounds,
+                local_steps=args.local_steps,
+                sites_per_round=args.per_round,
+                pool_size=args.pool_size,
+                secure_agg=True,
+                fp16=True,
+                image_size=args.image_size,
+                shots=args.shots,
+                n_query_normal=2,
+                n_query_anomalous=2,
+                calibration_episodes=2,
+                holdout=0,
+                inner_steps=1,
+                round_timeout=3600.0,
+                setup_timeout=3600.0,
+                **extra,
+            )
             t = time.perf_counter()
             summary = train_federated(cfg)
             seconds = time.perf_counter() - t
             ev = evaluate(test_root, ckpt, work / f"eval_{i}.json", args)
-            rows.append({"run": name, "noise_multiplier": extra.get("dp_noise"), "rounds": summary["rounds"],
-                         "epsilon": summary["epsilon"], "train_seconds": seconds, **ev})
-            log(f"{name}: z {extra.get('dp_noise')}, {summary['rounds']} rounds, epsilon {summary['epsilon']}, "
-                f"image AUROC {ev['image_auroc']:.3f}, pixel {ev['pixel_auroc']}")
+            rows.append(
+                {
+                    "run": name,
+                    "noise_multiplier": extra.get("dp_noise"),
+                    "rounds": summary["rounds"],
+                    "epsilon": summary["epsilon"],
+                    "train_seconds": seconds,
+                    **ev,
+                }
+            )
+            log(
+                f"{name}: z {extra.get('dp_noise')}, {summary['rounds']} rounds, epsilon {summary['epsilon']}, "
+                f"image AUROC {ev['image_auroc']:.3f}, pixel {ev['pixel_auroc']}"
+            )
     finally:
         ray.shutdown()
-    lines = [f"| run | z | rounds | epsilon (delta {args.dp_delta:g}) | image AUROC | pixel AUROC |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| run | z | rounds | epsilon (delta {args.dp_delta:g}) | image AUROC | pixel AUROC |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         z = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
@@ -159,11 +216,20 @@ def main(argv=None) -> int:
         lines.append(f"| {r['run']} | {z} | {r['rounds']} | {eps} | {r['image_auroc']:.3f} | {pixel} |")
     table = "\n".join(lines)
     print(table)
-    atomic_write_json(args.out, {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                 "argv": sys.argv[1:], "settings": {k: str(v) if isinstance(v, Path) else v
-                                                                    for k, v in vars(args).items()},
-                                 "sites": len(sites), "sample_rate": q, "rows": rows, "table": table,
-                                 "load_average": os.getloadavg(), "seconds": time.perf_counter() - t0})
+    atomic_write_json(
+        args.out,
+        {
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv[1:],
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "sites": len(sites),
+            "sample_rate": q,
+            "rows": rows,
+            "table": table,
+            "load_average": os.getloadavg(),
+            "seconds": time.perf_counter() - t0,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -58,6 +58,7 @@ def measure(runtimes: dict, images: list, repeats: int) -> dict[str, float]:
     """Images per second of each runtime at each batch size: the median of ``repeats`` passes over
     ``images``, after one warm-up batch; the passes of all runtimes are interleaved, so that a change in
     the machine's load falls on all of them alike."""
+
     def one_pass(score, batch: int) -> float:
         start = time.perf_counter()
         for i in range(0, len(images), batch):
@@ -86,8 +87,11 @@ def main(argv=None) -> int:
         print(f"export_speed: {exc}", file=sys.stderr)
         return 2
     size = args.image_size
-    site = adapt(frozen_checkpoint(extractor, good_images(8, size, stream=3), size, 0), good_images(5, size, 1),
-                 extractor=extractor)
+    site = adapt(
+        frozen_checkpoint(extractor, good_images(8, size, stream=3), size, 0),
+        good_images(5, size, 1),
+        extractor=extractor,
+    )
     images = list(good_images(args.images, size, stream=2))
     runtimes = {"torch": lambda ims, b: site.score(ims, maps=True, batch_size=b)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,20 +100,39 @@ def main(argv=None) -> int:
             path = export_site_model(Path(tmp) / "site", fmt, Path(tmp) / fmt, site=site)
             model = ExportedModel.load(path, threads=args.threads)
             runtimes[label] = lambda ims, b, model=model: model.score(ims, maps=True, batch_size=b)
-        print(f"{len(runtimes)} runtimes x batch {', '.join(map(str, BATCHES))}: {args.repeats} interleaved passes "
-              f"over {len(images)} images at {size} px ...", flush=True)
+        print(
+            f"{len(runtimes)} runtimes x batch {', '.join(map(str, BATCHES))}: {args.repeats} interleaved passes "
+            f"over {len(images)} images at {size} px ...",
+            flush=True,
+        )
         results = measure(runtimes, images, args.repeats)
-    rows = [[label, *(f"{results[f'{label}/batch{b}']:.1f}" for b in BATCHES),
-             *(f"{results[f'{label}/batch{b}'] / results[f'torch/batch{b}']:.2f}x" for b in BATCHES)]
-            for label in runtimes]
-    print(format_table(("runtime", *(f"images/s, batch {b}" for b in BATCHES), *(f"vs torch, batch {b}" for b in BATCHES)),
-                       rows))
+    rows = [
+        [
+            label,
+            *(f"{results[f'{label}/batch{b}']:.1f}" for b in BATCHES),
+            *(f"{results[f'{label}/batch{b}'] / results[f'torch/batch{b}']:.2f}x" for b in BATCHES),
+        ]
+        for label in runtimes
+    ]
+    print(
+        format_table(
+            ("runtime", *(f"images/s, batch {b}" for b in BATCHES), *(f"vs torch, batch {b}" for b in BATCHES)), rows
+        )
+    )
     load_after = load_average()
     print(f"load average after: {load_after}")
-    record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
-              "threads": args.threads, "image_size": size, "images": args.images, "repeats": args.repeats,
-              "backbone": BACKBONE, "images_per_second": results, "load_average": [load_before, load_after],
-              "torch": torch.__version__}
+    record = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "image_size": size,
+        "images": args.images,
+        "repeats": args.repeats,
+        "backbone": BACKBONE,
+        "images_per_second": results,
+        "load_average": [load_before, load_after],
+        "torch": torch.__version__,
+    }
     atomic_write_json(args.out, record)
     print(f"wrote {args.out}")
     return 0

@@ -67,15 +67,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(root: Path, checkpoint: Path, out: Path, args) -> dict:
     from bayprano.platform.evaluate import run_evaluation
 
-    result = run_evaluation(root, out, categories=list(HELD_OUT), shots=[args.shots], seeds=args.seeds,
-                            methods=["bayes"], checkpoint=checkpoint, progress=lambda m: None)
+    result = run_evaluation(
+        root,
+        out,
+        categories=list(HELD_OUT),
+        shots=[args.shots],
+        seeds=args.seeds,
+        methods=["bayes"],
+        checkpoint=checkpoint,
+        progress=lambda m: None,
+    )
     per_category: dict[str, list[float]] = {}
     for r in result["records"]:
         per_category.setdefault(r["category"], []).append(r["image_auroc"])
     means = {c: sum(v) / len(v) for c, v in sorted(per_category.items())}
-    return {"image_auroc": sum(means.values()) / len(means), "per_category": means,
-            "pixel_auroc": result["summary"]["bayes"][str(args.shots)]["pixel_auroc"]
-            if "bayes" in result["summary"] and str(args.shots) in result["summary"]["bayes"] else None}
+    return {
+        "image_auroc": sum(means.values()) / len(means),
+        "per_category": means,
+        "pixel_auroc": result["summary"]["bayes"][str(args.shots)]["pixel_auroc"]
+        if "bayes" in result["summary"] and str(args.shots) in result["summary"]["bayes"]
+        else None,
+    }
 
 
 def main(argv=None) -> int:
@@ -94,15 +106,24 @@ def main(argv=None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fed_vs_central_"))
     work.mkdir(parents=True, exist_ok=True)
-    common = dict(image_size=args.image_size, seed=args.seed, calibration_episodes=args.calibration_episodes,
-                  shots=args.shots)
+    common = dict(
+        image_size=args.image_size, seed=args.seed, calibration_episodes=args.calibration_episodes, shots=args.shots
+    )
     t0 = time.perf_counter()
     log = lambda m: print(f"[{time.perf_counter() - t0:7.0f}s] {m}", flush=True)  # noqa: E731
     train_root, test_root = work / "meta_train", work / "held_out"
     for root, cats in ((train_root, META_TRAIN), (test_root, HELD_OUT)):
         if not (root / "synth.json").is_file():
-            generate_dataset(root, categories=list(cats), seed=args.seed, size=args.image_size, n_train=args.n_train,
-                             n_test_good=args.n_test, n_test_defective=args.n_test, workers=1)
+            generate_dataset(
+                root,
+                categories=list(cats),
+                seed=args.seed,
+                size=args.image_size,
+                n_train=args.n_train,
+                n_test_good=args.n_test,
+                n_test_defective=args.n_test,
+                workers=1,
+            )
     shards = work / "shards"
     if not (shards / "manifest.json").is_file():
         shard_dataset(train_root, shards, sites=args.sites, mode="by-category", seed=args.seed)
@@ -114,49 +135,97 @@ def main(argv=None) -> int:
     train_centralised(TrainConfig(data_root=train_root, out=ckpt, episodes=args.episodes, inner_steps=1, **common))
     seconds = time.perf_counter() - t
     ev = evaluate(test_root, ckpt, work / "eval_central.json", args)
-    rows.append({"run": "centralised", "episodes": args.episodes, "rounds": None, "server_lr": None,
-                 "epsilon": None, "train_seconds": seconds, **ev})
+    rows.append(
+        {
+            "run": "centralised",
+            "episodes": args.episodes,
+            "rounds": None,
+            "server_lr": None,
+            "epsilon": None,
+            "train_seconds": seconds,
+            **ev,
+        }
+    )
     log(f"centralised: image AUROC {ev['image_auroc']:.4f} ({seconds:.0f}s training)")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+    )
     runs = [(f"federated, server lr {lr:g}", dict(server_lr=lr)) for lr in args.server_lr]
     if not args.no_dp:
-        runs.append((f"federated + DP (z {args.dp_noise:g}, C {args.dp_clip:g}), server lr {args.server_lr[0]:g}",
-                     dict(server_lr=args.server_lr[0], dp_noise=args.dp_noise, dp_clip=args.dp_clip,
-                          dp_delta=args.dp_delta)))
+        runs.append(
+            (
+                f"federated + DP (z {args.dp_noise:g}, C {args.dp_clip:g}), server lr {args.server_lr[0]:g}",
+                dict(server_lr=args.server_lr[0], dp_noise=args.dp_noise, dp_clip=args.dp_clip, dp_delta=args.dp_delta),
+            )
+        )
     try:
         for i, (name, extra) in enumerate(runs):
             ckpt = work / f"federated_{i}.pt"
-            cfg = FederatedTrainConfig(shards=shards, out=ckpt, rounds=args.rounds, local_steps=args.local_steps,
-                                       holdout=0, inner_steps=1, round_timeout=1800.0, **common, **extra)
+            cfg = FederatedTrainConfig(
+                shards=shards,
+                out=ckpt,
+                rounds=args.rounds,
+                local_steps=args.local_steps,
+                holdout=0,
+                inner_steps=1,
+                round_timeout=1800.0,
+                **common,
+                **extra,
+            )
             t = time.perf_counter()
             summary = train_federated(cfg)
             seconds = time.perf_counter() - t
             ev = evaluate(test_root, ckpt, work / f"eval_federated_{i}.json", args)
             episodes = sum(h["episodes"] for h in summary["history"])
-            rows.append({"run": name, "episodes": episodes, "rounds": summary["rounds"],
-                         "server_lr": extra["server_lr"], "epsilon": summary["epsilon"], "train_seconds": seconds,
-                         "bytes": summary["bytes"], "shard_bytes": summary["shard_bytes"], **ev})
+            rows.append(
+                {
+                    "run": name,
+                    "episodes": episodes,
+                    "rounds": summary["rounds"],
+                    "server_lr": extra["server_lr"],
+                    "epsilon": summary["epsilon"],
+                    "train_seconds": seconds,
+                    "bytes": summary["bytes"],
+                    "shard_bytes": summary["shard_bytes"],
+                    **ev,
+                }
+            )
             log(f"{name}: image AUROC {ev['image_auroc']:.4f} ({seconds:.0f}s training, {episodes} episodes)")
     finally:
         ray.shutdown()
 
     central = rows[0]["image_auroc"]
-    lines = [f"| run | episodes | rounds | epsilon (delta {args.dp_delta:g}) | image AUROC "
-             f"({', '.join(HELD_OUT)}) | vs centralised | pixel AUROC |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| run | episodes | rounds | epsilon (delta {args.dp_delta:g}) | image AUROC "
+        f"({', '.join(HELD_OUT)}) | vs centralised | pixel AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         diff = "-" if r is rows[0] else f"{100 * (r['image_auroc'] - central):+.1f} pt"
         pixel = "-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}"
-        lines.append(f"| {r['run']} | {r['episodes']} | {r['rounds'] or '-'} | {eps} | {r['image_auroc']:.3f} "
-                     f"({', '.join(f'{v:.3f}' for v in r['per_category'].values())}) | {diff} | {pixel} |")
+        lines.append(
+            f"| {r['run']} | {r['episodes']} | {r['rounds'] or '-'} | {eps} | {r['image_auroc']:.3f} "
+            f"({', '.join(f'{v:.3f}' for v in r['per_category'].values())}) | {diff} | {pixel} |"
+        )
     table = "\n".join(lines)
     print(table)
-    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "meta_train_categories": META_TRAIN, "held_out": HELD_OUT, "rows": rows, "table": table,
-              "load_average": os.getloadavg(), "seconds": time.perf_counter() - t0}
+    result = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "meta_train_categories": META_TRAIN,
+        "held_out": HELD_OUT,
+        "rows": rows,
+        "table": table,
+        "load_average": os.getloadavg(),
+        "seconds": time.perf_counter() - t0,
+    }
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

@@ -50,8 +50,9 @@ CATEGORY = "fabric"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", type=int, nargs="*", default=[10, 30, 100])
-    p.add_argument("--modes", nargs="+", default=["plain", "secagg", "secagg-k"],
-                   choices=["plain", "secagg", "secagg-k"])
+    p.add_argument(
+        "--modes", nargs="+", default=["plain", "secagg", "secagg-k"], choices=["plain", "secagg", "secagg-k"]
+    )
     p.add_argument("--neighbours", type=int, default=4, help="neighbours per site in secagg-k (SecAgg+)")
     p.add_argument("--protocol-sites", type=int, nargs="*", default=[10, 30, 100, 300])
     p.add_argument("--pool-size", type=int, default=2)
@@ -124,15 +125,36 @@ def run_one(n: int, shard_dir: Path, args, work: Path, mode: str = "plain") -> d
 
     manifest = read_manifest(shard_dir)
     sites = {s["name"]: str(shard_dir / s["file"]) for s in manifest["sites"][:n]}
-    privacy = {"plain": {}, "secagg": {"secure_agg": True},
-               "secagg-k": {"secure_agg": True, "secagg_neighbours": min(args.neighbours, n - 1)}}[mode]
-    cfg = FederatedTrainConfig(sites=sites, out=work / f"fed_{n}_{mode}.pt", rounds=args.rounds, local_steps=args.local_steps,
-                               **privacy,
-                               sites_per_round=args.sites_per_round, pool_size=args.pool_size, fp16=True,
-                               image_size=args.image_size, shots=2, n_query_normal=2, n_query_anomalous=2,
-                               calibration_episodes=2, holdout=0, round_timeout=3600.0, setup_timeout=3600.0)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    privacy = {
+        "plain": {},
+        "secagg": {"secure_agg": True},
+        "secagg-k": {"secure_agg": True, "secagg_neighbours": min(args.neighbours, n - 1)},
+    }[mode]
+    cfg = FederatedTrainConfig(
+        sites=sites,
+        out=work / f"fed_{n}_{mode}.pt",
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        **privacy,
+        sites_per_round=args.sites_per_round,
+        pool_size=args.pool_size,
+        fp16=True,
+        image_size=args.image_size,
+        shots=2,
+        n_query_normal=2,
+        n_query_anomalous=2,
+        calibration_episodes=2,
+        holdout=0,
+        round_timeout=3600.0,
+        setup_timeout=3600.0,
+    )
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+    )
     try:
         with MemorySampler() as memory:
             factories = spawn_factories(cfg, num_cpus=0.25)
@@ -154,15 +176,27 @@ def run_one(n: int, shard_dir: Path, args, work: Path, mode: str = "plain") -> d
     per_round = len(summary["history"][0]["sites"])
     sent = [b["sent"] for b in summary["site_bytes"].values()]
     fractions = [b["sent_fraction"] for b in summary["site_bytes"].values()]
-    return {"sites": n, "mode": mode, "sites_per_round": per_round,
-            "bytes_up_per_site_round": statistics.median(up), "bytes_down_per_site_round": statistics.median(down), "pool_size": args.pool_size, "rounds": summary["rounds"],
-            "setup_seconds": setup, "round_seconds": rounds, "median_round_seconds": statistics.median(rounds),
-            "seconds_per_site_round": statistics.median(rounds) / per_round,
-            "actor_peak_rss": max(s["peak_rss"] or 0 for s in stats), "driver_peak_rss": peak_rss(),
-            "ray_total_rss_peak": memory.peak, "switches": sum(s["switches"] for s in stats),
-            "bytes_sent_total": sum(sent), "bytes_sent_per_site_max": max(sent),
-            "sent_fraction_max": max(f for f in fractions if f is not None),
-            "val_auroc": [h["val_auroc"] for h in summary["history"]]}
+    return {
+        "sites": n,
+        "mode": mode,
+        "sites_per_round": per_round,
+        "bytes_up_per_site_round": statistics.median(up),
+        "bytes_down_per_site_round": statistics.median(down),
+        "pool_size": args.pool_size,
+        "rounds": summary["rounds"],
+        "setup_seconds": setup,
+        "round_seconds": rounds,
+        "median_round_seconds": statistics.median(rounds),
+        "seconds_per_site_round": statistics.median(rounds) / per_round,
+        "actor_peak_rss": max(s["peak_rss"] or 0 for s in stats),
+        "driver_peak_rss": peak_rss(),
+        "ray_total_rss_peak": memory.peak,
+        "switches": sum(s["switches"] for s in stats),
+        "bytes_sent_total": sum(sent),
+        "bytes_sent_per_site_max": max(sent),
+        "sent_fraction_max": max(f for f in fractions if f is not None),
+        "val_auroc": [h["val_auroc"] for h in summary["history"]],
+    }
 
 
 def protocol_cost(n: int, neighbours: int, size: int | None = None) -> list[dict]:
@@ -172,11 +206,7 @@ def protocol_cost(n: int, neighbours: int, size: int | None = None) -> list[dict
 
     import numpy as np
 
-    from bayprano.platform.federated.secagg import (
-        SecAggClient,
-        SecAggServer,
-        check_settings,
-    )
+    from bayprano.platform.federated.secagg import SecAggClient, SecAggServer, check_settings
     from bayprano.platform.model.bayes import BayesianPatchModel
     from bayprano.platform.federated.state import ParameterLayout
 
@@ -213,13 +243,31 @@ def protocol_cost(n: int, neighbours: int, size: int | None = None) -> list[dict
         server_seconds = time.perf_counter() - t0
         up = wire(roster[me]) + wire(shares[me]) + wire(masked[me]) + wire(revealed[me])
         down = wire(roster) + wire(server.inbox(me)) + wire((list(masked), [dropped], server.inbox(me)))
-        out.append({"sites": n, "protocol": "double masking" + (" (SecAgg+)" if k else ""),
-                    "neighbours": n - 1 if k is None else len(server.graph[me]), "threshold": t,
-                    "bytes_up": up, "bytes_down": down, "site_seconds": site_seconds, "server_seconds": server_seconds})
+        out.append(
+            {
+                "sites": n,
+                "protocol": "double masking" + (" (SecAgg+)" if k else ""),
+                "neighbours": n - 1 if k is None else len(server.graph[me]),
+                "threshold": t,
+                "bytes_up": up,
+                "bytes_down": down,
+                "site_seconds": site_seconds,
+                "server_seconds": server_seconds,
+            }
+        )
     old_up = 32 + wire(np.zeros(size, dtype=np.uint64))
-    out.append({"sites": n, "protocol": "pairwise only (replaced; a drop meant a redo)", "neighbours": n - 1,
-                "threshold": None, "bytes_up": old_up, "bytes_down": 32 * n, "site_seconds": float("nan"),
-                "server_seconds": float("nan")})
+    out.append(
+        {
+            "sites": n,
+            "protocol": "pairwise only (replaced; a drop meant a redo)",
+            "neighbours": n - 1,
+            "threshold": None,
+            "bytes_up": old_up,
+            "bytes_down": 32 * n,
+            "site_seconds": float("nan"),
+            "server_seconds": float("nan"),
+        }
+    )
     return out
 
 
@@ -238,8 +286,16 @@ def main(argv=None) -> int:
     most = max(args.sites, default=0)
     shard_dir = work / f"shards_{most}"
     if most and not (shard_dir / "manifest.json").is_file():
-        generate_dataset(work / "synth", categories=[CATEGORY], seed=0, size=args.image_size,
-                         n_train=args.per_site * most, n_test_good=most, n_test_defective=most, workers=1)
+        generate_dataset(
+            work / "synth",
+            categories=[CATEGORY],
+            seed=0,
+            size=args.image_size,
+            n_train=args.per_site * most,
+            n_test_good=most,
+            n_test_defective=most,
+            workers=1,
+        )
         shard_dataset(work / "synth", shard_dir, sites=most, mode="iid", seed=0)
     load_before = os.getloadavg()
     protocol = [protocol_cost(n, args.neighbours) for n in sorted(args.protocol_sites)]
@@ -248,30 +304,48 @@ def main(argv=None) -> int:
         for mode in args.modes:
             rows.append(run_one(n, shard_dir, args, work, mode))
             r = rows[-1]
-            print(f"{n} sites, {mode}: setup {r['setup_seconds']:.1f}s, round {r['median_round_seconds']:.1f}s, "
-                  f"{r['bytes_up_per_site_round']} B up / {r['bytes_down_per_site_round']} B down per site-round, "
-                  f"actor peak {r['actor_peak_rss'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"{n} sites, {mode}: setup {r['setup_seconds']:.1f}s, round {r['median_round_seconds']:.1f}s, "
+                f"{r['bytes_up_per_site_round']} B up / {r['bytes_down_per_site_round']} B down per site-round, "
+                f"actor peak {r['actor_peak_rss'] / 2**20:.0f} MiB",
+                flush=True,
+            )
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
-    lines = ["| virtual sites | mode | sites per round | setup s | round s (median) | s per site-round "
-             "| bytes up per site-round | bytes down per site-round | actor peak RSS MiB | Ray + driver RSS peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| virtual sites | mode | sites per round | setup s | round s (median) | s per site-round "
+        "| bytes up per site-round | bytes down per site-round | actor peak RSS MiB | Ray + driver RSS peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['sites']} | {r['mode']} | {r['sites_per_round']} | {r['setup_seconds']:.1f} "
-                     f"| {r['median_round_seconds']:.1f} | {r['seconds_per_site_round']:.2f} "
-                     f"| {r['bytes_up_per_site_round']:.0f} | {r['bytes_down_per_site_round']:.0f} "
-                     f"| {mib(r['actor_peak_rss'])} | {mib(r['ray_total_rss_peak'])} |")
-    plines = ["| sites | protocol | neighbours | bytes up per site | bytes down per site | site s | server s |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['sites']} | {r['mode']} | {r['sites_per_round']} | {r['setup_seconds']:.1f} "
+            f"| {r['median_round_seconds']:.1f} | {r['seconds_per_site_round']:.2f} "
+            f"| {r['bytes_up_per_site_round']:.0f} | {r['bytes_down_per_site_round']:.0f} "
+            f"| {mib(r['actor_peak_rss'])} | {mib(r['ray_total_rss_peak'])} |"
+        )
+    plines = [
+        "| sites | protocol | neighbours | bytes up per site | bytes down per site | site s | server s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in protocol:
         for row in p:
-            plines.append(f"| {row['sites']} | {row['protocol']} | {row['neighbours']} | {row['bytes_up']} "
-                          f"| {row['bytes_down']} | {row['site_seconds']:.3f} | {row['server_seconds']:.3f} |")
+            plines.append(
+                f"| {row['sites']} | {row['protocol']} | {row['neighbours']} | {row['bytes_up']} "
+                f"| {row['bytes_down']} | {row['site_seconds']:.3f} | {row['server_seconds']:.3f} |"
+            )
     table = "\n".join(lines) + "\n\n" + "\n".join(plines)
     print(table)
-    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "rows": rows, "protocol": [row for p in protocol for row in p], "table": table}
+    result = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "rows": rows,
+        "protocol": [row for p in protocol for row in p],
+        "table": table,
+    }
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

@@ -75,16 +75,29 @@ def table(runs: list[dict], categories: list[str]) -> str:
                 mean = np.mean([r["image_auroc"] for r in mine])
                 stats = sorted({r["statistic"] for r in mine})
                 fprs = [r["measured_fpr"] for r in mine if r["measured_fpr"] is not None]
-                fpr = (f"{min(fprs):.2f}..{max(fprs):.2f} (mean {np.mean(fprs):.2f})" if fprs else "-")
+                fpr = f"{min(fprs):.2f}..{max(fprs):.2f} (mean {np.mean(fprs):.2f})" if fprs else "-"
                 rows.append((method, run["label"], k, *per_cat, f"{mean:.3f}", ", ".join(stats), fpr))
-    return format_table(("method", "backbone", "K", *(f"{c} image AUROC" for c in categories), "mean",
-                         "statistic (meta-val.)", "FPR at 0.05 over draws"), rows)
+    return format_table(
+        (
+            "method",
+            "backbone",
+            "K",
+            *(f"{c} image AUROC" for c in categories),
+            "mean",
+            "statistic (meta-val.)",
+            "FPR at 0.05 over draws",
+        ),
+        rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", default=os.environ.get("BAYPRANO_AITEX", "../shared/data/aitex"),
-                   help="the AITEX copy (MVTec layout, image-level labels); default $BAYPRANO_AITEX or ../shared/data/aitex")
+    p.add_argument(
+        "--data-root",
+        default=os.environ.get("BAYPRANO_AITEX", "../shared/data/aitex"),
+        help="the AITEX copy (MVTec layout, image-level labels); default $BAYPRANO_AITEX or ../shared/data/aitex",
+    )
     p.add_argument("--categories", default="fabric02,fabric03")
     p.add_argument("--backbones", default="efficientnet_lite2:256,dinov2_vits14:252")
     p.add_argument("--shots", default="1,5")
@@ -105,19 +118,44 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bayprano_real_dev_") as tmp:
         for name, side in parse_backbones(args.backbones):
             label = f"{name} @ {side}"
-            print(f"== {label}: synthetic meta-training pool ({args.synth_categories} categories x "
-                  f"{args.synth_train} good images)", flush=True)
+            print(
+                f"== {label}: synthetic meta-training pool ({args.synth_categories} categories x "
+                f"{args.synth_train} good images)",
+                flush=True,
+            )
             synth = Path(tmp) / f"synth{side}"
             if not synth.exists():
-                generate_dataset(synth, categories=args.synth_categories, size=side, n_train=args.synth_train,
-                                 n_test_good=2, n_test_defective=2)
+                generate_dataset(
+                    synth,
+                    categories=args.synth_categories,
+                    size=side,
+                    n_train=args.synth_train,
+                    n_test_good=2,
+                    n_test_defective=2,
+                )
             t0 = time.perf_counter()
-            result = run_evaluation(args.data_root, Path(tmp) / f"eval_{name}_{side}.json", categories=categories,
-                                    shots=shots, seeds=args.seeds, meta_train_root=synth, episodes=args.episodes,
-                                    image_size=side, backbone=name, progress=lambda m: print(m, flush=True))
+            result = run_evaluation(
+                args.data_root,
+                Path(tmp) / f"eval_{name}_{side}.json",
+                categories=categories,
+                shots=shots,
+                seeds=args.seeds,
+                meta_train_root=synth,
+                episodes=args.episodes,
+                image_size=side,
+                backbone=name,
+                progress=lambda m: print(m, flush=True),
+            )
             result.pop("pictures", None)
-            runs.append({"label": label, "backbone": name, "image_size": side, "seconds": time.perf_counter() - t0,
-                         "result": result})
+            runs.append(
+                {
+                    "label": label,
+                    "backbone": name,
+                    "image_size": side,
+                    "seconds": time.perf_counter() - t0,
+                    "result": result,
+                }
+            )
     text = table(runs, categories)
     ablations = "\n\n".join(f"{run['label']}:\n\n{ablation_table(run['result'])}" for run in runs)
     print(f"\nImage AUROC on {', '.join(categories)} (mean ± sd over {args.seeds} support draws):\n\n{text}\n")
@@ -125,9 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["benchmarks/real_dev.py", *(argv if argv is not None else sys.argv[1:])]),
-        "settings": vars(args), "training_kinds": TRAINING_KINDS, "validation_kinds": VALIDATION_KINDS,
-        "load_average": os.getloadavg(), "seconds": time.perf_counter() - t_start,
-        "table": text, "ablation": ablations, "runs": runs,
+        "settings": vars(args),
+        "training_kinds": TRAINING_KINDS,
+        "validation_kinds": VALIDATION_KINDS,
+        "load_average": os.getloadavg(),
+        "seconds": time.perf_counter() - t_start,
+        "table": text,
+        "ablation": ablations,
+        "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, jsonable(out))

@@ -107,8 +107,9 @@ def frozen_checkpoint(extractor, images, size: int) -> MetaCheckpoint:
     model.set_feature_statistics(feats.mean((0, 2, 3)), feats.var((0, 2, 3), unbiased=False).clamp_min(1e-12).sqrt())
     h, w = feats.shape[-2:]
     prior = Calibration.from_prior(DIM, h * w / model.window**2, strength=1.0)
-    return MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), size, prior,
-                          meta_config={"inner_steps": 1})
+    return MetaCheckpoint(
+        model.eval(), extractor.name, extractor.fingerprint(), size, prior, meta_config={"inner_steps": 1}
+    )
 
 
 def in_process_throughput(site: SiteModel, images: list[np.ndarray], batch: int) -> float:
@@ -135,8 +136,12 @@ class Client:
             session = self.local.session = requests.Session()
         start = time.perf_counter()
         try:
-            r = session.post(f"{self.url}/v1/sites/{site}/score", data=body, timeout=300,
-                             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "image/png"})
+            r = session.post(
+                f"{self.url}/v1/sites/{site}/score",
+                data=body,
+                timeout=300,
+                headers={"Authorization": f"Bearer {self.token}", "Content-Type": "image/png"},
+            )
             ok, detail = r.status_code == 200, "" if r.status_code == 200 else f"{r.status_code} {r.text[:200]}"
         except requests.RequestException as exc:
             ok, detail = False, f"{exc.__class__.__name__}: {exc}"
@@ -149,16 +154,32 @@ class Client:
             seconds = time.perf_counter() - start
         latencies = [ms for ok, ms, _ in results if ok]
         failures = [d for ok, _, d in results if not ok]
-        return {"concurrency": concurrency, "requests": n, "failed": len(failures), "failures": failures[:5],
-                "seconds": seconds, "images_per_s": (n - len(failures)) / seconds,
-                "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+        return {
+            "concurrency": concurrency,
+            "requests": n,
+            "failed": len(failures),
+            "failures": failures[:5],
+            "seconds": seconds,
+            "images_per_s": (n - len(failures)) / seconds,
+            "p50_ms": percentile(latencies, 50),
+            "p99_ms": percentile(latencies, 99),
+        }
 
 
 GOOD_CLIENTS, HOSTILE_CLIENTS = 24, 8
-MIX_SETTINGS = dict(max_request_bytes=16 * 1024 * 1024, max_inflight_bytes=64 * 1024 * 1024,
-                    max_image_pixels=1024 * 1024, max_request_pixels=2 * 1024 * 1024,
-                    max_inflight_pixels=8 * 1024 * 1024, max_concurrent_decodes=2, decode_timeout_s=10.0,
-                    rate_limit_per_s=1000.0, rate_burst=1000, max_concurrent_per_token=64, max_ongoing_requests=128)
+MIX_SETTINGS = dict(
+    max_request_bytes=16 * 1024 * 1024,
+    max_inflight_bytes=64 * 1024 * 1024,
+    max_image_pixels=1024 * 1024,
+    max_request_pixels=2 * 1024 * 1024,
+    max_inflight_pixels=8 * 1024 * 1024,
+    max_concurrent_decodes=2,
+    decode_timeout_s=10.0,
+    rate_limit_per_s=1000.0,
+    rate_burst=1000,
+    max_concurrent_per_token=64,
+    max_ongoing_requests=128,
+)
 
 
 def hostile_requests(url: str, site: str, token: str, other_token: str, size: int) -> list:
@@ -184,32 +205,67 @@ def hostile_requests(url: str, site: str, token: str, other_token: str, size: in
         ("ico", "post", score, upload(formats["ico"], "x.ico")),
         ("icns", "post", score, upload(formats["icns"], "x.icns")),
         ("gif", "post", score, upload(formats["gif"], "x.gif")),
-        ("jpeg scans", "post", score, {"data": h.jpeg_scan_bomb(256, 20000),
-                                       "headers": {**auth, "Content-Type": "image/jpeg"}}),
+        (
+            "jpeg scans",
+            "post",
+            score,
+            {"data": h.jpeg_scan_bomb(256, 20000), "headers": {**auth, "Content-Type": "image/jpeg"}},
+        ),
         ("image over limit", "post", score, upload(h.flat_png(2048))),
-        ("request over pixel budget", "post", score, {"files": [("files", (f"{i}.png", flat, "image/png"))
-                                                                for i in range(3)], "headers": auth}),
-        ("at pixel budget (accepted)", "post", score, {"files": [("files", (f"{i}.png", flat, "image/png"))
-                                                                 for i in range(2)], "headers": auth}),
+        (
+            "request over pixel budget",
+            "post",
+            score,
+            {"files": [("files", (f"{i}.png", flat, "image/png")) for i in range(3)], "headers": auth},
+        ),
+        (
+            "at pixel budget (accepted)",
+            "post",
+            score,
+            {"files": [("files", (f"{i}.png", flat, "image/png")) for i in range(2)], "headers": auth},
+        ),
         ("truncated png", "post", score, upload(good[:200])),
         ("empty body", "post", score, {"data": b"", "headers": {**auth, "Content-Type": "image/png"}}),
         ("bad base64", "post", score, {"json": {"images": [{"data": "!!"}]}, "headers": auth}),
-        ("wrong JSON shape", "post", score, {"data": json.dumps([1, 2]), "headers": {**auth,
-                                                                                     "Content-Type": "application/json"}}),
+        (
+            "wrong JSON shape",
+            "post",
+            score,
+            {"data": json.dumps([1, 2]), "headers": {**auth, "Content-Type": "application/json"}},
+        ),
         ("wrong content type", "post", score, {"data": b"x" * 100, "headers": {**auth, "Content-Type": "text/plain"}}),
         ("no token", "post", score, {"data": good, "headers": {"Content-Type": "image/png"}}),
-        ("garbage token", "post", score, {"data": good, "headers": {"Authorization": "Bearer bp_" + "A" * 43,
-                                                                   "Content-Type": "image/png"}}),
-        ("other site's token", "post", score, {"data": good, "headers": {"Authorization": f"Bearer {other_token}",
-                                                                        "Content-Type": "image/png"}}),
-        ("unknown site", "post", "/v1/sites/plant-x/score", {"data": good, "headers": {**auth,
-                                                                                     "Content-Type": "image/png"}}),
+        (
+            "garbage token",
+            "post",
+            score,
+            {"data": good, "headers": {"Authorization": "Bearer bp_" + "A" * 43, "Content-Type": "image/png"}},
+        ),
+        (
+            "other site's token",
+            "post",
+            score,
+            {"data": good, "headers": {"Authorization": f"Bearer {other_token}", "Content-Type": "image/png"}},
+        ),
+        (
+            "unknown site",
+            "post",
+            "/v1/sites/plant-x/score",
+            {"data": good, "headers": {**auth, "Content-Type": "image/png"}},
+        ),
         ("NUL site", "post", "/v1/sites/a%00b/score", {"data": good, "headers": {**auth, "Content-Type": "image/png"}}),
-        ("5000-char name", "post", score, {"json": {"images": [{"name": "x" * 5000,
-                                                               "data": base64.b64encode(good).decode()}]},
-                                           "headers": auth}),
-        ("label body, no token", "post", f"/v1/sites/{site}/reviews/20260101T000000-00000000",
-         {"data": b'{"label": "' + b"g" * 2_000_000 + b'"}', "headers": {"Content-Type": "application/json"}}),
+        (
+            "5000-char name",
+            "post",
+            score,
+            {"json": {"images": [{"name": "x" * 5000, "data": base64.b64encode(good).decode()}]}, "headers": auth},
+        ),
+        (
+            "label body, no token",
+            "post",
+            f"/v1/sites/{site}/reviews/20260101T000000-00000000",
+            {"data": b'{"label": "' + b"g" * 2_000_000 + b'"}', "headers": {"Content-Type": "application/json"}},
+        ),
     ]
 
 
@@ -217,8 +273,11 @@ def gateway_memory(app_name: str) -> dict:
     """VmRSS and VmHWM (peak) of the gateway replica's process, in bytes (read inside that process)."""
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == "serve" and f"{app_name}#Gateway" in a["name"]]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and f"{app_name}#Gateway" in a["name"]
+    ]
     assert len(names) == 1, names
     actor = ray.get_actor(names[0], namespace="serve")
     text = ray.get(actor.__ray_call__.remote(lambda _self: Path("/proc/self/status").read_text()), timeout=60)
@@ -274,13 +333,21 @@ def mix_run(url: str, site: str, token: str, bodies: list[bytes], hostile: list,
     for _, status in hostile_results:
         key = "connection closed" if status == 0 else "error" if status < 0 else f"{status // 100}xx"
         codes[key] = codes.get(key, 0) + 1
-    return {"hostile_clients": HOSTILE_CLIENTS if hostile else 0, "good_clients": GOOD_CLIENTS,
-            "good_requests": len(good_results), "good_failed": len(failures), "good_failures": failures[:5],
-            "hostile_requests": len(hostile_results), "hostile_codes": codes,
-            "hostile_5xx": sum(1 for _, s in hostile_results if s >= 500),
-            "hostile_unanswered": sum(1 for _, s in hostile_results if s < 0),
-            "hostile_by_kind": sorted({(w, s) for w, s in hostile_results}),
-            "seconds": seconds, "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+    return {
+        "hostile_clients": HOSTILE_CLIENTS if hostile else 0,
+        "good_clients": GOOD_CLIENTS,
+        "good_requests": len(good_results),
+        "good_failed": len(failures),
+        "good_failures": failures[:5],
+        "hostile_requests": len(hostile_results),
+        "hostile_codes": codes,
+        "hostile_5xx": sum(1 for _, s in hostile_results if s >= 500),
+        "hostile_unanswered": sum(1 for _, s in hostile_results if s < 0),
+        "hostile_by_kind": sorted({(w, s) for w, s in hostile_results}),
+        "seconds": seconds,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+    }
 
 
 def wait_ready(url: str, timeout: float = 600) -> None:
@@ -334,8 +401,14 @@ def main(argv=None) -> int:
         SiteModel.load(registry.model_path(site, "v0001"), extractor=extractor)
         load_times.append((time.perf_counter() - start) * 1000)
 
-    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=max(2, os.cpu_count() or 2),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+    )
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -343,11 +416,18 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs, cold, mix = [], {}, []
     try:
-        for batching in (() if args.mix_only else (True, False)):
-            cfg = ServeConfig(registry=registry.root, port=port, num_cpus=args.num_cpus, ingress_num_cpus=0.1,
-                              batching=batching, max_batch_size=args.max_batch_size,
-                              batch_wait_timeout_s=args.batch_wait_ms / 1000, max_models_per_replica=MODELS_PER_REPLICA,
-                              max_ongoing_requests=128)
+        for batching in () if args.mix_only else (True, False):
+            cfg = ServeConfig(
+                registry=registry.root,
+                port=port,
+                num_cpus=args.num_cpus,
+                ingress_num_cpus=0.1,
+                batching=batching,
+                max_batch_size=args.max_batch_size,
+                batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                max_models_per_replica=MODELS_PER_REPLICA,
+                max_ongoing_requests=128,
+            )
             serve.run(application(cfg), name="bench", route_prefix="/")
             wait_ready(url)
             client = Client(url, "")
@@ -356,8 +436,11 @@ def main(argv=None) -> int:
                 client.run(sites[0], bodies, level, level)  # warm-up
                 n = max(args.requests_per_level, 4 * level)
                 local = in_process_throughput(models[sites[0]], query, args.max_batch_size)
-                print(f"batching {'on' if batching else 'off'}, concurrency {level}: {n} requests (in-process "
-                      f"{local:.1f} images/s) ...", flush=True)
+                print(
+                    f"batching {'on' if batching else 'off'}, concurrency {level}: {n} requests (in-process "
+                    f"{local:.1f} images/s) ...",
+                    flush=True,
+                )
                 result = client.run(sites[0], bodies, level, n)
                 result.update(batching=batching, in_process_images_per_s=local, ratio=result["images_per_s"] / local)
                 runs.append(result)
@@ -376,14 +459,26 @@ def main(argv=None) -> int:
                 loads = len(handle.stats.remote().result()["loads"]) - loads_before
                 warm_ms = statistics.median(ms for _, ms, _ in warm)
                 cold_ms = statistics.median(ms for _, ms, _ in cold_runs)
-                cold = {"warm_p50_ms": warm_ms, "cold_p50_ms": cold_ms, "cold_cost_ms": cold_ms - warm_ms,
-                        "requests": len(cold_runs), "model_loads": loads,
-                        "failed": sum(not ok for ok, _, _ in warm + cold_runs),
-                        "in_process_load_ms_median": statistics.median(load_times)}
+                cold = {
+                    "warm_p50_ms": warm_ms,
+                    "cold_p50_ms": cold_ms,
+                    "cold_cost_ms": cold_ms - warm_ms,
+                    "requests": len(cold_runs),
+                    "model_loads": loads,
+                    "failed": sum(not ok for ok, _, _ in warm + cold_runs),
+                    "in_process_load_ms_median": statistics.median(load_times),
+                }
         if args.mix or args.mix_only:
-            cfg = ServeConfig(registry=registry.root, port=port, num_cpus=args.num_cpus, ingress_num_cpus=0.1,
-                              max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                              max_models_per_replica=MODELS_PER_REPLICA, **MIX_SETTINGS)
+            cfg = ServeConfig(
+                registry=registry.root,
+                port=port,
+                num_cpus=args.num_cpus,
+                ingress_num_cpus=0.1,
+                max_batch_size=args.max_batch_size,
+                batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                max_models_per_replica=MODELS_PER_REPLICA,
+                **MIX_SETTINGS,
+            )
             hostile_site = "hostile"
             hostile_token = registry.add_site(hostile_site)
             registry.publish(hostile_site, models[sites[1]])
@@ -393,16 +488,28 @@ def main(argv=None) -> int:
                 wait_ready(url)
                 client = Client(url, tokens[sites[0]])
                 client.run(sites[0], bodies, 8, 16)  # warm-up
-                requests.post(f"{url}/v1/sites/{hostile_site}/score", data=bodies[0], timeout=300,
-                              headers={"Authorization": f"Bearer {hostile_token}", "Content-Type": "image/png"})
+                requests.post(
+                    f"{url}/v1/sites/{hostile_site}/score",
+                    data=bodies[0],
+                    timeout=300,
+                    headers={"Authorization": f"Bearer {hostile_token}", "Content-Type": "image/png"},
+                )
                 idle = gateway_memory("bench")
-                print(f"mix: {GOOD_CLIENTS} good clients{' + ' + str(HOSTILE_CLIENTS) + ' hostile' if with_hostile else ''}"
-                      f", {args.mix_requests} requests each ...", flush=True)
-                result = mix_run(url, sites[0], tokens[sites[0]], bodies, hostile if with_hostile else [],
-                                 args.mix_requests)
+                print(
+                    f"mix: {GOOD_CLIENTS} good clients{' + ' + str(HOSTILE_CLIENTS) + ' hostile' if with_hostile else ''}"
+                    f", {args.mix_requests} requests each ...",
+                    flush=True,
+                )
+                result = mix_run(
+                    url, sites[0], tokens[sites[0]], bodies, hostile if with_hostile else [], args.mix_requests
+                )
                 peak = gateway_memory("bench")
-                result.update(idle_rss=idle["VmRSS"], peak_rss=peak["VmHWM"], memory_budget=cfg.gateway_memory_budget,
-                              rss_bound=idle["VmRSS"] + cfg.gateway_memory_budget)
+                result.update(
+                    idle_rss=idle["VmRSS"],
+                    peak_rss=peak["VmHWM"],
+                    memory_budget=cfg.gateway_memory_budget,
+                    rss_bound=idle["VmRSS"] + cfg.gateway_memory_budget,
+                )
                 mix.append(result)
                 serve.delete("bench")
     finally:
@@ -410,30 +517,83 @@ def main(argv=None) -> int:
         ray.shutdown()
     load_after = load_average()
 
-    rows = [(("on" if r["batching"] else "off"), r["concurrency"], r["requests"], r["failed"],
-             f"{r['images_per_s']:.1f}", f"{r['in_process_images_per_s']:.1f}", f"{r['ratio']:.2f}",
-             f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}") for r in runs]
+    rows = [
+        (
+            ("on" if r["batching"] else "off"),
+            r["concurrency"],
+            r["requests"],
+            r["failed"],
+            f"{r['images_per_s']:.1f}",
+            f"{r['in_process_images_per_s']:.1f}",
+            f"{r['ratio']:.2f}",
+            f"{r['p50_ms']:.0f}",
+            f"{r['p99_ms']:.0f}",
+        )
+        for r in runs
+    ]
     print()
-    print(f"in-process scoring ({BACKBONE}, {size} px, batch {args.max_batch_size}, 1 thread): "
-          f"{local_rate:.1f} images/s at the start")
+    print(
+        f"in-process scoring ({BACKBONE}, {size} px, batch {args.max_batch_size}, 1 thread): "
+        f"{local_rate:.1f} images/s at the start"
+    )
     if runs:
-        print(format_table(("batching", "concurrency", "requests", "failed", "HTTP images/s", "in-process images/s",
-                            "ratio", "p50 ms", "p99 ms"), rows))
-        print(f"cold site (max_models_per_replica {MODELS_PER_REPLICA}, {COLD_SITES} sites): "
-              f"p50 {cold['cold_p50_ms']:.0f} ms against {cold['warm_p50_ms']:.0f} ms warm, "
-              f"cost {cold['cold_cost_ms']:.0f} ms per reload "
-              f"({cold['model_loads']} reloads in {cold['requests']} requests; SiteModel.load in-process "
-              f"{cold['in_process_load_ms_median']:.0f} ms)")
+        print(
+            format_table(
+                (
+                    "batching",
+                    "concurrency",
+                    "requests",
+                    "failed",
+                    "HTTP images/s",
+                    "in-process images/s",
+                    "ratio",
+                    "p50 ms",
+                    "p99 ms",
+                ),
+                rows,
+            )
+        )
+        print(
+            f"cold site (max_models_per_replica {MODELS_PER_REPLICA}, {COLD_SITES} sites): "
+            f"p50 {cold['cold_p50_ms']:.0f} ms against {cold['warm_p50_ms']:.0f} ms warm, "
+            f"cost {cold['cold_cost_ms']:.0f} ms per reload "
+            f"({cold['model_loads']} reloads in {cold['requests']} requests; SiteModel.load in-process "
+            f"{cold['in_process_load_ms_median']:.0f} ms)"
+        )
     mib = 1024 * 1024
     if mix:
         print()
-        print(format_table(
-            ("clients (good + hostile)", "good requests", "good failed", "good p50 ms", "good p99 ms",
-             "hostile requests", "hostile answers", "5xx", "gateway RSS idle / peak MiB", "bound MiB"),
-            [(f"{m['good_clients']} + {m['hostile_clients']}", m["good_requests"], m["good_failed"],
-              f"{m['p50_ms']:.0f}", f"{m['p99_ms']:.0f}", m["hostile_requests"],
-              ", ".join(f"{k}: {v}" for k, v in sorted(m["hostile_codes"].items())) or "-", m["hostile_5xx"],
-              f"{m['idle_rss'] / mib:.0f} / {m['peak_rss'] / mib:.0f}", f"{m['rss_bound'] / mib:.0f}") for m in mix]))
+        print(
+            format_table(
+                (
+                    "clients (good + hostile)",
+                    "good requests",
+                    "good failed",
+                    "good p50 ms",
+                    "good p99 ms",
+                    "hostile requests",
+                    "hostile answers",
+                    "5xx",
+                    "gateway RSS idle / peak MiB",
+                    "bound MiB",
+                ),
+                [
+                    (
+                        f"{m['good_clients']} + {m['hostile_clients']}",
+                        m["good_requests"],
+                        m["good_failed"],
+                        f"{m['p50_ms']:.0f}",
+                        f"{m['p99_ms']:.0f}",
+                        m["hostile_requests"],
+                        ", ".join(f"{k}: {v}" for k, v in sorted(m["hostile_codes"].items())) or "-",
+                        m["hostile_5xx"],
+                        f"{m['idle_rss'] / mib:.0f} / {m['peak_rss'] / mib:.0f}",
+                        f"{m['rss_bound'] / mib:.0f}",
+                    )
+                    for m in mix
+                ],
+            )
+        )
         for what, status in mix[-1]["hostile_by_kind"]:
             print(f"  hostile {what}: {status}")
     failed = sum(r["failed"] for r in runs) + cold.get("failed", 0) + sum(m["good_failed"] for m in mix)
@@ -442,13 +602,23 @@ def main(argv=None) -> int:
     print(f"hostile answers 5xx or unanswered: {broken}; runs over the RSS bound: {over}")
     print(f"failed requests: {failed}; load average after: {load_after}; {time.perf_counter() - t_start:.0f}s")
     result = {
-        "benchmark": "serve_load", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": BACKBONE, "image_size": size, "max_batch_size": args.max_batch_size,
-        "batch_wait_ms": args.batch_wait_ms, "replica_num_cpus": args.num_cpus, "cpus": os.cpu_count(),
-        "load_average_before": load_before, "load_average_after": load_after,
+        "benchmark": "serve_load",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": BACKBONE,
+        "image_size": size,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_ms": args.batch_wait_ms,
+        "replica_num_cpus": args.num_cpus,
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "torch_threads": torch.get_num_threads(),
-        "in_process_images_per_s": local_rate, "runs": runs, "cold_site": cold, "failed_requests": failed,
-        "hostile_mix": mix, "mix_settings": MIX_SETTINGS,
+        "in_process_images_per_s": local_rate,
+        "runs": runs,
+        "cold_site": cold,
+        "failed_requests": failed,
+        "hostile_mix": mix,
+        "mix_settings": MIX_SETTINGS,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,11 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=32, help="images per throughput pass (default 2 batches)")
     p.add_argument("--shots", type=int, default=5, help="support images K")
     p.add_argument("--steps", type=int, default=5, help="inner steps S")
-    p.add_argument("--inner-positions", type=int, default=None,
-                   help="patch positions of the inner loop (default: adapt's default; 0: all)")
+    p.add_argument(
+        "--inner-positions",
+        type=int,
+        default=None,
+        help="patch positions of the inner loop (default: adapt's default; 0: all)",
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared 2-core machine 2 threads can be slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine 2 threads can be slower)",
+    )
     p.add_argument("--profile", action="store_true", help="profile every measurement, not only the failing ones")
     p.add_argument("--no-profile", action="store_true", help="never profile")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
@@ -138,8 +146,9 @@ def good_images(n: int, size: int, stream: int) -> np.ndarray:
     return np.stack([render_good(CATEGORY, np.random.default_rng([stream, i]), size) for i in range(n)])
 
 
-def frozen_checkpoint(extractor: PatchFeatureExtractor, images: np.ndarray, image_size: int,
-                      steps: int) -> MetaCheckpoint:
+def frozen_checkpoint(
+    extractor: PatchFeatureExtractor, images: np.ndarray, image_size: int, steps: int
+) -> MetaCheckpoint:
     """Initial head and prior (as ``evaluate._frozen_checkpoint``), ``steps`` inner steps."""
     feats = extractor.extract(images, size=image_size).float().cpu()
     mean = feats.mean((0, 2, 3))
@@ -148,8 +157,9 @@ def frozen_checkpoint(extractor: PatchFeatureExtractor, images: np.ndarray, imag
     model.set_feature_statistics(mean, std)
     h, w = feats.shape[-2:]
     prior = Calibration.from_prior(DIM, h * w / model.window**2, strength=1.0)
-    return MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), image_size, prior,
-                          meta_config={"inner_steps": steps})
+    return MetaCheckpoint(
+        model.eval(), extractor.name, extractor.fingerprint(), image_size, prior, meta_config={"inner_steps": steps}
+    )
 
 
 def profile_top(fn: Callable, device: torch.device, rows: int = PROFILE_ROWS) -> list[dict]:
@@ -169,15 +179,26 @@ def profile_top(fn: Callable, device: torch.device, rows: int = PROFILE_ROWS) ->
 
     total = sum(self_us(e) for e in events) or 1.0
     top = sorted(events, key=self_us, reverse=True)[:rows]
-    return [{"op": e.key, "shapes": str(e.input_shapes)[:70], "calls": e.count,
-             "self_ms": round(self_us(e) / 1000, 2), "share": round(self_us(e) / total, 3)} for e in top]
+    return [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes)[:70],
+            "calls": e.count,
+            "self_ms": round(self_us(e) / 1000, 2),
+            "share": round(self_us(e) / total, 3),
+        }
+        for e in top
+    ]
 
 
 def print_profile(title: str, rows: list[dict]) -> None:
     print(f"\nprofile: {title}")
-    print(format_table(("op", "input shapes", "calls", "self ms", "share"),
-                       [(r["op"], r["shapes"], r["calls"], f"{r['self_ms']:.1f}", f"{100 * r['share']:.0f}%")
-                        for r in rows]))
+    print(
+        format_table(
+            ("op", "input shapes", "calls", "self ms", "share"),
+            [(r["op"], r["shapes"], r["calls"], f"{r['self_ms']:.1f}", f"{100 * r['share']:.0f}%") for r in rows],
+        )
+    )
 
 
 def median(xs) -> float:
@@ -187,8 +208,7 @@ def median(xs) -> float:
 # ------------------------------------------------------------------------------------------ measurements
 
 
-def measure_scoring(args, extractor: PatchFeatureExtractor, site: SiteModel, images: np.ndarray,
-                    clock: Clock) -> dict:
+def measure_scoring(args, extractor: PatchFeatureExtractor, site: SiteModel, images: np.ndarray, clock: Clock) -> dict:
     size, bs = args.image_size, args.batch_size
     full = (size, size)
     n = len(images)
@@ -209,9 +229,11 @@ def measure_scoring(args, extractor: PatchFeatureExtractor, site: SiteModel, ima
         elapsed = {"backbone": 0.0, "scoring": 0.0}
         for b, start in enumerate(range(0, n, bs)):
             batch = images[start : start + bs]
-            runs = {"backbone": lambda: extractor.extract(batch, size=size, batch_size=bs),
-                    "scoring": lambda: site.score(batch, maps=True, batch_size=bs)}
-            for name in (runs if b % 2 == 0 else reversed(runs)):
+            runs = {
+                "backbone": lambda: extractor.extract(batch, size=size, batch_size=bs),
+                "scoring": lambda: site.score(batch, maps=True, batch_size=bs),
+            }
+            for name in runs if b % 2 == 0 else reversed(runs):
                 elapsed[name] += timed(name, runs[name])
         backbone.append(n / elapsed["backbone"])
         scoring.append(n / elapsed["scoring"])
@@ -243,11 +265,11 @@ def measure_scoring(args, extractor: PatchFeatureExtractor, site: SiteModel, ima
     }
 
 
-def measure_adaptation(args, ckpt: MetaCheckpoint, extractor: PatchFeatureExtractor, support: np.ndarray,
-                       clock: Clock) -> tuple[dict, SiteModel]:
+def measure_adaptation(
+    args, ckpt: MetaCheckpoint, extractor: PatchFeatureExtractor, support: np.ndarray, clock: Clock
+) -> tuple[dict, SiteModel]:
     def run() -> SiteModel:
-        return adapt(ckpt, list(support), steps=args.steps, extractor=extractor,
-                     inner_positions=args.inner_positions)
+        return adapt(ckpt, list(support), steps=args.steps, extractor=extractor, inner_positions=args.inner_positions)
 
     site = run()  # warm-up
     totals, stages, peak = [], [], None
@@ -300,8 +322,10 @@ def main(argv=None) -> int:
     print(f"adaptation: K={args.shots}, S={args.steps}, {args.repeats} repeats after a warm-up ...", flush=True)
     adaptation, site = measure_adaptation(args, ckpt, extractor, support, clock)
     rss["adaptation"] = max_rss_mib()
-    print(f"scoring: {args.images} images, batch {args.batch_size}, {args.repeats} repeats after a warm-up ...",
-          flush=True)
+    print(
+        f"scoring: {args.images} images, batch {args.batch_size}, {args.repeats} repeats after a warm-up ...",
+        flush=True,
+    )
     scoring = measure_scoring(args, extractor, site, query, clock)
     rss["scoring"] = max_rss_mib()
 
@@ -311,11 +335,15 @@ def main(argv=None) -> int:
     if not args.no_profile:
         if args.profile or not score_ok:
             profiles["scoring"] = profile_top(
-                lambda: site.score(query[: args.batch_size], maps=True, batch_size=args.batch_size), device)
+                lambda: site.score(query[: args.batch_size], maps=True, batch_size=args.batch_size), device
+            )
         if args.profile or not adapt_ok:
             profiles["adaptation"] = profile_top(
-                lambda: adapt(ckpt, list(support), steps=args.steps, extractor=extractor,
-                              inner_positions=args.inner_positions), device)
+                lambda: adapt(
+                    ckpt, list(support), steps=args.steps, extractor=extractor, inner_positions=args.inner_positions
+                ),
+                device,
+            )
     load_after = load_average()
 
     split = scoring["split_seconds_median"]
@@ -323,32 +351,63 @@ def main(argv=None) -> int:
     st = adaptation["stage_seconds_median"]
     verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     rows = [
-        (f"backbone forward ({BACKBONE}, {size} px, batch {args.batch_size})",
-         f"{scoring['backbone_images_per_s_median']:.1f} images/s", "-", "-"),
-        ("full scoring (features + Mahalanobis + statistic + p-values + decisions + maps)",
-         f"{scoring['scoring_images_per_s_median']:.1f} images/s", "-", "-"),
-        ("scoring / backbone throughput", f"{scoring['ratio']:.2f} (from split: {scoring['ratio_from_split']:.2f})",
-         f">= {TARGET_SCORE_RATIO:.2f}", verdict(score_ok)),
-        (f"scoring time split ({args.images} images)",
-         f"features {split['features']:.2f} s ({100 * share['features']:.0f}%), "
-         f"Bayesian {split['bayes']:.3f} s ({100 * share['bayes']:.1f}%), "
-         f"maps {split['maps']:.3f} s ({100 * share['maps']:.1f}%)", "-", "-"),
-        (f"adaptation K={args.shots}, S={args.steps} (median of {args.repeats})",
-         f"{adaptation['seconds_median']:.2f} s (fastest {adaptation['seconds_min']:.2f} s)",
-         f"< {TARGET_ADAPT_SECONDS:.0f} s", verdict(adapt_ok)),
-        (f"adaptation breakdown (inner loop on {adaptation['inner_positions']} positions)",
-         ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in st.items())
-         + f", other {adaptation['other_seconds_median']:.2f} s", "-", "-"),
+        (
+            f"backbone forward ({BACKBONE}, {size} px, batch {args.batch_size})",
+            f"{scoring['backbone_images_per_s_median']:.1f} images/s",
+            "-",
+            "-",
+        ),
+        (
+            "full scoring (features + Mahalanobis + statistic + p-values + decisions + maps)",
+            f"{scoring['scoring_images_per_s_median']:.1f} images/s",
+            "-",
+            "-",
+        ),
+        (
+            "scoring / backbone throughput",
+            f"{scoring['ratio']:.2f} (from split: {scoring['ratio_from_split']:.2f})",
+            f">= {TARGET_SCORE_RATIO:.2f}",
+            verdict(score_ok),
+        ),
+        (
+            f"scoring time split ({args.images} images)",
+            f"features {split['features']:.2f} s ({100 * share['features']:.0f}%), "
+            f"Bayesian {split['bayes']:.3f} s ({100 * share['bayes']:.1f}%), "
+            f"maps {split['maps']:.3f} s ({100 * share['maps']:.1f}%)",
+            "-",
+            "-",
+        ),
+        (
+            f"adaptation K={args.shots}, S={args.steps} (median of {args.repeats})",
+            f"{adaptation['seconds_median']:.2f} s (fastest {adaptation['seconds_min']:.2f} s)",
+            f"< {TARGET_ADAPT_SECONDS:.0f} s",
+            verdict(adapt_ok),
+        ),
+        (
+            f"adaptation breakdown (inner loop on {adaptation['inner_positions']} positions)",
+            ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in st.items())
+            + f", other {adaptation['other_seconds_median']:.2f} s",
+            "-",
+            "-",
+        ),
         ("peak memory (max RSS)", f"{rss['scoring']:.0f} MiB", "-", "-"),
     ]
     if device.type == "cuda":
         peaks = [scoring["cuda_peak_mib_backbone"], scoring["cuda_peak_mib_scoring"], adaptation["cuda_peak_mib"]]
-        rows.append(("peak CUDA memory allocated (backbone / scoring / adaptation)",
-                     " / ".join(f"{p:.0f} MiB" for p in peaks), "-", "-"))
+        rows.append(
+            (
+                "peak CUDA memory allocated (backbone / scoring / adaptation)",
+                " / ".join(f"{p:.0f} MiB" for p in peaks),
+                "-",
+                "-",
+            )
+        )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print()
-    print(f"speed on {device} ({device_name}), torch {torch.__version__}, {args.threads} thread(s); "
-          f"load average before {load_before}, after {load_after}")
+    print(
+        f"speed on {device} ({device_name}), torch {torch.__version__}, {args.threads} thread(s); "
+        f"load average before {load_before}, after {load_after}"
+    )
     print(format_table(("measurement", "value", "target", "result"), rows))
     for name, top in profiles.items():
         print_profile(f"one {name} call, operators by self time", top)
@@ -358,9 +417,14 @@ def main(argv=None) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": {
-            "device": str(device), "device_name": device_name, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "load_average_before": load_before, "load_average_after": load_after,
+            "device": str(device),
+            "device_name": device_name,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
         },
         "backbone": extractor.fingerprint(),
         "category": CATEGORY,

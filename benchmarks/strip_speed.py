@@ -36,8 +36,9 @@ def strips(n: int, size: int, stream: int) -> list[np.ndarray]:
     """``n`` strips of HEIGHT x WIDTH made of synthetic good images of ``size`` side by side."""
     per = WIDTH // size
     images = good_images(n * per, size, stream)
-    return [np.ascontiguousarray(np.concatenate(list(images[i * per : (i + 1) * per]), axis=1)[:HEIGHT])
-            for i in range(n)]
+    return [
+        np.ascontiguousarray(np.concatenate(list(images[i * per : (i + 1) * per]), axis=1)[:HEIGHT]) for i in range(n)
+    ]
 
 
 def main(argv=None) -> int:
@@ -50,8 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"load average before: {[round(x, 2) for x in os.getloadavg()]} ({os.cpu_count()} CPUs; "
-          f"torch threads {args.threads})", flush=True)
+    print(
+        f"load average before: {[round(x, 2) for x in os.getloadavg()]} ({os.cpu_count()} CPUs; "
+        f"torch threads {args.threads})",
+        flush=True,
+    )
     extractor = build_backbone(BACKBONE, device=args.device)
     size = args.image_size
     ckpt = frozen_checkpoint(extractor, good_images(8, size, stream=3), size, args.steps)
@@ -69,12 +73,16 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     assert result.anomaly_map.shape == (HEIGHT, WIDTH) and np.isfinite(result.score)
-    print(f"adapt (K={args.shots} strips, S={args.steps}, {site.info['support_views']} tile views): "
-          f"{adapt_seconds:.2f} s (stages: "
-          f"{', '.join(f'{k} {v:.2f} s' for k, v in site.info['adapt_stage_seconds'].items())})")
-    print(f"4096x256 strip scored end to end ({BACKBONE}, {len(plan.origins)} tiles of {size} px, map "
-          f"{result.anomaly_map.shape[1]}x{result.anomaly_map.shape[0]}): median {statistics.median(times):.3f} s "
-          f"over {args.repeats} ({', '.join(f'{t:.3f}' for t in times)}), device {extractor.device}")
+    print(
+        f"adapt (K={args.shots} strips, S={args.steps}, {site.info['support_views']} tile views): "
+        f"{adapt_seconds:.2f} s (stages: "
+        f"{', '.join(f'{k} {v:.2f} s' for k, v in site.info['adapt_stage_seconds'].items())})"
+    )
+    print(
+        f"4096x256 strip scored end to end ({BACKBONE}, {len(plan.origins)} tiles of {size} px, map "
+        f"{result.anomaly_map.shape[1]}x{result.anomaly_map.shape[0]}): median {statistics.median(times):.3f} s "
+        f"over {args.repeats} ({', '.join(f'{t:.3f}' for t in times)}), device {extractor.device}"
+    )
     print(f"load average after: {[round(x, 2) for x in os.getloadavg()]}")
     return 0
 

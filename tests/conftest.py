@@ -48,13 +48,21 @@ def ray_session():
     import os
 
     import ray  # a hard dependency: a broken install fails here rather than skipping the Ray tests
+
     # Workers report their metrics to the node's Prometheus endpoint every second rather than every 10 s, so that
     # a test that scrapes it waits less; read by the processes that ray.init starts.
     previous = os.environ.get("RAY_metrics_report_interval_ms")
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
     sites = {f"factory:site-{i:03d}": 1 for i in range(3)}  # as a cluster whose nodes each hold one site
-    ray.init(address="local", num_cpus=2, resources=sites, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        resources=sites,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+    )
     yield ray
     ray.shutdown()
     if previous is None:

@@ -32,5 +32,6 @@ def frozen_checkpoint(extractor, images: np.ndarray, size: int, dim: int, inner_
     model.set_feature_statistics(feats.mean((0, 2, 3)), feats.var((0, 2, 3), unbiased=False).clamp_min(1e-12).sqrt())
     h, w = feats.shape[-2:]
     prior = Calibration.from_prior(dim, h * w / model.window**2, strength=1.0)
-    return MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), size, prior,
-                          meta_config={"inner_steps": inner_steps})
+    return MetaCheckpoint(
+        model.eval(), extractor.name, extractor.fingerprint(), size, prior, meta_config={"inner_steps": inner_steps}
+    )

@@ -25,8 +25,22 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "root"
-    result = run("data", "synth", "--out", str(out), "--categories", "4", "--size", "64",
-                 "--train", "6", "--test-good", "3", "--test-defective", "4")
+    result = run(
+        "data",
+        "synth",
+        "--out",
+        str(out),
+        "--categories",
+        "4",
+        "--size",
+        "64",
+        "--train",
+        "6",
+        "--test-good",
+        "3",
+        "--test-defective",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 4 categories" in result.stdout
     return out
@@ -58,8 +72,10 @@ def test_shard_info_matches_the_source(synth_root, tmp_path):
     assert not set(one["categories"]) & set(two["categories"])
     iid = run("data", "shard", "--root", str(synth_root), "--out", str(tmp_path / "iid"), "--sites", "3", "--iid")
     assert iid.returncode == 0, iid.stderr
-    per_site = [json.loads(run("data", "info", str(tmp_path / "iid" / f"site-00{i}.parquet"), "--json").stdout)
-                for i in range(3)]
+    per_site = [
+        json.loads(run("data", "info", str(tmp_path / "iid" / f"site-00{i}.parquet"), "--json").stdout)
+        for i in range(3)
+    ]
     assert all(len(s["categories"]) == 4 for s in per_site)
 
 
@@ -78,7 +94,9 @@ def test_import_mvtec_and_import_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "train/good 4, test/good 1" in result.stdout
     assert json.loads(run("data", "info", str(root), "--json").stdout)["categories"]["widget"]["counts"] == {
-        "test/good": 1, "train/good": 4}
+        "test/good": 1,
+        "train/good": 4,
+    }
 
 
 def _broken(kind: str, root: Path) -> list[str]:
@@ -139,8 +157,9 @@ def test_import_folder_with_abnormal_images_masks_and_overwrite(tmp_path):
     masks = loose / "masks"
     (masks / "scratch").mkdir(parents=True)
     drawn = {}
-    for i, (stem, where) in enumerate((("s0", masks / "scratch" / "s0_mask.png"), ("s1", masks / "s1.png"),
-                                       ("d0", masks / "d0_mask.bmp"))):
+    for i, (stem, where) in enumerate(
+        (("s0", masks / "scratch" / "s0_mask.png"), ("s1", masks / "s1.png"), ("d0", masks / "d0_mask.bmp"))
+    ):
         mask = np.zeros((40, 40), np.uint8)
         mask[5 + i : 15 + i, 10:30] = 255
         Image.fromarray(mask).save(where)
@@ -162,7 +181,8 @@ def test_import_folder_with_abnormal_images_masks_and_overwrite(tmp_path):
 
     again = run(*args)
     assert again.returncode == 2 and again.stderr.strip() == (
-        f"bayprano: error: {widget}: category already exists (pass --overwrite to replace it)")
+        f"bayprano: error: {widget}: category already exists (pass --overwrite to replace it)"
+    )
     assert (widget / "test" / "scratch" / "s0.png").is_file()
 
     replaced = run(*args, "--overwrite", "--abnormal", str(loose / "bad" / "dent"))  # flat: defect type "defect"

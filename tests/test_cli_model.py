@@ -64,8 +64,25 @@ def checkpoint(work, root, held) -> Path:
     config = work / "train.yaml"
     config.write_text("backbone: random\ncalibration_episodes: 3\nepisodes: 50\n")
     out = work / "meta.pt"
-    result = run("train", "--config", str(config), "--data-root", str(root), "--exclude", held, "--shots", "2",
-                 "--inner-steps", "1", "--episodes", "3", "--image-size", "64", "--out", str(out))
+    result = run(
+        "train",
+        "--config",
+        str(config),
+        "--data-root",
+        str(root),
+        "--exclude",
+        held,
+        "--shots",
+        "2",
+        "--inner-steps",
+        "1",
+        "--episodes",
+        "3",
+        "--image-size",
+        "64",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert "episode 3/3 loss" in result.stderr and f"wrote checkpoint {out}" in result.stdout
     return out
@@ -84,8 +101,21 @@ def site(work, checkpoint, support) -> Path:
     out = work / "site"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = main(["adapt", "--checkpoint", str(checkpoint), "--support", str(support), "--shots", "4",
-                       "--out", str(out), "--target-fpr", "0.1"])
+        status = main(
+            [
+                "adapt",
+                "--checkpoint",
+                str(checkpoint),
+                "--support",
+                str(support),
+                "--shots",
+                "4",
+                "--out",
+                str(out),
+                "--target-fpr",
+                "0.1",
+            ]
+        )
     assert status == 0
     assert f"wrote site model {out}" in stdout.getvalue() and "4 good image(s)" in stdout.getvalue()
     assert "threshold" in stdout.getvalue() and "adapted in" in stdout.getvalue()
@@ -99,7 +129,7 @@ def fails(capsys, *argv: str) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bayprano: error: "), captured.err
-    return lines[0][len("bayprano: error: "):]
+    return lines[0][len("bayprano: error: ") :]
 
 
 def test_train_writes_a_checkpoint_that_loads(checkpoint, root, held):
@@ -115,8 +145,7 @@ def test_adapt_writes_a_model_folder(site, support):
     assert (site / "model.pt").is_file() and meta["kind"] == "bayprano-site-model"
     assert meta["support_size"] == 4 and meta["target_fpr"] == 0.1 and meta["backbone"] == "random"
     first_four = sorted(support.glob("*.png"))[:4]
-    expected = [hashlib.sha256(np.asarray(Image.open(p).convert("RGB")).tobytes()).hexdigest()[:16]
-                for p in first_four]
+    expected = [hashlib.sha256(np.asarray(Image.open(p).convert("RGB")).tobytes()).hexdigest()[:16] for p in first_four]
     assert meta["support_sha256"] == expected
 
 
@@ -147,8 +176,23 @@ def test_score_prints_a_json_line_per_image_and_writes_maps(site, root, held, wo
 
 def test_evaluate_with_a_checkpoint_on_the_held_out_category(checkpoint, root, held, work, capsys):
     output = work / "eval" / "results.json"
-    status = main(["evaluate", "--data-root", str(root), "--checkpoint", str(checkpoint), "--shots", "2,3",
-                   "--seeds", "1", "--methods", "bayes,patchcore", "--output", str(output)])
+    status = main(
+        [
+            "evaluate",
+            "--data-root",
+            str(root),
+            "--checkpoint",
+            str(checkpoint),
+            "--shots",
+            "2,3",
+            "--seeds",
+            "1",
+            "--methods",
+            "bayes,patchcore",
+            "--output",
+            str(output),
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert "| method" in captured.out and "| bayes " in captured.out and f"wrote {output}" in captured.out
@@ -172,17 +216,54 @@ def test_evaluate_with_a_checkpoint_on_the_held_out_category(checkpoint, root, h
 def test_evaluate_refuses_leakage_and_another_backbone(checkpoint, root, held, work, capsys):
     seen = load_checkpoint(checkpoint).categories[0]
     out = str(work / "refused.json")
-    assert fails(capsys, "evaluate", "--data-root", str(root), "--checkpoint", str(checkpoint), "--categories", seen,
-                 "--shots", "2", "--output", out) == (
-        f"{checkpoint}: meta-trained on category '{seen}'; evaluating it there would leak")
-    message = fails(capsys, "evaluate", "--data-root", str(root), "--checkpoint", str(checkpoint), "--categories",
-                    held, "--shots", "2", "--seeds", "1", "--methods", "bayes", "--backbone", "efficientnet_lite2",
-                    "--output", out)
+    assert fails(
+        capsys,
+        "evaluate",
+        "--data-root",
+        str(root),
+        "--checkpoint",
+        str(checkpoint),
+        "--categories",
+        seen,
+        "--shots",
+        "2",
+        "--output",
+        out,
+    ) == (f"{checkpoint}: meta-trained on category '{seen}'; evaluating it there would leak")
+    message = fails(
+        capsys,
+        "evaluate",
+        "--data-root",
+        str(root),
+        "--checkpoint",
+        str(checkpoint),
+        "--categories",
+        held,
+        "--shots",
+        "2",
+        "--seeds",
+        "1",
+        "--methods",
+        "bayes",
+        "--backbone",
+        "efficientnet_lite2",
+        "--output",
+        out,
+    )
     assert message.startswith(f"{checkpoint}: meta-trained on backbone random:")
     assert message.endswith("not " + build_backbone("efficientnet_lite2").fingerprint())
     assert "--image-size 128: the checkpoint" in fails(
-        capsys, "evaluate", "--data-root", str(root), "--checkpoint", str(checkpoint), "--image-size", "128",
-        "--output", out)
+        capsys,
+        "evaluate",
+        "--data-root",
+        str(root),
+        "--checkpoint",
+        str(checkpoint),
+        "--image-size",
+        "128",
+        "--output",
+        out,
+    )
     assert not Path(out).exists()
 
 
@@ -191,18 +272,46 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, site, support, root, held,
     train = ["train", "--data-root", str(root), "--shots", "2", "--episodes", "2", "--out", str(work / "x.pt")]
     assert fails(capsys, *train, "--inner-steps", "11") == "--inner-steps 11: must be less than or equal to 10"
     assert fails(capsys, *train, "--inner-steps", "1", "--shots", "9", "--backbone", "random") == (
-        f"category '{held}' has 10 train/good images; an episode needs 13 (--shots 9 + 4 query images)")
+        f"category '{held}' has 10 train/good images; an episode needs 13 (--shots 9 + 4 query images)"
+    )
     bad_yaml = work / "bad.yaml"
     bad_yaml.write_text("inner_steps: 1\nshotz: 3\n")
     assert fails(capsys, *train, "--config", str(bad_yaml)) == f"{bad_yaml}: unknown key 'shotz' (value 3)"
-    assert fails(capsys, "train", "--data-root", str(root), "--shots", "2", "--episodes", "2", "--inner-steps", "1",
-                 "--out", str(work)) == f"--out {work}: is a folder; name the checkpoint file to write"
+    assert (
+        fails(
+            capsys,
+            "train",
+            "--data-root",
+            str(root),
+            "--shots",
+            "2",
+            "--episodes",
+            "2",
+            "--inner-steps",
+            "1",
+            "--out",
+            str(work),
+        )
+        == f"--out {work}: is a folder; name the checkpoint file to write"
+    )
 
     adapt = ["adapt", "--checkpoint", ckpt, "--out", str(work / "site2")]
     assert fails(capsys, *adapt, "--support", str(support), "--shots", "12") == (
-        f"--shots 12 but only 10 good images in {support}")
-    assert fails(capsys, "adapt", "--checkpoint", str(work / "missing.pt"), "--support", str(support),
-                 "--out", str(work / "site2")) == f"{work / 'missing.pt'}: checkpoint file does not exist"
+        f"--shots 12 but only 10 good images in {support}"
+    )
+    assert (
+        fails(
+            capsys,
+            "adapt",
+            "--checkpoint",
+            str(work / "missing.pt"),
+            "--support",
+            str(support),
+            "--out",
+            str(work / "site2"),
+        )
+        == f"{work / 'missing.pt'}: checkpoint file does not exist"
+    )
     bad = work / "bad-support"
     bad.mkdir()
     shutil.copy(next(support.glob("*.png")), bad / "a.png")
@@ -211,36 +320,48 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, site, support, root, held,
     tiny = work / "tiny.png"
     Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tiny)
     assert fails(capsys, *adapt, "--support", str(tiny)) == f"{tiny}: image is 8x8 px, smaller than 32 px on a side"
-    assert fails(capsys, *adapt, "--support", str(work / "nowhere" / "*.png")).endswith("no image files "
-                                                                                        "(.png, .jpg, .jpeg, .bmp) found")
-    assert fails(capsys, *adapt, "--support", str(support), "--steps", "11") == "--steps must be between 0 and 10, got 11"
+    assert fails(capsys, *adapt, "--support", str(work / "nowhere" / "*.png")).endswith(
+        "no image files (.png, .jpg, .jpeg, .bmp) found"
+    )
+    assert (
+        fails(capsys, *adapt, "--support", str(support), "--steps", "11") == "--steps must be between 0 and 10, got 11"
+    )
     assert not (work / "site2").exists()
     assert fails(capsys, "adapt", "--checkpoint", ckpt, "--support", str(support), "--out", str(support)) == (
-        f"--out {support}: exists and is not a site model folder; refusing to replace it")
+        f"--out {support}: exists and is not a site model folder; refusing to replace it"
+    )
     assert len(list(support.iterdir())) == 11
 
     image = str(next((root / held / "test" / "good").glob("*.png")))
     assert fails(capsys, "score", "--model", str(site), image, str(tiny)) == (
-        f"{tiny}: image is 8x8 px, smaller than 32 px on a side")
+        f"{tiny}: image is 8x8 px, smaller than 32 px on a side"
+    )
     assert fails(capsys, "score", "--model", str(site), str(bad / "b.png")).startswith(
-        f"{bad / 'b.png'}: not a readable image")
-    assert fails(capsys, "score", "--model", str(work / "no-model"), image) == f"{work / 'no-model'}: model folder does not exist"
+        f"{bad / 'b.png'}: not a readable image"
+    )
+    assert (
+        fails(capsys, "score", "--model", str(work / "no-model"), image)
+        == f"{work / 'no-model'}: model folder does not exist"
+    )
 
     truncated = work / "truncated"
     shutil.copytree(site, truncated)
     data = (truncated / "model.pt").read_bytes()
     (truncated / "model.pt").write_bytes(data[: len(data) // 2])
     assert fails(capsys, "score", "--model", str(truncated), image) == (
-        f"{truncated / 'model.pt'}: corrupt artifact (sha256 does not match meta.json)")
+        f"{truncated / 'model.pt'}: corrupt artifact (sha256 does not match meta.json)"
+    )
     edited = work / "edited"
     shutil.copytree(site, edited)
     meta = json.loads((edited / "meta.json").read_text())
     (edited / "meta.json").write_text(json.dumps({**meta, "in_channels": 100}))
     assert fails(capsys, "score", "--model", str(edited), image).startswith(
-        f"{edited}: artifact is incomplete or inconsistent")
+        f"{edited}: artifact is incomplete or inconsistent"
+    )
     (edited / "meta.json").write_text(json.dumps({**meta, "backbone_fingerprint": "random:0000000000000000"}))
     assert fails(capsys, "score", "--model", str(edited), image).startswith(
-        f"{edited}: model was adapted on backbone random:0000000000000000, not random:")
+        f"{edited}: model was adapted on backbone random:0000000000000000, not random:"
+    )
     (edited / "meta.json").write_text(json.dumps(meta)[:-20])
     assert fails(capsys, "score", "--model", str(edited), image).startswith(f"{edited / 'meta.json'}: not valid JSON")
 
@@ -253,8 +374,23 @@ def test_train_second_order_differentiates_through_the_inner_loop(checkpoint, ro
     """The same run as the `checkpoint` fixture's, in this process: first-order it gives the same weights
     (so any difference is the option's), second-order other weights and says so."""
     config = work / "train.yaml"
-    flags = ["train", "--config", str(config), "--data-root", str(root), "--exclude", held, "--shots", "2",
-             "--inner-steps", "1", "--episodes", "3", "--image-size", "64"]
+    flags = [
+        "train",
+        "--config",
+        str(config),
+        "--data-root",
+        str(root),
+        "--exclude",
+        held,
+        "--shots",
+        "2",
+        "--inner-steps",
+        "1",
+        "--episodes",
+        "3",
+        "--image-size",
+        "64",
+    ]
     first, second = work / "first.pt", work / "second.pt"
     assert main([*flags, "--out", str(first)]) == 0
     assert "first-order" in capsys.readouterr().out
@@ -276,12 +412,30 @@ def test_evaluate_meta_trains_on_another_root_with_meta_train_root(root, held, w
     for c in others:
         shutil.copytree(root / c, pool / c)
     output = work / "pool-eval" / "results.json"
-    common = ["evaluate", "--data-root", str(alone), "--shots", "2", "--seeds", "1", "--methods", "bayes",
-              "--backbone", "random", "--image-size", "64", "--episodes", "2", "--output", str(output)]
+    common = [
+        "evaluate",
+        "--data-root",
+        str(alone),
+        "--shots",
+        "2",
+        "--seeds",
+        "1",
+        "--methods",
+        "bayes",
+        "--backbone",
+        "random",
+        "--image-size",
+        "64",
+        "--episodes",
+        "2",
+        "--output",
+        str(output),
+    ]
     capsys.readouterr()
     assert main(common) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"bayprano: error: category {held!r}: no other category to meta-train on (pass --meta-train-root)")
+        f"bayprano: error: category {held!r}: no other category to meta-train on (pass --meta-train-root)"
+    )
     assert not output.exists()
     assert main([*common, "--meta-train-root", str(pool)]) == 0
     err = capsys.readouterr().err
@@ -297,8 +451,28 @@ def test_adapt_with_tiles_a_region_and_augmentation_and_score_uses_them(work, ch
     strip of four support-sized images at its own size, the map zero outside the region."""
     out = work / "site-tiled"
     capsys.readouterr()
-    assert main(["adapt", "--checkpoint", str(checkpoint), "--support", str(support), "--shots", "2", "--out",
-                 str(out), "--scoring", "tile", "--roi", "0,0,48,64", "--augment", "flips"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--checkpoint",
+                str(checkpoint),
+                "--support",
+                str(support),
+                "--shots",
+                "2",
+                "--out",
+                str(out),
+                "--scoring",
+                "tile",
+                "--roi",
+                "0,0,48,64",
+                "--augment",
+                "flips",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "augmentation flips (6 view(s))" in printed and "scoring    tile (tile 64 px" in printed
     meta = json.loads((out / "meta.json").read_text())
@@ -310,5 +484,15 @@ def test_adapt_with_tiles_a_region_and_augmentation_and_score_uses_them(work, ch
     assert main(["score", "--model", str(out), str(path), "--maps", str(maps)]) == 0
     line = json.loads(capsys.readouterr().out)
     assert Image.open(line["map"]).size == (256, 64) and line["score"] > 0
-    assert "region of interest" in fails(capsys, "adapt", "--checkpoint", str(checkpoint), "--support", str(support),
-                                         "--out", str(work / "bad-roi"), "--roi", "5,5,nope")
+    assert "region of interest" in fails(
+        capsys,
+        "adapt",
+        "--checkpoint",
+        str(checkpoint),
+        "--support",
+        str(support),
+        "--out",
+        str(work / "bad-roi"),
+        "--roi",
+        "5,5,nope",
+    )

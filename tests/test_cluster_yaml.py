@@ -42,8 +42,13 @@ def test_a_cpu_head_runs_the_coordinator_and_each_plant_has_a_gpu_worker_type_wi
         fetch = [c for c in commands if f"/data/bayprano/{site}.parquet" in c]
         assert len(fetch) == 1 and f"plant-{site}" in fetch[0], name  # from its own plant's bucket
         assert site in t["node_config"]["IamInstanceProfile"]["Arn"]
-        others = [s for s in (k.removeprefix("factory:") for o in plants.values() for k in o["resources"]
-                              if k.startswith("factory:")) if s != site]
+        others = [
+            s
+            for s in (
+                k.removeprefix("factory:") for o in plants.values() for k in o["resources"] if k.startswith("factory:")
+            )
+            if s != site
+        ]
         assert not any(o in c for o in others for c in commands), name
     assert len(set(sites)) == len(sites)
     assert config["max_workers"] >= len(plants)

@@ -20,26 +20,32 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_yaml_values_are_validated_and_flags_override_them(tmp_path):
-    f = write(tmp_path / "train.yaml", "data-root: data\nshots: 3\ninner_steps: 2\nepisodes: 10\nout: a.pt\n"
-                                        "categories: [a, b]\nsecond_order: true\n")
+    f = write(
+        tmp_path / "train.yaml",
+        "data-root: data\nshots: 3\ninner_steps: 2\nepisodes: 10\nout: a.pt\ncategories: [a, b]\nsecond_order: true\n",
+    )
     cfg = load_yaml_config(f, TrainConfig, {"shots": "5", "episodes": None, "exclude": "c,d"})
     assert cfg.shots == 5 and cfg.episodes == 10 and cfg.inner_steps == 2 and cfg.second_order is True
     assert cfg.categories == ["a", "b"] and cfg.exclude == ["c", "d"] and cfg.data_root == Path("data")
     assert cfg.image_size == 256 and cfg.backbone == "efficientnet_lite2" and cfg.lr == 2e-3
-    ev = load_yaml_config(None, EvalConfig, {"data_root": "d", "output": "o.json", "shots": "5,1,5",
-                                             "methods": "bayes,padim"})
+    ev = load_yaml_config(
+        None, EvalConfig, {"data_root": "d", "output": "o.json", "shots": "5,1,5", "methods": "bayes,padim"}
+    )
     assert ev.shots == [1, 5] and ev.methods == ["bayes", "padim"] and ev.checkpoint is None and ev.seeds == 3
 
 
-@pytest.mark.parametrize("text, message", [
-    ("inner_steps: 11\n", "{f}: inner_steps = 11: must be less than or equal to 10"),
-    ("shots: 0\n", "{f}: shots = 0: must be greater than or equal to 1"),
-    ("colour: red\n", "{f}: unknown key 'colour' (value 'red')"),
-    ("backbone: vgg_nonexistent\n", "{f}: backbone = 'vgg_nonexistent': unknown backbone"),
-    ("second_order: maybe\n", "{f}: second_order = 'maybe': must be a valid boolean"),
-    ("- a\n- b\n", "{f}: a config file must be a mapping of keys to values, got list"),
-    ("shots: [1\n", "{f}: not valid YAML (line 2, column 1: expected ',' or ']'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("inner_steps: 11\n", "{f}: inner_steps = 11: must be less than or equal to 10"),
+        ("shots: 0\n", "{f}: shots = 0: must be greater than or equal to 1"),
+        ("colour: red\n", "{f}: unknown key 'colour' (value 'red')"),
+        ("backbone: vgg_nonexistent\n", "{f}: backbone = 'vgg_nonexistent': unknown backbone"),
+        ("second_order: maybe\n", "{f}: second_order = 'maybe': must be a valid boolean"),
+        ("- a\n- b\n", "{f}: a config file must be a mapping of keys to values, got list"),
+        ("shots: [1\n", "{f}: not valid YAML (line 2, column 1: expected ',' or ']'"),
+    ],
+)
 def test_a_bad_file_is_one_line_naming_the_file_key_and_value(tmp_path, text, message):
     f = write(tmp_path / "bad.yaml", text)
     overrides = {k: v for k, v in REQUIRED.items() if k not in text}
@@ -72,13 +78,30 @@ def test_sites_flag_names_each_site_with_its_shard_path_like_the_yaml_form(tmp_p
     from bayprano.cli import settings_from_args, build_parser, main
     from bayprano.config import FederatedTrainConfig
 
-    args = build_parser().parse_args(["train", "--sites", "plant-a=/data/a.parquet, plant-b=/data/b.parquet",
-                                      "--out", str(tmp_path / "fed.pt"), "--sites-per-round", "1", "--rounds", "2"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--sites",
+            "plant-a=/data/a.parquet, plant-b=/data/b.parquet",
+            "--out",
+            str(tmp_path / "fed.pt"),
+            "--sites-per-round",
+            "1",
+            "--rounds",
+            "2",
+        ]
+    )
     cfg = settings_from_args(args, FederatedTrainConfig)
-    f = write(tmp_path / "fed.yaml", f"sites:\n  plant-a: /data/a.parquet\n  plant-b: /data/b.parquet\n"
-                                     f"out: {tmp_path / 'fed.pt'}\nsites_per_round: 1\nrounds: 2\n")
-    assert cfg.site_paths() == load_yaml_config(f, FederatedTrainConfig, {}).site_paths() == {
-        "plant-a": "/data/a.parquet", "plant-b": "/data/b.parquet"}
+    f = write(
+        tmp_path / "fed.yaml",
+        f"sites:\n  plant-a: /data/a.parquet\n  plant-b: /data/b.parquet\n"
+        f"out: {tmp_path / 'fed.pt'}\nsites_per_round: 1\nrounds: 2\n",
+    )
+    assert (
+        cfg.site_paths()
+        == load_yaml_config(f, FederatedTrainConfig, {}).site_paths()
+        == {"plant-a": "/data/a.parquet", "plant-b": "/data/b.parquet"}
+    )
     for bad, words in (("plant-a", "is not NAME=PATH"), ("a=/x,a=/y", "given twice")):
         with pytest.raises(SystemExit) as exit_:
             main(["train", "--sites", bad, "--out", str(tmp_path / "x.pt")])

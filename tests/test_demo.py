@@ -45,8 +45,11 @@ def test_fast_demo_leaves_adapted_calibrated_site_models(tmp_path):
     for _, name in results["figures"]:
         assert (report / name).stat().st_size > 1000 and f"]({name})" in (report / "report.md").read_text()
     methods = {(r["site"], r["method"]) for r in results["methods"]}
-    assert methods == {(s["site"], m) for s in summary["sites"]
-                       for m in ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim", "anomalydino")}
+    assert methods == {
+        (s["site"], m)
+        for s in summary["sites"]
+        for m in ("bayes", "bayes-frozen", "protomaml", "patchcore", "padim", "anomalydino")
+    }
     assert len(summary["http"]) == 2
     for served in summary["http"]:
         assert served["images"] == 4 and served["matches_in_process"] and served["model_version"] == "v0001"
@@ -63,8 +66,10 @@ def test_demo_with_dp_on_a_given_data_root(ray_session, tmp_path, capsys):
     generate_dataset(data, categories=4, seed=3, size=128, n_train=12, n_test_good=5, n_test_defective=5, workers=1)
     categories = list_categories(data)
     out = tmp_path / "demo"
-    assert main(["demo", "--fast", "--dp", "--data-root", str(data), "--sites", "2", "--shots", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["demo", "--fast", "--dp", "--data-root", str(data), "--sites", "2", "--shots", "3", "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"== 1/6 using the dataset at {data}" in printed and "secure aggregation, client-level DP" in printed
     assert not (out / "data").exists()

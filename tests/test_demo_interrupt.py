@@ -61,9 +61,14 @@ def _wait_for(check, seconds: float, what: str, output: list[str]) -> None:
 
 def test_ctrl_c_during_federated_training_leaves_no_process_behind(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([BAYPRANO, "demo", "--fast", "--sites", "2", "--shots", "3", "--out", str(tmp_path / "d")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [BAYPRANO, "demo", "--fast", "--sites", "2", "--shots", "3", "--out", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     lines: list[str] = []
     pending: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [pending.put(line) for line in proc.stdout], daemon=True)
@@ -75,14 +80,16 @@ def test_ctrl_c_during_federated_training_leaves_no_process_behind(tmp_path):
         return any(text in line for line in lines)
 
     def training_processes() -> list[int]:
-        return [p for p in _descendants(proc.pid) if "ray::FactorySite" in _cmdline(p)
-                or "ray::CoordinatorActor" in _cmdline(p)]
+        return [
+            p
+            for p in _descendants(proc.pid)
+            if "ray::FactorySite" in _cmdline(p) or "ray::CoordinatorActor" in _cmdline(p)
+        ]
 
     try:
         _wait_for(lambda: printed("federated meta-training"), 300, "the demo reached federated training", lines)
         # the Coordinator and both Factories are up (each Ray worker names itself after its actor)
-        _wait_for(lambda: len(training_processes()) >= 3, 120, "the Coordinator and 2 Factory actors started",
-                  lines)
+        _wait_for(lambda: len(training_processes()) >= 3, 120, "the Coordinator and 2 Factory actors started", lines)
         started = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         proc.wait(timeout=120)

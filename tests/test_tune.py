@@ -28,8 +28,7 @@ SHIPPED = sorted((REPO / "tune_configs").glob("*.yaml"))
 TINY = {
     "name": "tiny",
     "data_root": "data",
-    "synth": {"categories": ["fabric", "bottle", "tiles"], "size": 64, "train": 8, "test_good": 4,
-              "test_defective": 4},
+    "synth": {"categories": ["fabric", "bottle", "tiles"], "size": 64, "train": 8, "test_good": 4, "test_defective": 4},
     "train_categories": ["fabric", "bottle"],
     "validation_categories": ["tiles"],
     "rounds": 3,
@@ -37,8 +36,13 @@ TINY = {
     "validation_seeds": 1,
     "max_concurrent_trials": 1,
     "resources_per_trial": {"cpu": 0.5},
-    "fixed": {"image_size": 64, "inner_steps": 0, "calibration_episodes": 1, "n_query_normal": 2,
-              "n_query_anomalous": 2},
+    "fixed": {
+        "image_size": 64,
+        "inner_steps": 0,
+        "calibration_episodes": 1,
+        "n_query_normal": 2,
+        "n_query_anomalous": 2,
+    },
     "search_space": {"shots": {"grid": [1, 2]}},
 }
 
@@ -62,28 +66,43 @@ def test_shipped_sweeps_are_valid_and_their_smoke_versions_are_small(config):
         assert spec.trainer == "federated" and "dp_noise" in spec.search_space
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"search_space": {"colour": {"grid": [1, 2]}}},
-     "search_space.colour: unknown parameter 'colour' for central trials, it is not a training setting (tunable: "),
-    ({"search_space": {"episodes": {"grid": [1, 2]}}},
-     "search_space.episodes: unknown parameter 'episodes' for central trials, it is set by the sweep itself"),
-    ({"search_space": {"shots": {"grid": []}}}, "search_space.shots = {'grid': []}: empty grid: give at least one"),
-    ({"search_space": {}}, "search_space = {}: empty search space: give at least one setting"),
-    ({"metric": "epsilon"}, "metric 'epsilon': central trials do not report it (they report val_image_auroc, "),
-    ({"metric": "accuracy", "trainer": "federated"}, "metric 'accuracy': federated trials do not report it"),
-    ({"search_space": {"shots": {"grid": [0, 1]}}},
-     "search_space.shots.grid[0] = 0: must be greater than or equal to 1"),
-    ({"search_space": {"lr": {"loguniform": [0.0, 0.1]}}}, 
-     "search_space.lr = {'loguniform': [0.0, 0.1]}: loguniform [0, 0.1]: bounds must be positive"),
-    ({"search_space": {"shots": {"grid": [1], "choice": [2]}}},
-     "search_space.shots = {'grid': [1], 'choice': [2]}: give exactly one of grid, choice, uniform, loguniform"),
-    ({"scheduler": "hyperband"}, "scheduler.kind = 'hyperband': must be asha or none"),
-    ({"resources_per_trial": {"cpu": 0}}, "resources_per_trial.cpu = 0: must be greater than 0"),
-    ({"test_categories": ["tiles"]}, "category 'tiles' is in both validation_categories and test_categories"),
-    ({"fixed": {"shots": 2}}, "'shots' is both in fixed and in search_space"),
-    ({"trainer": "federated", "fixed": {"dp_noise": 1.0}, "search_space": {"shots": [1, 2]}},
-     "fixed.dp_noise = 1.0: dp_noise needs dp_clip"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"search_space": {"colour": {"grid": [1, 2]}}},
+            "search_space.colour: unknown parameter 'colour' for central trials, it is not a training setting (tunable: ",
+        ),
+        (
+            {"search_space": {"episodes": {"grid": [1, 2]}}},
+            "search_space.episodes: unknown parameter 'episodes' for central trials, it is set by the sweep itself",
+        ),
+        ({"search_space": {"shots": {"grid": []}}}, "search_space.shots = {'grid': []}: empty grid: give at least one"),
+        ({"search_space": {}}, "search_space = {}: empty search space: give at least one setting"),
+        ({"metric": "epsilon"}, "metric 'epsilon': central trials do not report it (they report val_image_auroc, "),
+        ({"metric": "accuracy", "trainer": "federated"}, "metric 'accuracy': federated trials do not report it"),
+        (
+            {"search_space": {"shots": {"grid": [0, 1]}}},
+            "search_space.shots.grid[0] = 0: must be greater than or equal to 1",
+        ),
+        (
+            {"search_space": {"lr": {"loguniform": [0.0, 0.1]}}},
+            "search_space.lr = {'loguniform': [0.0, 0.1]}: loguniform [0, 0.1]: bounds must be positive",
+        ),
+        (
+            {"search_space": {"shots": {"grid": [1], "choice": [2]}}},
+            "search_space.shots = {'grid': [1], 'choice': [2]}: give exactly one of grid, choice, uniform, loguniform",
+        ),
+        ({"scheduler": "hyperband"}, "scheduler.kind = 'hyperband': must be asha or none"),
+        ({"resources_per_trial": {"cpu": 0}}, "resources_per_trial.cpu = 0: must be greater than 0"),
+        ({"test_categories": ["tiles"]}, "category 'tiles' is in both validation_categories and test_categories"),
+        ({"fixed": {"shots": 2}}, "'shots' is both in fixed and in search_space"),
+        (
+            {"trainer": "federated", "fixed": {"dp_noise": 1.0}, "search_space": {"shots": [1, 2]}},
+            "fixed.dp_noise = 1.0: dp_noise needs dp_clip",
+        ),
+    ],
+)
 def test_a_bad_sweep_is_one_line_naming_the_problem_before_any_trial(tmp_path, capsys, changes, message):
     sweep = write_sweep(tmp_path / "bad.yaml", **changes)
     out = tmp_path / "out"
@@ -94,7 +113,9 @@ def test_a_bad_sweep_is_one_line_naming_the_problem_before_any_trial(tmp_path, c
 
 
 def test_an_unknown_category_or_missing_data_is_refused_before_any_trial(tmp_path, capsys):
-    sweep = write_sweep(tmp_path / "cats.yaml", train_categories=["fabric"], validation_categories=["marble"], synth=None)
+    sweep = write_sweep(
+        tmp_path / "cats.yaml", train_categories=["fabric"], validation_categories=["marble"], synth=None
+    )
     (tmp_path / "data" / "fabric" / "train" / "good").mkdir(parents=True)
     out = tmp_path / "out"
     assert main(["tune", str(sweep), "--out", str(out)]) == 2
@@ -109,7 +130,8 @@ def test_an_unknown_category_or_missing_data_is_refused_before_any_trial(tmp_pat
 
 
 def test_smoke_sweep_runs_every_trial_and_writes_results_plots_and_a_trainable_best_config(
-        ray_session, tmp_path, capsys):
+    ray_session, tmp_path, capsys
+):
     out = tmp_path / "smoke"
     start = time.perf_counter()
     assert main(["tune", str(REPO / "tune_configs" / "shots_inner_steps.yaml"), "--smoke", "--out", str(out)]) == 0
@@ -167,12 +189,14 @@ def test_an_interrupted_sweep_resumes_from_its_checkpoints(ray_session, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
     log = tmp_path / "sweep.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([BAYPRANO, "tune", str(sweep), "--out", str(out)], stdout=sink,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [BAYPRANO, "tune", str(sweep), "--out", str(out)], stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
         try:
             if interrupt_after == "checkpoint":
-                _wait_for(lambda: any(experiment.glob("*/checkpoint_*")), 300, "a trial saved its first checkpoint",
-                          proc)
+                _wait_for(
+                    lambda: any(experiment.glob("*/checkpoint_*")), 300, "a trial saved its first checkpoint", proc
+                )
             else:
                 _wait_for(lambda: "trial 1/2 done" in log.read_text(), 300, "the first trial finished", proc)
             proc.send_signal(signal.SIGINT)  # as Ctrl+C: Tune saves its state and stops
@@ -210,19 +234,33 @@ def test_an_interrupted_sweep_resumes_from_its_checkpoints(ray_session, tmp_path
         run_sweep(load_sweep(changed), out, resume=True)
 
 
-def test_asha_stops_the_federated_trials_that_spend_more_epsilon_after_their_first_round(ray_session, tmp_path,
-                                                                                         capsys):
+def test_asha_stops_the_federated_trials_that_spend_more_epsilon_after_their_first_round(ray_session, tmp_path, capsys):
     """Federated trials (two sites, a Factory actor each, in the trial's placement group) under ASHA, by a
     metric that is known before they run: epsilon, lower with more noise. The first trial sets the rung at
     round 1; the second, with less noise, spends more epsilon, falls below it and is stopped there; the
     first runs both rounds."""
-    sweep = write_sweep(tmp_path / "dp.yaml", trainer="federated", federated={"sites": 2}, metric="epsilon", rounds=2,
-                        mode="min", scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
-                        resources_per_trial={"cpu": 0.5, "factory_cpu": 0.1},
-                        fixed={"image_size": 64, "shots": 1, "inner_steps": 0, "local_steps": 1, "holdout": 2,
-                               "dp_clip": 0.5, "calibration_episodes": 1, "n_query_normal": 2,
-                               "n_query_anomalous": 2},
-                        search_space={"dp_noise": {"grid": [2.0, 0.5]}})
+    sweep = write_sweep(
+        tmp_path / "dp.yaml",
+        trainer="federated",
+        federated={"sites": 2},
+        metric="epsilon",
+        rounds=2,
+        mode="min",
+        scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        resources_per_trial={"cpu": 0.5, "factory_cpu": 0.1},
+        fixed={
+            "image_size": 64,
+            "shots": 1,
+            "inner_steps": 0,
+            "local_steps": 1,
+            "holdout": 2,
+            "dp_clip": 0.5,
+            "calibration_episodes": 1,
+            "n_query_normal": 2,
+            "n_query_anomalous": 2,
+        },
+        search_space={"dp_noise": {"grid": [2.0, 0.5]}},
+    )
     out = tmp_path / "out"
     assert main(["tune", str(sweep), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

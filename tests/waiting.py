@@ -23,8 +23,13 @@ def poll(check: Callable[[], Optional[T]], timeout: float, every: float = 0.1) -
         time.sleep(every)
 
 
-def wait_until(check: Callable[[], Optional[T]], what: str, timeout: float = 60.0, every: float = 0.1,
-               detail: Optional[Callable[[], str]] = None) -> T:
+def wait_until(
+    check: Callable[[], Optional[T]],
+    what: str,
+    timeout: float = 60.0,
+    every: float = 0.1,
+    detail: Optional[Callable[[], str]] = None,
+) -> T:
     """``poll(check)``, failing with ``what`` (and ``detail()``, what was seen last) when it never holds;
     returns ``check()``'s truthy result."""
     result = poll(check, timeout, every)

@@ -66,8 +66,19 @@ from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 FEDERATED_KEY = "federated"
 
-__all__ = ["Coordinator", "CoordinatorActor", "FEDERATED_KEY", "FederatedTrainer", "RoundOutcome", "kill_factories",
-           "round_size", "spawn_factories", "train_federated", "wire_bytes", "with_shard_bytes"]
+__all__ = [
+    "Coordinator",
+    "CoordinatorActor",
+    "FEDERATED_KEY",
+    "FederatedTrainer",
+    "RoundOutcome",
+    "kill_factories",
+    "round_size",
+    "spawn_factories",
+    "train_federated",
+    "wire_bytes",
+    "with_shard_bytes",
+]
 
 
 def round_size(sites_per_round: float, sites: int) -> int:
@@ -124,10 +135,15 @@ class FederatedTrainer:
     layout: ParameterLayout
     global_vector: torch.Tensor
 
-    def __init__(self, cfg: Any, factories: Mapping[str, Any], log: Callable[[str], None] = print,
-                 on_broadcast: Callable[..., None] | None = None,
-                 on_masked: Callable[[str, int, int, list[str]], None] | None = None,
-                 strategy: Strategy | None = None):
+    def __init__(
+        self,
+        cfg: Any,
+        factories: Mapping[str, Any],
+        log: Callable[[str], None] = print,
+        on_broadcast: Callable[..., None] | None = None,
+        on_masked: Callable[[str, int, int, list[str]], None] | None = None,
+        strategy: Strategy | None = None,
+    ):
         self.cfg = cfg
         self.factories = dict(sorted(factories.items()))
         self.sites = list(self.factories)
@@ -178,13 +194,28 @@ class FederatedTrainer:
     def abandoned(self) -> list[dict]:
         return self.transport.abandoned
 
-    def _secure_sum(self, purpose: str, round: int, sites: list[str],
-                    masked_call: Callable[[str, SecAggContext], tuple[str, tuple]],
-                    after_submit: Callable[[int, list[str]], None] | None = None) -> SecureSum | None:
+    def _secure_sum(
+        self,
+        purpose: str,
+        round: int,
+        sites: list[str],
+        masked_call: Callable[[str, SecAggContext], tuple[str, tuple]],
+        after_submit: Callable[[int, list[str]], None] | None = None,
+    ) -> SecureSum | None:
         cfg = self.cfg
-        return self.transport.secure_sum(purpose, round, sites, self.quorum, cfg.round_timeout, cfg.secagg_threshold,
-                                         cfg.secagg_neighbours, self.session, masked_call, after_submit=after_submit,
-                                         on_masked=self.on_masked)
+        return self.transport.secure_sum(
+            purpose,
+            round,
+            sites,
+            self.quorum,
+            cfg.round_timeout,
+            cfg.secagg_threshold,
+            cfg.secagg_neighbours,
+            self.session,
+            masked_call,
+            after_submit=after_submit,
+            on_masked=self.on_masked,
+        )
 
     @staticmethod
     def _raise_site_error(gathered: Gathered) -> None:
@@ -203,8 +234,9 @@ class FederatedTrainer:
         gather = self.transport.gather
         # every shard is there before any site spends time reading one
         self._raise_site_error(gather("check", 0, {s: ("check", ()) for s in everyone}, cfg.setup_timeout, retry=True))
-        described = gather("describe", 0, {s: ("describe", (self.dp,)) for s in everyone}, cfg.setup_timeout,
-                           retry=True)
+        described = gather(
+            "describe", 0, {s: ("describe", (self.dp,)) for s in everyone}, cfg.setup_timeout, retry=True
+        )
         self._raise_site_error(described)
         if described.missing:
             raise DataError(f"sites {', '.join(described.missing)} did not start within {cfg.setup_timeout:g}s")
@@ -212,8 +244,10 @@ class FederatedTrainer:
         first = self.infos[self.sites[0]]
         for s, info in self.infos.items():
             if info.fingerprint != first.fingerprint or info.layout != first.layout:
-                raise DataError(f"site {s} runs backbone {info.fingerprint}, site {self.sites[0]} "
-                                f"{first.fingerprint}: every site must run the same model")
+                raise DataError(
+                    f"site {s} runs backbone {info.fingerprint}, site {self.sites[0]} "
+                    f"{first.fingerprint}: every site must run the same model"
+                )
         self.model = BayesianPatchModel(first.in_channels, cfg.dim, inner_lr=cfg.inner_lr, seed=cfg.seed)
         self.layout = ParameterLayout.from_model(self.model)
         if self.dp:
@@ -229,13 +263,19 @@ class FederatedTrainer:
     def _feature_sum(self) -> np.ndarray:
         cfg = self.cfg
         if cfg.secure_agg:
-            result = self._secure_sum("features", 0, list(self.factories),
-                                      lambda s, ctx: ("feature_statistics", (False, ctx)))
+            result = self._secure_sum(
+                "features", 0, list(self.factories), lambda s, ctx: ("feature_statistics", (False, ctx))
+            )
             if result is None:
                 raise DataError("the sites' feature statistics could not be summed under secure aggregation")
             return result.sum.numpy()
-        got = self.transport.gather("features", 0, {s: ("feature_statistics", (False, None)) for s in self.factories},
-                                    cfg.setup_timeout, retry=True)
+        got = self.transport.gather(
+            "features",
+            0,
+            {s: ("feature_statistics", (False, None)) for s in self.factories},
+            cfg.setup_timeout,
+            retry=True,
+        )
         if got.missing:
             raise DataError(f"sites {', '.join(got.missing)} sent no feature statistics")
         return np.sum([r.features for r in got.replies.values() if isinstance(r, FeatureReply)], axis=0)
@@ -246,8 +286,9 @@ class FederatedTrainer:
         if not isinstance(state, dict):
             raise DataError(f"{self.cfg.out}: not a federated checkpoint, cannot --resume from it")
         if ckpt.backbone_fingerprint != fingerprint:
-            raise DataError(f"{self.cfg.out}: made with backbone {ckpt.backbone_fingerprint}, the sites run "
-                            f"{fingerprint}")
+            raise DataError(
+                f"{self.cfg.out}: made with backbone {ckpt.backbone_fingerprint}, the sites run {fingerprint}"
+            )
         diff = self.layout.difference(ParameterLayout.from_model(ckpt.model))
         if diff:
             raise DataError(f"{self.cfg.out}: its model does not match this run's ({diff})")
@@ -295,9 +336,12 @@ class FederatedTrainer:
         if cfg.secure_agg:
             hook = None if self.on_broadcast is None else functools.partial(self.on_broadcast, round)
             result = self._secure_sum(
-                "update", round, participants,
+                "update",
+                round,
+                participants,
                 lambda s, ctx: ("local_update", (round, ctx.attempt, global_bytes, ctx, instruction)),
-                after_submit=hook)
+                after_submit=hook,
+            )
             if result is None:
                 return None
             agg = self.strategy.aggregate_sum(result.sum, len(result.sites), self.layout.size)
@@ -330,20 +374,27 @@ class FederatedTrainer:
         r = self.round + 1
         site_auroc = None
         if cfg.secure_agg:
-            result = self._secure_sum("validation", r, list(sites),
-                                      lambda s, ctx: ("validate", (data, instruction, ctx)))
+            result = self._secure_sum(
+                "validation", r, list(sites), lambda s, ctx: ("validate", (data, instruction, ctx))
+            )
             if result is None:
                 return {"auroc": math.nan, "site_auroc": None}
             total = result.sum.numpy()
         else:
-            got = self.transport.gather("validation", r, {s: ("validate", (data, instruction, None)) for s in sites},
-                                        cfg.round_timeout, retry=True)
+            got = self.transport.gather(
+                "validation",
+                r,
+                {s: ("validate", (data, instruction, None)) for s in sites},
+                cfg.round_timeout,
+                retry=True,
+            )
             replies = {s: v for s, v in got.replies.items() if isinstance(v, ValidationReply)}
             if not replies:
                 return {"auroc": math.nan, "site_auroc": {}}
             total = np.sum([v.validation for v in replies.values()], axis=0)
-            site_auroc = {s: float(v.validation[0]) if v.validation[1] > 0 else math.nan
-                          for s, v in sorted(replies.items())}
+            site_auroc = {
+                s: float(v.validation[0]) if v.validation[1] > 0 else math.nan for s, v in sorted(replies.items())
+            }
         summary = read_validation(total, self.model.dim, shots)
         if summary["calibration"] is not None:
             self.calibration = summary["calibration"]
@@ -387,12 +438,22 @@ class FederatedTrainer:
             val = self.validate(result.sites if cfg.pool_size else None)
         # episodes: local steps x sites that answered; under DP x the expected number of sites
         took_part = self.sites_per_round if self.dp else len(result.sites)
-        row = {"round": r, "attempt": result.attempt, "loss": result.loss, "val_auroc": val["auroc"],
-               "epsilon": epsilon, "episodes": cfg.local_steps * took_part, "seconds": time.perf_counter() - t0}
+        row = {
+            "round": r,
+            "attempt": result.attempt,
+            "loss": result.loss,
+            "val_auroc": val["auroc"],
+            "epsilon": epsilon,
+            "episodes": cfg.local_steps * took_part,
+            "seconds": time.perf_counter() - t0,
+        }
         if not self.dp:  # under DP who took part, and so how much moved, is not recorded
-            row.update(sites=result.sites, site_auroc=val["site_auroc"],
-                       bytes_up=self.ledger.total(round=r, direction="up"),
-                       bytes_down=self.ledger.total(round=r, direction="down"))
+            row.update(
+                sites=result.sites,
+                site_auroc=val["site_auroc"],
+                bytes_up=self.ledger.total(round=r, direction="up"),
+                bytes_down=self.ledger.total(round=r, direction="down"),
+            )
         self.history.append(row)
         self.round = r
         self.save()
@@ -429,17 +490,34 @@ class FederatedTrainer:
             self.save()  # the last completed round again, now with the reason
 
     def summary(self, seconds: float = 0.0) -> dict:
-        return {"rounds": self.round, "stop_reason": self.stop_reason,
-                "epsilon": None if self.accountant is None else self.accountant.epsilon,
-                "bytes": self.ledger.total(), "history": self.history, "seconds": seconds, "out": str(self.cfg.out),
-                "site_nodes": {s: i.node for s, i in sorted(self.infos.items())},
-                "site_bytes": {s: {"sent": self.ledger.total(site=s, direction="up"),
-                                   "received": self.ledger.total(site=s, direction="down")} for s in self.sites}}
+        return {
+            "rounds": self.round,
+            "stop_reason": self.stop_reason,
+            "epsilon": None if self.accountant is None else self.accountant.epsilon,
+            "bytes": self.ledger.total(),
+            "history": self.history,
+            "seconds": seconds,
+            "out": str(self.cfg.out),
+            "site_nodes": {s: i.node for s, i in sorted(self.infos.items())},
+            "site_bytes": {
+                s: {
+                    "sent": self.ledger.total(site=s, direction="up"),
+                    "received": self.ledger.total(site=s, direction="down"),
+                }
+                for s in self.sites
+            },
+        }
 
     def site_shard_bytes(self) -> dict[str, int]:
         """Image bytes in each site's shard, counted by the site: what centralising its data would move."""
-        got = self.transport.gather("shard_bytes", self.round, {s: ("shard_bytes", ()) for s in self.factories},
-                                    self.cfg.round_timeout, retry=True, count=False)
+        got = self.transport.gather(
+            "shard_bytes",
+            self.round,
+            {s: ("shard_bytes", ()) for s in self.factories},
+            self.cfg.round_timeout,
+            retry=True,
+            count=False,
+        )
         return {s: int(got.replies[s]) for s in sorted(got.replies)}
 
     # ----------------------------------------------------------------------------- checkpoint
@@ -452,23 +530,38 @@ class FederatedTrainer:
         ledger = self.ledger.state_dict()
         if self.dp:  # per round and site the ledger would say who took part: only the totals are kept
             ledger = {"rows": [[0, "all sites", d, self.ledger.total(direction=d)] for d in ("down", "up")]}
-        return {"round": self.round, "sites": self.sites, "server": server, "ledger": ledger,
-                "accountant": None if self.accountant is None else self.accountant.state_dict(),
-                "epsilon": None if self.accountant is None else self.accountant.epsilon,
-                "delta": None if self.accountant is None else self.cfg.dp_delta,
-                "stop_reason": self.stop_reason}
+        return {
+            "round": self.round,
+            "sites": self.sites,
+            "server": server,
+            "ledger": ledger,
+            "accountant": None if self.accountant is None else self.accountant.state_dict(),
+            "epsilon": None if self.accountant is None else self.accountant.epsilon,
+            "delta": None if self.accountant is None else self.cfg.dp_delta,
+            "stop_reason": self.stop_reason,
+        }
 
     def checkpoint_settings(self) -> dict:
         """What the checkpoint records of the run's settings (``MetaCheckpoint.meta_config``)."""
         cfg = self.cfg
         settings = self.site_settings.meta_settings()
-        settings.update(seed=cfg.seed, shards=None if cfg.shards is None else str(cfg.shards),
-                        sites=cfg.site_paths(), actor_pool_size=cfg.pool_size, rounds=cfg.rounds,
-                        local_steps=cfg.local_steps, sites_per_round=cfg.sites_per_round, server_opt=cfg.server_opt,
-                        secure_agg=cfg.secure_agg, secagg_threshold=cfg.secagg_threshold,
-                        secagg_neighbours=cfg.secagg_neighbours, dp_noise=cfg.dp_noise, dp_clip=cfg.dp_clip,
-                        dp_delta=cfg.dp_delta,
-                        pool_size=None if self.dp else sum(i.normals or 0 for i in self.infos.values()))
+        settings.update(
+            seed=cfg.seed,
+            shards=None if cfg.shards is None else str(cfg.shards),
+            sites=cfg.site_paths(),
+            actor_pool_size=cfg.pool_size,
+            rounds=cfg.rounds,
+            local_steps=cfg.local_steps,
+            sites_per_round=cfg.sites_per_round,
+            server_opt=cfg.server_opt,
+            secure_agg=cfg.secure_agg,
+            secagg_threshold=cfg.secagg_threshold,
+            secagg_neighbours=cfg.secagg_neighbours,
+            dp_noise=cfg.dp_noise,
+            dp_clip=cfg.dp_clip,
+            dp_delta=cfg.dp_delta,
+            pool_size=None if self.dp else sum(i.normals or 0 for i in self.infos.values()),
+        )
         settings[FEDERATED_KEY] = self.federated_state()
         return settings
 
@@ -476,9 +569,17 @@ class FederatedTrainer:
         first = self.infos[self.sites[0]]
         calibration = self.calibration or Calibration.from_prior(self.model.dim, 1.0)
         categories = sorted({c for i in self.infos.values() for c in i.categories})
-        ckpt = MetaCheckpoint(self.model.eval(), first.backbone, first.fingerprint, first.image_size,
-                              calibration, meta_config=self.checkpoint_settings(), categories=categories,
-                              history=self.history, normality=self.normality)
+        ckpt = MetaCheckpoint(
+            self.model.eval(),
+            first.backbone,
+            first.fingerprint,
+            first.image_size,
+            calibration,
+            meta_config=self.checkpoint_settings(),
+            categories=categories,
+            history=self.history,
+            normality=self.normality,
+        )
         ckpt.save(self.cfg.out)
 
 
@@ -495,8 +596,9 @@ class CoordinatorActor:
         # is created reaches the driver as an ActorDiedError without its cause.
         self.factories = spawn_factories(self.cfg, num_cpus=self.factory_cpus)
         try:
-            self.trainer = FederatedTrainer(self.cfg, self.factories,
-                                            log=lambda m: print(f"[federated] {m}", flush=True))
+            self.trainer = FederatedTrainer(
+                self.cfg, self.factories, log=lambda m: print(f"[federated] {m}", flush=True)
+            )
             summary = self.trainer.run()
             return with_shard_bytes(summary, self.trainer.site_shard_bytes())
         finally:
@@ -510,8 +612,7 @@ def with_shard_bytes(summary: dict, shard_bytes: Mapping[str, int]) -> dict:
     per_site = {}
     for s, moved in summary["site_bytes"].items():
         images = shard_bytes.get(s)
-        per_site[s] = {**moved, "shard_bytes": images,
-                       "sent_fraction": moved["sent"] / images if images else None}
+        per_site[s] = {**moved, "shard_bytes": images, "sent_fraction": moved["sent"] / images if images else None}
     summary["site_bytes"] = per_site
     return summary
 

@@ -74,17 +74,12 @@ from bayprano.platform.federated.privacy import clip_update
 from bayprano.platform.federated.secagg import SecAggClient
 from bayprano.platform.federated.summaries import feature_vector, normality_shots, validation_vector
 from bayprano.platform.federated.state import ParameterLayout, decode_update, encode_update
-from bayprano.platform.meta.protomaml import (
-    TaskBank,
-    build_task_bank,
-    calibrate,
-    feature_sums,
-    normal_log_statistics,
-)
+from bayprano.platform.meta.protomaml import TaskBank, build_task_bank, calibrate, feature_sums, normal_log_statistics
 from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import NormalityPrior
+
 
 def _site_seed(seed: int, site: str, round: int, attempt: int = 0) -> int:
     """The local episodes' seed of (run, site, round, attempt): another attempt of a round trains on
@@ -96,8 +91,13 @@ def _site_seed(seed: int, site: str, round: int, attempt: int = 0) -> int:
 class FactorySite:
     """A site's private data and its side of every federated exchange."""
 
-    def __init__(self, site: str, shard_path: str, settings: SiteSettings | None = None,
-                 extractor: PatchFeatureExtractor | None = None):
+    def __init__(
+        self,
+        site: str,
+        shard_path: str,
+        settings: SiteSettings | None = None,
+        extractor: PatchFeatureExtractor | None = None,
+    ):
         torch.set_num_threads(1)
         self.site = site
         self.settings = SiteSettings() if settings is None else settings
@@ -112,8 +112,9 @@ class FactorySite:
 
     def _check_shard(self) -> None:
         if not Path(self.shard_path).is_file():
-            raise DataError(f"site {self.site!r}: shard {self.shard_path} does not exist on its node "
-                            f"({socket.gethostname()})")
+            raise DataError(
+                f"site {self.site!r}: shard {self.shard_path} does not exist on its node ({socket.gethostname()})"
+            )
 
     def _load(self) -> None:
         """Read the shard and build the task banks, once (at the first exchange that needs them)."""
@@ -132,13 +133,17 @@ class FactorySite:
             order = rng.permutation(len(ims))
             train, held = order[holdout:], order[:holdout]
             if len(train) < need:
-                raise DataError(f"{self.shard_path}: category {c!r} has {len(ims)} train/good images; {holdout} held "
-                                f"out for validation leaves {len(train)}, an episode needs {need}")
-            self.banks[c] = build_task_bank(c, ims[train], [ids[i] for i in train], self._extract, injector,
-                                            seed=s.seed)
+                raise DataError(
+                    f"{self.shard_path}: category {c!r} has {len(ims)} train/good images; {holdout} held "
+                    f"out for validation leaves {len(train)}, an episode needs {need}"
+                )
+            self.banks[c] = build_task_bank(
+                c, ims[train], [ids[i] for i in train], self._extract, injector, seed=s.seed
+            )
             if holdout >= 2:
-                self.val_banks[c] = build_task_bank(c, ims[held], [ids[i] for i in held], self._extract, val_injector,
-                                                    seed=s.seed + 1)
+                self.val_banks[c] = build_task_bank(
+                    c, ims[held], [ids[i] for i in held], self._extract, val_injector, seed=s.seed + 1
+                )
         self.model = BayesianPatchModel(self.backbone.out_channels, s.dim, seed=s.seed)
         self.layout = ParameterLayout.from_model(self.model)
         self._loaded = True
@@ -174,10 +179,17 @@ class FactorySite:
         """What the site runs and where; the number of its normal images too, except under DP."""
         self._load()
         return SiteDescription(
-            site=self.site, categories=tuple(sorted(self.banks)), in_channels=self.backbone.out_channels,
-            backbone=self.backbone.name, fingerprint=self.backbone.fingerprint(),
-            image_size=self.settings.image_size, layout=self.layout.digest, node=_node_id(),
-            host=socket.gethostname(), normals=None if dp else sum(len(b) for b in self.banks.values()))
+            site=self.site,
+            categories=tuple(sorted(self.banks)),
+            in_channels=self.backbone.out_channels,
+            backbone=self.backbone.name,
+            fingerprint=self.backbone.fingerprint(),
+            image_size=self.settings.image_size,
+            layout=self.layout.digest,
+            node=_node_id(),
+            host=socket.gethostname(),
+            normals=None if dp else sum(len(b) for b in self.banks.values()),
+        )
 
     def feature_statistics(self, dp: bool, secagg: SecAggContext | None = None) -> FeatureReply | MaskedReply:
         """Per-channel sums of its normal features, in the clear or masked (``secagg``); refused under DP."""
@@ -197,22 +209,34 @@ class FactorySite:
 
     def _spend(self, instance: str, stage: str) -> None:
         if (instance, stage) in self._spent:
-            raise DataError(f"secure aggregation: site {self.site!r} already did {stage!r} for instance {instance}; "
-                            "a retry must come as a new instance (the next attempt)")
+            raise DataError(
+                f"secure aggregation: site {self.site!r} already did {stage!r} for instance {instance}; "
+                "a retry must come as a new instance (the next attempt)"
+            )
         self._spent.add((instance, stage))
 
     def secagg_advertise(self, instance: str):
         return self._client(instance).advertise()
 
-    def secagg_share(self, instance: str, roster: Mapping[str, Any], threshold: int,
-                     neighbours: int | None) -> SharesReply:
+    def secagg_share(
+        self, instance: str, roster: Mapping[str, Any], threshold: int, neighbours: int | None
+    ) -> SharesReply:
         return SharesReply(self.site, instance, self._client(instance).share_keys(roster, threshold, neighbours))
 
-    def secagg_unmask(self, instance: str, roster: Mapping[str, Any], survivors: list[str], dropped: list[str],
-                      inbox: Mapping[str, bytes], threshold: int, neighbours: int | None = None) -> SharesReply:
+    def secagg_unmask(
+        self,
+        instance: str,
+        roster: Mapping[str, Any],
+        survivors: list[str],
+        dropped: list[str],
+        inbox: Mapping[str, bytes],
+        threshold: int,
+        neighbours: int | None = None,
+    ) -> SharesReply:
         self._spend(instance, "unmask")
-        return SharesReply(self.site, instance,
-                           self._client(instance).unmask(roster, survivors, dropped, inbox, threshold, neighbours))
+        return SharesReply(
+            self.site, instance, self._client(instance).unmask(roster, survivors, dropped, inbox, threshold, neighbours)
+        )
 
     def use_secrets(self, master: bytes, spent: set) -> None:
         """Take the master secret and the spent stages from outside (pooled mode: a virtual site's state is
@@ -222,8 +246,9 @@ class FactorySite:
     def _mask(self, vector: np.ndarray, secagg: SecAggContext) -> MaskedReply:
         """``vector`` masked for the instance of ``secagg``."""
         self._spend(secagg.instance, "mask")
-        masked = self._client(secagg.instance).mask(vector, secagg.roster, list(secagg.shared), secagg.neighbours,
-                                                    secagg.round, secagg.attempt)
+        masked = self._client(secagg.instance).mask(
+            vector, secagg.roster, list(secagg.shared), secagg.neighbours, secagg.round, secagg.attempt
+        )
         return MaskedReply(self.site, masked)
 
     def shard_bytes(self) -> int:
@@ -243,14 +268,23 @@ class FactorySite:
         self.layout.load_into(self.model, vector)
         return vector
 
-    def local_delta(self, round: int, attempt: int, start: torch.Tensor,
-                    instruction: RoundInstruction) -> tuple[torch.Tensor, dict[str, float]]:
-        return local_meta_update(self.model, self.banks, self.meta, instruction.local_steps, start, self.layout,
-                                 fedprox_mu=instruction.fedprox_mu,
-                                 seed=_site_seed(self.settings.seed, self.site, int(round), int(attempt)))
+    def local_delta(
+        self, round: int, attempt: int, start: torch.Tensor, instruction: RoundInstruction
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return local_meta_update(
+            self.model,
+            self.banks,
+            self.meta,
+            instruction.local_steps,
+            start,
+            self.layout,
+            fedprox_mu=instruction.fedprox_mu,
+            seed=_site_seed(self.settings.seed, self.site, int(round), int(attempt)),
+        )
 
-    def local_update(self, round: int, attempt: int, global_bytes: bytes, secagg: SecAggContext | None,
-                     instruction: RoundInstruction) -> UpdateReply | MaskedReply:
+    def local_update(
+        self, round: int, attempt: int, global_bytes: bytes, secagg: SecAggContext | None, instruction: RoundInstruction
+    ) -> UpdateReply | MaskedReply:
         """This round's delta: with ``secagg`` (the instance, roster and sites that shared) one masked vector
         [weight * delta, weight] (+ [loss] without DP); else the encoded delta with its weight and metrics."""
         start = self._load_global(global_bytes, instruction)
@@ -268,9 +302,20 @@ class FactorySite:
         data = encode_update(delta, self.layout, fp16=instruction.fp16)
         if instruction.dp:  # under DP the metrics stay home
             return UpdateReply(self.site, int(round), int(attempt), weight, data)
-        return UpdateReply(self.site, int(round), int(attempt), weight, data, episodes=int(metrics["episodes"]),
-                           metrics=UpdateMetrics(loss=float(metrics["loss"]), delta_norm=norm,
-                                                 clipped_norm=float(delta.norm()), seconds=float(metrics["seconds"])))
+        return UpdateReply(
+            self.site,
+            int(round),
+            int(attempt),
+            weight,
+            data,
+            episodes=int(metrics["episodes"]),
+            metrics=UpdateMetrics(
+                loss=float(metrics["loss"]),
+                delta_norm=norm,
+                clipped_norm=float(delta.norm()),
+                seconds=float(metrics["seconds"]),
+            ),
+        )
 
     def _auroc(self, inner_steps: int) -> float:
         return self._method_aurocs(inner_steps, ("bayes",))["bayes"]
@@ -287,13 +332,20 @@ class FactorySite:
         if not tasks:
             return {m: math.nan for m in methods}
         grid = tasks[0][0].shape[-2:]
-        ckpt = model_checkpoint(self.model, self.backbone.name, self.backbone.fingerprint(),
-                                self.settings.image_size, (int(grid[0]), int(grid[1])), inner_steps,
-                                inner_positions=0)
+        ckpt = model_checkpoint(
+            self.model,
+            self.backbone.name,
+            self.backbone.fingerprint(),
+            self.settings.image_size,
+            (int(grid[0]), int(grid[1])),
+            inner_steps,
+            inner_positions=0,
+        )
         return validation_aurocs(model_context(ckpt, inner_steps), tasks, methods)
 
-    def validate(self, global_bytes: bytes, instruction: RoundInstruction,
-                 secagg: SecAggContext | None = None) -> ValidationReply | MaskedReply:
+    def validate(
+        self, global_bytes: bytes, instruction: RoundInstruction, secagg: SecAggContext | None = None
+    ) -> ValidationReply | MaskedReply:
         """AUROC, calibration and normality moments as one additive vector (``summaries.validation_vector``),
         in the clear or masked; refused under DP (validation stays home)."""
         if instruction.dp:
@@ -374,8 +426,19 @@ def peak_rss() -> int | None:
     return None
 
 
-POOLED_METHODS = ("describe", "feature_statistics", "secagg_advertise", "secagg_share", "secagg_unmask", "local_update",
-                  "validate", "shard_bytes", "ping", "node", "check")
+POOLED_METHODS = (
+    "describe",
+    "feature_statistics",
+    "secagg_advertise",
+    "secagg_share",
+    "secagg_unmask",
+    "local_update",
+    "validate",
+    "shard_bytes",
+    "ping",
+    "node",
+    "check",
+)
 
 
 def _actor_options(settings: SiteSettings, num_cpus: float, max_restarts: int, pin: str | None) -> dict:
@@ -388,8 +451,9 @@ def _actor_options(settings: SiteSettings, num_cpus: float, max_restarts: int, p
     return options
 
 
-def make_factory(site: str, shard_path: str, settings: SiteSettings | None = None, num_cpus: float = 0.25,
-                 max_restarts: int = 3) -> Any:
+def make_factory(
+    site: str, shard_path: str, settings: SiteSettings | None = None, num_cpus: float = 0.25, max_restarts: int = 3
+) -> Any:
     """A ``Factory`` actor for ``site``: pinned to its node when the cluster has a ``factory:<site>`` resource,
     with a GPU fraction when the cluster has GPUs (and ``settings`` then asks for cuda)."""
     settings = SiteSettings() if settings is None else settings
@@ -427,8 +491,7 @@ class _PooledCall:
 class FactoryPool:
     """``size`` PooledFactory actors that play any number of virtual sites, the calls dealt round-robin."""
 
-    def __init__(self, size: int, settings: SiteSettings | None = None, num_cpus: float = 0.25,
-                 max_restarts: int = 3):
+    def __init__(self, size: int, settings: SiteSettings | None = None, num_cpus: float = 0.25, max_restarts: int = 3):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"--pool-size must be a whole number of at least 1, got {size!r}")
         settings = SiteSettings() if settings is None else settings
@@ -444,8 +507,9 @@ class FactoryPool:
         stage = _stage_spent(method, args)
         if stage is not None:  # as a Factory does: each stage once per instance, refused before it is sent
             if stage in site.state["spent"]:
-                raise DataError(f"secure aggregation: site {site.site!r} already did {stage[1]!r} for instance "
-                                f"{stage[0]}")
+                raise DataError(
+                    f"secure aggregation: site {site.site!r} already did {stage[1]!r} for instance {stage[0]}"
+                )
             site.state["spent"].add(stage)
         actor = self.actors[self._next % len(self.actors)]
         self._next += 1

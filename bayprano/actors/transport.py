@@ -80,9 +80,17 @@ class SiteTransport:
     def count_or_names(self, sites: list[str]) -> str:
         return f"{len(sites)} site(s)" if self.private else ", ".join(sites)
 
-    def gather(self, stage: str, round: int, calls: Mapping[str, tuple[str, tuple]], timeout: float,
-               retry: bool = False, after_submit: Callable[[], None] | None = None,
-               attempt: int = 0, count: bool = True) -> Gathered:
+    def gather(
+        self,
+        stage: str,
+        round: int,
+        calls: Mapping[str, tuple[str, tuple]],
+        timeout: float,
+        retry: bool = False,
+        after_submit: Callable[[], None] | None = None,
+        attempt: int = 0,
+        count: bool = True,
+    ) -> Gathered:
         """Replies that arrived within ``timeout`` seconds, and the sites that were late or failed.
 
         ``calls`` maps each site to (method, args). Unless ``count`` (the end-of-run report of shard sizes
@@ -123,8 +131,9 @@ class SiteTransport:
                 except ray.exceptions.RayError as exc:
                     errors[site] = getattr(exc, "cause", None) or exc
                     text = str(exc).strip()
-                    self.log(f"site {self.name(site)} failed: {type(exc).__name__} "
-                             f"{text.splitlines()[-1] if text else ''}")
+                    self.log(
+                        f"site {self.name(site)} failed: {type(exc).__name__} {text.splitlines()[-1] if text else ''}"
+                    )
         for ref, site in pending.items():
             self.abandoned.append({"stage": stage, "round": round, "attempt": attempt, "site": site, "ref": ref})
         del self.abandoned[:-KEPT_ABANDONED]
@@ -132,17 +141,27 @@ class SiteTransport:
             size = wire_bytes(reply)
             if count:
                 self.ledger.record(round, site, "up", size)
-            self.transcript.append({"stage": stage, "round": round, "attempt": attempt, "site": site,
-                                    "reply": reply, "bytes": size})
+            self.transcript.append(
+                {"stage": stage, "round": round, "attempt": attempt, "site": site, "reply": reply, "bytes": size}
+            )
             if stage in ("update", "validation"):
                 self.received.append(reply)
         return Gathered(replies, sorted(set(calls) - set(replies)), errors)
 
-    def secure_sum(self, purpose: str, round: int, sites: list[str], quorum: int, timeout: float,
-                   threshold_setting: int | None, neighbours: int | None, session: str,
-                   masked_call: Callable[[str, SecAggContext], tuple[str, tuple]],
-                   after_submit: Callable[[int, list[str]], None] | None = None,
-                   on_masked: Callable[[str, int, int, list[str]], None] | None = None) -> SecureSum | None:
+    def secure_sum(
+        self,
+        purpose: str,
+        round: int,
+        sites: list[str],
+        quorum: int,
+        timeout: float,
+        threshold_setting: int | None,
+        neighbours: int | None,
+        session: str,
+        masked_call: Callable[[str, SecAggContext], tuple[str, tuple]],
+        after_submit: Callable[[int, list[str]], None] | None = None,
+        on_masked: Callable[[str, int, int, list[str]], None] | None = None,
+    ) -> SecureSum | None:
         """One secure-aggregation instance over ``sites`` (retried as a new instance, fresh keys and masks,
         when the survivors cannot remove the masks), or None when fewer than ``quorum`` sites remain.
 
@@ -155,10 +174,19 @@ class SiteTransport:
                 self.log(f"{purpose} {round}: {len(sites)} site(s) left, quorum is {quorum}")
                 return None
             instance = instance_id(session, purpose, round, attempt)
-            ads = self.gather("advertise", round, {s: ("secagg_advertise", (instance,)) for s in sites},
-                              timeout, retry=True, attempt=attempt).replies
-            roster = {s: a for s, a in ads.items() if isinstance(a, Advertisement) and a.site_id == s
-                      and a.instance == instance}
+            ads = self.gather(
+                "advertise",
+                round,
+                {s: ("secagg_advertise", (instance,)) for s in sites},
+                timeout,
+                retry=True,
+                attempt=attempt,
+            ).replies
+            roster = {
+                s: a
+                for s, a in ads.items()
+                if isinstance(a, Advertisement) and a.site_id == s and a.instance == instance
+            }
             if len(roster) < quorum:
                 self.log(f"{purpose} {round}: {len(roster)} site(s) sent keys, quorum is {quorum}")
                 return None
@@ -167,21 +195,42 @@ class SiteTransport:
             except ConfigError as exc:
                 self.log(f"{purpose} {round}: {len(roster)} site(s) sent keys: {exc}")
                 return None
-            shared = self.gather("share", round, {s: ("secagg_share", (instance, roster, threshold, neighbours))
-                                                  for s in roster}, timeout, attempt=attempt).replies
+            shared = self.gather(
+                "share",
+                round,
+                {s: ("secagg_share", (instance, roster, threshold, neighbours)) for s in roster},
+                timeout,
+                attempt=attempt,
+            ).replies
             server = SecAggServer(instance, roster, threshold, neighbours)
             server.route({s: r.shares for s, r in shared.items() if isinstance(r, SharesReply)})
-            context = SecAggContext(instance=instance, roster=roster, shared=tuple(server.shared),
-                                    neighbours=neighbours, round=round, attempt=attempt)
+            context = SecAggContext(
+                instance=instance,
+                roster=roster,
+                shared=tuple(server.shared),
+                neighbours=neighbours,
+                round=round,
+                attempt=attempt,
+            )
             hook = None if after_submit is None else functools.partial(after_submit, attempt, list(server.shared))
-            got = self.gather(purpose, round, {s: masked_call(s, context) for s in server.shared}, timeout,
-                              after_submit=hook, attempt=attempt)
-            masked = {s: r.masked for s, r in got.replies.items()
-                      if isinstance(r, MaskedReply) and isinstance(r.masked, MaskedUpdate)
-                      and r.masked.instance == instance}
+            got = self.gather(
+                purpose,
+                round,
+                {s: masked_call(s, context) for s in server.shared},
+                timeout,
+                after_submit=hook,
+                attempt=attempt,
+            )
+            masked = {
+                s: r.masked
+                for s, r in got.replies.items()
+                if isinstance(r, MaskedReply) and isinstance(r.masked, MaskedUpdate) and r.masked.instance == instance
+            }
             if got.missing:
-                self.log(f"{purpose} {round} attempt {attempt}: {self.count_or_names(got.missing)} dropped after "
-                         "sharing their keys (late or dead); their pairwise masks are removed")
+                self.log(
+                    f"{purpose} {round} attempt {attempt}: {self.count_or_names(got.missing)} dropped after "
+                    "sharing their keys (late or dead); their pairwise masks are removed"
+                )
             if on_masked is not None:
                 on_masked(purpose, round, attempt, sorted(masked))
             survivors = sorted(masked)
@@ -189,12 +238,18 @@ class SiteTransport:
                 self.log(f"{purpose} {round}: {len(survivors)} site(s) answered, quorum is {quorum}")
                 return None
             lost = sorted(set(server.shared) - set(survivors))
-            revealed = self.gather("unmask", round, {
-                s: ("secagg_unmask", (instance, roster, survivors, lost, server.inbox(s), threshold, neighbours))
-                for s in survivors}, timeout, attempt=attempt).replies
+            revealed = self.gather(
+                "unmask",
+                round,
+                {
+                    s: ("secagg_unmask", (instance, roster, survivors, lost, server.inbox(s), threshold, neighbours))
+                    for s in survivors
+                },
+                timeout,
+                attempt=attempt,
+            ).replies
             try:
-                total = server.finish(masked, {s: r.shares for s, r in revealed.items()
-                                               if isinstance(r, SharesReply)})
+                total = server.finish(masked, {s: r.shares for s, r in revealed.items() if isinstance(r, SharesReply)})
             except DataError as exc:
                 self.log(f"{purpose} {round} attempt {attempt}: {exc}; retrying as a new instance")
                 sites = sorted(revealed)

@@ -67,9 +67,25 @@ from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
-RECORD_KEYS = ("category", "method", "shots", "seed", "image_auroc", "pixel_auroc", "aupro", "f1", "target_fpr",
-               "measured_fpr", "adapt_seconds", "score_images_per_second", "statistic", "own_image_auroc",
-               "statistic_aurocs", "validation_aurocs", "calibration")
+RECORD_KEYS = (
+    "category",
+    "method",
+    "shots",
+    "seed",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "f1",
+    "target_fpr",
+    "measured_fpr",
+    "adapt_seconds",
+    "score_images_per_second",
+    "statistic",
+    "own_image_auroc",
+    "statistic_aurocs",
+    "validation_aurocs",
+    "calibration",
+)
 OWN_STATISTIC = "own (no meta-validation category)"
 VALIDATION_QUERIES = 6  # normal (and as many anomalous) queries per meta-validation category
 
@@ -97,9 +113,14 @@ def load_category(root: str | Path, category: str, size: int) -> CategoryData:
     if len(set(labels.tolist())) < 2:
         raise DataError(f"{Path(root) / category}: the test split needs both good and defective images")
     return CategoryData(
-        category, np.stack(tr), [s.path for s in train],
-        np.stack([resize_square(im, size) for im, _ in te]), np.stack([resize_square(m, size, mask=True) for _, m in te]),
-        labels, [s.path for s in test], has_masks,
+        category,
+        np.stack(tr),
+        [s.path for s in train],
+        np.stack([resize_square(im, size) for im, _ in te]),
+        np.stack([resize_square(m, size, mask=True) for _, m in te]),
+        labels,
+        [s.path for s in test],
+        has_masks,
     )
 
 
@@ -124,8 +145,9 @@ def support_indices(n: int, shots: int, seed: int, category: str) -> np.ndarray:
     return np.sort(np.random.default_rng(digest).choice(n, size=shots, replace=False))
 
 
-def meta_validation_set(images: np.ndarray, extract: Callable[[np.ndarray], torch.Tensor], n_support: int,
-                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def meta_validation_set(
+    images: np.ndarray, extract: Callable[[np.ndarray], torch.Tensor], n_support: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """One meta-validation category: support candidates (``n_support`` of its normal images), and queries
     (other normal images, then the same images with one anomaly of the validation families each), as
     features; returns (support features, query features, query labels)."""
@@ -141,14 +163,22 @@ def meta_validation_set(images: np.ndarray, extract: Callable[[np.ndarray], torc
     return extract(support), query, np.array([0] * n_query + [1] * n_query)
 
 
-def _frozen_checkpoint(extractor: PatchFeatureExtractor, banks: dict[str, TaskBank], image_size: int,
-                       dim: int) -> MetaCheckpoint:
+def _frozen_checkpoint(
+    extractor: PatchFeatureExtractor, banks: dict[str, TaskBank], image_size: int, dim: int
+) -> MetaCheckpoint:
     model = BayesianPatchModel(extractor.out_channels, dim)
     model.set_feature_statistics(*feature_statistics(banks))
     h, w = next(iter(banks.values())).normals.shape[-2:]
     prior = Calibration.from_prior(dim, h * w / model.window**2, strength=1.0)
-    return MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), image_size, prior,
-                          meta_config={"inner_steps": 0}, normality=NormalityPrior.uninformed())
+    return MetaCheckpoint(
+        model.eval(),
+        extractor.name,
+        extractor.fingerprint(),
+        image_size,
+        prior,
+        meta_config={"inner_steps": 0},
+        normality=NormalityPrior.uninformed(),
+    )
 
 
 def meta_train_checkpoint(
@@ -166,17 +196,27 @@ def meta_train_checkpoint(
 
     def report(row: dict) -> None:
         if progress:
-            progress(f"[{label}] episode {row['episode']}/{cfg.episodes} loss {row['loss']:.3f} "
-                     f"(pixel {row['pixel_bce']:.3f}, image {row['image_bce']:.3f}, supcon {row['supcon']:.3f}) "
-                     f"{row['seconds']:.0f}s")
+            progress(
+                f"[{label}] episode {row['episode']}/{cfg.episodes} loss {row['loss']:.3f} "
+                f"(pixel {row['pixel_bce']:.3f}, image {row['image_bce']:.3f}, supcon {row['supcon']:.3f}) "
+                f"{row['seconds']:.0f}s"
+            )
 
     history = meta_train(model, banks, cfg, progress=report, log_every=max(1, cfg.episodes // 10))
     h, w = next(iter(banks.values())).normals.shape[-2:]
     cal = calibrate(model, banks, cfg) if prototype == "niw" else Calibration.from_prior(dim, h * w / 9, 1.0)
     normality = calibrate_normality(model, banks, cfg) if prototype == "niw" else None
-    return MetaCheckpoint(model, extractor.name, extractor.fingerprint(), image_size, cal,
-                          meta_config=dict(cfg.__dict__), categories=sorted(banks), history=history,
-                          normality=normality)
+    return MetaCheckpoint(
+        model,
+        extractor.name,
+        extractor.fingerprint(),
+        image_size,
+        cal,
+        meta_config=dict(cfg.__dict__),
+        categories=sorted(banks),
+        history=history,
+        normality=normality,
+    )
 
 
 def _checked_request(data_root, categories, shots, seeds, methods, target_fpr) -> tuple[list[str], list[str]]:
@@ -195,7 +235,9 @@ def _checked_request(data_root, categories, shots, seeds, methods, target_fpr) -
     categories = list(categories or available)
     for c in categories:
         if c not in available:
-            raise ConfigError(f"--categories: unknown category {c!r} in {data_root} (available: {', '.join(available)})")
+            raise ConfigError(
+                f"--categories: unknown category {c!r} in {data_root} (available: {', '.join(available)})"
+            )
     return methods, categories
 
 
@@ -230,7 +272,9 @@ def run_evaluation(
     extractor = build_backbone(backbone, device=device)
     ckpt = load_checkpoint(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.backbone_fingerprint != extractor.fingerprint():
-        raise ConfigError(f"{checkpoint}: meta-trained on backbone {ckpt.backbone_fingerprint}, not {extractor.fingerprint()}")
+        raise ConfigError(
+            f"{checkpoint}: meta-trained on backbone {ckpt.backbone_fingerprint}, not {extractor.fingerprint()}"
+        )
     if ckpt is not None:
         image_size = ckpt.image_size
     pool_root = Path(meta_train_root) if meta_train_root else Path(data_root)
@@ -258,18 +302,25 @@ def run_evaluation(
     injector = AnomalyInjector(TRAINING_KINDS)
     if need_banks:
         for c in pool_categories:
-            pool_data = data[c] if pool_root == Path(data_root) and c in data else load_category(pool_root, c, image_size)
+            pool_data = (
+                data[c] if pool_root == Path(data_root) and c in data else load_category(pool_root, c, image_size)
+            )
             banks[c] = build_task_bank(c, pool_data.train_images, pool_data.train_ids, extract, injector, seed=seed)
             progress(f"meta-training pool: {c} ({len(pool_data.train_images)} good images + synthetic anomalies)")
 
     validation_sets: dict[str, tuple] = {}
     for c in pool_categories:
-        pool_images = (data[c].train_images if pool_root == Path(data_root) and c in data
-                       else load_category(pool_root, c, image_size).train_images)
+        pool_images = (
+            data[c].train_images
+            if pool_root == Path(data_root) and c in data
+            else load_category(pool_root, c, image_size).train_images
+        )
         if len(pool_images) > max(shots):
             validation_sets[c] = meta_validation_set(pool_images, extract, max(shots), seed=seed + 1)
-    progress(f"meta-validation of the image statistic on {len(validation_sets)} categories "
-             f"({', '.join(VALIDATION_KINDS)} anomalies)")
+    progress(
+        f"meta-validation of the image statistic on {len(validation_sets)} categories "
+        f"({', '.join(VALIDATION_KINDS)} anomalies)"
+    )
 
     meta_cfg = MetaConfig(shots=max(shots), inner_steps=inner_steps, episodes=episodes, seed=seed)
     trained: dict[tuple, MetaCheckpoint] = {}
@@ -284,7 +335,9 @@ def run_evaluation(
     def checkpoint_for(kind: str, category: str, fold: dict, pools: dict) -> MetaCheckpoint:
         if kind == "niw" and ckpt is not None:
             if category in ckpt.categories:
-                raise ConfigError(f"{checkpoint}: meta-trained on category {category!r}; evaluating it there would leak")
+                raise ConfigError(
+                    f"{checkpoint}: meta-trained on category {category!r}; evaluating it there would leak"
+                )
             check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
             return ckpt
         if kind == "frozen":
@@ -315,11 +368,26 @@ def run_evaluation(
             if normality is not None:
                 priors[c] = normality.as_dict()
         context = MethodContext(inner_steps, target_fpr, provide, extractor)
-        choices = _choose_statistics(methods, context, {k: v for k, v in validation_sets.items() if k != c}, shots,
-                                     image_size)
-        pictures[c] = _evaluate_category(d, methods, context, train_feats[c], test_feats[c], test_seconds[c], shots,
-                                         seeds, image_size, target_fpr, pools["test"], output, records, progress,
-                                         choices)
+        choices = _choose_statistics(
+            methods, context, {k: v for k, v in validation_sets.items() if k != c}, shots, image_size
+        )
+        pictures[c] = _evaluate_category(
+            d,
+            methods,
+            context,
+            train_feats[c],
+            test_feats[c],
+            test_seconds[c],
+            shots,
+            seeds,
+            image_size,
+            target_fpr,
+            pools["test"],
+            output,
+            records,
+            progress,
+            choices,
+        )
 
     summary = summarize(records)
     result = {
@@ -341,8 +409,9 @@ def run_evaluation(
     return result
 
 
-def _choose_statistics(methods: list[str], context: MethodContext, validation_sets: dict[str, tuple],
-                       shots: Sequence[int], image_size: int) -> dict[tuple[str, int], tuple[str, dict]]:
+def _choose_statistics(
+    methods: list[str], context: MethodContext, validation_sets: dict[str, tuple], shots: Sequence[int], image_size: int
+) -> dict[tuple[str, int], tuple[str, dict]]:
     """{(method, K): (statistic, its meta-validation AUROCs)} on the given meta-validation categories."""
     choices: dict[tuple[str, int], tuple[str, dict]] = {}
     for method in methods:
@@ -353,14 +422,28 @@ def _choose_statistics(methods: list[str], context: MethodContext, validation_se
                 continue
             tasks = [(sup[:k].float(), query.float(), labels) for sup, query, labels in validation_sets.values()]
             choices[(method, k)] = choose_statistic(
-                tasks, lambda s, q: spec.build(context).fit(s).score(q).patches, image_size)
+                tasks, lambda s, q: spec.build(context).fit(s).score(q).patches, image_size
+            )
     return choices
 
 
-def _evaluate_category(d: CategoryData, methods: list[str], context: MethodContext, train_feats: torch.Tensor,
-                       test_feats: torch.Tensor, test_seconds: float, shots: Sequence[int], seeds: int,
-                       image_size: int, target_fpr: float, test_pool: set[str], output: Path, records: list[dict],
-                       progress: Callable[[str], None], choices: dict | None = None) -> list[str]:
+def _evaluate_category(
+    d: CategoryData,
+    methods: list[str],
+    context: MethodContext,
+    train_feats: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_seconds: float,
+    shots: Sequence[int],
+    seeds: int,
+    image_size: int,
+    target_fpr: float,
+    test_pool: set[str],
+    output: Path,
+    records: list[dict],
+    progress: Callable[[str], None],
+    choices: dict | None = None,
+) -> list[str]:
     """Every method on every support draw of one category: records appended to ``records``; returns the
     pictures written (the first method's overlays and every method's ROC, at the largest K, first draw)."""
     c = d.name
@@ -372,10 +455,25 @@ def _evaluate_category(d: CategoryData, methods: list[str], context: MethodConte
             check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": test_pool})
             for method in methods:
                 statistic, validation = (choices or {}).get((method, k), (OWN_STATISTIC, {}))
-                rec, maps, scores = _run_method(get_method(method).build(context), train_feats[idx].float(),
-                                                test_feats, test_seconds, d, image_size, target_fpr, statistic)
-                rec.update(category=c, method=method, shots=k, seed=s, target_fpr=target_fpr, statistic=statistic,
-                           validation_aurocs=validation)
+                rec, maps, scores = _run_method(
+                    get_method(method).build(context),
+                    train_feats[idx].float(),
+                    test_feats,
+                    test_seconds,
+                    d,
+                    image_size,
+                    target_fpr,
+                    statistic,
+                )
+                rec.update(
+                    category=c,
+                    method=method,
+                    shots=k,
+                    seed=s,
+                    target_fpr=target_fpr,
+                    statistic=statistic,
+                    validation_aurocs=validation,
+                )
                 records.append({key: rec.get(key) for key in RECORD_KEYS})
                 progress(_record_line(records[-1]))
                 if s == 0 and k == max(shots):
@@ -383,14 +481,22 @@ def _evaluate_category(d: CategoryData, methods: list[str], context: MethodConte
                     if method == methods[0]:
                         pictures.append(str(_write_overlays(output, c, method, d, maps, scores)))
     if curves:
-        pictures.append(str(plot_roc(curves, output.with_name(f"{output.stem}_roc_{c}.png"),
-                                     f"{c}: image ROC, K={max(shots)}")))
+        pictures.append(
+            str(plot_roc(curves, output.with_name(f"{output.stem}_roc_{c}.png"), f"{c}: image ROC, K={max(shots)}"))
+        )
     return pictures
 
 
-def _run_method(method: Method, support_feats: torch.Tensor, test_feats: torch.Tensor, test_seconds: float,
-                d: CategoryData, image_size: int, target_fpr: float,
-                statistic: str = OWN_STATISTIC) -> tuple[dict, np.ndarray, np.ndarray]:
+def _run_method(
+    method: Method,
+    support_feats: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_seconds: float,
+    d: CategoryData,
+    image_size: int,
+    target_fpr: float,
+    statistic: str = OWN_STATISTIC,
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Fit one method on the support's features, score the test set: its record, maps and the image scores
     of ``statistic`` (a menu entry, or the method's own).
 
@@ -435,9 +541,11 @@ def _record_line(r: dict) -> str:
     def f(v):
         return "  -  " if v is None else f"{v:.3f}"
 
-    return (f"{r['category']:>14s} {r['method']:>12s} K={r['shots']} seed={r['seed']}: image AUROC {f(r['image_auroc'])} "
-            f"pixel AUROC {f(r['pixel_auroc'])} AUPRO {f(r['aupro'])} F1 {f(r['f1'])} FPR {f(r['measured_fpr'])} "
-            f"adapt {r['adapt_seconds']:.2f}s")
+    return (
+        f"{r['category']:>14s} {r['method']:>12s} K={r['shots']} seed={r['seed']}: image AUROC {f(r['image_auroc'])} "
+        f"pixel AUROC {f(r['pixel_auroc'])} AUPRO {f(r['aupro'])} F1 {f(r['f1'])} FPR {f(r['measured_fpr'])} "
+        f"adapt {r['adapt_seconds']:.2f}s"
+    )
 
 
 def _mean(values) -> float | None:
@@ -451,10 +559,22 @@ def summarize(records: list[dict]) -> dict:
     for r in records:
         out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
     return {
-        m: {k: {key: _mean(x[key] for x in rows) for key in ("image_auroc", "pixel_auroc", "aupro", "f1",
-                                                          "measured_fpr", "adapt_seconds", "score_images_per_second")}
+        m: {
+            k: {
+                key: _mean(x[key] for x in rows)
+                for key in (
+                    "image_auroc",
+                    "pixel_auroc",
+                    "aupro",
+                    "f1",
+                    "measured_fpr",
+                    "adapt_seconds",
+                    "score_images_per_second",
+                )
+            }
             | {"n": len(rows)}
-            for k, rows in by_k.items()}
+            for k, rows in by_k.items()
+        }
         for m, by_k in out.items()
     }
 
@@ -495,15 +615,28 @@ def markdown_table(result: dict) -> str:
     for method, by_k in result["summary"].items():
         for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            rows.append((method, str(k), fmt(s["image_auroc"]), fmt(s["pixel_auroc"]), fmt(s["aupro"]), fmt(s["f1"]),
-                         fmt(s["measured_fpr"]), f"{s['adapt_seconds']:.2f}", f"{s['score_images_per_second']:.1f}"))
-    summary = format_table(("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s",
-                            "images/s"), rows)
+            rows.append(
+                (
+                    method,
+                    str(k),
+                    fmt(s["image_auroc"]),
+                    fmt(s["pixel_auroc"]),
+                    fmt(s["aupro"]),
+                    fmt(s["f1"]),
+                    fmt(s["measured_fpr"]),
+                    f"{s['adapt_seconds']:.2f}",
+                    f"{s['score_images_per_second']:.1f}",
+                )
+            )
+    summary = format_table(
+        ("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s", "images/s"), rows
+    )
     return f"{summary}\n\nImage statistic ablation (image AUROC):\n\n{ablation_table(result)}"
 
 
-def _write_overlays(output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray,
-                    scores: np.ndarray, n: int = 6) -> Path:
+def _write_overlays(
+    output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray, scores: np.ndarray, n: int = 6
+) -> Path:
     """Heatmap overlays of the highest-scored test images, with their ground truth outlines."""
     order = np.argsort(-scores)[:n]
     fig = new_figure(2.2 * len(order), 2.6)

@@ -108,14 +108,22 @@ def export_metadata(site) -> dict:
     return {
         "kind": EXPORT_KIND,
         "format": EXPORT_FORMAT,
-        "input": {"name": INPUT_NAME, "layout": INPUT_LAYOUT, "image_size": site.image_size,
-                  "resize": "bilinear, antialiased, to S x S"},
+        "input": {
+            "name": INPUT_NAME,
+            "layout": INPUT_LAYOUT,
+            "image_size": site.image_size,
+            "resize": "bilinear, antialiased, to S x S",
+        },
         "outputs": list(OUTPUT_NAMES),
-        "normalisation": {"mean": [float(v) for v in site.extractor.mean.flatten()],
-                          "std": [float(v) for v in site.extractor.std.flatten()],
-                          "applied": "inside the graph: (image / 255 - mean) / std"},
-        "statistic": {"definition": "max over patches of the Gaussian-smoothed (sigma in patch cells) m / d",
-                      "sigma": STATISTIC_SIGMA},
+        "normalisation": {
+            "mean": [float(v) for v in site.extractor.mean.flatten()],
+            "std": [float(v) for v in site.extractor.std.flatten()],
+            "applied": "inside the graph: (image / 255 - mean) / std",
+        },
+        "statistic": {
+            "definition": "max over patches of the Gaussian-smoothed (sigma in patch cells) m / d",
+            "sigma": STATISTIC_SIGMA,
+        },
         "threshold": site.threshold,
         "target_fpr": site.target_fpr,
         "calibration": site.calibration.as_dict(),
@@ -153,16 +161,20 @@ def export_site_model(model_dir: str | os.PathLike, fmt: str, out: str | os.Path
         raise ConfigError(f"--out {out}: exists and is not a folder")
     site = site if site is not None else load_site_model(model_dir)
     if getattr(site, "scoring", "resize") != "resize" or getattr(site, "roi", None) is not None:
-        raise ConfigError(f"{model_dir}: export covers resize scoring without a region of interest; this model "
-                          f"scores {site.scoring} with region {site.roi.describe() if site.roi else 'none'}")
+        raise ConfigError(
+            f"{model_dir}: export covers resize scoring without a region of interest; this model "
+            f"scores {site.scoring} with region {site.roi.describe() if site.roi else 'none'}"
+        )
     meta = export_metadata(site)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = write_onnx(site, meta, out / "model.onnx")
     target = onnx_path
     if fmt == "openvino":
         target = write_openvino(onnx_path, meta, out / "model.xml")
-    sidecar = {**meta, "files": {p.name: file_sha256(p) for p in sorted(out.iterdir())
-                                 if p.suffix in (".onnx", ".xml", ".bin")}}
+    sidecar = {
+        **meta,
+        "files": {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.suffix in (".onnx", ".xml", ".bin")},
+    }
     atomic_write_json(out / SIDECAR, sidecar)
     return target
 
@@ -177,15 +189,24 @@ def write_onnx(site, meta: dict, path: Path) -> Path:
         raw = Path(tmp) / "raw.onnx"
         with torch.no_grad():
             torch.onnx.export(
-                graph, (example,), str(raw), dynamo=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                graph,
+                (example,),
+                str(raw),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
             )
         model = onnx.load(str(raw))
     model.doc_string = f"bayprano site model {meta.get('model_sha256', '')[:12]}: {INPUT_LAYOUT} -> anomaly map, T"
-    props = {"bayprano": json.dumps(meta, sort_keys=True), "threshold": repr(meta["threshold"]),
-             "target_fpr": repr(meta["target_fpr"]), "image_size": str(meta["input"]["image_size"]),
-             "model_sha256": str(meta["model_sha256"])}
+    props = {
+        "bayprano": json.dumps(meta, sort_keys=True),
+        "threshold": repr(meta["threshold"]),
+        "target_fpr": repr(meta["target_fpr"]),
+        "image_size": str(meta["input"]["image_size"]),
+        "model_sha256": str(meta["model_sha256"]),
+    }
     del model.metadata_props[:]
     for key, value in props.items():
         entry = model.metadata_props.add()
@@ -244,4 +265,3 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if meta.get("format") != EXPORT_FORMAT:
         raise DataError(f"{path}: export format {meta.get('format')!r} is not supported (expected {EXPORT_FORMAT})")
     return meta
-

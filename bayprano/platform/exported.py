@@ -46,11 +46,14 @@ class ExportedModel:
         self.nu_n, self.kappa_n, self.z_review = float(meta["nu_n"]), float(meta["kappa_n"]), float(meta["z_review"])
         self.calibration = calibration_from_dict(meta["calibration"])
         self.target_fpr = float(meta["target_fpr"] if target_fpr is None else target_fpr)
-        self.threshold = (float(meta["threshold"]) if target_fpr is None
-                          else self.calibration.threshold(self.target_fpr, self.df))
+        self.threshold = (
+            float(meta["threshold"]) if target_fpr is None else self.calibration.threshold(self.target_fpr, self.df)
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, target_fpr: float | None = None, threads: int | None = None) -> "ExportedModel":
+    def load(
+        cls, path: str | os.PathLike, target_fpr: float | None = None, threads: int | None = None
+    ) -> "ExportedModel":
         """``threads``: the runtime's CPU threads (default: the runtime's own choice)."""
         path = Path(path)
         meta = read_metadata(path)
@@ -96,12 +99,20 @@ class ExportedModel:
 
     def results(self, stat: np.ndarray, amaps: np.ndarray | None) -> list[ImageResult]:
         p = self.calibration.p_value(stat, self.df)
-        decisions, uncertainty = decide(stat, self.threshold, relative_sd(stat, self.dim, self.nu_n, self.kappa_n),
-                                        self.z_review)
+        decisions, uncertainty = decide(
+            stat, self.threshold, relative_sd(stat, self.dim, self.nu_n, self.kappa_n), self.z_review
+        )
         map_threshold = float(patch_score(torch.tensor(self.threshold * self.dim), self.df, self.dim))
         return [
-            ImageResult(float(stat[i]), float(p[i]), self.threshold, decisions[i], float(uncertainty[i]),
-                        None if amaps is None else amaps[i], None if amaps is None else map_threshold)
+            ImageResult(
+                float(stat[i]),
+                float(p[i]),
+                self.threshold,
+                decisions[i],
+                float(uncertainty[i]),
+                None if amaps is None else amaps[i],
+                None if amaps is None else map_threshold,
+            )
             for i in range(len(stat))
         ]
 

@@ -63,10 +63,7 @@ __all__ = [
 
 _CHUNK = 1 << 18
 
-_STRUCTURES = {
-    4: ndimage.generate_binary_structure(2, 1),
-    8: ndimage.generate_binary_structure(2, 2),
-}
+_STRUCTURES = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}
 
 
 # --------------------------------------------------------------------------- input checks
@@ -81,8 +78,7 @@ def _as_bool(x, name: str) -> np.ndarray:
     bad = (arr != 0) & (arr != 1)
     if bad.any():
         raise DataError(
-            f"{name} must be boolean or 0/1, found the value {arr[bad].flat[0]!r}"
-            " (binarise masks before evaluation)"
+            f"{name} must be boolean or 0/1, found the value {arr[bad].flat[0]!r} (binarise masks before evaluation)"
         )
     return arr.astype(bool)
 
@@ -118,9 +114,7 @@ def _pair(labels, scores, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _need_both(n_pos: int, n_neg: int, what: str, unit: str = "samples") -> None:
     if n_pos == 0 or n_neg == 0:
-        raise DataError(
-            f"{what} needs both normal and anomalous {unit}; got {n_neg} normal and {n_pos} anomalous"
-        )
+        raise DataError(f"{what} needs both normal and anomalous {unit}; got {n_neg} normal and {n_pos} anomalous")
 
 
 def _image_pair(labels, scores, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -343,13 +337,7 @@ def _aupro_binned(m: np.ndarray, a: np.ndarray, structure: np.ndarray, limit: fl
     return _area_to_limit(fpr, pro, limit) / limit
 
 
-def aupro(
-    masks,
-    maps,
-    fpr_limit: float = 0.3,
-    num_thresholds: int | None = None,
-    connectivity: int = 8,
-) -> float:
+def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None, connectivity: int = 8) -> float:
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec AD definition).
 
     ``masks`` (N, H, W) marks defect pixels, ``maps`` (N, H, W) holds anomaly scores. A perfect map
@@ -471,10 +459,7 @@ def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict[str, float]:
 
     Raises ``DataError`` when the masks hold no defect pixel or no normal pixel.
     """
-    return {
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps, fpr_limit=fpr_limit),
-    }
+    return {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps, fpr_limit=fpr_limit)}
 
 
 # --------------------------------------------------------------------------- plots
@@ -484,11 +469,7 @@ def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
 
 
-def plot_roc(
-    curves: Mapping[str, Sequence[np.ndarray]],
-    path: str | os.PathLike,
-    title: str = "ROC",
-) -> Path:
+def plot_roc(curves: Mapping[str, Sequence[np.ndarray]], path: str | os.PathLike, title: str = "ROC") -> Path:
     """Write a PNG with one ROC line per method, its AUROC in the legend; returns the path.
 
     ``curves`` maps a method name to ``(fpr, tpr)`` (a ``roc_curve`` result also works: only its first

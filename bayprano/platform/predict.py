@@ -175,8 +175,13 @@ def predict(
                     emit(row)
                 continue
             row = Prediction(
-                str(path), _finite(result.score), _finite(result.p_value), _finite(result.threshold),
-                result.decision, _finite(result.uncertainty), model_version,
+                str(path),
+                _finite(result.score),
+                _finite(result.p_value),
+                _finite(result.threshold),
+                result.decision,
+                _finite(result.uncertainty),
+                model_version,
             )
             if out is not None and overlay is not None and result.decision in DECISIONS_WITH_OVERLAY:
                 picture = out / "overlays" / f"{names[path]}.png"
@@ -243,7 +248,9 @@ def _histogram_png(rows: Sequence[Prediction]) -> bytes | None:
     ax = fig.add_subplot()
     scores = np.array([r.score for r in scored], dtype=float)
     decisions = np.array([r.decision for r in scored])
-    bins: int | list[float] = np.linspace(scores.min(), scores.max(), 30).tolist() if scores.max() > scores.min() else 10
+    bins: int | list[float] = (
+        np.linspace(scores.min(), scores.max(), 30).tolist() if scores.max() > scores.min() else 10
+    )
     for decision, colour in (("normal", "tab:blue"), ("review", "tab:orange"), ("anomalous", "tab:red")):
         values = scores[decisions == decision]
         if len(values):
@@ -272,8 +279,11 @@ def write_summary(run: PredictionRun, out: Path, thumbnails: Sequence[tuple[Pred
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;text-align:left}"
         ".grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0}</style></head><body>",
         "<h1>Predictions</h1>",
-        "<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in counts) + "</tr><tr>"
-        + "".join(f"<td>{v}</td>" for v in counts.values()) + "</tr></table>",
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(k)}</th>" for k in counts)
+        + "</tr><tr>"
+        + "".join(f"<td>{v}</td>" for v in counts.values())
+        + "</tr></table>",
     ]
     histogram = _histogram_png(run.rows)
     if histogram:

@@ -67,8 +67,11 @@ def plot_bytes(site_bytes: Mapping[str, Mapping], path: str | Path) -> Path:
     fig = _figure(7.5, 1.2 + 0.7 * len(sites))
     ax = fig.add_subplot()
     y = np.arange(len(sites))
-    bars = (("images (never sent)", "shard_bytes", "#9e9e9e"), ("sent", "sent", "#1565c0"),
-            ("received", "received", "#90caf9"))
+    bars = (
+        ("images (never sent)", "shard_bytes", "#9e9e9e"),
+        ("sent", "sent", "#1565c0"),
+        ("received", "received", "#90caf9"),
+    )
     smallest = min(max(float(site_bytes[s].get(key) or 0), 1.0) for s in sites for _, key, _ in bars)
     base = 10 ** np.floor(np.log10(smallest) - 0.5)
     for j, (label, key, colour) in enumerate(bars):
@@ -106,8 +109,13 @@ def plot_uncertainty(uncertainty: Mapping[str, Sequence[float]], path: str | Pat
     fig = _figure(5.0, 3.2)
     ax = fig.add_subplot()
     names = [d for d in DECISION_COLOURS if len(uncertainty.get(d, ()))]
-    ax.hist([np.asarray(uncertainty[d], dtype=float) for d in names], bins=np.linspace(0, 1, 21), stacked=True,
-            color=[DECISION_COLOURS[d] for d in names], label=[f"{d} ({len(uncertainty[d])})" for d in names])
+    ax.hist(
+        [np.asarray(uncertainty[d], dtype=float) for d in names],
+        bins=np.linspace(0, 1, 21),
+        stacked=True,
+        color=[DECISION_COLOURS[d] for d in names],
+        label=[f"{d} ({len(uncertainty[d])})" for d in names],
+    )
     ax.set_xlabel("uncertainty (1 = a coin flip)")
     ax.set_ylabel("test images")
     ax.set_title("uncertainty of the decisions")
@@ -116,8 +124,16 @@ def plot_uncertainty(uncertainty: Mapping[str, Sequence[float]], path: str | Pat
     return _save(fig, path)
 
 
-def plot_extremes(title: str, images: np.ndarray, maps: np.ndarray, scores: np.ndarray, captions: Sequence[str],
-                  path: str | Path, n: int = 4, masks: np.ndarray | None = None) -> Path:
+def plot_extremes(
+    title: str,
+    images: np.ndarray,
+    maps: np.ndarray,
+    scores: np.ndarray,
+    captions: Sequence[str],
+    path: str | Path,
+    n: int = 4,
+    masks: np.ndarray | None = None,
+) -> Path:
     """Heatmap overlays of the ``n`` most and the ``n`` least anomalous images (two rows)."""
     order = np.argsort(-np.asarray(scores))
     rows = (("most anomalous", order[:n]), ("least anomalous", order[::-1][:n]))
@@ -150,40 +166,133 @@ def _fmt(value, digits: int = 3) -> str:
 def _tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
     sections = []
     sites = results.get("sites", [])
-    sections.append(("Per site: the adapted model on its new product", [
-        "site", "new product", "K", "image AUROC", "target FPR", "measured FPR", "normal", "anomalous", "review",
-        "adapt s"], [[s["site"], s["new_product"], str(s["shots"]), _fmt(s["image_auroc"]), _fmt(s["target_fpr"], 2),
-                      _fmt(s["measured_fpr"]), str(s["decisions"]["normal"]), str(s["decisions"]["anomalous"]),
-                      str(s["decisions"]["review"]), _fmt(s["adapt_seconds"], 2)] for s in sites]))
+    sections.append(
+        (
+            "Per site: the adapted model on its new product",
+            [
+                "site",
+                "new product",
+                "K",
+                "image AUROC",
+                "target FPR",
+                "measured FPR",
+                "normal",
+                "anomalous",
+                "review",
+                "adapt s",
+            ],
+            [
+                [
+                    s["site"],
+                    s["new_product"],
+                    str(s["shots"]),
+                    _fmt(s["image_auroc"]),
+                    _fmt(s["target_fpr"], 2),
+                    _fmt(s["measured_fpr"]),
+                    str(s["decisions"]["normal"]),
+                    str(s["decisions"]["anomalous"]),
+                    str(s["decisions"]["review"]),
+                    _fmt(s["adapt_seconds"], 2),
+                ]
+                for s in sites
+            ],
+        )
+    )
     records = results.get("methods", [])
     if records:
-        sections.append(("Every method on the new products (same backbone, same support images)", [
-            "site", "new product", "method", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "measured FPR"],
-            [[r.get("site", "-"), r["category"], r["method"], _fmt(r["image_auroc"]), _fmt(r["pixel_auroc"]),
-              _fmt(r["aupro"]), _fmt(r["f1"]), _fmt(r["measured_fpr"])] for r in records]))
+        sections.append(
+            (
+                "Every method on the new products (same backbone, same support images)",
+                ["site", "new product", "method", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "measured FPR"],
+                [
+                    [
+                        r.get("site", "-"),
+                        r["category"],
+                        r["method"],
+                        _fmt(r["image_auroc"]),
+                        _fmt(r["pixel_auroc"]),
+                        _fmt(r["aupro"]),
+                        _fmt(r["f1"]),
+                        _fmt(r["measured_fpr"]),
+                    ]
+                    for r in records
+                ],
+            )
+        )
     fed = results.get("federated", {})
     if fed:
         site_bytes = fed.get("site_bytes", {})
-        sections.append(("Federated training", ["rounds", "epsilon", "stop", "bytes moved", "bytes of images"], [[
-            str(fed.get("rounds")), _fmt(fed.get("epsilon"), 2), fed.get("stop_reason") or "all rounds",
-            f"{fed.get('bytes', 0) / 1e6:.2f} MB", f"{fed.get('shard_bytes', 0) / 1e6:.1f} MB"]]))
+        sections.append(
+            (
+                "Federated training",
+                ["rounds", "epsilon", "stop", "bytes moved", "bytes of images"],
+                [
+                    [
+                        str(fed.get("rounds")),
+                        _fmt(fed.get("epsilon"), 2),
+                        fed.get("stop_reason") or "all rounds",
+                        f"{fed.get('bytes', 0) / 1e6:.2f} MB",
+                        f"{fed.get('shard_bytes', 0) / 1e6:.1f} MB",
+                    ]
+                ],
+            )
+        )
         if site_bytes:
-            sections.append(("Communication per site", ["site", "sent", "received", "its images", "sent / images"], [
-                [s, f"{b['sent'] / 1e3:.1f} kB", f"{b['received'] / 1e3:.1f} kB",
-                 f"{(b.get('shard_bytes') or 0) / 1e6:.2f} MB",
-                 "-" if b.get("sent_fraction") is None else f"{100 * b['sent_fraction']:.2f}%"]
-                for s, b in sorted(site_bytes.items())]))
+            sections.append(
+                (
+                    "Communication per site",
+                    ["site", "sent", "received", "its images", "sent / images"],
+                    [
+                        [
+                            s,
+                            f"{b['sent'] / 1e3:.1f} kB",
+                            f"{b['received'] / 1e3:.1f} kB",
+                            f"{(b.get('shard_bytes') or 0) / 1e6:.2f} MB",
+                            "-" if b.get("sent_fraction") is None else f"{100 * b['sent_fraction']:.2f}%",
+                        ]
+                        for s, b in sorted(site_bytes.items())
+                    ],
+                )
+            )
     http = results.get("http", [])
     if http:
-        sections.append(("Scored over HTTP", ["site", "model version", "images", "normal", "anomalous", "review",
-                                              "same as in-process", "latency p50 ms"], [
-            [h["site"], str(h["model_version"]), str(h["images"]), str(h["decisions"].get("normal", 0)),
-             str(h["decisions"].get("anomalous", 0)), str(h["decisions"].get("review", 0)),
-             "yes" if h["matches_in_process"] else "NO", _fmt(h["latency_ms_p50"], 1)] for h in http]))
+        sections.append(
+            (
+                "Scored over HTTP",
+                [
+                    "site",
+                    "model version",
+                    "images",
+                    "normal",
+                    "anomalous",
+                    "review",
+                    "same as in-process",
+                    "latency p50 ms",
+                ],
+                [
+                    [
+                        h["site"],
+                        str(h["model_version"]),
+                        str(h["images"]),
+                        str(h["decisions"].get("normal", 0)),
+                        str(h["decisions"].get("anomalous", 0)),
+                        str(h["decisions"].get("review", 0)),
+                        "yes" if h["matches_in_process"] else "NO",
+                        _fmt(h["latency_ms_p50"], 1),
+                    ]
+                    for h in http
+                ],
+            )
+        )
     stages = results.get("stages_seconds", {})
     if stages:
-        sections.append(("Timings", ["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in stages.items()]
-                         + [["total", f"{sum(stages.values()):.1f}"]]))
+        sections.append(
+            (
+                "Timings",
+                ["stage", "seconds"],
+                [[k, f"{v:.1f}"] for k, v in stages.items()] + [["total", f"{sum(stages.values()):.1f}"]],
+            )
+        )
     return sections
 
 
@@ -232,15 +341,17 @@ def write_report(report_dir: str | Path, results: Mapping) -> dict[str, Path]:
     body.append("<h2>Figures</h2>")
     for caption, path in figures:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+        body.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    page = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    )
     serialisable = jsonable(results)
     return {
         "results": atomic_write_json(report_dir / "results.json", serialisable),
         "markdown": atomic_write_text(report_dir / "report.md", "\n".join(md) + "\n"),
         "html": atomic_write_text(report_dir / "report.html", page),
     }
-
-

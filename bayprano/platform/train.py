@@ -52,9 +52,16 @@ class TrainingPool:
 
 def meta_config(cfg: TrainConfig) -> MetaConfig:
     return MetaConfig(
-        shots=cfg.shots, inner_steps=cfg.inner_steps, episodes=cfg.episodes, n_query_normal=cfg.n_query_normal,
-        n_query_anomalous=cfg.n_query_anomalous, lr=cfg.lr, supcon_weight=cfg.supcon_weight,
-        first_order=not cfg.second_order, calibration_episodes=cfg.calibration_episodes, seed=cfg.seed,
+        shots=cfg.shots,
+        inner_steps=cfg.inner_steps,
+        episodes=cfg.episodes,
+        n_query_normal=cfg.n_query_normal,
+        n_query_anomalous=cfg.n_query_anomalous,
+        lr=cfg.lr,
+        supcon_weight=cfg.supcon_weight,
+        first_order=not cfg.second_order,
+        calibration_episodes=cfg.calibration_episodes,
+        seed=cfg.seed,
     ).validate()
 
 
@@ -63,8 +70,9 @@ def select_categories(cfg: TrainConfig) -> list[str]:
     for option, names in (("--categories", cfg.categories or []), ("--exclude", cfg.exclude)):
         for name in names:
             if name not in available:
-                raise ConfigError(f"{option}: unknown category {name!r} in {cfg.data_root} "
-                                  f"(available: {', '.join(available)})")
+                raise ConfigError(
+                    f"{option}: unknown category {name!r} in {cfg.data_root} (available: {', '.join(available)})"
+                )
     chosen = [c for c in dict.fromkeys(cfg.categories or available) if c not in cfg.exclude]
     if not chosen:
         raise ConfigError(f"no category left to train on in {cfg.data_root} after --exclude {','.join(cfg.exclude)}")
@@ -124,8 +132,10 @@ def build_banks(
         t0 = time.perf_counter()
         banks[c] = build_task_bank(c, pool.images[c], pool.paths[c], extract, injector, seed=cfg.seed)
         if progress:
-            progress(f"task bank {c}: {len(banks[c])} normals + {banks[c].anomalies.shape[0]} synthetic anomalies "
-                     f"({time.perf_counter() - t0:.1f}s)")
+            progress(
+                f"task bank {c}: {len(banks[c])} normals + {banks[c].anomalies.shape[0]} synthetic anomalies "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
     return banks
 
 
@@ -138,8 +148,9 @@ def train_centralised(cfg: TrainConfig, progress: Callable[[str], None] | None =
     pool = load_pool(cfg, progress)
     extractor = build_backbone(cfg.backbone, device=cfg.device)
     if cfg.dim > extractor.out_channels:
-        raise ConfigError(f"--dim {cfg.dim}: must be at most the backbone's {extractor.out_channels} channels "
-                          f"({extractor.name})")
+        raise ConfigError(
+            f"--dim {cfg.dim}: must be at most the backbone's {extractor.out_channels} channels ({extractor.name})"
+        )
     banks = build_banks(cfg, pool, extractor, progress)
 
     model = BayesianPatchModel(extractor.out_channels, cfg.dim, inner_lr=cfg.inner_lr, seed=cfg.seed)
@@ -148,20 +159,37 @@ def train_centralised(cfg: TrainConfig, progress: Callable[[str], None] | None =
 
     def report(row: dict) -> None:
         if progress:
-            progress(f"episode {row['episode']}/{cfg.episodes} loss {row['loss']:.3f} (pixel {row['pixel_bce']:.3f}, "
-                     f"image {row['image_bce']:.3f}, supcon {row['supcon']:.3f}) {row['seconds']:.1f}s")
+            progress(
+                f"episode {row['episode']}/{cfg.episodes} loss {row['loss']:.3f} (pixel {row['pixel_bce']:.3f}, "
+                f"image {row['image_bce']:.3f}, supcon {row['supcon']:.3f}) {row['seconds']:.1f}s"
+            )
 
     history = meta_train(model, banks, mcfg, progress=report, log_every=log_every)
     calibration = calibrate(model, banks, mcfg)
     normality = calibrate_normality(model, banks, mcfg)
     if progress:
         levels = ", ".join(f"K={k}: {e['mean']:.2f}" for k, e in sorted(normality.table.items()))
-        progress(f"calibrated: effective patch count {calibration.effective_patches:.1f}; "
-                 f"normal log-statistic per support size {levels}")
+        progress(
+            f"calibrated: effective patch count {calibration.effective_patches:.1f}; "
+            f"normal log-statistic per support size {levels}"
+        )
     settings = dict(mcfg.__dict__)
-    settings.update(data_root=str(cfg.data_root), pool_size=sum(len(p) for p in pool.paths.values()),
-                    pool_sha256=sorted(pool.hashes()), seconds=time.perf_counter() - start)
-    ckpt = MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), cfg.image_size, calibration,
-                          meta_config=settings, categories=sorted(banks), history=history, normality=normality)
+    settings.update(
+        data_root=str(cfg.data_root),
+        pool_size=sum(len(p) for p in pool.paths.values()),
+        pool_sha256=sorted(pool.hashes()),
+        seconds=time.perf_counter() - start,
+    )
+    ckpt = MetaCheckpoint(
+        model.eval(),
+        extractor.name,
+        extractor.fingerprint(),
+        cfg.image_size,
+        calibration,
+        meta_config=settings,
+        categories=sorted(banks),
+        history=history,
+        normality=normality,
+    )
     ckpt.save(cfg.out)
     return ckpt

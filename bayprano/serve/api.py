@@ -31,14 +31,16 @@ from bayprano.serve.schemas import Error
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; style-src 'self' "
-            "https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'")
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; style-src 'self' "
+    "https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 SERVER_PATH = re.compile(r"(?<![\w.])/(?:[\w.+@-]+/)+[\w.+@-]*")
 log = logging.getLogger("ray.serve")
 
@@ -64,20 +66,26 @@ def public(message: str) -> str:
 
 def error_response(status: int, code: str, message: str, headers: Optional[dict[str, str]] = None) -> JSONResponse:
     note_request(code=code)
-    return JSONResponse(Error(code=code, message=message).model_dump(), status_code=status,
-                        headers={**SECURITY_HEADERS, **(headers or {})})
+    return JSONResponse(
+        Error(code=code, message=message).model_dump(),
+        status_code=status,
+        headers={**SECURITY_HEADERS, **(headers or {})},
+    )
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": Error} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
+    status: {"model": Error} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)
+}
 
 api = FastAPI(
     title="bayprano",
     version="1",
     description="Few-shot industrial anomaly detection: score images with a site's adapted model, adapt a new "
-                "version from a few good images. Every site endpoint needs `Authorization: Bearer <site token>` "
-                "with the endpoint's scope (score, review, adapt).",
-    docs_url=None, redoc_url=None, openapi_url=None,
+    "version from a few good images. Every site endpoint needs `Authorization: Bearer <site token>` "
+    "with the endpoint's scope (score, review, adapt).",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 bearer = HTTPBearer(auto_error=False, description="the site's token (or the registry's admin token)")
 
@@ -133,8 +141,13 @@ class RequestMetrics:
                 raise
             finally:
                 route = scope.get("route")
-                serve_metrics().request(getattr(route, "path", None) or UNMATCHED, facts.get("site"), status,
-                                        time.perf_counter() - start, facts.get("code"))
+                serve_metrics().request(
+                    getattr(route, "path", None) or UNMATCHED,
+                    facts.get("site"),
+                    status,
+                    time.perf_counter() - start,
+                    facts.get("code"),
+                )
 
 
 api.add_middleware(SecurityHeaders)
@@ -165,15 +178,20 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 @api.exception_handler(Exception)
 async def unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path[:200])
-    return error_response(500, "internal",
-                          "internal server error; the request was not processed, the server keeps serving")
+    return error_response(
+        500, "internal", "internal server error; the request was not processed, the server keeps serving"
+    )
 
 
 IMAGE_BODY = {
     "required": True,
     "content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            }
+        },
         "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
     },
@@ -181,11 +199,20 @@ IMAGE_BODY = {
 ADAPT_BODY = {
     "required": True,
     "content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-            "steps": {"type": "integer"}, "target_fpr": {"type": "number"}}}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "steps": {"type": "integer"},
+                    "target_fpr": {"type": "number"},
+                },
+            }
+        },
         "application/json": {"schema": {"$ref": "#/components/schemas/AdaptRequest"}},
     },
 }
-LABEL_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/"
-                                                                                    "LabelRequest"}}}}
+LABEL_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LabelRequest"}}},
+}

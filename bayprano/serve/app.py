@@ -64,13 +64,19 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
         "max_ongoing_requests": cfg.max_ongoing_requests,
     }
     if cfg.autoscaling:
-        models["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                        "target_ongoing_requests": cfg.target_ongoing_requests}
+        models["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        }
     else:
         models["num_replicas"] = cfg.num_replicas
     # The ingress only awaits the model replicas: it must let through as many requests as they can batch.
-    gateway = {"num_replicas": cfg.ingress_replicas, "max_ongoing_requests": cfg.max_ongoing_requests,
-               "ray_actor_options": {"num_cpus": cfg.ingress_num_cpus}}
+    gateway = {
+        "num_replicas": cfg.ingress_replicas,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.ingress_num_cpus},
+    }
     return {"SiteModels": models, "Gateway": gateway}
 
 

@@ -73,11 +73,14 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
             raise DataError(f"--metrics {args.metrics}: not a readable JSON file ({exc})") from None
         if not isinstance(metrics, dict):
             raise DataError(f"--metrics {args.metrics}: expected a JSON object")
-    info = registry.publish(args.site, args.model, metrics=metrics, source=str(args.model),
-                            make_current=not args.no_activate)
+    info = registry.publish(
+        args.site, args.model, metrics=metrics, source=str(args.model), make_current=not args.no_activate
+    )
     live = "" if args.no_activate else " (now current)"
-    print(f"published {args.model} as {args.site} {info.version}{live}: threshold {info.record['threshold']:.3f} "
-          f"for target FPR {info.record['target_fpr']:g}, {info.record['support_size']} support image(s)")
+    print(
+        f"published {args.model} as {args.site} {info.version}{live}: threshold {info.record['threshold']:.3f} "
+        f"for target FPR {info.record['target_fpr']:g}, {info.record['support_size']} support image(s)"
+    )
     return 0
 
 
@@ -87,21 +90,36 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     registry = _registry(args)
     sites = [registry.describe(s) for s in registry.sites()]
     if args.json:
-        print(json.dumps({"root": str(registry.root), "checkpoint": registry.meta.get("checkpoint"), "sites": sites},
-                         indent=2))
+        print(
+            json.dumps(
+                {"root": str(registry.root), "checkpoint": registry.meta.get("checkpoint"), "sites": sites}, indent=2
+            )
+        )
         return 0
     ckpt = registry.meta.get("checkpoint")
-    print(f"registry {registry.root}; meta-checkpoint: "
-          f"{ckpt['source'] + ' (sha256 ' + ckpt['sha256'][:12] + ')' if ckpt else 'none'}")
+    print(
+        f"registry {registry.root}; meta-checkpoint: "
+        f"{ckpt['source'] + ' (sha256 ' + ckpt['sha256'][:12] + ')' if ckpt else 'none'}"
+    )
     rows: list[Iterable[str]] = []
     for s in sites:
         for v in s["versions"] or [{"version": "-"}]:
-            rows.append((s["site"], v["version"] + (" *" if v.get("current") else ""), v.get("published") or "-",
-                         v.get("support_size") or "-",
-                         f"{v['threshold']:.3f}" if v.get("threshold") is not None else "-",
-                         v.get("target_fpr") or "-", (v.get("checkpoint_sha256") or "-")[:12]))
-    print(format_table(("site", "version (* current)", "published", "support", "threshold", "target FPR",
-                        "checkpoint"), rows))
+            rows.append(
+                (
+                    s["site"],
+                    v["version"] + (" *" if v.get("current") else ""),
+                    v.get("published") or "-",
+                    v.get("support_size") or "-",
+                    f"{v['threshold']:.3f}" if v.get("threshold") is not None else "-",
+                    v.get("target_fpr") or "-",
+                    (v.get("checkpoint_sha256") or "-")[:12],
+                )
+            )
+    print(
+        format_table(
+            ("site", "version (* current)", "published", "support", "threshold", "target FPR", "checkpoint"), rows
+        )
+    )
     return 0
 
 
@@ -132,8 +150,20 @@ def cmd_registry_rotate_token(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ serve
 
 
-_SERVE_FLAGS = ("host", "port", "address", "num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
-                "max_models_per_replica", "max_batch_size", "batch_wait_timeout_s", "num_cpus", "device")
+_SERVE_FLAGS = (
+    "host",
+    "port",
+    "address",
+    "num_replicas",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "max_models_per_replica",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "num_cpus",
+    "device",
+)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -159,8 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     own_ray = not ray.is_initialized() and cfg.address is None
     if not ray.is_initialized():
         # "local": a new Ray of our own, never one that happens to run on this machine already
-        ray.init(address=cfg.address or "local", include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        ray.init(address=cfg.address or "local", include_dashboard=False, configure_logging=False, log_to_driver=False)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -170,13 +199,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(application(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
         url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-        scaling = (f"autoscaling {cfg.min_replicas}-{cfg.max_replicas} replicas at {cfg.target_ongoing_requests:g} "
-                   "ongoing requests" if cfg.autoscaling else f"{cfg.num_replicas} model replica(s)")
-        print(f"serving registry {cfg.registry} at {url} ({scaling}, up to {cfg.max_models_per_replica} site models "
-              f"per replica, batching {'up to ' + str(cfg.max_batch_size) if cfg.batching else 'off'}); "
-              f"{'API docs at ' + url + '/docs; ' if cfg.docs else ''}Ctrl-C stops", flush=True)
-        endpoints = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes()
-                     if n.get("Alive") and n.get("MetricsExportPort")]
+        scaling = (
+            f"autoscaling {cfg.min_replicas}-{cfg.max_replicas} replicas at {cfg.target_ongoing_requests:g} "
+            "ongoing requests"
+            if cfg.autoscaling
+            else f"{cfg.num_replicas} model replica(s)"
+        )
+        print(
+            f"serving registry {cfg.registry} at {url} ({scaling}, up to {cfg.max_models_per_replica} site models "
+            f"per replica, batching {'up to ' + str(cfg.max_batch_size) if cfg.batching else 'off'}); "
+            f"{'API docs at ' + url + '/docs; ' if cfg.docs else ''}Ctrl-C stops",
+            flush=True,
+        )
+        endpoints = [
+            f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes()
+            if n.get("Alive") and n.get("MetricsExportPort")
+        ]
         if endpoints:
             print(f"metrics for Prometheus at {', '.join(endpoints)}", flush=True)
         while True:
@@ -201,8 +240,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def post_json(url: str, token: str, payload: dict, timeout: float) -> dict:
     data = json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={
-        "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -251,8 +291,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``registry`` and ``serve`` to the ``bayprano`` command's subparsers."""
 
     def registry_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--registry", metavar="DIR", default=os.environ.get(REGISTRY_ENV),
-                       help=f"registry root folder (default: ${REGISTRY_ENV})")
+        p.add_argument(
+            "--registry",
+            metavar="DIR",
+            default=os.environ.get(REGISTRY_ENV),
+            help=f"registry root folder (default: ${REGISTRY_ENV})",
+        )
 
     reg = sub.add_parser("registry", help="manage the served models: sites, versions, tokens")
     rsub = reg.add_subparsers(dest="registry_command", required=True, metavar="SUBCOMMAND")
@@ -270,8 +314,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = rsub.add_parser("add-site", help="register a site; prints its token once")
     registry_arg(p)
     p.add_argument("site")
-    p.add_argument("--scopes", default="score,review", metavar="LIST",
-                   help="what the token may do, of score, review, adapt (default: score,review)")
+    p.add_argument(
+        "--scopes",
+        default="score,review",
+        metavar="LIST",
+        help="what the token may do, of score, review, adapt (default: score,review)",
+    )
     p.set_defaults(func=cmd_registry_add_site)
 
     p = rsub.add_parser("publish", help="publish a site model folder (from `bayprano adapt`) as the next version")

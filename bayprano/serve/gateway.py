@@ -83,8 +83,9 @@ class Gateway:
     def __init__(self, models: DeploymentHandle, settings: dict):
         self.cfg = cfg = ServeConfig.model_validate(settings)
         self.registry = Registry(cfg.registry)
-        self.review_queue = ReviewQueue(cfg.registry, max_items=cfg.max_review_items_per_site,
-                                        image_side=cfg.review_image_side)
+        self.review_queue = ReviewQueue(
+            cfg.registry, max_items=cfg.max_review_items_per_site, image_side=cfg.review_image_side
+        )
         self.models = models
         self.uploads = Uploads(cfg)
         self._limits = TokenLimits(cfg.rate_limit_per_s, cfg.rate_burst, cfg.max_concurrent_per_token)
@@ -109,21 +110,25 @@ class Gateway:
                 raise ApiError(403, "forbidden", f"the token is not valid for site {show(site)}")
             raise ApiError(401, "invalid_token", "the bearer token is not valid")
         if scope not in scopes:
-            raise ApiError(403, "missing_scope", f"the token of site {show(site)} does not have the {scope!r} scope "
-                                                 f"(it has: {', '.join(scopes)})")
+            raise ApiError(
+                403,
+                "missing_scope",
+                f"the token of site {show(site)} does not have the {scope!r} scope (it has: {', '.join(scopes)})",
+            )
         return hash_token(token)
 
     def _authorize_admin(self, credentials: Optional[HTTPAuthorizationCredentials]) -> None:
         if credentials is None or not credentials.credentials:
             raise ApiError(401, "missing_token", "missing bearer token (send 'Authorization: Bearer <admin token>')")
-        if not self.registry.check_admin_token(credentials.credentials[:MAX_TOKEN + 1]):
-            if self.registry.site_of_token(credentials.credentials[:MAX_TOKEN + 1]) is not None:
+        if not self.registry.check_admin_token(credentials.credentials[: MAX_TOKEN + 1]):
+            if self.registry.site_of_token(credentials.credentials[: MAX_TOKEN + 1]) is not None:
                 raise ApiError(403, "forbidden", "listing sites needs the registry's admin token")
             raise ApiError(401, "invalid_token", "the bearer token is not valid")
 
     @contextlib.asynccontextmanager
-    async def _guard(self, site: str, credentials: Optional[HTTPAuthorizationCredentials],
-                     scope: str) -> AsyncIterator[float]:
+    async def _guard(
+        self, site: str, credentials: Optional[HTTPAuthorizationCredentials], scope: str
+    ) -> AsyncIterator[float]:
         """Authorization, then the token's limits for the duration of the request; yields its deadline
         (time.monotonic())."""
         key = self._authorize(site, credentials, scope)
@@ -134,12 +139,16 @@ class Gateway:
     def _live(self, site: str) -> tuple[str, str]:
         mid = self.registry.current_model_id(site)
         if mid is None:
-            raise ApiError(409, "no_model", f"site {show(site)} has no published model yet (POST "
-                                            "/v1/sites/{site}/adapt, then promote it)")
+            raise ApiError(
+                409,
+                "no_model",
+                f"site {show(site)} has no published model yet (POST /v1/sites/{{site}}/adapt, then promote it)",
+            )
         return mid, parse_model_id(mid)[1]
 
-    async def _call(self, response: DeploymentResponse | DeploymentResponseGenerator, what: str,
-                    deadline: float) -> Any:
+    async def _call(
+        self, response: DeploymentResponse | DeploymentResponseGenerator, what: str, deadline: float
+    ) -> Any:
         """The model replica's answer by ``deadline``, its failures mapped to 503, 422 or 504."""
         if not isinstance(response, DeploymentResponse):  # the handle does not stream
             raise TypeError("expected a unary response from the model deployment")
@@ -185,13 +194,22 @@ class Gateway:
         page.headers["Content-Security-Policy"] = DOCS_CSP
         return page
 
-    @api.post("/v1/sites/{site}/score", response_model=ScoreResponse, responses=ERROR_RESPONSES,
-              openapi_extra={"requestBody": IMAGE_BODY},
-              summary="Score one or more images with the site's live model (scope: score)")
-    async def score(self, site: str, request: Request,
-                    map_mode: Optional[Literal["png", "mask"]] = Query(
-                        None, alias="map", description="png: heatmap overlay; mask: binary mask at the threshold"),
-                    credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ScoreResponse:
+    @api.post(
+        "/v1/sites/{site}/score",
+        response_model=ScoreResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": IMAGE_BODY},
+        summary="Score one or more images with the site's live model (scope: score)",
+    )
+    async def score(
+        self,
+        site: str,
+        request: Request,
+        map_mode: Optional[Literal["png", "mask"]] = Query(
+            None, alias="map", description="png: heatmap overlay; mask: binary mask at the threshold"
+        ),
+        credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
+    ) -> ScoreResponse:
         start = time.perf_counter()
         async with self._guard(site, credentials, "score") as deadline:
             async with self.uploads.body(request, self.cfg.max_request_bytes, deadline) as body:
@@ -208,35 +226,53 @@ class Gateway:
                         raise next(d for d in decoded if isinstance(d, ApiError))
                     rows = await self._call(
                         self.models.options(multiplexed_model_id=mid).score.remote(
-                            mid, images, map_mode, time.time() + max(0.0, deadline - time.monotonic())),
-                        f"scoring on site {show(site)}", deadline)
-                    out: list[dict] = [error_row(d.code, d.message) if isinstance(d, ApiError) else {}
-                                       for d in decoded]
+                            mid, images, map_mode, time.time() + max(0.0, deadline - time.monotonic())
+                        ),
+                        f"scoring on site {show(site)}",
+                        deadline,
+                    )
+                    out: list[dict] = [error_row(d.code, d.message) if isinstance(d, ApiError) else {} for d in decoded]
                     queued = False
                     for i, image, row in zip(good, images, rows):
                         out[i] = row
                         if row.get("decision") == "review":
-                            await asyncio.to_thread(self.review_queue.add, site, image, {**row, "model_version": version})
+                            await asyncio.to_thread(
+                                self.review_queue.add, site, image, {**row, "model_version": version}
+                            )
                             queued = True
                     serve_metrics().scored(site, out)
                     if queued:
                         await self._note_review_queue(site)
         latency = (time.perf_counter() - start) * 1000
-        return ScoreResponse(site=site, model_version=version, results=[
-            ImageScore(name=name, model_version=version, latency_ms=latency, **row) for name, row in zip(names, out)])
+        return ScoreResponse(
+            site=site,
+            model_version=version,
+            results=[
+                ImageScore(name=name, model_version=version, latency_ms=latency, **row) for name, row in zip(names, out)
+            ],
+        )
 
-    @api.post("/v1/sites/{site}/adapt", response_model=AdaptResponse, responses=ERROR_RESPONSES,
-              openapi_extra={"requestBody": ADAPT_BODY},
-              summary="Adapt a new version from K good images and publish it as a candidate (scope: adapt)")
-    async def adapt(self, site: str, request: Request,
-                    activate: bool = Query(False, description="make the new version live at once"),
-                    credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> AdaptResponse:
+    @api.post(
+        "/v1/sites/{site}/adapt",
+        response_model=AdaptResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": ADAPT_BODY},
+        summary="Adapt a new version from K good images and publish it as a candidate (scope: adapt)",
+    )
+    async def adapt(
+        self,
+        site: str,
+        request: Request,
+        activate: bool = Query(False, description="make the new version live at once"),
+        credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
+    ) -> AdaptResponse:
         async with self._guard(site, credentials, "adapt") as deadline:
             async with self.uploads.body(request, self.cfg.max_request_bytes, deadline) as body:
                 raw, fields = await self.uploads.parse(request, body, "adapt")
                 try:
-                    options = AdaptRequest.model_validate({k: v for k, v in fields.items()
-                                                           if k in ("steps", "target_fpr", "folder")})
+                    options = AdaptRequest.model_validate(
+                        {k: v for k, v in fields.items() if k in ("steps", "target_fpr", "folder")}
+                    )
                 except ValidationError as exc:
                     raise first_error(exc, "") from None
                 if options.folder is not None:
@@ -244,21 +280,31 @@ class Gateway:
                         raise ApiError(400, "bad_request", "give either images or a folder, not both")
                     raw = self.uploads.folder(site, options.folder)
                 if not raw:
-                    raise ApiError(400, "no_images", "adaptation needs at least one good image (files, images or "
-                                                     "folder)")
+                    raise ApiError(
+                        400, "no_images", "adaptation needs at least one good image (files, images or folder)"
+                    )
                 try:
                     self.registry.checkpoint_path()
                 except BaypranoError:
-                    raise ApiError(409, "no_checkpoint", "the registry names no meta-checkpoint to adapt from") \
-                        from None
+                    raise ApiError(
+                        409, "no_checkpoint", "the registry names no meta-checkpoint to adapt from"
+                    ) from None
                 async with self.uploads.decode(raw, deadline) as decoded:
                     bad = [d for d in decoded if isinstance(d, ApiError)]
                     if bad:
                         raise bad[0]
-                    record = await self._call(self.models.adapt.remote(
-                        site, decoded, options.steps, options.target_fpr, activate,
-                        time.time() + max(0.0, deadline - time.monotonic())), f"adaptation of site {show(site)}",
-                        deadline)
+                    record = await self._call(
+                        self.models.adapt.remote(
+                            site,
+                            decoded,
+                            options.steps,
+                            options.target_fpr,
+                            activate,
+                            time.time() + max(0.0, deadline - time.monotonic()),
+                        ),
+                        f"adaptation of site {show(site)}",
+                        deadline,
+                    )
         seconds = record.pop("adapt_seconds")
         return AdaptResponse(site=site, version=VersionOut(**version_out(record)), adapt_seconds=seconds)
 
@@ -273,42 +319,76 @@ class Gateway:
             out.append(SiteSummary(site=site, current=cur, versions=len(versions), threshold=threshold))
         return SiteList(sites=out)
 
-    @api.get("/v1/sites/{site}", response_model=SiteDetail, responses=ERROR_RESPONSES,
-             summary="A site's versions, thresholds and metrics (scope: score)")
-    async def site_detail(self, site: str,
-                          credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> SiteDetail:
+    @api.get(
+        "/v1/sites/{site}",
+        response_model=SiteDetail,
+        responses=ERROR_RESPONSES,
+        summary="A site's versions, thresholds and metrics (scope: score)",
+    )
+    async def site_detail(
+        self, site: str, credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)
+    ) -> SiteDetail:
         async with self._guard(site, credentials, "score"):
             info = self.registry.describe(site)
-        return SiteDetail(site=site, created=info["created"], current=info["current"],
-                          versions=[VersionOut(**version_out(v)) for v in info["versions"]])
+        return SiteDetail(
+            site=site,
+            created=info["created"],
+            current=info["current"],
+            versions=[VersionOut(**version_out(v)) for v in info["versions"]],
+        )
 
-    @api.get("/v1/sites/{site}/reviews", response_model=ReviewList, responses=ERROR_RESPONSES,
-             summary="Images the site's model sent to review, least certain first (scope: review)")
-    async def reviews(self, site: str, pending: bool = Query(True, description="only the unlabelled ones"),
-                      limit: int = Query(50, ge=1, le=500),
-                      credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ReviewList:
+    @api.get(
+        "/v1/sites/{site}/reviews",
+        response_model=ReviewList,
+        responses=ERROR_RESPONSES,
+        summary="Images the site's model sent to review, least certain first (scope: review)",
+    )
+    async def reviews(
+        self,
+        site: str,
+        pending: bool = Query(True, description="only the unlabelled ones"),
+        limit: int = Query(50, ge=1, le=500),
+        credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
+    ) -> ReviewList:
         async with self._guard(site, credentials, "review"):
+
             def items() -> list[ReviewItem]:
-                return [ReviewItem(**item, thumbnail=base64.b64encode(self.review_queue.thumbnail_png(site, item["id"]))
-                                   .decode("ascii")) for item in self.review_queue.list(site, pending=pending, limit=limit)]
+                return [
+                    ReviewItem(
+                        **item,
+                        thumbnail=base64.b64encode(self.review_queue.thumbnail_png(site, item["id"])).decode("ascii"),
+                    )
+                    for item in self.review_queue.list(site, pending=pending, limit=limit)
+                ]
 
             listed = ReviewList(site=site, items=await asyncio.to_thread(items))
             await self._note_review_queue(site)
             return listed
 
-    @api.post("/v1/sites/{site}/reviews/{item_id}", response_model=ReviewItem, responses=ERROR_RESPONSES,
-              openapi_extra={"requestBody": LABEL_BODY},
-              summary="Mark a review item as good or defective, kept as the site's labelled data (scope: review)")
-    async def label_review(self, site: str, item_id: str, request: Request,
-                           credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ReviewItem:
+    @api.post(
+        "/v1/sites/{site}/reviews/{item_id}",
+        response_model=ReviewItem,
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": LABEL_BODY},
+        summary="Mark a review item as good or defective, kept as the site's labelled data (scope: review)",
+    )
+    async def label_review(
+        self,
+        site: str,
+        item_id: str,
+        request: Request,
+        credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
+    ) -> ReviewItem:
         # The body is a plain Request, not a pydantic parameter: FastAPI would read and parse it before the token
         # is checked.
         async with self._guard(site, credentials, "review") as deadline:
             ctype = content_type(request)
             if ctype != "application/json":
-                raise ApiError(415, "unsupported_media_type",
-                               f"Content-Type {show(ctype) if ctype else 'missing'} is not accepted; send "
-                               "application/json")
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Type {show(ctype) if ctype else 'missing'} is not accepted; send application/json",
+                )
             async with self.uploads.body(request, MAX_LABEL_BYTES, deadline) as body:
                 try:
                     label = LabelRequest.model_validate_json(body).label
@@ -317,8 +397,9 @@ class Gateway:
             try:
                 item = ReviewItem(**await asyncio.to_thread(self.review_queue.label, site, item_id, label))
             except BaypranoError:
-                raise ApiError(404, "unknown_review_item", f"site {show(site)} has no review item "
-                                                           f"{show(item_id, 40)}") from None
+                raise ApiError(
+                    404, "unknown_review_item", f"site {show(site)} has no review item {show(item_id, 40)}"
+                ) from None
             await self._note_review_queue(site)
             return item
 
@@ -329,8 +410,12 @@ class Gateway:
     async def healthz(self) -> Health:
         return Health(status="ok")
 
-    @api.get("/readyz", response_model=Health, responses={503: {"model": Health}},
-             summary="Ready to serve: the registry is readable and a model replica answers")
+    @api.get(
+        "/readyz",
+        response_model=Health,
+        responses={503: {"model": Health}},
+        summary="Ready to serve: the registry is readable and a model replica answers",
+    )
     async def readyz(self) -> Health | JSONResponse:
         try:
             await asyncio.to_thread(Registry, self.cfg.registry)

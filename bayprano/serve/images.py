@@ -101,8 +101,9 @@ def _rejected(name: str, exc: BaseException, max_pixels: int) -> ImageRejected:
     return ImageRejected(400, "bad_image", f"{name}: not a readable image ({', '.join(FORMATS)} expected)")
 
 
-def probe(data: bytes, name: str, max_pixels: int, max_jpeg_scans: int,
-          cancel: Optional[threading.Event] = None) -> Probe:
+def probe(
+    data: bytes, name: str, max_pixels: int, max_jpeg_scans: int, cancel: Optional[threading.Event] = None
+) -> Probe:
     """The declared size and format of an upload, read from its header; refuses what must not be decoded.
     Raises ``DecodeCancelled`` when ``cancel`` is set while the header is read."""
     if not data:
@@ -117,11 +118,13 @@ def probe(data: bytes, name: str, max_pixels: int, max_jpeg_scans: int,
             raise DecodeCancelled() from None
         raise _rejected(name, exc, max_pixels) from None
     if w * h > max_pixels:
-        raise ImageRejected(413, "image_too_large", f"{name}: image is {w}x{h} px, more than the limit of "
-                                                    f"{max_pixels} pixels")
+        raise ImageRejected(
+            413, "image_too_large", f"{name}: image is {w}x{h} px, more than the limit of {max_pixels} pixels"
+        )
     if min(w, h) < MIN_SIDE:
-        raise ImageRejected(400, "image_too_small", f"{name}: image is {w}x{h} px, smaller than {MIN_SIDE} px on a "
-                                                    "side")
+        raise ImageRejected(
+            400, "image_too_small", f"{name}: image is {w}x{h} px, smaller than {MIN_SIDE} px on a side"
+        )
     if fmt == "JPEG" and jpeg_scans(data) > max_jpeg_scans:
         raise ImageRejected(413, "image_too_complex", f"{name}: JPEG with more than {max_jpeg_scans} scans")
     return Probe(w, h, fmt)
@@ -136,16 +139,21 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
-def decode(data: bytes, name: str, expected: Probe, max_pixels: int,
-           cancel: Optional[threading.Event] = None) -> np.ndarray:
+def decode(
+    data: bytes, name: str, expected: Probe, max_pixels: int, cancel: Optional[threading.Event] = None
+) -> np.ndarray:
     """Decode an upload that ``probe`` accepted, as an RGB uint8 array (H, W, 3); the decoded size must be
     the declared one. Raises ``DecodeCancelled`` when ``cancel`` is set during the decode."""
     try:
         with _open(data, cancel) as img:
             img.load()
             if img.size != (expected.width, expected.height):
-                raise ImageRejected(400, "bad_image", f"{name}: decodes to {img.size[0]}x{img.size[1]} px, not the "
-                                                      f"{expected.width}x{expected.height} px its header declares")
+                raise ImageRejected(
+                    400,
+                    "bad_image",
+                    f"{name}: decodes to {img.size[0]}x{img.size[1]} px, not the "
+                    f"{expected.width}x{expected.height} px its header declares",
+                )
             image = _to_rgb(img)
     except (ImageRejected, DecodeCancelled):
         raise

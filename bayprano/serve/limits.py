@@ -36,8 +36,12 @@ class Budget:
                         raise asyncio.TimeoutError
                     await asyncio.wait_for(self._changed.wait(), timeout=left)
                 except asyncio.TimeoutError:
-                    raise ApiError(429, "busy", f"the server is holding its limit of {self.what}; retry later",
-                                   {"Retry-After": "1"}) from None
+                    raise ApiError(
+                        429,
+                        "busy",
+                        f"the server is holding its limit of {self.what}; retry later",
+                        {"Retry-After": "1"},
+                    ) from None
             self.used += amount
         try:
             yield
@@ -63,12 +67,20 @@ class TokenLimits:
         if level < 1.0:
             self._buckets[key] = (level, now)
             wait = math.ceil((1.0 - level) / self.rate)
-            raise ApiError(429, "rate_limited", f"more than {self.rate:g} requests per second with this token; "
-                                                f"retry in {wait} s", {"Retry-After": str(wait)})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"more than {self.rate:g} requests per second with this token; retry in {wait} s",
+                {"Retry-After": str(wait)},
+            )
         if self._active.get(key, 0) >= self.concurrency:
             self._buckets[key] = (level, now)
-            raise ApiError(429, "too_many_concurrent", f"more than {self.concurrency} requests at once with this "
-                                                       "token; retry when one has finished", {"Retry-After": "1"})
+            raise ApiError(
+                429,
+                "too_many_concurrent",
+                f"more than {self.concurrency} requests at once with this token; retry when one has finished",
+                {"Retry-After": "1"},
+            )
         self._buckets[key] = (level - 1.0, now)
         if len(self._buckets) > 100_000:  # forget idle tokens
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60 or k in self._active}

@@ -45,36 +45,61 @@ UNMATCHED = "unmatched"
 DECISIONS = ("normal", "anomalous", "review")
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 # the names on the Prometheus endpoint (a histogram's series add _bucket, _count and _sum)
-EXPORTED = ("ray_bayprano_requests_total", "ray_bayprano_errors_total", "ray_bayprano_request_latency_seconds",
-            "ray_bayprano_images_total", "ray_bayprano_decisions_total", "ray_bayprano_model_loads_total",
-            "ray_bayprano_model_evictions_total", "ray_bayprano_models_loaded", "ray_bayprano_review_queue_length")
+EXPORTED = (
+    "ray_bayprano_requests_total",
+    "ray_bayprano_errors_total",
+    "ray_bayprano_request_latency_seconds",
+    "ray_bayprano_images_total",
+    "ray_bayprano_decisions_total",
+    "ray_bayprano_model_loads_total",
+    "ray_bayprano_model_evictions_total",
+    "ray_bayprano_models_loaded",
+    "ray_bayprano_review_queue_length",
+)
 
 
 class ServeMetrics:
     """The application's metric objects and the few ways the application records into them."""
 
     def __init__(self):
-        self.requests = Counter(PREFIX + "requests", description="Requests answered by the gateway.",
-                                tag_keys=("site", "endpoint", "status"))
-        self.errors = Counter(PREFIX + "errors", description="Requests answered with an error status.",
-                              tag_keys=("endpoint", "status", "code"))
-        self.latency = Histogram(PREFIX + "request_latency_seconds", description="Gateway time per request.",
-                                 boundaries=LATENCY_BOUNDARIES_S, tag_keys=("endpoint",))
-        self.images = Counter(PREFIX + "images", description="Images in score requests, by outcome.",
-                              tag_keys=("site", "status"))
-        self.decisions = Counter(PREFIX + "decisions", description="Decisions on scored images.",
-                                 tag_keys=("site", "decision"))
-        self.model_loads = Counter(PREFIX + "model_loads", description="Site models loaded into a model replica.",
-                                   tag_keys=("site",))
-        self.model_evictions = Counter(PREFIX + "model_evictions",
-                                       description="Site models dropped from a model replica's LRU cache.",
-                                       tag_keys=("site",))
+        self.requests = Counter(
+            PREFIX + "requests",
+            description="Requests answered by the gateway.",
+            tag_keys=("site", "endpoint", "status"),
+        )
+        self.errors = Counter(
+            PREFIX + "errors",
+            description="Requests answered with an error status.",
+            tag_keys=("endpoint", "status", "code"),
+        )
+        self.latency = Histogram(
+            PREFIX + "request_latency_seconds",
+            description="Gateway time per request.",
+            boundaries=LATENCY_BOUNDARIES_S,
+            tag_keys=("endpoint",),
+        )
+        self.images = Counter(
+            PREFIX + "images", description="Images in score requests, by outcome.", tag_keys=("site", "status")
+        )
+        self.decisions = Counter(
+            PREFIX + "decisions", description="Decisions on scored images.", tag_keys=("site", "decision")
+        )
+        self.model_loads = Counter(
+            PREFIX + "model_loads", description="Site models loaded into a model replica.", tag_keys=("site",)
+        )
+        self.model_evictions = Counter(
+            PREFIX + "model_evictions",
+            description="Site models dropped from a model replica's LRU cache.",
+            tag_keys=("site",),
+        )
         self.models_loaded = Gauge(PREFIX + "models_loaded", description="Site models held by this model replica.")
-        self.review_queue = Gauge(PREFIX + "review_queue_length", description="Unlabelled review items of a site.",
-                                  tag_keys=("site",))
+        self.review_queue = Gauge(
+            PREFIX + "review_queue_length", description="Unlabelled review items of a site.", tag_keys=("site",)
+        )
 
-    def request(self, endpoint: str, site: Optional[str], status: int, seconds: float,
-                code: Optional[str] = None) -> None:
+    def request(
+        self, endpoint: str, site: Optional[str], status: int, seconds: float, code: Optional[str] = None
+    ) -> None:
         status_tag = str(int(status))
         self.requests.inc(1, tags={"site": site or NO_SITE, "endpoint": endpoint, "status": status_tag})
         self.latency.observe(max(0.0, float(seconds)), tags={"endpoint": endpoint})

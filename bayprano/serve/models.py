@@ -184,8 +184,9 @@ class SiteModels:
                 start += n
         return out
 
-    async def score(self, mid: str, images: list[np.ndarray], map_mode: Optional[str],
-                    deadline: Optional[float] = None) -> list[dict]:
+    async def score(
+        self, mid: str, images: list[np.ndarray], map_mode: Optional[str], deadline: Optional[float] = None
+    ) -> list[dict]:
         """One row per image: the result, or ``status: error`` for an image that failed in scoring. Map
         rendering stops at ``deadline`` (a time.time() value), once the gateway has given up."""
         model = await self.get_model(mid)  # a cold site loads here, outside the batch loop
@@ -208,8 +209,14 @@ class SiteModels:
                 if isinstance(r, Failed):
                     rows.append(error_row("scoring_failed", "the model could not score this image"))
                     continue
-                row = {"status": "ok", "score": finite(r.score), "p_value": finite(r.p_value),
-                       "threshold": finite(r.threshold), "decision": r.decision, "uncertainty": finite(r.uncertainty)}
+                row = {
+                    "status": "ok",
+                    "score": finite(r.score),
+                    "p_value": finite(r.p_value),
+                    "threshold": finite(r.threshold),
+                    "decision": r.decision,
+                    "uncertainty": finite(r.uncertainty),
+                }
                 if map_mode is not None:
                     if deadline is not None and time.time() > deadline:
                         raise TimeoutError("the request's deadline passed while its maps were rendered")
@@ -220,8 +227,15 @@ class SiteModels:
 
         return await asyncio.to_thread(records) if map_mode is not None else records()
 
-    async def adapt(self, site: str, images: list[np.ndarray], steps: Optional[int], target_fpr: float,
-                    activate: bool = False, deadline: Optional[float] = None) -> dict:
+    async def adapt(
+        self,
+        site: str,
+        images: list[np.ndarray],
+        steps: Optional[int],
+        target_fpr: float,
+        activate: bool = False,
+        deadline: Optional[float] = None,
+    ) -> dict:
         """Adapt from the registry's meta-checkpoint and publish the result: a candidate, or the live version
         with ``activate``; nothing is published once ``deadline`` (time.time()) has passed."""
         from bayprano.platform.meta.checkpoint import load_checkpoint
@@ -236,8 +250,13 @@ class SiteModels:
             model = adapt(ckpt, images, steps=steps, target_fpr=target_fpr, extractor=self._extractor(ckpt.backbone))
             if deadline is not None and time.time() > deadline:
                 raise TimeoutError("the request's deadline passed during adaptation; nothing was published")
-            info = self.registry.publish(site, model, source="POST /v1/sites/{site}/adapt", make_current=activate,
-                                         keep=self.cfg.max_versions_per_site)
+            info = self.registry.publish(
+                site,
+                model,
+                source="POST /v1/sites/{site}/adapt",
+                make_current=activate,
+                keep=self.cfg.max_versions_per_site,
+            )
             return {**info.record, "current": activate, "adapt_seconds": model.info["adapt_seconds"]}
 
         async with self._adapting:

@@ -87,8 +87,9 @@ def new_token() -> str:
 
 def check_site_name(site: str) -> str:
     if not isinstance(site, str) or not SITE_NAME.match(site):
-        raise ConfigError(f"site name {site!r} is not valid: use 1-64 letters, digits, '-' or '_', "
-                          "starting with a letter or digit")
+        raise ConfigError(
+            f"site name {site!r} is not valid: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+        )
     return site
 
 
@@ -96,8 +97,9 @@ def check_scopes(scopes) -> tuple[str, ...]:
     scopes = tuple(dict.fromkeys(scopes))
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
-        raise ConfigError(f"scopes {', '.join(map(repr, unknown)) or '(none)'} not valid: choose from "
-                          f"{', '.join(SCOPES)}")
+        raise ConfigError(
+            f"scopes {', '.join(map(repr, unknown)) or '(none)'} not valid: choose from {', '.join(SCOPES)}"
+        )
     return scopes
 
 
@@ -137,14 +139,16 @@ class Registry:
         self._admin_hash: tuple[FileStamp, str] | None = None
         path = self.root / "registry.json"
         if not path.is_file():
-            raise DataError(f"{self.root}: not a model registry (no registry.json; create one with "
-                            "`bayprano registry init`)")
+            raise DataError(
+                f"{self.root}: not a model registry (no registry.json; create one with `bayprano registry init`)"
+            )
         meta = self._read_json(path)
         if meta.get("kind") != REGISTRY_KIND:
             raise DataError(f"{path}: not a bayprano model registry")
         if meta.get("format") != REGISTRY_FORMAT:
-            raise DataError(f"{path}: registry format {meta.get('format')!r} is not supported "
-                            f"(expected {REGISTRY_FORMAT})")
+            raise DataError(
+                f"{path}: registry format {meta.get('format')!r} is not supported (expected {REGISTRY_FORMAT})"
+            )
 
     # ----------------------------------------------------------------------------------------- root
 
@@ -160,10 +164,16 @@ class Registry:
         root.mkdir(parents=True, exist_ok=True)
         (root / "sites").mkdir(exist_ok=True)
         token = new_token()
-        atomic_write_json(root / "registry.json", {
-            "kind": REGISTRY_KIND, "format": REGISTRY_FORMAT, "created": _now(), "checkpoint": None,
-            "admin_token_sha256": hash_token(token),
-        })
+        atomic_write_json(
+            root / "registry.json",
+            {
+                "kind": REGISTRY_KIND,
+                "format": REGISTRY_FORMAT,
+                "created": _now(),
+                "checkpoint": None,
+                "admin_token_sha256": hash_token(token),
+            },
+        )
         registry = cls(root)
         if checkpoint is not None:
             registry.set_checkpoint(checkpoint)
@@ -183,18 +193,25 @@ class Registry:
             atomic_write_bytes(target, Path(path).read_bytes())
         with self._lock("registry"):
             meta = self.meta
-            meta["checkpoint"] = {"path": str(target.relative_to(self.root)), "sha256": ckpt.sha256,
-                                  "backbone": ckpt.backbone, "backbone_fingerprint": ckpt.backbone_fingerprint,
-                                  "image_size": ckpt.image_size, "set": _now(),
-                                  "source": str(path)}
+            meta["checkpoint"] = {
+                "path": str(target.relative_to(self.root)),
+                "sha256": ckpt.sha256,
+                "backbone": ckpt.backbone,
+                "backbone_fingerprint": ckpt.backbone_fingerprint,
+                "image_size": ckpt.image_size,
+                "set": _now(),
+                "source": str(path),
+            }
             atomic_write_json(self.root / "registry.json", meta)
         return ckpt.sha256
 
     def checkpoint_path(self) -> Path:
         info = self.meta.get("checkpoint")
         if not info:
-            raise ConfigError(f"{self.root}: the registry names no meta-checkpoint to adapt from "
-                              "(set one with `bayprano registry set-checkpoint`)")
+            raise ConfigError(
+                f"{self.root}: the registry names no meta-checkpoint to adapt from "
+                "(set one with `bayprano registry set-checkpoint`)"
+            )
         return self.root / info["path"]
 
     def check_admin_token(self, token: str | None) -> bool:
@@ -241,8 +258,16 @@ class Registry:
             raise ConfigError(f"site {site!r} already exists in {self.root}")
         (folder / "versions").mkdir(parents=True, exist_ok=True)
         token = new_token()
-        atomic_write_json(folder / "site.json", {"site": site, "created": _now(), "token_sha256": hash_token(token),
-                                                 "token_rotated": None, "scopes": list(scopes)})
+        atomic_write_json(
+            folder / "site.json",
+            {
+                "site": site,
+                "created": _now(),
+                "token_sha256": hash_token(token),
+                "token_rotated": None,
+                "scopes": list(scopes),
+            },
+        )
         self._note_change()
         return token
 
@@ -318,8 +343,9 @@ class Registry:
     def versions(self, site: str) -> list[VersionInfo]:
         self._require_site(site)
         folder = self._site_dir(site) / "versions"
-        names = sorted((p.name for p in folder.iterdir() if VERSION_NAME.match(p.name) and p.is_dir()),
-                       key=lambda n: int(n[1:]))
+        names = sorted(
+            (p.name for p in folder.iterdir() if VERSION_NAME.match(p.name) and p.is_dir()), key=lambda n: int(n[1:])
+        )
         return [self.version(site, n) for n in names]
 
     def version(self, site: str, version: str) -> VersionInfo:
@@ -359,12 +385,21 @@ class Registry:
         except OSError:
             raise DataError(f"site {site!r} version {version}: model.pt is missing") from None
         if not expected or not hmac.compare_digest(actual, expected):
-            raise DataError(f"site {site!r} version {version}: model.pt does not match the sha256 recorded when it "
-                            "was published; refusing to load it")
+            raise DataError(
+                f"site {site!r} version {version}: model.pt does not match the sha256 recorded when it "
+                "was published; refusing to load it"
+            )
         return info.path
 
-    def publish(self, site: str, model: Any, metrics: dict | None = None, source: str = "",
-                make_current: bool = True, keep: int = KEEP_VERSIONS) -> VersionInfo:
+    def publish(
+        self,
+        site: str,
+        model: Any,
+        metrics: dict | None = None,
+        source: str = "",
+        make_current: bool = True,
+        keep: int = KEEP_VERSIONS,
+    ) -> VersionInfo:
         """Publish a site model (a ``SiteModel`` or a site model folder) as the site's next version.
 
         The model is written (or copied) into a staging folder, loaded back to check it (and its backbone
@@ -397,20 +432,32 @@ class Registry:
             info = loaded.info
             serving = self._serving_fingerprint()
             if serving is not None and info.get("backbone_fingerprint") != serving:
-                raise ConfigError(f"site {site!r}: the model was adapted on backbone "
-                                  f"{info.get('backbone_fingerprint')}, but this registry serves {serving} (its "
-                                  "meta-checkpoint's backbone); refusing to publish it")
+                raise ConfigError(
+                    f"site {site!r}: the model was adapted on backbone "
+                    f"{info.get('backbone_fingerprint')}, but this registry serves {serving} (its "
+                    "meta-checkpoint's backbone); refusing to publish it"
+                )
             with self._lock(site):
                 number = 1 + max((int(p.name[1:]) for p in versions.iterdir() if VERSION_NAME.match(p.name)), default=0)
                 version = version_name(number)
                 record = {
-                    "site": site, "version": version, "published": _now(), "created": info.get("created"),
-                    "support_size": info.get("support_size"), "checkpoint_sha256": info.get("checkpoint_sha256"),
-                    "backbone": info.get("backbone"), "image_size": loaded.image_size,
-                    "threshold": loaded.threshold, "target_fpr": loaded.target_fpr,
-                    "model_sha256": info.get("model_sha256"), "source": source,
-                    "metrics": {"loo_statistics": info.get("loo_statistics"),
-                                "adapt_seconds": info.get("adapt_seconds"), **(metrics or {})},
+                    "site": site,
+                    "version": version,
+                    "published": _now(),
+                    "created": info.get("created"),
+                    "support_size": info.get("support_size"),
+                    "checkpoint_sha256": info.get("checkpoint_sha256"),
+                    "backbone": info.get("backbone"),
+                    "image_size": loaded.image_size,
+                    "threshold": loaded.threshold,
+                    "target_fpr": loaded.target_fpr,
+                    "model_sha256": info.get("model_sha256"),
+                    "source": source,
+                    "metrics": {
+                        "loo_statistics": info.get("loo_statistics"),
+                        "adapt_seconds": info.get("adapt_seconds"),
+                        **(metrics or {}),
+                    },
                 }
                 atomic_write_json(staging / "version.json", record)
                 os.rename(staging, versions / version)  # the lock makes the name free; rename is atomic
@@ -443,6 +490,7 @@ class Registry:
 
     def promote(self, site: str, version: str | None = None) -> str:
         """Make a version current (default: the newest one); returns its name."""
+
         def newest(names: list[str], current: str | None) -> str:
             if not names:
                 raise ConfigError(f"site {site!r} has no version to promote")
@@ -452,6 +500,7 @@ class Registry:
 
     def rollback(self, site: str, to: str | None = None) -> str:
         """Point ``current`` at version ``to`` (default: the newest version older than the current one)."""
+
         def previous(names: list[str], current: str | None) -> str:
             older = [n for n in names if current is not None and int(n[1:]) < int(current[1:])]
             if not older:
@@ -460,8 +509,7 @@ class Registry:
 
         return self._point_current(site, to, previous)
 
-    def _point_current(self, site: str, version: str | None,
-                       default: Callable[[list[str], str | None], str]) -> str:
+    def _point_current(self, site: str, version: str | None, default: Callable[[list[str], str | None], str]) -> str:
         """Point ``current`` at ``version``, or at ``default(versions, current)`` when it is None."""
         with self._lock(site):
             names = [v.version for v in self.versions(site)]

@@ -48,8 +48,13 @@ def _age(item: dict) -> tuple:
 class ReviewQueue:
     """Review items of every site under a registry root (``sites/<site>/reviews``)."""
 
-    def __init__(self, registry_root: str | os.PathLike, max_pending: int = MAX_PENDING, max_items: int = MAX_ITEMS,
-                 image_side: int = IMAGE_SIDE):
+    def __init__(
+        self,
+        registry_root: str | os.PathLike,
+        max_pending: int = MAX_PENDING,
+        max_items: int = MAX_ITEMS,
+        image_side: int = IMAGE_SIDE,
+    ):
         self.root = Path(registry_root)
         self.max_items = int(max_items)
         self.max_pending = min(int(max_pending), self.max_items)
@@ -77,8 +82,15 @@ class ReviewQueue:
         reviews.mkdir(parents=True, exist_ok=True)
         now = datetime.now(timezone.utc)
         item_id = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
-        item = {"id": item_id, "site": site, "created": now.isoformat(timespec="seconds"), "added_ns": time.time_ns(),
-                **{k: result.get(k) for k in RESULT_KEYS}, "label": None, "labelled": None}
+        item = {
+            "id": item_id,
+            "site": site,
+            "created": now.isoformat(timespec="seconds"),
+            "added_ns": time.time_ns(),
+            **{k: result.get(k) for k in RESULT_KEYS},
+            "label": None,
+            "labelled": None,
+        }
         staging = Path(tempfile.mkdtemp(prefix=f".{item_id}.", dir=reviews))
         try:
             buf = io.BytesIO()
@@ -112,7 +124,7 @@ class ReviewQueue:
         pending = sorted((i for i in items if i["label"] is None), key=_age)
         labelled = sorted((i for i in items if i["label"] is not None), key=_age)
         drop = pending[: max(0, len(pending) - self.max_pending)]
-        pending = pending[len(drop):]
+        pending = pending[len(drop) :]
         excess = max(0, len(pending) + len(labelled) - self.max_items)
         drop += (labelled + pending)[:excess]
         for item in drop:

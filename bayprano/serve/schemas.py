@@ -29,8 +29,10 @@ class ScoreRequest(_Body):
 
 class ImageScore(_Body):
     name: Optional[str] = None
-    status: Literal["ok", "error"] = Field("ok", description="error: this image was refused or could not be "
-                                                            "scored (see error); the request's other images were")
+    status: Literal["ok", "error"] = Field(
+        "ok",
+        description="error: this image was refused or could not be scored (see error); the request's other images were",
+    )
     error: Optional[Error] = None
     score: Optional[float] = Field(None, description="image statistic: largest patch Mahalanobis distance over d")
     p_value: Optional[float] = None
@@ -39,8 +41,10 @@ class ImageScore(_Body):
     uncertainty: Optional[float] = Field(None, description="0 = certain, 1 = a coin flip")
     model_version: str
     latency_ms: float = Field(description="time on the server from receiving the request to this result")
-    map: Optional[str] = Field(None, description="with ?map=png a heatmap overlay PNG, with ?map=mask a binary "
-                                                 "mask PNG at the threshold; base64")
+    map: Optional[str] = Field(
+        None,
+        description="with ?map=png a heatmap overlay PNG, with ?map=mask a binary mask PNG at the threshold; base64",
+    )
     map_format: Optional[Literal["png", "mask"]] = None
 
 
@@ -52,8 +56,9 @@ class ScoreResponse(_Body):
 
 class AdaptRequest(_Body):
     images: Optional[list[ImageIn]] = Field(None, description="the K good images, base64")
-    folder: Optional[str] = Field(None, description="a folder of good images under the site's storage, relative "
-                                                    "to <site_storage>/<site>/")
+    folder: Optional[str] = Field(
+        None, description="a folder of good images under the site's storage, relative to <site_storage>/<site>/"
+    )
     steps: Optional[int] = Field(None, ge=0, le=10, description="inner-loop steps (default: the checkpoint's)")
     target_fpr: float = Field(0.05, gt=0, lt=1)
 
@@ -124,4 +129,3 @@ class ReviewList(_Body):
 
 class LabelRequest(_Body):
     label: Literal["good", "defective"]
-

@@ -86,8 +86,9 @@ class Uploads:
                 raise ApiError(400, "bad_request", f"Content-Length {show(length)} is not a number")
             declared = int(length)
             if declared > limit:
-                raise ApiError(413, "request_too_large", f"request body is {declared} bytes, more than the limit of "
-                                                         f"{limit} bytes")
+                raise ApiError(
+                    413, "request_too_large", f"request body is {declared} bytes, more than the limit of {limit} bytes"
+                )
         async with self._bytes.hold(limit if declared is None else declared, deadline):
             chunks, size = [], 0
             async for chunk in request.stream():
@@ -109,11 +110,17 @@ class Uploads:
             raw, fields = [(None, body)], {}
         else:
             accepted = "multipart/form-data or application/json" + (" or image/*" if what == "score" else "")
-            raise ApiError(415, "unsupported_media_type",
-                           f"Content-Type {show(ctype) if ctype else 'missing'} is not accepted; send {accepted}")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {show(ctype) if ctype else 'missing'} is not accepted; send {accepted}",
+            )
         if len(raw) > self.cfg.max_images_per_request:
-            raise ApiError(413, "too_many_images", f"{len(raw)} images in one request, more than the limit of "
-                                                   f"{self.cfg.max_images_per_request}")
+            raise ApiError(
+                413,
+                "too_many_images",
+                f"{len(raw)} images in one request, more than the limit of {self.cfg.max_images_per_request}",
+            )
         return raw, fields
 
     async def _multipart(self, request: Request, body: bytes) -> tuple[list[Upload], dict[str, Any]]:
@@ -124,11 +131,17 @@ class Uploads:
             yield body
 
         try:
-            form = await MultiPartParser(request.headers, stream(), max_files=self.cfg.max_images_per_request + 1,
-                                         max_fields=20, max_part_size=self.cfg.max_request_bytes).parse()
+            form = await MultiPartParser(
+                request.headers,
+                stream(),
+                max_files=self.cfg.max_images_per_request + 1,
+                max_fields=20,
+                max_part_size=self.cfg.max_request_bytes,
+            ).parse()
         except MultiPartException as exc:
-            raise ApiError(400, "bad_multipart", f"multipart body cannot be read: {public(exc.message)[:200]}") \
-                from None
+            raise ApiError(
+                400, "bad_multipart", f"multipart body cannot be read: {public(exc.message)[:200]}"
+            ) from None
         except Exception:
             raise ApiError(400, "bad_multipart", "multipart body cannot be read") from None
         raw: list[Upload] = []
@@ -147,8 +160,9 @@ class Uploads:
             await form.close()
         return raw, fields
 
-    async def _json(self, body: bytes, model_cls: type[ScoreRequest] | type[AdaptRequest]) \
-            -> tuple[list[Upload], dict[str, Any]]:
+    async def _json(
+        self, body: bytes, model_cls: type[ScoreRequest] | type[AdaptRequest]
+    ) -> tuple[list[Upload], dict[str, Any]]:
         try:
             parsed: ScoreRequest | AdaptRequest = await asyncio.to_thread(model_cls.model_validate_json, body)
         except ValidationError as exc:
@@ -200,8 +214,12 @@ class Uploads:
         probes = await in_pool(probe_all)
         total = sum(p.pixels for p in probes if isinstance(p, imaging.Probe))
         if total > cfg.max_request_pixels:
-            raise ApiError(413, "request_too_large", f"the request's images hold {total} pixels, more than the limit "
-                                                     f"of {cfg.max_request_pixels} pixels per request")
+            raise ApiError(
+                413,
+                "request_too_large",
+                f"the request's images hold {total} pixels, more than the limit "
+                f"of {cfg.max_request_pixels} pixels per request",
+            )
 
         def decode_all() -> list[Decoded]:
             out: list[Decoded] = []
@@ -226,8 +244,11 @@ class Uploads:
         check_name(folder, "folder")
         cfg = self.cfg
         if cfg.site_storage is None:
-            raise ApiError(400, "no_site_storage", "this server has no site storage configured (site_storage); "
-                                                   "upload the images instead")
+            raise ApiError(
+                400,
+                "no_site_storage",
+                "this server has no site storage configured (site_storage); upload the images instead",
+            )
         base = (cfg.site_storage / site).resolve()
         path = (base / folder).resolve()
         if path != base and base not in path.parents:
@@ -236,9 +257,15 @@ class Uploads:
             raise ApiError(404, "no_such_folder", f"folder {show(folder)} does not exist in the site's storage")
         files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
         if len(files) > cfg.max_images_per_request:
-            raise ApiError(413, "too_many_images", f"folder {show(folder)} holds {len(files)} images, more than the "
-                                                   f"limit of {cfg.max_images_per_request}")
+            raise ApiError(
+                413,
+                "too_many_images",
+                f"folder {show(folder)} holds {len(files)} images, more than the limit of {cfg.max_images_per_request}",
+            )
         if sum(p.stat().st_size for p in files) > cfg.max_request_bytes:
-            raise ApiError(413, "request_too_large", f"folder {show(folder)} holds more than the limit of "
-                                                     f"{cfg.max_request_bytes} bytes")
+            raise ApiError(
+                413,
+                "request_too_large",
+                f"folder {show(folder)} holds more than the limit of {cfg.max_request_bytes} bytes",
+            )
         return [(f"{folder}/{p.name}", p.read_bytes()) for p in files]

@@ -29,6 +29,19 @@ from bayprano.tune.run import add_tune_parser, cmd_tune, run_sweep, trial_count
 from bayprano.tune.spec import check_trial_values, load_sweep, prepare_data, resolve_categories, smoke_sweep
 from bayprano.tune.trainables import sweep_trial, validate
 
-__all__ = ["add_tune_parser", "check_trial_values", "cmd_tune", "finish_sweep", "load_sweep", "pick_best",
-           "prepare_data", "resolve_categories", "run_sweep", "smoke_sweep", "sweep_trial", "trial_count",
-           "trial_tables", "validate"]
+__all__ = [
+    "add_tune_parser",
+    "check_trial_values",
+    "cmd_tune",
+    "finish_sweep",
+    "load_sweep",
+    "pick_best",
+    "prepare_data",
+    "resolve_categories",
+    "run_sweep",
+    "smoke_sweep",
+    "sweep_trial",
+    "trial_count",
+    "trial_tables",
+    "validate",
+]

@@ -32,8 +32,9 @@ def _feature_variants(spec: SweepConfig) -> list[dict[str, Any]]:
     return [dict(zip(FEATURE_SETTINGS, combo)) for combo in itertools.product(*options)]
 
 
-def build_feature_cache(spec: SweepConfig, root: Path, categories: dict[str, list[str]], folder: Path,
-                        log: Callable[[str], None]) -> dict[str, str]:
+def build_feature_cache(
+    spec: SweepConfig, root: Path, categories: dict[str, list[str]], folder: Path, log: Callable[[str], None]
+) -> dict[str, str]:
     """One file per feature variant: training task banks (central trials) and the validation categories'
     images, features and labels. An existing file is reused (a resumed sweep)."""
     import torch
@@ -59,28 +60,40 @@ def build_feature_cache(spec: SweepConfig, root: Path, categories: dict[str, lis
         def extract(images: np.ndarray):
             return extractor.extract(images, size=size).cpu()
 
-        payload: dict[str, Any] = {"backbone": extractor.name, "fingerprint": extractor.fingerprint(),
-                                   "image_size": size, "in_channels": extractor.out_channels, "banks": {},
-                                   "validation": {}}
+        payload: dict[str, Any] = {
+            "backbone": extractor.name,
+            "fingerprint": extractor.fingerprint(),
+            "image_size": size,
+            "in_channels": extractor.out_channels,
+            "banks": {},
+            "validation": {},
+        }
         if spec.trainer == "central":
             injector = AnomalyInjector(TRAINING_KINDS)
             for c in categories["train"]:
                 images, ids = train_good(root, c, size)
                 bank = build_task_bank(c, images, ids, extract, injector, seed=seed)
-                payload["banks"][c] = {"normals": bank.normals, "normal_ids": bank.normal_ids,
-                                       "anomalies": bank.anomalies, "anomaly_masks": bank.anomaly_masks,
-                                       "anomaly_sources": bank.anomaly_sources}
+                payload["banks"][c] = {
+                    "normals": bank.normals,
+                    "normal_ids": bank.normal_ids,
+                    "anomalies": bank.anomalies,
+                    "anomaly_masks": bank.anomaly_masks,
+                    "anomaly_sources": bank.anomaly_sources,
+                }
         for c in categories["validation"]:
             d = load_category(root, c, size)
             payload["validation"][c] = {
                 "train_features": extract(d.train_images).half(),
-                "test_features": extract(d.test_images).half(), "test_labels": torch.from_numpy(d.test_labels),
+                "test_features": extract(d.test_images).half(),
+                "test_labels": torch.from_numpy(d.test_labels),
             }
         buf = io.BytesIO()
         torch.save(payload, buf)
         atomic_write_bytes(path, buf.getvalue())
-        log(f"features {key}: {len(payload['banks'])} training and {len(payload['validation'])} validation "
-            f"categories in {time.perf_counter() - t0:.1f}s")
+        log(
+            f"features {key}: {len(payload['banks'])} training and {len(payload['validation'])} validation "
+            f"categories in {time.perf_counter() - t0:.1f}s"
+        )
     return files
 
 
@@ -100,6 +113,8 @@ def load_cache(path: str):
     from bayprano.platform.meta.protomaml import TaskBank
 
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    banks = {c: TaskBank(c, b["normals"], list(b["normal_ids"]), b["anomalies"], b["anomaly_masks"],
-                         b["anomaly_sources"]) for c, b in payload["banks"].items()}
+    banks = {
+        c: TaskBank(c, b["normals"], list(b["normal_ids"]), b["anomalies"], b["anomaly_masks"], b["anomaly_sources"])
+        for c, b in payload["banks"].items()
+    }
     return payload, banks

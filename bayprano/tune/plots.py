@@ -41,12 +41,18 @@ def plot_sweep(spec: SweepConfig, trials, rounds, out: Path) -> list[str]:
                 v = table.values[i, j]
                 if np.isfinite(v):
                     mark = "*" if (k, s) in early.index else ""
-                    ax.text(j, i, f"{v:.3f}{mark}", ha="center", va="center", fontsize=8,
-                            color="black" if v > (lo + hi) / 2 else "white")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.3f}{mark}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="black" if v > (lo + hi) / 2 else "white",
+                    )
         fig.colorbar(im, ax=ax, label="validation image AUROC")
         note = " (* stopped early)" if len(early) else ""
-        ax.set_title(f"{spec.name}: validation image AUROC ({', '.join(spec.validation_categories)}){note}",
-                     fontsize=9)
+        ax.set_title(f"{spec.name}: validation image AUROC ({', '.join(spec.validation_categories)}){note}", fontsize=9)
         fig.tight_layout()
         files.append(_save_figure(fig, out / "heatmap_auroc_shots_inner_steps.png"))
     if "inner_steps" in swept:

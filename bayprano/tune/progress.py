@@ -40,12 +40,16 @@ class TrialLines(Callback):
         r = trial.last_result or {}
         ran = int(r.get("training_iteration", 0))
         early = " (stopped early by ASHA)" if what == "done" and ran < self.rounds else ""
-        values = ", ".join(f"{k} {fmt(r[k])}" for k in dict.fromkeys([self.metric, "val_image_auroc", "adapt_seconds",
-                                                                         "epsilon"]) if k in r)
+        values = ", ".join(
+            f"{k} {fmt(r[k])}"
+            for k in dict.fromkeys([self.metric, "val_image_auroc", "adapt_seconds", "epsilon"])
+            if k in r
+        )
         secs = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
         logging.getLogger(PROGRESS_LOGGER).info(
             f"trial {len(self.finished)}/{self.total} {what}: {params}: {values or 'no report'} after "
-            f"{ran}/{self.rounds} round(s){early} ({secs:.0f}s)")
+            f"{ran}/{self.rounds} round(s){early} ({secs:.0f}s)"
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trials, trial, "done")

@@ -55,9 +55,23 @@ def trial_tables(spec: SweepConfig, grid) -> tuple[Any, Any]:
         row["path"] = str(result.path)
         trials.append(row)
         if df is not None and len(df):
-            keep = [c for c in df.columns if c in ("training_iteration", "round", "episodes", "loss", "epsilon",
-                                                  "site_val_auroc", "val_image_auroc", "adapt_seconds",
-                                                  "time_total_s") or c.startswith("val_auroc_")]
+            keep = [
+                c
+                for c in df.columns
+                if c
+                in (
+                    "training_iteration",
+                    "round",
+                    "episodes",
+                    "loss",
+                    "epsilon",
+                    "site_val_auroc",
+                    "val_image_auroc",
+                    "adapt_seconds",
+                    "time_total_s",
+                )
+                or c.startswith("val_auroc_")
+            ]
             part = df[keep].copy()
             for k, v in params.items():
                 part.insert(0, k, v)
@@ -73,8 +87,11 @@ def trial_tables(spec: SweepConfig, grid) -> tuple[Any, Any]:
 def pick_best(spec: SweepConfig, grid):
     """The best result by the metric at its last report, among the trials that ran every round (those
     that ASHA let run); among all that reported when none did."""
-    ok = [r for r in grid if not r.error and r.metrics and spec.metric in r.metrics
-          and math.isfinite(float(r.metrics[spec.metric]))]
+    ok = [
+        r
+        for r in grid
+        if not r.error and r.metrics and spec.metric in r.metrics and math.isfinite(float(r.metrics[spec.metric]))
+    ]
     if not ok:
         errors = [r for r in grid if r.error]
         why = f": {str(errors[0].error).strip().splitlines()[-1][:300]}" if errors else ""
@@ -84,13 +101,17 @@ def pick_best(spec: SweepConfig, grid):
     return max(full, key=lambda r: sign * float(r.metrics[spec.metric]))
 
 
-def _best_train_settings(spec: SweepConfig, best, categories: dict, root: Path, out: Path,
-                         shards: Path | None) -> dict:
+def _best_train_settings(spec: SweepConfig, best, categories: dict, root: Path, out: Path, shards: Path | None) -> dict:
     settings = {**spec.fixed, **{k: best.config[k] for k in spec.search_space}}
     settings = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in settings.items()}
     if spec.trainer == "central":
-        return {"data_root": str(root), "categories": categories["train"], **settings,
-                "episodes": spec.rounds * spec.episodes_per_round, "out": str(out / "best_model.pt")}
+        return {
+            "data_root": str(root),
+            "categories": categories["train"],
+            **settings,
+            "episodes": spec.rounds * spec.episodes_per_round,
+            "out": str(out / "best_model.pt"),
+        }
     return {"shards": str(shards), **settings, "rounds": spec.rounds, "out": str(out / "best_model.pt")}
 
 
@@ -112,9 +133,11 @@ def best_checkpoint(spec: SweepConfig, best, settings: dict, features: dict, pat
             return path
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     cache, banks = load_cache(features[feature_key(settings)])
-    mcfg, cfg = meta_config({k: v for k, v in settings.items() if k not in ("data_root", "categories", "episodes",
-                                                                              "out")},
-                             settings["episodes"], int(settings.get("seed", 0)))
+    mcfg, cfg = meta_config(
+        {k: v for k, v in settings.items() if k not in ("data_root", "categories", "episodes", "out")},
+        settings["episodes"],
+        int(settings.get("seed", 0)),
+    )
     model = BayesianPatchModel(cache["in_channels"], cfg.dim, inner_lr=cfg.inner_lr, seed=cfg.seed)
     model.set_feature_statistics(*feature_statistics(banks))
     model.load_state_dict(state["model"])
@@ -125,16 +148,37 @@ def best_checkpoint(spec: SweepConfig, best, settings: dict, features: dict, pat
     for c in banks:
         pool |= pixel_hashes(train_good(Path(settings["data_root"]), c, cache["image_size"])[0])
     meta = dict(mcfg.__dict__)
-    meta.update(data_root=settings["data_root"], pool_size=sum(len(b) for b in banks.values()),
-                pool_sha256=sorted(pool), sweep=spec.name)
-    ckpt = MetaCheckpoint(model, cache["backbone"], cache["fingerprint"], cache["image_size"], calibration,
-                          meta_config=meta, categories=sorted(banks), history=state["history"], normality=normality)
+    meta.update(
+        data_root=settings["data_root"],
+        pool_size=sum(len(b) for b in banks.values()),
+        pool_sha256=sorted(pool),
+        sweep=spec.name,
+    )
+    ckpt = MetaCheckpoint(
+        model,
+        cache["backbone"],
+        cache["fingerprint"],
+        cache["image_size"],
+        calibration,
+        meta_config=meta,
+        categories=sorted(banks),
+        history=state["history"],
+        normality=normality,
+    )
     ckpt.save(path)
     return path
 
 
-def finish_sweep(spec: SweepConfig, grid, out: Path, root: Path, categories: dict, features: dict, smoke: bool,
-                 log: Callable[[str], None]) -> dict:
+def finish_sweep(
+    spec: SweepConfig,
+    grid,
+    out: Path,
+    root: Path,
+    categories: dict,
+    features: dict,
+    smoke: bool,
+    log: Callable[[str], None],
+) -> dict:
     import yaml
 
     trials, rounds = trial_tables(spec, grid)
@@ -142,17 +186,20 @@ def finish_sweep(spec: SweepConfig, grid, out: Path, root: Path, categories: dic
     best = pick_best(spec, grid)
     shards = out / "shards" if spec.trainer == "federated" else None
     train_settings = _best_train_settings(spec, best, categories, root, out, shards)
-    text = (f"# best configuration of sweep {spec.name} ({spec.metric} {fmt(float(best.metrics[spec.metric]))}, "
-            f"{spec.mode}imised on {', '.join(categories['validation'])})\n"
-            f"# bayprano train --config {out / 'best_config.yaml'}\n"
-            + yaml.safe_dump(train_settings, sort_keys=False))
+    text = (
+        f"# best configuration of sweep {spec.name} ({spec.metric} {fmt(float(best.metrics[spec.metric]))}, "
+        f"{spec.mode}imised on {', '.join(categories['validation'])})\n"
+        f"# bayprano train --config {out / 'best_config.yaml'}\n" + yaml.safe_dump(train_settings, sort_keys=False)
+    )
     atomic_write_text(out / "best_config.yaml", text)
     load_yaml_config(out / "best_config.yaml", spec.trial_model())  # as `bayprano train --config` reads it
     files.append(str(out / "best_config.yaml"))
     files += plot_sweep(spec, trials, rounds, out)
     best_params = {k: best.config[k] for k in spec.search_space}
-    log(f"best: {' '.join(f'{k}={fmt(v)}' for k, v in best_params.items())}: {spec.metric} "
-        f"{fmt(float(best.metrics[spec.metric]))} (validation: {', '.join(categories['validation'])})")
+    log(
+        f"best: {' '.join(f'{k}={fmt(v)}' for k, v in best_params.items())}: {spec.metric} "
+        f"{fmt(float(best.metrics[spec.metric]))} (validation: {', '.join(categories['validation'])})"
+    )
     test = None
     ckpt_path = best_checkpoint(spec, best, train_settings, features, out / "best_checkpoint.pt")
     files.append(str(ckpt_path))
@@ -161,25 +208,57 @@ def finish_sweep(spec: SweepConfig, grid, out: Path, root: Path, categories: dic
 
         settings = {**spec.fixed, **best_params}
         shots, steps = int(settings.get("shots", 5)), int(settings.get("inner_steps", 1))
-        result = run_evaluation(root, out / "test" / "evaluation.json", categories=categories["test"], shots=[shots],
-                                seeds=spec.test_seeds, methods=["bayes"], checkpoint=ckpt_path, inner_steps=steps,
-                                backbone=settings.get("backbone", "efficientnet_lite2"),
-                                device=str(settings.get("device", "cpu")), progress=lambda m: None)
+        result = run_evaluation(
+            root,
+            out / "test" / "evaluation.json",
+            categories=categories["test"],
+            shots=[shots],
+            seeds=spec.test_seeds,
+            methods=["bayes"],
+            checkpoint=ckpt_path,
+            inner_steps=steps,
+            backbone=settings.get("backbone", "efficientnet_lite2"),
+            device=str(settings.get("device", "cpu")),
+            progress=lambda m: None,
+        )
         s = result["summary"]["bayes"][str(shots)]
         per_category: dict[str, list[float]] = {}
         for r in result["records"]:
             per_category.setdefault(r["category"], []).append(r["image_auroc"])
-        test = {"categories": categories["test"], "shots": shots, "inner_steps": steps, "seeds": spec.test_seeds,
-                "image_auroc": s["image_auroc"], "pixel_auroc": s["pixel_auroc"], "aupro": s["aupro"],
-                "measured_fpr": s["measured_fpr"],
-                "image_auroc_per_category": {c: float(np.mean(v)) for c, v in per_category.items()},
-                "file": str(out / "test" / "evaluation.json")}
-        log(f"held-out test ({', '.join(categories['test'])}), best config, {spec.test_seeds} support seed(s): "
-            f"image AUROC {fmt(s['image_auroc'])}, pixel AUROC {fmt(s['pixel_auroc'])}, AUPRO {fmt(s['aupro'])}")
+        test = {
+            "categories": categories["test"],
+            "shots": shots,
+            "inner_steps": steps,
+            "seeds": spec.test_seeds,
+            "image_auroc": s["image_auroc"],
+            "pixel_auroc": s["pixel_auroc"],
+            "aupro": s["aupro"],
+            "measured_fpr": s["measured_fpr"],
+            "image_auroc_per_category": {c: float(np.mean(v)) for c, v in per_category.items()},
+            "file": str(out / "test" / "evaluation.json"),
+        }
+        log(
+            f"held-out test ({', '.join(categories['test'])}), best config, {spec.test_seeds} support seed(s): "
+            f"image AUROC {fmt(s['image_auroc'])}, pixel AUROC {fmt(s['pixel_auroc'])}, AUPRO {fmt(s['aupro'])}"
+        )
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-    return {"name": spec.name, "smoke": smoke, "trainer": spec.trainer, "metric": spec.metric, "mode": spec.mode,
-            "data_root": str(root), "categories": categories, "trials": len(trials), "status": counts,
-            "best": {"params": best_params, "metrics": {k: v for k, v in best.metrics.items()
-                                                        if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                     "path": str(best.path)},
-            "test": test, "files": files}
+    return {
+        "name": spec.name,
+        "smoke": smoke,
+        "trainer": spec.trainer,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "data_root": str(root),
+        "categories": categories,
+        "trials": len(trials),
+        "status": counts,
+        "best": {
+            "params": best_params,
+            "metrics": {
+                k: v for k, v in best.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+            "path": str(best.path),
+        },
+        "test": test,
+        "files": files,
+    }

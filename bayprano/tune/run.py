@@ -23,8 +23,12 @@ from bayprano.tune.trainables import sweep_trial
 def _param_space(spec: SweepConfig) -> dict:
     from ray import tune
 
-    make = {"grid": tune.grid_search, "choice": tune.choice,
-            "uniform": lambda b: tune.uniform(*b), "loguniform": lambda b: tune.loguniform(*b)}
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda b: tune.uniform(*b),
+        "loguniform": lambda b: tune.loguniform(*b),
+    }
     return {name: make[dim.kind](dim.values) for name, dim in spec.search_space.items()}
 
 
@@ -66,16 +70,20 @@ def run_sweep(
             raise ConfigError(f"--resume: there is no interrupted sweep in {out} to continue")
         saved = json.loads(record_path.read_text()) if record_path.is_file() else None
         if saved != _spec_record(spec, smoke):
-            raise ConfigError(f"--resume: the sweep in {out} was started with other settings; resume it with the "
-                              "same sweep file and --smoke, or start a new one with another --out")
+            raise ConfigError(
+                f"--resume: the sweep in {out} was started with other settings; resume it with the "
+                "same sweep file and --smoke, or start a new one with another --out"
+            )
     elif experiment.exists():
         raise ConfigError(f"--out {out}: holds a sweep already; --resume continues it, or choose another --out")
     if not (smoke and spec.synth is not None):
         if Path(spec.data_root).exists():
             resolve_categories(spec, Path(spec.data_root))
         elif spec.synth is None:
-            raise DataError(f"data_root {spec.data_root}: does not exist (generate it with `bayprano data synth`, "
-                            "or give the sweep a synth: section)")
+            raise DataError(
+                f"data_root {spec.data_root}: does not exist (generate it with `bayprano data synth`, "
+                "or give the sweep a synth: section)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record_path, _spec_record(spec, smoke))
 
@@ -87,24 +95,44 @@ def run_sweep(
 
         shards = out / "shards"
         if not (shards / "manifest.json").is_file():
-            shard_dataset(root, shards, sites=spec.federated.sites, mode="iid" if spec.federated.iid else "by-category",
-                          seed=int(spec.fixed.get("seed", 0)), categories=categories["train"])
+            shard_dataset(
+                root,
+                shards,
+                sites=spec.federated.sites,
+                mode="iid" if spec.federated.iid else "by-category",
+                seed=int(spec.fixed.get("seed", 0)),
+                categories=categories["train"],
+            )
     total = trial_count(spec)
-    log(f"sweep {spec.name}{' (smoke)' if smoke else ''}: {total} trial(s) x {spec.rounds} round(s), {spec.trainer} "
+    log(
+        f"sweep {spec.name}{' (smoke)' if smoke else ''}: {total} trial(s) x {spec.rounds} round(s), {spec.trainer} "
         f"meta-training on {', '.join(categories['train'])}; validation on {', '.join(categories['validation'])}; "
-        f"test on {', '.join(categories['test']) or 'none'}")
+        f"test on {', '.join(categories['test']) or 'none'}"
+    )
     features = build_feature_cache(spec, root, categories, out / "features", log)
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+        ray.init(
+            address=address or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
+        )
     try:
         res = spec.resources_per_trial
-        setup = {"trainer": spec.trainer, "fixed": dict(spec.fixed), "rounds": spec.rounds,
-                 "episodes_per_round": spec.episodes_per_round, "validation_seeds": spec.validation_seeds,
-                 "features": features, "shards": str(shards) if shards else None, "factory_cpu": res.factory_cpu,
-                 "threads": max(1, int(res.cpu))}
+        setup = {
+            "trainer": spec.trainer,
+            "fixed": dict(spec.fixed),
+            "rounds": spec.rounds,
+            "episodes_per_round": spec.episodes_per_round,
+            "validation_seeds": spec.validation_seeds,
+            "features": features,
+            "shards": str(shards) if shards else None,
+            "factory_cpu": res.factory_cpu,
+            "threads": max(1, int(res.cpu)),
+        }
         trainable = tune.with_parameters(sweep_trial, setup=setup)
         first = {"CPU": res.cpu, **({"GPU": res.gpu} if res.gpu else {})}
         if spec.trainer == "federated":
@@ -123,20 +151,33 @@ def run_sweep(
 
             scheduler = FIFOScheduler()
             if spec.scheduler.kind == "asha":
-                scheduler = ASHAScheduler(max_t=spec.rounds, grace_period=spec.scheduler.grace_period,
-                                          reduction_factor=spec.scheduler.reduction_factor)
+                scheduler = ASHAScheduler(
+                    max_t=spec.rounds,
+                    grace_period=spec.scheduler.grace_period,
+                    reduction_factor=spec.scheduler.reduction_factor,
+                )
             tuner = tune.Tuner(
                 trainable,
                 param_space=_param_space(spec),
                 # The generator itself limits concurrency: Tune ignores max_concurrent_trials beside a given one.
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                            search_alg=BasicVariantGenerator(random_state=int(spec.fixed.get("seed", 0)),
-                                                                             max_concurrent=spec.max_concurrent_trials or 0),
-                                            num_samples=spec.num_samples, reuse_actors=True),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
-                                          callbacks=[TrialLines(total, spec.rounds, spec.metric)],
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    scheduler=scheduler,
+                    search_alg=BasicVariantGenerator(
+                        random_state=int(spec.fixed.get("seed", 0)), max_concurrent=spec.max_concurrent_trials or 0
+                    ),
+                    num_samples=spec.num_samples,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT,
+                    storage_path=str(out),
+                    verbose=0,
+                    callbacks=[TrialLines(total, spec.rounds, spec.metric)],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
             )
         with forward_progress(log):
             grid = tuner.fit()
@@ -145,8 +186,10 @@ def run_sweep(
         # A stop between two trials leaves none unfinished, but fewer than the sweep has were ever created.
         unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved) + max(0, total - len(saved))
         if unfinished:
-            log(f"interrupted with {unfinished} of {total} trial(s) unfinished; their last "
-                f"checkpoints are saved in {experiment}: the same command with --resume continues the sweep")
+            log(
+                f"interrupted with {unfinished} of {total} trial(s) unfinished; their last "
+                f"checkpoints are saved in {experiment}: the same command with --resume continues the sweep"
+            )
             raise KeyboardInterrupt
         summary = finish_sweep(spec, grid, out, root, categories, features, smoke, log)
     finally:
@@ -180,6 +223,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     summary = run_sweep(spec, out, smoke=args.smoke, resume=args.resume, address=args.address, log=log)
     status = ", ".join(f"{n} {k}" for k, n in summary["status"].items())
-    print(f"wrote {out}: {summary['trials']} trials ({status}), trials.parquet/.csv, best_config.yaml, "
-          f"best_checkpoint.pt, plots, in {summary['seconds']:.1f}s")
+    print(
+        f"wrote {out}: {summary['trials']} trials ({status}), trials.parquet/.csv, best_config.yaml, "
+        f"best_checkpoint.pt, plots, in {summary['seconds']:.1f}s"
+    )
     return 0

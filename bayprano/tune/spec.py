@@ -78,16 +78,19 @@ def check_trial_values(spec: SweepConfig, source: str) -> None:
             msg = err.get("msg", "invalid value").replace("Value error, ", "").replace("Input should be", "must be")
             raise ConfigError(f"{source}: {field} = {value!r}: {msg}") from None
         if spec.trainer == "federated":
-            for needs, given, what in (("dp_noise", cfg.dp_noise, "dp_clip (the noise is z * C)"),
-                                       ("target_epsilon", cfg.target_epsilon, "dp_noise and dp_clip")):
+            for needs, given, what in (
+                ("dp_noise", cfg.dp_noise, "dp_clip (the noise is z * C)"),
+                ("target_epsilon", cfg.target_epsilon, "dp_noise and dp_clip"),
+            ):
                 missing = cfg.dp_clip is None if needs == "dp_noise" else cfg.dp_noise is None
                 if given is not None and missing:
                     field, value = blame.get(needs, here)
                     raise ConfigError(f"{source}: {field} = {value!r}: {needs} needs {what}")
             if cfg.sites_per_round > spec.federated.sites:
                 field, value = blame.get("sites_per_round", here)
-                raise ConfigError(f"{source}: {field} = {value!r}: more than the {spec.federated.sites} sites of "
-                                  "federated.sites")
+                raise ConfigError(
+                    f"{source}: {field} = {value!r}: more than the {spec.federated.sites} sites of federated.sites"
+                )
             if cfg.fedprox_mu > 0 and cfg.server_opt != "fedprox":
                 field, value = blame.get("fedprox_mu", here)
                 raise ConfigError(f"{source}: {field} = {value!r}: fedprox_mu is for server_opt fedprox")
@@ -99,11 +102,18 @@ def check_trial_values(spec: SweepConfig, source: str) -> None:
     for name in FEATURE_SETTINGS:
         feature_dim = spec.search_space.get(name)
         if feature_dim is not None and feature_dim.kind not in ("grid", "choice"):
-            raise ConfigError(f"{source}: search_space.{name}: the backbone features are computed once per value, "
-                              f"so give a grid or a choice, not {feature_dim.kind}")
-    if spec.trainer == "federated" and "epsilon" == spec.metric and "dp_noise" not in {**spec.fixed, **spec.search_space}:
-        raise ConfigError(f"{source}: metric 'epsilon' needs dp_noise in fixed or search_space (without DP, "
-                          "epsilon is infinite)")
+            raise ConfigError(
+                f"{source}: search_space.{name}: the backbone features are computed once per value, "
+                f"so give a grid or a choice, not {feature_dim.kind}"
+            )
+    if (
+        spec.trainer == "federated"
+        and "epsilon" == spec.metric
+        and "dp_noise" not in {**spec.fixed, **spec.search_space}
+    ):
+        raise ConfigError(
+            f"{source}: metric 'epsilon' needs dp_noise in fixed or search_space (without DP, epsilon is infinite)"
+        )
 
 
 def smoke_sweep(spec: SweepConfig) -> SweepConfig:
@@ -122,11 +132,17 @@ def smoke_sweep(spec: SweepConfig) -> SweepConfig:
     if spec.trainer == "federated":
         fixed.update(local_steps=1, holdout=2)
     update: dict[str, Any] = dict(
-        search_space=space, fixed=fixed, rounds=2, episodes_per_round=2, validation_seeds=1, test_seeds=1,
+        search_space=space,
+        fixed=fixed,
+        rounds=2,
+        episodes_per_round=2,
+        validation_seeds=1,
+        test_seeds=1,
         num_samples=min(spec.num_samples, 2),
         scheduler=spec.scheduler.model_copy(update={"grace_period": 1}),
         federated=spec.federated.model_copy(update={"sites": min(spec.federated.sites, 2)}),
-        validation_categories=spec.validation_categories[:1], test_categories=spec.test_categories[:1],
+        validation_categories=spec.validation_categories[:1],
+        test_categories=spec.test_categories[:1],
     )
     if spec.train_categories:
         update["train_categories"] = spec.train_categories[:2]
@@ -136,10 +152,19 @@ def smoke_sweep(spec: SweepConfig) -> SweepConfig:
 
 
 def _smoke_synth(spec: SweepConfig, categories: list[str]) -> dict[str, Any]:
-    shots = max([int(v) for v in spec.search_space["shots"].values] if "shots" in spec.search_space
-                else [int(spec.fixed.get("shots", 5))])
-    return dict(categories=categories, size=64, n_train=shots + 6, n_test_good=4, n_test_defective=4,
-                seed=spec.synth.seed if spec.synth else 0)
+    shots = max(
+        [int(v) for v in spec.search_space["shots"].values]
+        if "shots" in spec.search_space
+        else [int(spec.fixed.get("shots", 5))]
+    )
+    return dict(
+        categories=categories,
+        size=64,
+        n_train=shots + 6,
+        n_test_good=4,
+        n_test_defective=4,
+        seed=spec.synth.seed if spec.synth else 0,
+    )
 
 
 def resolve_categories(spec: SweepConfig, root: Path) -> dict[str, list[str]]:
@@ -178,15 +203,27 @@ def prepare_data(spec: SweepConfig, out: Path, smoke: bool, log: Callable[[str],
             log(f"generating the smoke data set ({len(names)} categories at 64 px) in {root}")
             generate_dataset(root, **_smoke_synth(spec, names))
         if not spec.train_categories:
-            spec = spec.model_copy(update={"train_categories": [c for c in names if c not in
-                                                                 spec.validation_categories + spec.test_categories]})
+            spec = spec.model_copy(
+                update={
+                    "train_categories": [c for c in names if c not in spec.validation_categories + spec.test_categories]
+                }
+            )
         return root, spec
     if not root.exists():
         if spec.synth is None:
-            raise DataError(f"data_root {root}: does not exist (generate it with `bayprano data synth`, or give "
-                            "the sweep a synth: section)")
+            raise DataError(
+                f"data_root {root}: does not exist (generate it with `bayprano data synth`, or give "
+                "the sweep a synth: section)"
+            )
         s = spec.synth
         log(f"generating the synthetic set in {root} ({s.size} px)")
-        generate_dataset(root, categories=s.categories, seed=s.seed, size=s.size, n_train=s.train,
-                         n_test_good=s.test_good, n_test_defective=s.test_defective)
+        generate_dataset(
+            root,
+            categories=s.categories,
+            seed=s.seed,
+            size=s.size,
+            n_train=s.train,
+            n_test_good=s.test_good,
+            n_test_defective=s.test_defective,
+        )
     return root, spec

@@ -28,8 +28,9 @@ def validate(model, cache: dict, shots: int, inner_steps: int, seeds: int) -> di
     bayes = get_method("bayes")
     for c, v in cache["validation"].items():
         feats = v["train_features"]
-        ckpt = model_checkpoint(model, cache["backbone"], cache["fingerprint"], cache["image_size"],
-                                tuple(feats.shape[-2:]), inner_steps)
+        ckpt = model_checkpoint(
+            model, cache["backbone"], cache["fingerprint"], cache["image_size"], tuple(feats.shape[-2:]), inner_steps
+        )
         context = model_context(ckpt, inner_steps)
         labels = v["test_labels"].numpy()
         per_cat = []
@@ -71,8 +72,7 @@ def meta_config(settings: dict, episodes: int, seed: int):
     from bayprano.config import TrainConfig
     from bayprano.platform.train import meta_config
 
-    cfg = TrainConfig.model_validate({**settings, "data_root": ".", "episodes": episodes, "out": "x.pt",
-                                      "seed": seed})
+    cfg = TrainConfig.model_validate({**settings, "data_root": ".", "episodes": episodes, "out": "x.pt", "seed": seed})
     return meta_config(cfg), cfg
 
 
@@ -124,12 +124,17 @@ def _federated_trial(settings: dict, setup: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             shutil.copyfile(Path(folder) / FEDERATED_FILE, out)
-    cfg = FederatedTrainConfig.model_validate({**settings, "shards": setup["shards"], "out": out,
-                                               "rounds": setup["rounds"], "resume": checkpoint is not None})
+    cfg = FederatedTrainConfig.model_validate(
+        {**settings, "shards": setup["shards"], "out": out, "rounds": setup["rounds"], "resume": checkpoint is not None}
+    )
     site_settings = SiteSettings.from_config(cfg)
     # Scheduled inside the trial's placement group, in the bundles reserved for them.
-    factories: dict[str, Any] = {site: Factory.options(num_cpus=setup["factory_cpu"], max_restarts=1, max_task_retries=0)
-                 .remote(site, path, site_settings) for site, path in cfg.site_paths().items()}
+    factories: dict[str, Any] = {
+        site: Factory.options(num_cpus=setup["factory_cpu"], max_restarts=1, max_task_retries=0).remote(
+            site, path, site_settings
+        )
+        for site, path in cfg.site_paths().items()
+    }
     try:
         trainer = FederatedTrainer(cfg, factories, log=lambda m: print(f"[federated] {m}", flush=True))
         trainer.setup()
@@ -138,9 +143,13 @@ def _federated_trial(settings: dict, setup: dict) -> None:
             if row is None:  # every round ran, or stopped: the privacy budget is spent or too few sites answered
                 break
             ckpt = load_checkpoint(out)
-            metrics = {"round": trainer.round, "loss": row["loss"], "site_val_auroc": row["val_auroc"],
-                       "epsilon": math.inf if row["epsilon"] is None else float(row["epsilon"]),
-                       "episodes": sum(int(h["episodes"]) for h in trainer.history)}
+            metrics = {
+                "round": trainer.round,
+                "loss": row["loss"],
+                "site_val_auroc": row["val_auroc"],
+                "epsilon": math.inf if row["epsilon"] is None else float(row["epsilon"]),
+                "episodes": sum(int(h["episodes"]) for h in trainer.history),
+            }
             metrics.update(validate(ckpt.model, cache, cfg.shots, cfg.inner_steps, setup["validation_seeds"]))
             _report(metrics, {FEDERATED_FILE: lambda p: shutil.copyfile(out, p)})
     finally:

@@ -14,8 +14,9 @@ def shard_dir(tmp_path_factory) -> Path:
     from bayprano.platform.data.synth import generate_dataset
 
     base = tmp_path_factory.mktemp("federated")
-    generate_dataset(base / "synth", categories=3, seed=0, size=64, n_train=10, n_test_good=6, n_test_defective=6,
-                     workers=1)
+    generate_dataset(
+        base / "synth", categories=3, seed=0, size=64, n_train=10, n_test_good=6, n_test_defective=6, workers=1
+    )
     shard_dataset(base / "synth", base / "shards", sites=3, mode="by-category", seed=0)
     return base / "shards"
 

@@ -58,10 +58,28 @@ def wait_until(check, seconds: float, what: str) -> None:
         time.sleep(0.25)
 
 
-SMALL = dict(image_size=64, shots=2, n_query_normal=2, n_query_anomalous=2, calibration_episodes=2, holdout=3,
-             backbone="efficientnet_lite2", round_timeout=120.0)
-SMALL_FLAGS = ["--image-size", "64", "--shots", "2", "--n-query-normal", "2", "--n-query-anomalous", "2",
-               "--calibration-episodes", "2"]
+SMALL = dict(
+    image_size=64,
+    shots=2,
+    n_query_normal=2,
+    n_query_anomalous=2,
+    calibration_episodes=2,
+    holdout=3,
+    backbone="efficientnet_lite2",
+    round_timeout=120.0,
+)
+SMALL_FLAGS = [
+    "--image-size",
+    "64",
+    "--shots",
+    "2",
+    "--n-query-normal",
+    "2",
+    "--n-query-anomalous",
+    "2",
+    "--calibration-episodes",
+    "2",
+]
 
 
 def fed_cfg(shard_dir, out, **overrides):

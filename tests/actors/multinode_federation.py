@@ -33,15 +33,37 @@ def main(shards: str, out: str, result: str) -> int:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env=env, log_to_driver=False, configure_logging=False)
         head = ray.get_runtime_context().get_node_id()
-        cfg = FederatedTrainConfig(shards=Path(shards), out=Path(out), rounds=2, local_steps=1, image_size=64, shots=2,
-                                   n_query_normal=2, n_query_anomalous=2, calibration_episodes=2, holdout=3,
-                                   round_timeout=300.0)
+        cfg = FederatedTrainConfig(
+            shards=Path(shards),
+            out=Path(out),
+            rounds=2,
+            local_steps=1,
+            image_size=64,
+            shots=2,
+            n_query_normal=2,
+            n_query_anomalous=2,
+            calibration_episodes=2,
+            holdout=3,
+            round_timeout=300.0,
+        )
         summary = train_federated(cfg)
-        nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if k.startswith("factory:"))
-                 for n in ray.nodes() if n["Alive"]}
-        Path(result).write_text(json.dumps({"rounds": summary["rounds"], "stop_reason": summary["stop_reason"],
-                                            "site_nodes": summary["site_nodes"], "nodes": nodes, "head": head,
-                                            "history_sites": [h["sites"] for h in summary["history"]]}))
+        nodes = {
+            n["NodeID"]: sorted(k for k in n["Resources"] if k.startswith("factory:"))
+            for n in ray.nodes()
+            if n["Alive"]
+        }
+        Path(result).write_text(
+            json.dumps(
+                {
+                    "rounds": summary["rounds"],
+                    "stop_reason": summary["stop_reason"],
+                    "site_nodes": summary["site_nodes"],
+                    "nodes": nodes,
+                    "head": head,
+                    "history_sites": [h["sites"] for h in summary["history"]],
+                }
+            )
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -67,14 +67,20 @@ def assert_no_image_bytes(replies: list, shard_dir: Path) -> None:
         blob = pickle.dumps(reply, protocol=5)
         assert b"\x89PNG" not in blob and b"IHDR" not in blob and b"IDAT" not in blob, f"reply {i}: a PNG"
         leaked = [j for j, piece in enumerate(pieces) if piece in blob]
-        assert not leaked, f"reply {i} ({getattr(reply, 'site', type(reply).__name__)}): holds bytes of image(s) {leaked[:5]}"
+        assert not leaked, (
+            f"reply {i} ({getattr(reply, 'site', type(reply).__name__)}): holds bytes of image(s) {leaked[:5]}"
+        )
 
 
 def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordinator_only_masked_sums(
-        factories, shard_dir, tmp_path):
+    factories, shard_dir, tmp_path
+):
     ray.get([f.ping.remote() for f in factories.values()])
-    wait_until(lambda: ray.available_resources().get("factory:site-000", 1) == pytest.approx(0.999), 15,
-               "site-000's Factory holds a share of the factory:site-000 resource (it is pinned to its node)")
+    wait_until(
+        lambda: ray.available_resources().get("factory:site-000", 1) == pytest.approx(0.999),
+        15,
+        "site-000's Factory holds a share of the factory:site-000 resource (it is pinned to its node)",
+    )
     cfg = fed_cfg(shard_dir, tmp_path / "fed.pt", secure_agg=True, server_opt="fedprox", fedprox_mu=0.01)
     trainer = FederatedTrainer(cfg, factories, log=quiet)
     summary = trainer.run()
@@ -87,8 +93,13 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     assert_no_image_bytes([t["reply"] for t in trainer.transcript], shard_dir)  # every reply of every stage
     for reply in trainer.received:
         for where, leaf in _arrays(reply):
-            n = len(leaf) if isinstance(leaf, (bytes, bytearray)) else leaf.size if isinstance(leaf, np.ndarray) \
+            n = (
+                len(leaf)
+                if isinstance(leaf, (bytes, bytearray))
+                else leaf.size
+                if isinstance(leaf, np.ndarray)
                 else leaf.numel()
+            )
             assert n <= size + 2, f"{where}: {n} values, more than the parameter vector"
             if isinstance(leaf, (bytes, bytearray)):
                 assert leaf.startswith(b"\x89PNG") is False and b"IHDR" not in leaf, f"{where}: image bytes"
@@ -129,8 +140,9 @@ FLOOR = 0.65
 def test_secure_aggregation_on_and_off_give_the_same_aggregate(factories, shard_dir, tmp_path):
     deltas = {}
     for secure, fp16 in ((True, False), (False, False), (False, True)):
-        trainer = FederatedTrainer(fed_cfg(shard_dir, tmp_path / f"{secure}{fp16}.pt", secure_agg=secure, fp16=fp16),
-                                   factories, log=quiet)
+        trainer = FederatedTrainer(
+            fed_cfg(shard_dir, tmp_path / f"{secure}{fp16}.pt", secure_agg=secure, fp16=fp16), factories, log=quiet
+        )
         trainer.setup()
         result = trainer.run_round(1)
         assert result.sites == trainer.sites and result.attempt == 0
@@ -138,8 +150,10 @@ def test_secure_aggregation_on_and_off_give_the_same_aggregate(factories, shard_
         assert_no_image_bytes(trainer.received, shard_dir)
         deltas[secure, fp16] = result.delta
         if not secure:
-            assert all(isinstance(r.update, bytes) and len(r.update) == encoded_num_bytes(trainer.layout, fp16)
-                       for r in trainer.received)
+            assert all(
+                isinstance(r.update, bytes) and len(r.update) == encoded_num_bytes(trainer.layout, fp16)
+                for r in trainer.received
+            )
     plain = deltas[False, False]
     assert float(plain.abs().max()) > 0
     torch.testing.assert_close(deltas[True, False], plain, atol=1e-6, rtol=0)
@@ -148,16 +162,34 @@ def test_secure_aggregation_on_and_off_give_the_same_aggregate(factories, shard_
 
 
 def test_dp_stops_at_the_epsilon_target_with_the_reason_and_resume_continues_without_repeating_a_round(
-        ray_session, shard_dir, tmp_path, capsys):
+    ray_session, shard_dir, tmp_path, capsys
+):
     z, clip, delta, q = 1.0, 0.5, 1e-5, 1.0  # under DP the sites are Poisson-sampled: at q = 1, all of them
     direct = PrivacyAccountant(z, q, delta)
     eps = [direct.step() for _ in range(3)]
     target = (eps[1] + eps[2]) / 2  # two rounds fit, the third does not
     out = tmp_path / "dp.pt"
-    flags = ["train", "--shards", str(shard_dir), "--sites-per-round", "1.0", "--local-steps", "1",
-             "--dp-noise", str(z), "--dp-clip", str(clip), "--dp-delta", str(delta), "--secure-agg",
-             "--server-opt", "fedadam",
-             "--out", str(out), *SMALL_FLAGS]
+    flags = [
+        "train",
+        "--shards",
+        str(shard_dir),
+        "--sites-per-round",
+        "1.0",
+        "--local-steps",
+        "1",
+        "--dp-noise",
+        str(z),
+        "--dp-clip",
+        str(clip),
+        "--dp-delta",
+        str(delta),
+        "--secure-agg",
+        "--server-opt",
+        "fedadam",
+        "--out",
+        str(out),
+        *SMALL_FLAGS,
+    ]
     assert main([*flags, "--rounds", "3", "--target-epsilon", str(target)]) == 0
     captured = capsys.readouterr()
     assert "stopped before round 3" in captured.err and f"target {target:g}" in captured.err
@@ -169,7 +201,9 @@ def test_dp_stops_at_the_epsilon_target_with_the_reason_and_resume_continues_wit
     assert state["round"] == 2 and "stopped before round 3" in state["stop_reason"]
     assert [h["round"] for h in ckpt.history] == [1, 2] and all("sites" not in h for h in ckpt.history)  # secret
     assert ckpt.history[-1]["epsilon"] == pytest.approx(eps[1], rel=1e-12)
-    assert PrivacyAccountant(z, q, delta).load_state_dict(state["accountant"]).epsilon == pytest.approx(eps[1], rel=1e-12)
+    assert PrivacyAccountant(z, q, delta).load_state_dict(state["accountant"]).epsilon == pytest.approx(
+        eps[1], rel=1e-12
+    )
     assert state["server"]["name"] == "fedadam" and state["server"]["steps"] == 2
 
     assert main([*flags, "--rounds", "3", "--resume"]) == 0
@@ -180,27 +214,47 @@ def test_dp_stops_at_the_epsilon_target_with_the_reason_and_resume_continues_wit
     assert ckpt.meta_config["federated"]["server"]["steps"] == 3  # FedAdam's moments carried over, not restarted
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dp-noise", "1.0"], "--dp-noise needs --dp-clip"),
-    (["--target-epsilon", "3", "--dp-clip", "1"], "--target-epsilon needs --dp-noise"),
-    (["--server-opt", "fedsgd"], "--server-opt fedsgd"),
-    (["--fedprox-mu", "0.1"], "--fedprox-mu is for --server-opt fedprox"),
-    (["--sites-per-round", "1.5"], "--sites-per-round 1.5"),
-    (["--resume"], "no checkpoint"),
-    (["--pool-size", "0"], "--pool-size 0: must be greater than or equal to 1"),
-    (["--min-sites", "4"], "--min-sites 4: more than the 3 site(s) sampled each round"),
-    (["--round-timeout", "-1"], "--round-timeout -1: must be greater than 0"),
-    (["--server-lr", "0"], "--server-lr 0: must be greater than 0"),
-    (["--sites-per-round", "4"], "--sites-per-round 4: more than the 3 site(s) there are"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dp-noise", "1.0"], "--dp-noise needs --dp-clip"),
+        (["--target-epsilon", "3", "--dp-clip", "1"], "--target-epsilon needs --dp-noise"),
+        (["--server-opt", "fedsgd"], "--server-opt fedsgd"),
+        (["--fedprox-mu", "0.1"], "--fedprox-mu is for --server-opt fedprox"),
+        (["--sites-per-round", "1.5"], "--sites-per-round 1.5"),
+        (["--resume"], "no checkpoint"),
+        (["--pool-size", "0"], "--pool-size 0: must be greater than or equal to 1"),
+        (["--min-sites", "4"], "--min-sites 4: more than the 3 site(s) sampled each round"),
+        (["--round-timeout", "-1"], "--round-timeout -1: must be greater than 0"),
+        (["--server-lr", "0"], "--server-lr 0: must be greater than 0"),
+        (["--sites-per-round", "4"], "--sites-per-round 4: more than the 3 site(s) there are"),
+    ],
+)
 def test_federated_flags_are_validated_before_anything_starts(shard_dir, tmp_path, capsys, argv, message):
     code = main(["train", "--shards", str(shard_dir), "--rounds", "1", "--out", str(tmp_path / "c.pt"), *argv])
     assert code == 2 and message in capsys.readouterr().err
 
 
 def test_federated_flags_need_shards(tmp_path, capsys):
-    assert main(["train", "--data-root", str(tmp_path), "--shots", "1", "--inner-steps", "0", "--episodes", "1",
-                 "--out", str(tmp_path / "c.pt"), "--secure-agg"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(tmp_path),
+                "--shots",
+                "1",
+                "--inner-steps",
+                "0",
+                "--episodes",
+                "1",
+                "--out",
+                str(tmp_path / "c.pt"),
+                "--secure-agg",
+            ]
+        )
+        == 2
+    )
     assert "give --shards" in capsys.readouterr().err
 
 
@@ -225,7 +279,8 @@ def test_a_late_site_is_dropped_for_that_round_and_takes_part_in_the_next(factor
 
 
 def test_a_killed_factory_is_dropped_for_the_round_which_the_others_complete_without_a_redo_and_it_rejoins(
-        own_factories, shard_dir, tmp_path):
+    own_factories, shard_dir, tmp_path
+):
     victim = "site-001"
 
     def kill_in_round_2(round, attempt, participants):

@@ -48,7 +48,8 @@ def plain_checkpoint(factories, shard_dir, tmp_path_factory) -> Path:
 
 
 def test_a_round_with_fewer_sites_than_the_quorum_stops_the_run_with_the_reason_and_keeps_the_last_round(
-        own_factories, shard_dir, tmp_path):
+    own_factories, shard_dir, tmp_path
+):
     out = tmp_path / "quorum.pt"
     logged: list[str] = []
     cfg = fed_cfg(shard_dir, out, rounds=3, local_steps=1, min_sites=3)
@@ -73,25 +74,34 @@ def test_a_round_with_fewer_sites_than_the_quorum_stops_the_run_with_the_reason_
 
 
 def test_resume_restores_the_weights_and_the_server_state_so_that_one_plus_one_rounds_equal_two(
-        factories, shard_dir, tmp_path):
+    factories, shard_dir, tmp_path
+):
     """FedAdam, whose step depends on its moments: resuming with the weights or the moments lost would
     land elsewhere than the uninterrupted run."""
     straight = tmp_path / "straight.pt"
-    FederatedTrainer(fed_cfg(shard_dir, straight, rounds=2, local_steps=1, server_opt="fedadam", server_lr=0.05),
-                     factories, log=quiet).run()
+    FederatedTrainer(
+        fed_cfg(shard_dir, straight, rounds=2, local_steps=1, server_opt="fedadam", server_lr=0.05),
+        factories,
+        log=quiet,
+    ).run()
     split = tmp_path / "split.pt"
-    FederatedTrainer(fed_cfg(shard_dir, split, rounds=1, local_steps=1, server_opt="fedadam", server_lr=0.05),
-                     factories, log=quiet).run()
+    FederatedTrainer(
+        fed_cfg(shard_dir, split, rounds=1, local_steps=1, server_opt="fedadam", server_lr=0.05), factories, log=quiet
+    ).run()
     after_one = weights(split)
 
     logged: list[str] = []
-    resumed = FederatedTrainer(fed_cfg(shard_dir, split, rounds=2, local_steps=1, server_opt="fedadam", server_lr=0.05,
-                                       resume=True), factories, log=logged.append)
+    resumed = FederatedTrainer(
+        fed_cfg(shard_dir, split, rounds=2, local_steps=1, server_opt="fedadam", server_lr=0.05, resume=True),
+        factories,
+        log=logged.append,
+    )
     resumed.setup()
     assert f"resuming after round 1 from {split}" in logged
     assert resumed.round == 1
-    torch.testing.assert_close(resumed.global_vector, resumed.layout.flatten(load_checkpoint(split).model), atol=0,
-                               rtol=0)
+    torch.testing.assert_close(
+        resumed.global_vector, resumed.layout.flatten(load_checkpoint(split).model), atol=0, rtol=0
+    )
     summary = resumed.run()
     assert summary["rounds"] == 2 and [h["round"] for h in summary["history"]] == [1, 2]
 
@@ -103,9 +113,32 @@ def test_resume_restores_the_weights_and_the_server_state_so_that_one_plus_one_r
 
 def test_resume_from_a_centralised_checkpoint_is_refused(factories, shard_dir, tmp_path):
     out = tmp_path / "central.pt"
-    assert main(["train", "--data-root", str(shard_dir.parent / "synth"), "--episodes", "1", "--inner-steps", "0",
-                 "--shots", "2", "--n-query-normal", "2", "--n-query-anomalous", "2", "--image-size", "64",
-                 "--calibration-episodes", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(shard_dir.parent / "synth"),
+                "--episodes",
+                "1",
+                "--inner-steps",
+                "0",
+                "--shots",
+                "2",
+                "--n-query-normal",
+                "2",
+                "--n-query-anomalous",
+                "2",
+                "--image-size",
+                "64",
+                "--calibration-episodes",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     before = out.read_bytes()
     trainer = FederatedTrainer(fed_cfg(shard_dir, out, resume=True), factories, log=quiet)
     with pytest.raises(DataError, match=f"^{out}: not a federated checkpoint, cannot --resume from it$"):
@@ -114,15 +147,18 @@ def test_resume_from_a_centralised_checkpoint_is_refused(factories, shard_dir, t
 
 
 def test_resume_with_dp_settings_other_than_the_checkpoint_s_is_refused_both_ways(
-        factories, plain_checkpoint, shard_dir, tmp_path):
-    trainer = FederatedTrainer(fed_cfg(shard_dir, plain_checkpoint, resume=True, dp_noise=1.0, dp_clip=0.5),
-                               factories, log=quiet)
+    factories, plain_checkpoint, shard_dir, tmp_path
+):
+    trainer = FederatedTrainer(
+        fed_cfg(shard_dir, plain_checkpoint, resume=True, dp_noise=1.0, dp_clip=0.5), factories, log=quiet
+    )
     with pytest.raises(ConfigError, match="was trained without DP; cannot resume it with --dp-noise"):
         trainer.setup()
 
     dp = tmp_path / "dp.pt"
-    FederatedTrainer(fed_cfg(shard_dir, dp, rounds=1, local_steps=1, dp_noise=1.0, dp_clip=0.5), factories,
-                     log=quiet).run()
+    FederatedTrainer(
+        fed_cfg(shard_dir, dp, rounds=1, local_steps=1, dp_noise=1.0, dp_clip=0.5), factories, log=quiet
+    ).run()
     before = dp.read_bytes()
     trainer = FederatedTrainer(fed_cfg(shard_dir, dp, resume=True), factories, log=quiet)
     with pytest.raises(ConfigError, match="was trained with DP; resume it with the same --dp-noise"):
@@ -141,25 +177,45 @@ def test_resume_with_sites_on_another_backbone_is_refused(ray_session, plain_che
     from bayprano.config import FederatedTrainConfig
 
     one_site = {"site-000": str(shard_dir / "site-000.parquet")}  # one is enough to tell the backbone
-    settings = {**fed_cfg(shard_dir, tmp_path / "x.pt").model_dump(), "shards": None, "sites": one_site,
-                "backbone": "random"}
+    settings = {
+        **fed_cfg(shard_dir, tmp_path / "x.pt").model_dump(),
+        "shards": None,
+        "sites": one_site,
+        "backbone": "random",
+    }
     sites = spawn_factories(FederatedTrainConfig(**settings), num_cpus=0.2)
     try:
-        trainer = FederatedTrainer(fed_cfg(shard_dir, plain_checkpoint, resume=True, backbone="random"), sites,
-                                   log=quiet)
-        with pytest.raises(DataError, match=f"^{plain_checkpoint}: made with backbone efficientnet_lite2:.*"
-                                            ", the sites run random:"):
+        trainer = FederatedTrainer(
+            fed_cfg(shard_dir, plain_checkpoint, resume=True, backbone="random"), sites, log=quiet
+        )
+        with pytest.raises(
+            DataError, match=f"^{plain_checkpoint}: made with backbone efficientnet_lite2:.*, the sites run random:"
+        ):
             trainer.setup()
     finally:
         kill_factories(sites)
 
 
 def test_the_command_line_refuses_a_bad_resume_in_one_line_and_leaves_the_checkpoint_alone(
-        ray_session, plain_checkpoint, shard_dir, tmp_path, capsys):
+    ray_session, plain_checkpoint, shard_dir, tmp_path, capsys
+):
     out = tmp_path / "c.pt"
     out.write_bytes(plain_checkpoint.read_bytes())
-    code = main(["train", "--shards", str(shard_dir), "--rounds", "2", "--resume", "--dim", "32", "--out", str(out),
-                 *SMALL_FLAGS])
+    code = main(
+        [
+            "train",
+            "--shards",
+            str(shard_dir),
+            "--rounds",
+            "2",
+            "--resume",
+            "--dim",
+            "32",
+            "--out",
+            str(out),
+            *SMALL_FLAGS,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"bayprano: error: {out}: its model does not match this run's"), err
     assert "\n" not in err and out.read_bytes() == plain_checkpoint.read_bytes()
@@ -169,7 +225,8 @@ def test_the_command_line_refuses_a_bad_resume_in_one_line_and_leaves_the_checkp
 
 
 def test_dp_without_secure_aggregation_adds_noise_of_z_times_c_to_the_sum_of_clipped_deltas(
-        factories, shard_dir, tmp_path):
+    factories, shard_dir, tmp_path
+):
     z, clip = 1.0, 1e-4  # a bound every delta exceeds, so each is clipped to norm C exactly
     cfg = fed_cfg(shard_dir, tmp_path / "dp.pt", rounds=1, local_steps=1, dp_noise=z, dp_clip=clip)
     trainer = FederatedTrainer(cfg, factories, log=quiet)
@@ -195,7 +252,8 @@ def test_dp_without_secure_aggregation_adds_noise_of_z_times_c_to_the_sum_of_cli
 
 
 def test_with_secure_aggregation_the_aggregate_of_clipped_deltas_is_within_the_clipping_bound(
-        factories, shard_dir, tmp_path):
+    factories, shard_dir, tmp_path
+):
     clip = 1e-4
     cfg = fed_cfg(shard_dir, tmp_path / "sa.pt", rounds=1, local_steps=1, secure_agg=True, dp_noise=0.0, dp_clip=clip)
     trainer = FederatedTrainer(cfg, factories, log=quiet)
@@ -212,12 +270,27 @@ def test_with_secure_aggregation_the_aggregate_of_clipped_deltas_is_within_the_c
 
 def test_secure_aggregation_with_one_site_per_round_is_refused_in_one_line(ray_session, shard_dir, tmp_path, capsys):
     out = tmp_path / "one.pt"
-    code = main(["train", "--shards", str(shard_dir), "--rounds", "1", "--sites-per-round", "0.34", "--secure-agg",
-                 "--out", str(out), *SMALL_FLAGS])
+    code = main(
+        [
+            "train",
+            "--shards",
+            str(shard_dir),
+            "--rounds",
+            "1",
+            "--sites-per-round",
+            "0.34",
+            "--secure-agg",
+            "--out",
+            str(out),
+            *SMALL_FLAGS,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert err == ("bayprano: error: --secure-agg needs at least 2 sites per round, got 1 (--sites-per-round 0.34 "
-                   "of 3 sites gives 1)")
+    assert err == (
+        "bayprano: error: --secure-agg needs at least 2 sites per round, got 1 (--sites-per-round 0.34 "
+        "of 3 sites gives 1)"
+    )
     assert not out.exists()
 
 

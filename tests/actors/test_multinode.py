@@ -22,8 +22,14 @@ SCRIPT = Path(__file__).with_name("multinode_federation.py")
 def test_each_factory_runs_on_the_node_that_holds_its_site_resource_and_the_federation_trains(shard_dir, tmp_path):
     result = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(shard_dir), str(tmp_path / "fed.pt"), str(result)],
-                          capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(shard_dir), str(tmp_path / "fed.pt"), str(result)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(result.read_text())
     assert out["rounds"] == 2 and out["stop_reason"] == ""

@@ -23,21 +23,42 @@ def many_shards(tmp_path_factory) -> Path:
     from bayprano.platform.data.synth import generate_dataset
 
     base = tmp_path_factory.mktemp("pooled")
-    generate_dataset(base / "synth", categories=["fabric"], seed=0, size=64, n_train=4 * SITES, n_test_good=SITES,
-                     n_test_defective=SITES, workers=1)
+    generate_dataset(
+        base / "synth",
+        categories=["fabric"],
+        seed=0,
+        size=64,
+        n_train=4 * SITES,
+        n_test_good=SITES,
+        n_test_defective=SITES,
+        workers=1,
+    )
     shard_dataset(base / "synth", base / "shards", sites=SITES, mode="iid", seed=0)
     return base / "shards"
 
 
 def pooled_cfg(shards: Path, out: Path, **overrides) -> FederatedTrainConfig:
-    settings = dict(shards=shards, out=out, rounds=2, local_steps=1, sites_per_round=4, pool_size=2, image_size=64,
-                    shots=2, n_query_normal=2, n_query_anomalous=2, calibration_episodes=2, holdout=0,
-                    round_timeout=300.0)
+    settings = dict(
+        shards=shards,
+        out=out,
+        rounds=2,
+        local_steps=1,
+        sites_per_round=4,
+        pool_size=2,
+        image_size=64,
+        shots=2,
+        n_query_normal=2,
+        n_query_anomalous=2,
+        calibration_episodes=2,
+        holdout=0,
+        round_timeout=300.0,
+    )
     return FederatedTrainConfig(**{**settings, **overrides})
 
 
 def test_twenty_virtual_sites_over_two_actors_train_with_secure_aggregation_and_keys_kept_outside_the_actors(
-        ray_session, many_shards, tmp_path):
+    ray_session, many_shards, tmp_path
+):
     cfg = pooled_cfg(many_shards, tmp_path / "pooled.pt", secure_agg=True)
     factories = spawn_factories(cfg, num_cpus=0.2)
     try:
@@ -73,7 +94,8 @@ def test_twenty_virtual_sites_over_two_actors_train_with_secure_aggregation_and_
 
 
 def test_pooled_mode_with_dp_accounts_the_sample_rate_of_the_virtual_sites_and_resumes_where_it_stopped(
-        ray_session, many_shards, tmp_path):
+    ray_session, many_shards, tmp_path
+):
     z, clip, delta = 1.0, 0.5, 1e-5
     out = tmp_path / "pooled-dp.pt"
     cfg = pooled_cfg(many_shards, out, rounds=1, dp_noise=z, dp_clip=clip, dp_delta=delta)
@@ -100,7 +122,8 @@ def test_pooled_mode_with_dp_accounts_the_sample_rate_of_the_virtual_sites_and_r
     assert "sites" not in ckpt.history[1]  # under DP the participants are secret, written nowhere
     state = ckpt.meta_config["federated"]
     assert state["round"] == 2 and PrivacyAccountant(z, 4 / SITES, delta).load_state_dict(
-        state["accountant"]).epsilon == pytest.approx(expected[1], rel=1e-12)
+        state["accountant"]
+    ).epsilon == pytest.approx(expected[1], rel=1e-12)
     # Whether round 2 moved the weights is not asserted: under DP the sample is Poisson and secret, and with
     # 4 of 20 expected a round falls short of its quorum with probability about 0.07 and is skipped (still
     # accounted, as checked above). That the resumed run started from round 1's weights is checked above.

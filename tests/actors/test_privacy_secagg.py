@@ -30,8 +30,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 ray = pytest.importorskip("ray")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
 
-SMALL = dict(image_size=64, shots=2, n_query_normal=2, n_query_anomalous=2, calibration_episodes=2, holdout=3,
-             backbone="efficientnet_lite2", local_steps=1, secure_agg=True)
+SMALL = dict(
+    image_size=64,
+    shots=2,
+    n_query_normal=2,
+    n_query_anomalous=2,
+    calibration_episodes=2,
+    holdout=3,
+    backbone="efficientnet_lite2",
+    local_steps=1,
+    secure_agg=True,
+)
 
 
 class Gate:
@@ -77,8 +86,9 @@ class GatedSite(FactorySite):
     def clear_vector(self, round: int, attempt: int) -> np.ndarray:
         """What this site masked in that round: [weight * delta, weight, loss] (read by the test only)."""
         delta, metrics = self.clear[(round, attempt)]
-        return np.concatenate([pack_weighted(delta, float(metrics["episodes"])).double().numpy(),
-                               [float(metrics["loss"])]])
+        return np.concatenate(
+            [pack_weighted(delta, float(metrics["episodes"])).double().numpy(), [float(metrics["loss"])]]
+        )
 
 
 def cfg_for(shard_dir, out, **overrides) -> FederatedTrainConfig:
@@ -89,8 +99,10 @@ def cfg_for(shard_dir, out, **overrides) -> FederatedTrainConfig:
 def gated(ray_session, shard_dir, tmp_path_factory):
     cfg = cfg_for(shard_dir, tmp_path_factory.mktemp("g") / "c.pt")
     actor = ray.remote(GatedSite)
-    handles = {s: actor.options(num_cpus=0.2, max_restarts=1, max_task_retries=0).remote(s, p, SiteSettings.from_config(cfg))
-               for s, p in cfg.site_paths().items()}
+    handles = {
+        s: actor.options(num_cpus=0.2, max_restarts=1, max_task_retries=0).remote(s, p, SiteSettings.from_config(cfg))
+        for s, p in cfg.site_paths().items()
+    }
     ray.get([h.describe.remote() for h in handles.values()], timeout=300)  # banks built before the tests start
     yield handles
     for h in handles.values():
@@ -115,8 +127,12 @@ def test_a_late_sites_stale_reply_does_not_reveal_its_update_and_the_round_needs
     late = "site-002"
     gate = ray.remote(num_cpus=0)(Gate).remote()
     ray.get([h.arm.remote(gate, 1, s == late) for s, h in gated.items()])
-    trainer = FederatedTrainer(cfg_for(shard_dir, tmp_path / "late.pt"), gated, log=lambda m: None,
-                               on_broadcast=lambda r, a, sites: _wait_for(gate, 3))
+    trainer = FederatedTrainer(
+        cfg_for(shard_dir, tmp_path / "late.pt"),
+        gated,
+        log=lambda m: None,
+        on_broadcast=lambda r, a, sites: _wait_for(gate, 3),
+    )
     trainer.setup()
     try:
         result = trainer.run_round(1)
@@ -166,7 +182,9 @@ def test_a_late_sites_stale_reply_does_not_reveal_its_update_and_the_round_needs
     everything = unexplained(plain, guess, decode_fixed(y), *survivors_masked)
     assert everything > legitimate - 0.01, (legitimate, everything)
     print(f"late site's update unexplained: by the survivors' sum {legitimate:.4f}, by everything {everything:.4f}")
-    assert unexplained(plain, x + 1e-3 * x.std() * np.random.default_rng(0).normal(size=x.size)) < 1e-4  # it would see it
+    assert (
+        unexplained(plain, x + 1e-3 * x.std() * np.random.default_rng(0).normal(size=x.size)) < 1e-4
+    )  # it would see it
 
     # and no survivor gives a second answer for the same instance (so never the late site's self-mask)
     with pytest.raises(ray.exceptions.RayTaskError, match="already did 'unmask'"):
@@ -183,8 +201,9 @@ def test_a_site_killed_after_masking_leaves_the_survivors_sum_without_a_redo(gat
         ray.kill(gated[victim], no_restart=False)
 
     logged = []
-    trainer = FederatedTrainer(cfg_for(shard_dir, tmp_path / "kill.pt", rounds=2), gated, log=logged.append,
-                               on_broadcast=kill_after_masking)
+    trainer = FederatedTrainer(
+        cfg_for(shard_dir, tmp_path / "kill.pt", rounds=2), gated, log=logged.append, on_broadcast=kill_after_masking
+    )
     trainer.setup()
     result = trainer.run_round(1)
     survivors = ["site-000", "site-002"]

@@ -24,8 +24,17 @@ from bayprano.platform.meta.checkpoint import load_checkpoint
 
 ray = pytest.importorskip("ray")
 
-SMALL = dict(image_size=64, shots=2, n_query_normal=2, n_query_anomalous=2, calibration_episodes=2, holdout=3,
-             backbone="efficientnet_lite2", round_timeout=120.0, local_steps=1)
+SMALL = dict(
+    image_size=64,
+    shots=2,
+    n_query_normal=2,
+    n_query_anomalous=2,
+    calibration_episodes=2,
+    holdout=3,
+    backbone="efficientnet_lite2",
+    round_timeout=120.0,
+    local_steps=1,
+)
 Z, CLIP, DELTA = 1.2, 0.5, 1e-5
 
 # the README table, as field sets per stage; metadata that is the same at every site or names the site
@@ -38,8 +47,11 @@ EXPECTED = {
 
 
 def cfg_for(shard_dir, out, mode: str, **overrides) -> FederatedTrainConfig:
-    privacy = {"plain": {}, "dp": dict(dp_noise=Z, dp_clip=CLIP, dp_delta=DELTA),
-               "secure-dp": dict(dp_noise=Z, dp_clip=CLIP, dp_delta=DELTA, secure_agg=True)}[mode]
+    privacy = {
+        "plain": {},
+        "dp": dict(dp_noise=Z, dp_clip=CLIP, dp_delta=DELTA),
+        "secure-dp": dict(dp_noise=Z, dp_clip=CLIP, dp_delta=DELTA, secure_agg=True),
+    }[mode]
     return FederatedTrainConfig(shards=shard_dir, out=out, **{**SMALL, "rounds": 1, **privacy, **overrides})
 
 
@@ -67,7 +79,8 @@ def leaves(value, path=""):
 
 
 def test_under_secure_aggregation_and_dp_the_coordinator_gets_only_masked_vectors_and_the_tables_metadata(
-        factories, shard_dir, tmp_path):
+    factories, shard_dir, tmp_path
+):
     from opacus.accountants import RDPAccountant
 
     q = 1.0  # every site sampled: Poisson sampling at rate 1 is deterministic, as a test needs
@@ -97,7 +110,9 @@ def test_under_secure_aggregation_and_dp_the_coordinator_gets_only_masked_vector
             assert sent_fields(reply) == {"site", "instance", "shares"}
             assert all(isinstance(ct, bytes) and len(ct) < 400 for ct in reply.shares.values())  # sealed to peers
         elif stage == "update":
-            assert sent_fields(reply) == {"site", "masked", "round", "attempt"} and isinstance(reply.masked, MaskedUpdate)
+            assert sent_fields(reply) == {"site", "masked", "round", "attempt"} and isinstance(
+                reply.masked, MaskedUpdate
+            )
             assert reply.masked.values.shape == (trainer.layout.size + 1,)  # [clipped delta, 1]: no loss
         elif stage == "unmask":
             assert sent_fields(reply) == {"site", "instance", "shares"}
@@ -107,8 +122,15 @@ def test_under_secure_aggregation_and_dp_the_coordinator_gets_only_masked_vector
                 assert path == ".masked.values" and leaf.dtype == np.uint64, f"{where}{path}: an array in the clear"
             assert not isinstance(leaf, (float, np.floating, torch.Tensor)), f"{where}{path}: a number in the clear"
             if isinstance(leaf, int) and not isinstance(leaf, bool):
-                assert path in (".in_channels", ".image_size", ".round", ".attempt", ".masked.round",
-                                ".masked.attempt", ".masked.fractional_bits"), f"{where}{path}: {leaf}"
+                assert path in (
+                    ".in_channels",
+                    ".image_size",
+                    ".round",
+                    ".attempt",
+                    ".masked.round",
+                    ".masked.attempt",
+                    ".masked.fractional_bits",
+                ), f"{where}{path}: {leaf}"
 
     # one accountant, every noised release counted: the two rounds' updates (nothing else is released)
     ckpt = load_checkpoint(cfg.out)
@@ -139,7 +161,12 @@ def test_without_secure_aggregation_each_sites_values_are_visible(factories, sha
             assert sent_fields(reply) == {"site", "round", "attempt", "weight", "update"} and reply.weight == 1.0
             assert float(delta.norm()) <= CLIP * (1 + 1e-5)  # clipped, not noised: the noise is added at the server
         else:
-            assert reply.metrics is not None and sent_fields(reply.metrics) == {"loss", "delta_norm", "clipped_norm", "seconds"}
+            assert reply.metrics is not None and sent_fields(reply.metrics) == {
+                "loss",
+                "delta_norm",
+                "clipped_norm",
+                "seconds",
+            }
     if mode == "plain":
         validations = [t["reply"].validation for t in trainer.transcript if t["stage"] == "validation"]
         features = [t["reply"].features for t in trainer.transcript if t["stage"] == "features"]

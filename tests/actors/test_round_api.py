@@ -38,8 +38,16 @@ def test_step_returns_none_with_the_reason_before_a_round_past_the_privacy_budge
     z, clip, delta = 1.0, 0.5, 1e-5
     accountant = PrivacyAccountant(z, 1.0, delta)
     one, two = accountant.step(), accountant.step()
-    cfg = fed_cfg(shard_dir, tmp_path / "budget.pt", rounds=3, local_steps=1, dp_noise=z, dp_clip=clip,
-                  dp_delta=delta, target_epsilon=(one + two) / 2)
+    cfg = fed_cfg(
+        shard_dir,
+        tmp_path / "budget.pt",
+        rounds=3,
+        local_steps=1,
+        dp_noise=z,
+        dp_clip=clip,
+        dp_delta=delta,
+        target_epsilon=(one + two) / 2,
+    )
     logged: list[str] = []
     trainer = FederatedTrainer(cfg, factories, log=logged.append)
     row = trainer.step()  # runs setup() first

@@ -75,7 +75,9 @@ def test_exported_graph_gives_the_torch_models_statistics_maps_and_decisions(exp
     assert [r.decision for r in got] == [r.decision for r in expected]
     np.testing.assert_allclose([r.p_value for r in got], [r.p_value for r in expected], rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose([r.uncertainty for r in got], [r.uncertainty for r in expected], rtol=1e-3, atol=1e-6)
-    assert got[0].threshold == expected[0].threshold and got[0].map_threshold == pytest.approx(expected[0].map_threshold)
+    assert got[0].threshold == expected[0].threshold and got[0].map_threshold == pytest.approx(
+        expected[0].map_threshold
+    )
     assert {r.decision for r in expected} != {"normal"}  # the defects are seen, so decisions are really compared
     single = model.score(images[:1], maps=False)[0]
     assert single.score == pytest.approx(got[0].score, rel=RTOL) and single.anomaly_map is None
@@ -99,7 +101,10 @@ def test_metadata_is_in_the_graph_and_beside_it(exported):
     sidecar = json.loads((graphs["onnx"].parent / "model.json").read_text())
     assert {k: v for k, v in sidecar.items() if k != "files"} == meta == read_metadata(graphs["openvino"])
     assert set(json.loads((graphs["openvino"].parent / "model.json").read_text())["files"]) == {
-        "model.onnx", "model.xml", "model.bin"}
+        "model.onnx",
+        "model.xml",
+        "model.bin",
+    }
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert inputs == {"image": ["batch", 3, SIZE, SIZE]}
 
@@ -181,9 +186,10 @@ def test_a_corrupt_or_foreign_model_is_refused(exported, tmp_path):
 
     model = onnx.load(str(graphs["onnx"]))
     props = {p.key: p.value for p in model.metadata_props}
-    for key, value, message in (("bayprano", None, "has no bayprano metadata"),
-                                ("bayprano", json.dumps({**json.loads(props["bayprano"]), "format": 7}),
-                                 "export format 7 is not supported")):
+    for key, value, message in (
+        ("bayprano", None, "has no bayprano metadata"),
+        ("bayprano", json.dumps({**json.loads(props["bayprano"]), "format": 7}), "export format 7 is not supported"),
+    ):
         del model.metadata_props[:]
         if value is not None:
             entry = model.metadata_props.add()

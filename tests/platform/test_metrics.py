@@ -330,10 +330,7 @@ def test_image_and_pixel_summaries():
 def test_plot_roc_writes_a_png(tmp_path):
     rng = np.random.default_rng(6)
     y = np.r_[np.zeros(20), np.ones(20)]
-    curves = {
-        "ours": M.roc_curve(y, y + rng.normal(size=40)),
-        "baseline": M.roc_curve(y, rng.normal(size=40))[:2],
-    }
+    curves = {"ours": M.roc_curve(y, y + rng.normal(size=40)), "baseline": M.roc_curve(y, rng.normal(size=40))[:2]}
     path = tmp_path / "plots" / "roc.png"
     assert M.plot_roc(curves, path, title="image ROC") == path
     data = path.read_bytes()

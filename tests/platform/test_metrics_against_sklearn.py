@@ -101,8 +101,9 @@ def test_infinite_scores_which_scikit_learn_refuses_are_ranked():
     sk_fpr, sk_tpr, _ = sk.roc_curve(y, finite, drop_intermediate=False)
     np.testing.assert_array_equal(fpr, sk_fpr)
     np.testing.assert_array_equal(tpr, sk_tpr)
-    assert thresholds[0] == np.inf and M.best_f1(y, s) == pytest.approx(max(
-        sk.f1_score(y, finite >= t) for t in np.unique(finite)))
+    assert thresholds[0] == np.inf and M.best_f1(y, s) == pytest.approx(
+        max(sk.f1_score(y, finite >= t) for t in np.unique(finite))
+    )
 
 
 # --------------------------------------------------------------------------- pixel metrics
@@ -118,7 +119,7 @@ def defect_maps(seed: int, n: int = 6, side: int = 128, stride: int = 2):
             cy, cx, r = rng.integers(8, side - 8), rng.integers(8, side - 8), rng.integers(3, 12)
             masks[i] |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
         row = rng.integers(0, side)
-        masks[i, row, rng.integers(0, side // 2):] = True  # a thin scratch to the border
+        masks[i, row, rng.integers(0, side // 2) :] = True  # a thin scratch to the border
     maps = ndimage.gaussian_filter(masks.astype(np.float32), (0, 2, 2)) * rng.uniform(0.5, 2.0, (n, 1, 1))
     maps = np.round(maps + rng.normal(0, 0.3, maps.shape), 2).astype(np.float32)
     return masks[:, ::stride, ::stride], maps[:, ::stride, ::stride]

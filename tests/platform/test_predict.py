@@ -49,14 +49,28 @@ def folder(tmp_path):
 def test_a_folder_is_scored_completely_with_bad_files_listed(folder, tmp_path):
     out = tmp_path / "out"
     emitted = []
-    run = predict([str(folder)], brightness_scorer, output=out, model_version="v3",
-                  overlay=lambda image, r: 255 - image, emit=emitted.append, batch_size=2)
+    run = predict(
+        [str(folder)],
+        brightness_scorer,
+        output=out,
+        model_version="v3",
+        overlay=lambda image, r: 255 - image,
+        emit=emitted.append,
+        batch_size=2,
+    )
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
     by_name = {r["path"].split("line/", 1)[1]: r for r in rows}
-    assert set(by_name) == {"dark.png", "mid.png", "bright.png", "day2/bright.png", "broken.png", "notes.txt",
-                            "tiny.png"}
+    assert set(by_name) == {
+        "dark.png",
+        "mid.png",
+        "bright.png",
+        "day2/bright.png",
+        "broken.png",
+        "notes.txt",
+        "tiny.png",
+    }
     assert by_name["dark.png"]["decision"] == "normal" and float(by_name["dark.png"]["score"]) == pytest.approx(0.4)
     assert by_name["bright.png"]["decision"] == "anomalous" and by_name["mid.png"]["decision"] == "review"
     assert all(by_name[n]["model_version"] == "v3" for n in ("dark.png", "mid.png"))
@@ -84,7 +98,11 @@ def test_one_image_that_fails_to_score_does_not_fail_its_batch(folder, tmp_path)
 
     run = predict([str(folder / "*.png"), str(folder / "day2" / "*.png")], fragile, batch_size=8)
     errors = {r.path.split("line/", 1)[1]: r.error for r in run.failed}
-    assert sorted(r.path.split("line/", 1)[1] for r in run.rows if r.error is None) == ["bright.png", "dark.png", "mid.png"]
+    assert sorted(r.path.split("line/", 1)[1] for r in run.rows if r.error is None) == [
+        "bright.png",
+        "dark.png",
+        "mid.png",
+    ]
     assert errors["day2/bright.png"] == "scoring failed (RuntimeError: scorer refused a saturated image)"
     assert "not a readable image" in errors["broken.png"] and "smaller than 32 px" in errors["tiny.png"]
 

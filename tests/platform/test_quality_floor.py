@@ -50,8 +50,10 @@ def good_images(category: str, purpose: int, seed: int, n: int) -> list[np.ndarr
 def defective_images(category: str, seed: int, n: int) -> list[np.ndarray]:
     """``n`` defective images cycling through the category's defect types, severity drawn per image."""
     defects = DEFECT_TYPES[category]
-    return [render_defective(category, defects[i % len(defects)], np.random.default_rng([_TEST_DEFECT, seed, i]),
-                             SIZE)[0] for i in range(n)]
+    return [
+        render_defective(category, defects[i % len(defects)], np.random.default_rng([_TEST_DEFECT, seed, i]), SIZE)[0]
+        for i in range(n)
+    ]
 
 
 def pixel_hashes(images) -> set[str]:
@@ -69,12 +71,20 @@ def build_frozen_checkpoint(extractor) -> MetaCheckpoint:
     pool = [im for c in STATISTICS_CATEGORIES for im in good_images(c, _STATS, 0, 2)]
     features = extractor.extract(np.stack(pool), size=SIZE)
     model = BayesianPatchModel(extractor.out_channels, DIM)
-    model.set_feature_statistics(features.mean((0, 2, 3)),
-                                 features.var((0, 2, 3), unbiased=False).clamp_min(1e-12).sqrt())
+    model.set_feature_statistics(
+        features.mean((0, 2, 3)), features.var((0, 2, 3), unbiased=False).clamp_min(1e-12).sqrt()
+    )
     h, w = features.shape[-2:]
     prior = Calibration.from_prior(DIM, h * w / model.window**2, strength=1.0)
-    return MetaCheckpoint(model.eval(), extractor.name, extractor.fingerprint(), SIZE, prior,
-                          meta_config={"inner_steps": 0}, normality=NormalityPrior.uninformed())
+    return MetaCheckpoint(
+        model.eval(),
+        extractor.name,
+        extractor.fingerprint(),
+        SIZE,
+        prior,
+        meta_config={"inner_steps": 0},
+        normality=NormalityPrior.uninformed(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +138,7 @@ def test_adapted_site_models_rank_defects_above_normals(floor_runs):
 def test_scoring_the_extracted_features_is_what_score_does(floor_runs):
     """The floor's variants below score features directly; on the true features that path is ``score``."""
     for category, r in floor_runs.items():
-        np.testing.assert_allclose(image_scores(r["site"], r["features"]), r["scores"], rtol=1e-5,
-                                   err_msg=category)
+        np.testing.assert_allclose(image_scores(r["site"], r["features"]), r["scores"], rtol=1e-5, err_msg=category)
 
 
 def test_the_floor_bites_on_negated_scores(floor_runs):
@@ -147,8 +156,9 @@ def test_the_floor_bites_on_shuffled_feature_channels(floor_runs):
     its patches land (measured mean AUROC 0.84 with positions shuffled, 0.83 without); what the model
     reads is the channels.
     """
-    perm = torch.randperm(next(iter(floor_runs.values()))["features"].shape[1],
-                          generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(
+        next(iter(floor_runs.values()))["features"].shape[1], generator=torch.Generator().manual_seed(0)
+    )
     mean, per_category = mean_auroc(floor_runs, lambda r: image_scores(r["site"], r["features"][:, perm]))
     assert mean < AUROC_FLOOR - 0.15, f"shuffled channels still reach mean AUROC {mean:.3f}: {per_category}"
 
@@ -161,8 +171,9 @@ def test_decisions_follow_the_score_the_threshold_and_the_uncertainty_band(floor
     for category, r in floor_runs.items():
         site = r["site"]
         scores = r["scores"]
-        expected, uncertainty = decide(scores, site.threshold,
-                                       relative_sd(scores, site.model.dim, site.nu_n, site.kappa_n), site.z_review)
+        expected, uncertainty = decide(
+            scores, site.threshold, relative_sd(scores, site.model.dim, site.nu_n, site.kappa_n), site.z_review
+        )
         for i, res in enumerate(r["results"]):
             where = f"{category} image {i}: score {res.score:.3f}, threshold {site.threshold:.3f}"
             assert res.threshold == site.threshold, where
@@ -209,13 +220,20 @@ def test_measured_false_positive_rate_is_near_its_target(category, lite2, frozen
     """
     rates = measured_false_positive_rates(lite2, frozen_checkpoint, category)
     mean = float(np.mean(rates))
-    assert FPR_BAND[0] <= mean <= FPR_BAND[1], f"{category}: measured FPR {mean:.3f} (per draw {rates}), " \
-                                               f"target {FPR_TARGET}, band {FPR_BAND}"
+    assert FPR_BAND[0] <= mean <= FPR_BAND[1], (
+        f"{category}: measured FPR {mean:.3f} (per draw {rates}), target {FPR_TARGET}, band {FPR_BAND}"
+    )
     assert max(rates) <= FPR_SINGLE_DRAW_MAX, f"{category}: a support draw fires on {max(rates):.2f}: {rates}"
 
 
-def measured_false_positive_rates(extractor, checkpoint: MetaCheckpoint, category: str, shots: int = FPR_SHOTS,
-                                  target: float = FPR_TARGET, draws: int = FPR_SUPPORT_DRAWS) -> list[float]:
+def measured_false_positive_rates(
+    extractor,
+    checkpoint: MetaCheckpoint,
+    category: str,
+    shots: int = FPR_SHOTS,
+    target: float = FPR_TARGET,
+    draws: int = FPR_SUPPORT_DRAWS,
+) -> list[float]:
     """Per support draw: the share of the held-out normals above the adapted model's threshold."""
     held_out = good_images(category, _HELD_OUT, SEED, HELD_OUT_NORMALS)
     features = extractor.extract(np.stack(held_out), size=SIZE)

@@ -24,16 +24,51 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _results():
     return {
         "title": "test report",
-        "sites": [{"site": "site-000", "new_product": "wood", "shots": 5, "image_auroc": 0.8731, "target_fpr": 0.05,
-                   "measured_fpr": 0.05, "threshold": 3.2, "adapt_seconds": 0.71,
-                   "decisions": {"normal": 21, "anomalous": 13, "review": 6}}],
-        "methods": [{"site": "site-000", "category": "wood", "method": "padim", "image_auroc": 0.848,
-                     "pixel_auroc": 0.901, "aupro": 0.591, "f1": None, "measured_fpr": 0.3}],
-        "federated": {"rounds": 3, "epsilon": 4.5, "bytes": 1_190_000, "shard_bytes": 6_100_000, "stop_reason": "",
-                      "site_bytes": {"site-000": {"sent": 80_000, "received": 250_000, "shard_bytes": 2_000_000,
-                                                  "sent_fraction": 0.04}}},
-        "http": [{"site": "site-000", "model_version": "v0001", "images": 4, "decisions": {"normal": 3, "review": 1},
-                  "matches_in_process": True, "latency_ms_p50": 41.5}],
+        "sites": [
+            {
+                "site": "site-000",
+                "new_product": "wood",
+                "shots": 5,
+                "image_auroc": 0.8731,
+                "target_fpr": 0.05,
+                "measured_fpr": 0.05,
+                "threshold": 3.2,
+                "adapt_seconds": 0.71,
+                "decisions": {"normal": 21, "anomalous": 13, "review": 6},
+            }
+        ],
+        "methods": [
+            {
+                "site": "site-000",
+                "category": "wood",
+                "method": "padim",
+                "image_auroc": 0.848,
+                "pixel_auroc": 0.901,
+                "aupro": 0.591,
+                "f1": None,
+                "measured_fpr": 0.3,
+            }
+        ],
+        "federated": {
+            "rounds": 3,
+            "epsilon": 4.5,
+            "bytes": 1_190_000,
+            "shard_bytes": 6_100_000,
+            "stop_reason": "",
+            "site_bytes": {
+                "site-000": {"sent": 80_000, "received": 250_000, "shard_bytes": 2_000_000, "sent_fraction": 0.04}
+            },
+        },
+        "http": [
+            {
+                "site": "site-000",
+                "model_version": "v0001",
+                "images": 4,
+                "decisions": {"normal": 3, "review": 1},
+                "matches_in_process": True,
+                "latency_ms_p50": 41.5,
+            }
+        ],
         "stages_seconds": {"dataset": 11.2, "federated training": 30.5},
     }
 
@@ -49,8 +84,16 @@ def test_report_embeds_every_figure_and_tabulates_the_numbers(tmp_path):
         plot_bytes(_results()["federated"]["site_bytes"], tmp_path / "bytes.png"),
         plot_calibration({"site-000": [(0.01, 0.0), (0.05, 0.05), (0.2, 0.15)]}, tmp_path / "calibration.png"),
         plot_uncertainty({"normal": [0.1, 0.2], "anomalous": [0.05], "review": [0.9]}, tmp_path / "uncertainty.png"),
-        plot_extremes("site-000", images, maps, scores, [f"img {i}" for i in range(6)], tmp_path / "overlays.png", n=2,
-                      masks=maps > 0.9),
+        plot_extremes(
+            "site-000",
+            images,
+            maps,
+            scores,
+            [f"img {i}" for i in range(6)],
+            tmp_path / "overlays.png",
+            n=2,
+            masks=maps > 0.9,
+        ),
     ]
     for path in drawn:
         assert path.read_bytes().startswith(PNG)

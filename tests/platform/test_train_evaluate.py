@@ -31,8 +31,16 @@ SHOTS = 2
 
 
 def train_config(root: Path, out: Path, **changes) -> TrainConfig:
-    settings = dict(data_root=root, shots=SHOTS, inner_steps=1, episodes=2, out=out, image_size=SIZE,
-                    backbone="random", calibration_episodes=2)
+    settings = dict(
+        data_root=root,
+        shots=SHOTS,
+        inner_steps=1,
+        episodes=2,
+        out=out,
+        image_size=SIZE,
+        backbone="random",
+        calibration_episodes=2,
+    )
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -118,11 +126,18 @@ def test_pools_are_disjoint_by_path_and_by_pixel_hash(trained, root, held):
 
     pool_hashes = pool.hashes()
     assert pool_hashes == set(ckpt.meta_config["pool_sha256"]) and len(pool_hashes) == 20
-    check_disjoint({"meta-training": pool_hashes, "support": pixel_hashes(data.train_images[idx]),
-                    "test": pixel_hashes(data.test_images)})
+    check_disjoint(
+        {
+            "meta-training": pool_hashes,
+            "support": pixel_hashes(data.train_images[idx]),
+            "test": pixel_hashes(data.test_images),
+        }
+    )
     # the same for the pixels as stored in the files, before any resizing
-    raw = {name: pixel_hashes([load_image(p) for p in paths])
-           for name, paths in (("meta-training", pool_paths), ("support", support_paths), ("test", test_paths))}
+    raw = {
+        name: pixel_hashes([load_image(p) for p in paths])
+        for name, paths in (("meta-training", pool_paths), ("support", support_paths), ("test", test_paths))
+    }
     check_disjoint(raw)
     with pytest.raises(DataError, match="leakage: 1 image"):
         check_disjoint({"support": raw["support"], "test": raw["test"] | {next(iter(raw["support"]))}})
@@ -132,8 +147,16 @@ def test_evaluation_refuses_a_checkpoint_trained_on_the_evaluated_category(train
     cfg, ckpt = trained.cfg, trained.ckpt
     seen = ckpt.categories[0]
     with pytest.raises(ConfigError, match=f"meta-trained on category '{seen}'; evaluating it there would leak"):
-        run_evaluation(root, tmp_path / "out.json", categories=[seen], shots=[SHOTS], seeds=1, methods=["bayes"],
-                       checkpoint=cfg.out, backbone="random")
+        run_evaluation(
+            root,
+            tmp_path / "out.json",
+            categories=[seen],
+            shots=[SHOTS],
+            seeds=1,
+            methods=["bayes"],
+            checkpoint=cfg.out,
+            backbone="random",
+        )
     assert not (tmp_path / "out.json").exists()
 
 
@@ -141,19 +164,38 @@ def test_evaluation_refuses_a_checkpoint_whose_pool_held_a_test_image(trained, r
     """The same checkpoint, as if its meta-training pool (elsewhere) had held a copy of a held-out test image."""
     ckpt = trained.ckpt
     test_image = load_category(root, held, SIZE).test_images[-1]
-    leaky = replace(ckpt, meta_config={**ckpt.meta_config,
-                                       "pool_sha256": ckpt.meta_config["pool_sha256"] + [*pixel_hashes([test_image])]})
+    leaky = replace(
+        ckpt,
+        meta_config={
+            **ckpt.meta_config,
+            "pool_sha256": ckpt.meta_config["pool_sha256"] + [*pixel_hashes([test_image])],
+        },
+    )
     leaky.save(tmp_path / "leaky.pt")
-    with pytest.raises(DataError, match=r"leakage: 1 image\(s\) are in both the checkpoint's meta-training "
-                                        r"and the test pool"):
-        run_evaluation(root, tmp_path / "out.json", categories=[held], shots=[SHOTS], seeds=1, methods=["bayes"],
-                       checkpoint=tmp_path / "leaky.pt", backbone="random")
+    with pytest.raises(
+        DataError,
+        match=r"leakage: 1 image\(s\) are in both the checkpoint's meta-training "
+        r"and the test pool",
+    ):
+        run_evaluation(
+            root,
+            tmp_path / "out.json",
+            categories=[held],
+            shots=[SHOTS],
+            seeds=1,
+            methods=["bayes"],
+            checkpoint=tmp_path / "leaky.pt",
+            backbone="random",
+        )
     assert not (tmp_path / "out.json").exists()
 
 
 def test_train_refuses_too_few_images_and_unknown_categories(root, held, tmp_path):
-    with pytest.raises(ConfigError, match=r"category '\w+' has 10 train/good images; an episode needs 12 "
-                                          r"\(--shots 8 \+ 4 query images\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"category '\w+' has 10 train/good images; an episode needs 12 "
+        r"\(--shots 8 \+ 4 query images\)",
+    ):
         train_centralised(train_config(root, tmp_path / "x.pt", shots=8))
     with pytest.raises(ConfigError, match="--exclude: unknown category 'nope'"):
         train_centralised(train_config(root, tmp_path / "x.pt", exclude=["nope"]))
@@ -178,6 +220,9 @@ def test_adapt_refuses_bad_images_and_another_backbone(trained, extractor):
     with pytest.raises(DataError, match=r"shape \(8, 8, 3\) is smaller than 32 px"):
         adapt(ckpt, [np.zeros((8, 8, 3), np.uint8)], extractor=extractor)
     other = replace(ckpt, backbone="efficientnet_lite2", backbone_fingerprint="efficientnet_lite2:0123456789abcdef")
-    with pytest.raises(ConfigError, match=r"checkpoint was meta-trained on backbone efficientnet_lite2:0123456789abcdef, "
-                                          r"not random:"):
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint was meta-trained on backbone efficientnet_lite2:0123456789abcdef, "
+        r"not random:",
+    ):
         adapt(other, good, extractor=extractor)

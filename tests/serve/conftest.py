@@ -47,11 +47,25 @@ def make_site_model(checkpoint, extractor):
 
 
 SERVER_SETTINGS = dict(
-    num_cpus=0.1, ingress_num_cpus=0.1, max_models_per_replica=4, max_batch_size=8, batch_wait_timeout_s=0.02,
-    max_request_bytes=8 * 1024 * 1024, max_inflight_bytes=32 * 1024 * 1024, max_images_per_request=8,
-    max_image_pixels=256 * 256, max_request_pixels=4 * 256 * 256, max_inflight_pixels=16 * 256 * 256,
-    max_concurrent_decodes=2, decode_timeout_s=2.0, max_jpeg_scans=10_000_000, rate_limit_per_s=5.0,
-    rate_burst=100, max_concurrent_per_token=8, max_versions_per_site=3, max_review_items_per_site=50,
+    num_cpus=0.1,
+    ingress_num_cpus=0.1,
+    max_models_per_replica=4,
+    max_batch_size=8,
+    batch_wait_timeout_s=0.02,
+    max_request_bytes=8 * 1024 * 1024,
+    max_inflight_bytes=32 * 1024 * 1024,
+    max_images_per_request=8,
+    max_image_pixels=256 * 256,
+    max_request_pixels=4 * 256 * 256,
+    max_inflight_pixels=16 * 256 * 256,
+    max_concurrent_decodes=2,
+    decode_timeout_s=2.0,
+    max_jpeg_scans=10_000_000,
+    rate_limit_per_s=5.0,
+    rate_burst=100,
+    max_concurrent_per_token=8,
+    max_versions_per_site=3,
+    max_review_items_per_site=50,
     review_image_side=48,
 )
 
@@ -73,8 +87,14 @@ def server(ray_session, tmp_path_factory, checkpoint, make_site_model):
     storage = base / "storage"
     counter = itertools.count()
 
-    def new_site(category: str = "wood", seed: int = 1, publish: bool = True, scopes=("score", "review"),
-                 model=None, prefix: str = "site"):
+    def new_site(
+        category: str = "wood",
+        seed: int = 1,
+        publish: bool = True,
+        scopes=("score", "review"),
+        model=None,
+        prefix: str = "site",
+    ):
         name = f"{prefix}-{next(counter):03d}"
         token = registry.add_site(name, scopes=scopes)
         if publish:
@@ -100,8 +120,12 @@ def tiled_server(ray_session, tmp_path_factory, checkpoint):
     base = tmp_path_factory.mktemp("serve-tiled")
     registry, _ = Registry.init(base / "registry", checkpoint=checkpoint)
     pixels = 1024 * 256  # a 1024 x 256 strip
-    settings = {**SERVER_SETTINGS, "max_image_pixels": pixels, "max_request_pixels": 2 * pixels,
-                "max_inflight_pixels": 4 * pixels}
+    settings = {
+        **SERVER_SETTINGS,
+        "max_image_pixels": pixels,
+        "max_request_pixels": 2 * pixels,
+        "max_inflight_pixels": 4 * pixels,
+    }
     cfg = ServeConfig(registry=registry.root, host="127.0.0.1", site_storage=base / "storage", **settings)
     url = serve_on_a_free_port(application(cfg), "bayprano-tiled-test")
     yield {"url": url, "registry": registry}

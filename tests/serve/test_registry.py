@@ -215,14 +215,16 @@ def test_publish_refuses_a_model_of_another_backbone(registry, make_site_model, 
     assert registry.meta["checkpoint"]["backbone_fingerprint"] == serving
     meta["backbone_fingerprint"] = "random:0000000000000000"
     (folder / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(BaypranoError, match=f"adapted on backbone random:0000000000000000, but this registry serves "
-                                            f"{serving}"):
+    with pytest.raises(
+        BaypranoError, match=f"adapted on backbone random:0000000000000000, but this registry serves {serving}"
+    ):
         registry.publish("plant-a", folder)
     assert registry.versions("plant-a") == [] and registry.current("plant-a") is None
 
 
-def test_set_checkpoint_rotate_admin_token_add_site_scopes_and_promote_commands(tmp_path, checkpoint,
-                                                                                 make_site_model, capsys):
+def test_set_checkpoint_rotate_admin_token_add_site_scopes_and_promote_commands(
+    tmp_path, checkpoint, make_site_model, capsys
+):
     from bayprano.platform.meta.checkpoint import load_checkpoint
 
     root = str(tmp_path / "reg")

@@ -19,8 +19,14 @@ def queue(tmp_path):
 
 
 def _result(u: float) -> dict:
-    return {"score": 2.0, "p_value": 0.04, "threshold": 2.1, "decision": "review", "uncertainty": u,
-            "model_version": "v0001"}
+    return {
+        "score": 2.0,
+        "p_value": 0.04,
+        "threshold": 2.1,
+        "decision": "review",
+        "uncertainty": u,
+        "model_version": "v0001",
+    }
 
 
 def test_items_come_least_certain_first_and_labels_stay_with_the_site(queue):
@@ -81,6 +87,8 @@ def test_the_store_is_capped_oldest_labelled_first_and_images_are_downscaled(tmp
     assert {i["id"] for i in queue.list("line-1", limit=100)} == set(pending)
     more = [queue.add("line-1", image, _result(0.5)) for _ in range(2)]
     assert queue.labelled("line-1") == []  # then the last labelled one, then the oldest pending
-    assert [i["id"] for i in sorted(queue.list("line-1", limit=100), key=lambda i: i["added_ns"])] == (pending + more)[1:]
+    assert [i["id"] for i in sorted(queue.list("line-1", limit=100), key=lambda i: i["added_ns"])] == (pending + more)[
+        1:
+    ]
     stored = Image.open(io.BytesIO(queue.image_png("line-1", more[-1])))
     assert stored.size == (16, 32)  # the longest side downscaled to 32, the aspect ratio kept

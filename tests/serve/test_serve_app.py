@@ -75,8 +75,12 @@ def test_score_multipart_json_and_raw_match_in_process_scoring(server):
     r = score_json(server, site, images, token)
     assert r.status_code == 200, r.text
     assert [x["score"] for x in r.json()["results"]] == pytest.approx([w.score for w in expected], rel=1e-4)
-    raw = requests.post(f"{server['url']}/v1/sites/{site}/score", data=png(images[0]),
-                        headers={**auth(token), "Content-Type": "image/png"}, timeout=120)
+    raw = requests.post(
+        f"{server['url']}/v1/sites/{site}/score",
+        data=png(images[0]),
+        headers={**auth(token), "Content-Type": "image/png"},
+        timeout=120,
+    )
     assert raw.status_code == 200 and raw.json()["results"][0]["score"] == pytest.approx(expected[0].score, rel=1e-4)
 
 
@@ -131,8 +135,14 @@ def test_one_bad_image_is_reported_in_its_own_item_and_fails_nothing_else(server
             files.insert(0, ("files", ("broken.png", png(image)[:200], "image/png")))
         bodies.append(files)
     with ThreadPoolExecutor(len(bodies)) as pool:  # concurrent: scored in the same batches
-        responses = list(pool.map(lambda f: requests.post(f"{server['url']}/v1/sites/{site}/score", files=f,
-                                                          headers=auth(token), timeout=120), bodies))
+        responses = list(
+            pool.map(
+                lambda f: requests.post(
+                    f"{server['url']}/v1/sites/{site}/score", files=f, headers=auth(token), timeout=120
+                ),
+                bodies,
+            )
+        )
     assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses]
     for i, r in enumerate(responses):
         results = r.json()["results"]
@@ -170,12 +180,20 @@ def test_scopes_a_site_token_cannot_adapt_without_the_adapt_scope(server):
     url = server["url"]
     site, token, _ = server["site"]("wood", 6)
     support = [("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(good("wood", 8, 3))]
-    expect_error(requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), files=support, timeout=60), 403,
-                 "missing_scope", "adapt")
+    expect_error(
+        requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), files=support, timeout=60),
+        403,
+        "missing_scope",
+        "adapt",
+    )
     assert server["registry"].current(site) == "v0001" and len(server["registry"].versions(site)) == 1
     scorer, scorer_token, _ = server["site"]("wood", 6, scopes=("score",))
-    expect_error(requests.get(f"{url}/v1/sites/{scorer}/reviews", headers=auth(scorer_token), timeout=30), 403,
-                 "missing_scope", "review")
+    expect_error(
+        requests.get(f"{url}/v1/sites/{scorer}/reviews", headers=auth(scorer_token), timeout=30),
+        403,
+        "missing_scope",
+        "review",
+    )
     assert score_json(server, scorer, good("wood", 9, 1), scorer_token).status_code == 200
 
 
@@ -186,9 +204,13 @@ def test_adapt_publishes_a_candidate_that_promote_or_activate_makes_live(server,
     url, registry = server["url"], server["registry"]
     site, token, _ = server["site"]("bottle", 7, scopes=("score", "review", "adapt"))
     support = good("bottle", 31, 4)
-    r = requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), data={"target_fpr": "0.1", "steps": "1"},
-                      files=[("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(support)],
-                      timeout=120)
+    r = requests.post(
+        f"{url}/v1/sites/{site}/adapt",
+        headers=auth(token),
+        data={"target_fpr": "0.1", "steps": "1"},
+        files=[("files", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(support)],
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     version = r.json()["version"]
     assert version["version"] == "v0002" and version["support_size"] == 4 and version["target_fpr"] == 0.1
@@ -211,10 +233,15 @@ def test_adapt_publishes_a_candidate_that_promote_or_activate_makes_live(server,
     assert r.status_code == 200 and r.json()["version"]["version"] == "v0004"
     assert [v.version for v in registry.versions(site)] == ["v0002", "v0003", "v0004"]
     assert registry.current(site) == "v0003"
-    expect_error(requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={"target_fpr": 2},
-                               timeout=30), 422, "invalid_request", "target_fpr")
-    expect_error(requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={}, timeout=30), 400,
-                 "no_images")
+    expect_error(
+        requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={"target_fpr": 2}, timeout=30),
+        422,
+        "invalid_request",
+        "target_fpr",
+    )
+    expect_error(
+        requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={}, timeout=30), 400, "no_images"
+    )
 
 
 def test_adapt_from_a_folder_of_the_sites_storage(server):
@@ -227,10 +254,17 @@ def test_adapt_from_a_folder_of_the_sites_storage(server):
     r = requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={"folder": "good"}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["version"]["support_size"] == 3 and r.json()["version"]["version"] == "v0002"
-    expect_error(requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={"folder": "../other"},
-                               timeout=30), 400, "bad_folder", "outside")
-    expect_error(requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={"folder": "none"},
-                               timeout=30), 404, "no_such_folder")
+    expect_error(
+        requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={"folder": "../other"}, timeout=30),
+        400,
+        "bad_folder",
+        "outside",
+    )
+    expect_error(
+        requests.post(f"{url}/v1/sites/{site}/adapt", headers=auth(token), json={"folder": "none"}, timeout=30),
+        404,
+        "no_such_folder",
+    )
 
 
 def test_a_rewritten_model_folder_is_refused_at_load_naming_site_and_version(server, make_site_model):
@@ -240,8 +274,12 @@ def test_a_rewritten_model_folder_is_refused_at_load_naming_site_and_version(ser
     other = make_site_model("fabric", 78).save(info.path.parent / ".other")
     for name in ("model.pt", "meta.json"):  # a consistent pair, but not the one that was published
         (info.path / name).write_bytes((other / name).read_bytes())
-    body = expect_error(score_json(server, site, good("wood", 5, 1), token), 503, "model_unavailable",
-                        f"model {site}@v0002 cannot be loaded")
+    body = expect_error(
+        score_json(server, site, good("wood", 5, 1), token),
+        503,
+        "model_unavailable",
+        f"model {site}@v0002 cannot be loaded",
+    )
     assert "does not match the sha256 recorded" in body["message"] and "/" not in body["message"].split(": ", 1)[1]
     assert str(registry.root) not in body["message"]
     registry.rollback(site)
@@ -278,8 +316,13 @@ def test_health_readiness_docs_off_and_security_headers_on_every_response(server
     assert ready.status_code == 200 and ready.json() == {"status": "ok"}
     for path in ("/docs", "/openapi.json"):
         expect_error(requests.get(url + path, timeout=30), 404, "not_found", "off")
-    responses = [r, ready, requests.get(f"{url}/v1/nothing", timeout=30),
-                 requests.post(f"{url}/v1/sites/x/score", timeout=30), requests.get(f"{url}/", timeout=30)]
+    responses = [
+        r,
+        ready,
+        requests.get(f"{url}/v1/nothing", timeout=30),
+        requests.post(f"{url}/v1/sites/x/score", timeout=30),
+        requests.get(f"{url}/", timeout=30),
+    ]
     for response in responses:
         for key, value in SECURITY_HEADERS.items():
             assert response.headers.get(key) == value, (response.url, key, response.headers)
@@ -299,8 +342,15 @@ def test_the_api_description_names_every_endpoint_and_its_bodies():
     from bayprano.serve.app import api
 
     spec = api.openapi()
-    assert {"/v1/sites/{site}/score", "/v1/sites/{site}/adapt", "/v1/sites", "/v1/sites/{site}", "/healthz",
-            "/readyz", "/v1/sites/{site}/reviews/{item_id}"} <= set(spec["paths"])
+    assert {
+        "/v1/sites/{site}/score",
+        "/v1/sites/{site}/adapt",
+        "/v1/sites",
+        "/v1/sites/{site}",
+        "/healthz",
+        "/readyz",
+        "/v1/sites/{site}/reviews/{item_id}",
+    } <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/sites/{site}/score"]["post"]["requestBody"]["content"]
     label = spec["paths"]["/v1/sites/{site}/reviews/{item_id}"]["post"]
     assert label["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("LabelRequest")
@@ -379,8 +429,9 @@ def test_score_command_as_an_http_client(server, tmp_path, capsys):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(im).save(paths[-1])
     capsys.readouterr()
-    status = main(["score", "--url", server["url"], "--site", site, "--token", token, *paths, "--maps",
-                   str(tmp_path / "maps")])
+    status = main(
+        ["score", "--url", server["url"], "--site", site, "--token", token, *paths, "--maps", str(tmp_path / "maps")]
+    )
     out = capsys.readouterr()
     assert status == 0, out.err
     lines = [json.loads(line) for line in out.out.strip().splitlines()]
@@ -444,14 +495,26 @@ def test_review_decisions_are_queued_least_certain_first_and_labelled(server, re
     pending = requests.get(f"{server['url']}/v1/sites/{site}/reviews", headers=auth(token), timeout=30).json()["items"]
     assert [i["id"] for i in pending] == [items[1]["id"]]
     assert [i["label"] for i in queue.labelled(site)] == ["defective"]
-    expect_error(requests.post(url, json={"label": "maybe"}, headers=auth(token), timeout=30), 422,
-                 "invalid_request")
-    expect_error(requests.post(f"{server['url']}/v1/sites/{site}/reviews/20260101T000000-00000000",
-                               json={"label": "good"}, headers=auth(token), timeout=30), 404, "unknown_review_item")
-    expect_error(requests.get(f"{server['url']}/v1/sites/{site}/reviews", headers=auth(other_token), timeout=30),
-                 403, "forbidden")
-    assert requests.get(f"{server['url']}/v1/sites/{other}/reviews", headers=auth(other_token),
-                        timeout=30).json()["items"] == []
+    expect_error(requests.post(url, json={"label": "maybe"}, headers=auth(token), timeout=30), 422, "invalid_request")
+    expect_error(
+        requests.post(
+            f"{server['url']}/v1/sites/{site}/reviews/20260101T000000-00000000",
+            json={"label": "good"},
+            headers=auth(token),
+            timeout=30,
+        ),
+        404,
+        "unknown_review_item",
+    )
+    expect_error(
+        requests.get(f"{server['url']}/v1/sites/{site}/reviews", headers=auth(other_token), timeout=30),
+        403,
+        "forbidden",
+    )
+    assert (
+        requests.get(f"{server['url']}/v1/sites/{other}/reviews", headers=auth(other_token), timeout=30).json()["items"]
+        == []
+    )
 
 
 def test_the_review_page_and_its_assets_without_a_browser(server):
@@ -489,8 +552,9 @@ def test_review_page_in_a_headless_browser(server, review_site, tmp_path):
     upload = tmp_path / "inspect-me.png"
     upload.write_bytes(png(image))
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         try:
             page = browser.new_page()
             page.goto(f"{server['url']}/?site={site}")

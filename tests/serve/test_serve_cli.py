@@ -81,6 +81,7 @@ def test_shipped_configs_are_valid(registry):
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
     """'ours' once our server answers /readyz; 'taken' when something else answers on the port; 'exited' or
     'timeout' otherwise."""
+
     def state() -> str | None:
         if proc.poll() is not None:
             return "exited"
@@ -103,15 +104,31 @@ def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
     reg, token, model = registry
     address = ray_session.get_runtime_context().gcs_address
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"num_cpus": 0.2, "ingress_num_cpus": 0.1, "max_models_per_replica": 2,
-                                      "port": 1}))
+    config.write_text(
+        yaml.safe_dump({"num_cpus": 0.2, "ingress_num_cpus": 0.1, "max_models_per_replica": 2, "port": 1})
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log = open(tmp_path / "serve.log", "w")
     for attempt in range(3):  # a free port can be taken by another process before the server binds it
         port = free_port()
-        proc = subprocess.Popen([BAYPRANO, "serve", "--registry", str(reg.root), "--config", str(config), "--port",
-                                 str(port), "--address", address], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                BAYPRANO,
+                "serve",
+                "--registry",
+                str(reg.root),
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--address",
+                address,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         url = f"http://127.0.0.1:{port}"
         ready = wait_ready(url, proc, timeout=240)
         if ready == "ours":
@@ -122,13 +139,21 @@ def test_serve_command_serves_until_stopped(registry, tmp_path, ray_session):
     try:
         assert ready == "ours", f"not ready ({ready}): " + (tmp_path / "serve.log").read_text()[-3000:]
         image = good("wood", 40, 1)
-        r = requests.post(f"{url}/v1/sites/plant-a/score", files=[("files", ("a.png", png(image[0]), "image/png"))],
-                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        r = requests.post(
+            f"{url}/v1/sites/plant-a/score",
+            files=[("files", ("a.png", png(image[0]), "image/png"))],
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["score"] == pytest.approx(model.score(image, maps=False)[0].score, rel=1e-4)
         # /readyz can answer before `serve.run` has returned in the command: stop it once it says it serves
-        wait_until(lambda: f"at http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text(),
-                   "the serve command printed where it serves", timeout=120, every=0.5)
+        wait_until(
+            lambda: f"at http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text(),
+            "the serve command printed where it serves",
+            timeout=120,
+            every=0.5,
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
         assert "bayprano" not in serve.status().applications  # it removed its application, nothing more

@@ -41,12 +41,19 @@ def hostile(server):
     site, token, model = server["site"]("wood", 40)
     other, other_token, _ = server["site"]("wood", 41)
     adapter, adapter_token, _ = server["site"]("wood", 42, scopes=("score", "review", "adapt"))
-    return {**server, "target": site, "token": token, "model": model, "other": other, "other_token": other_token,
-            "adapter": adapter, "adapter_token": adapter_token}
+    return {
+        **server,
+        "target": site,
+        "token": token,
+        "model": model,
+        "other": other,
+        "other_token": other_token,
+        "adapter": adapter,
+        "adapter_token": adapter_token,
+    }
 
 
-def refused(response: requests.Response, status: int | None = None, code: str | None = None,
-            server=None) -> dict:
+def refused(response: requests.Response, status: int | None = None, code: str | None = None, server=None) -> dict:
     """A 4xx (``status`` if given) with a JSON {code, message} of bounded length, the security headers, and
     no server path in it."""
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
@@ -64,10 +71,15 @@ def refused(response: requests.Response, status: int | None = None, code: str | 
     return body
 
 
-def post_image(h, data: bytes, name: str = "upload.png", site: str | None = None, token: str | None = None,
-               query: str = "") -> requests.Response:
-    return requests.post(f"{h['url']}/v1/sites/{site or h['target']}/score{query}", timeout=120,
-                         headers=auth(token or h["token"]), files=[("files", (name, data, "image/png"))])
+def post_image(
+    h, data: bytes, name: str = "upload.png", site: str | None = None, token: str | None = None, query: str = ""
+) -> requests.Response:
+    return requests.post(
+        f"{h['url']}/v1/sites/{site or h['target']}/score{query}",
+        timeout=120,
+        headers=auth(token or h["token"]),
+        files=[("files", (name, data, "image/png"))],
+    )
 
 
 def scores_correctly(h) -> None:
@@ -81,8 +93,12 @@ def test_a_header_only_decompression_bomb_is_413(hostile):
     bomb = png_header_bomb(20000, 20000)
     assert len(bomb) < 64
     refused(post_image(hostile, bomb), 413, "image_too_large", hostile)
-    raw = requests.post(f"{hostile['url']}/v1/sites/{hostile['target']}/score", data=bomb, timeout=60,
-                        headers={**auth(hostile["token"]), "Content-Type": "image/png"})
+    raw = requests.post(
+        f"{hostile['url']}/v1/sites/{hostile['target']}/score",
+        data=bomb,
+        timeout=60,
+        headers={**auth(hostile["token"]), "Content-Type": "image/png"},
+    )
     assert "20000x20000 px, more than the limit" in refused(raw, 413, "image_too_large")["message"]
 
 
@@ -95,8 +111,12 @@ def test_formats_outside_the_allow_list_are_400(hostile, fmt):
 def test_a_jpeg_that_decodes_for_longer_than_the_deadline_is_a_4xx(hostile):
     bomb = jpeg_scan_bomb(256, 650_000)
     assert len(bomb) < hostile["cfg"].max_request_bytes
-    r = requests.post(f"{hostile['url']}/v1/sites/{hostile['target']}/score", data=bomb, timeout=120,
-                      headers={**auth(hostile["token"]), "Content-Type": "image/jpeg"})
+    r = requests.post(
+        f"{hostile['url']}/v1/sites/{hostile['target']}/score",
+        data=bomb,
+        timeout=120,
+        headers={**auth(hostile["token"]), "Content-Type": "image/jpeg"},
+    )
     refused(r, 422, "decode_timeout")
 
 
@@ -110,8 +130,12 @@ def test_a_slow_decode_does_not_stop_health_checks_and_other_requests(hostile):
     done = threading.Event()
 
     def slow():
-        r = requests.post(f"{hostile['url']}/v1/sites/{hostile['other']}/score", data=bomb, timeout=120,
-                          headers={**auth(hostile["other_token"]), "Content-Type": "image/jpeg"})
+        r = requests.post(
+            f"{hostile['url']}/v1/sites/{hostile['other']}/score",
+            data=bomb,
+            timeout=120,
+            headers={**auth(hostile["other_token"]), "Content-Type": "image/jpeg"},
+        )
         with lock:
             order.append(f"bomb {r.status_code}")
         done.set()
@@ -145,16 +169,24 @@ def test_requests_over_the_pixel_budget_or_image_count_are_413(hostile):
     side = 256
     n = cfg.max_request_pixels // (side * side) + 1  # each image within the limit, together over the budget
     files = [("files", (f"{i}.png", flat_png(side), "image/png")) for i in range(n)]
-    r = requests.post(f"{hostile['url']}/v1/sites/{hostile['target']}/score?map=png", files=files, timeout=60,
-                      headers=auth(hostile["token"]))
+    r = requests.post(
+        f"{hostile['url']}/v1/sites/{hostile['target']}/score?map=png",
+        files=files,
+        timeout=60,
+        headers=auth(hostile["token"]),
+    )
     assert "pixels per request" in refused(r, 413, "request_too_large")["message"]
     files = [("files", (f"{i}.png", png(noise(64, i)), "image/png")) for i in range(cfg.max_images_per_request + 1)]
-    r = requests.post(f"{hostile['url']}/v1/sites/{hostile['target']}/score", files=files, timeout=60,
-                      headers=auth(hostile["token"]))
+    r = requests.post(
+        f"{hostile['url']}/v1/sites/{hostile['target']}/score", files=files, timeout=60, headers=auth(hostile["token"])
+    )
     refused(r, 413, "too_many_images")
-    r = requests.post(f"{hostile['url']}/v1/sites/{hostile['target']}/score", timeout=60,
-                      data=b"\0" * (cfg.max_request_bytes + 1),
-                      headers={**auth(hostile["token"]), "Content-Type": "image/png"})
+    r = requests.post(
+        f"{hostile['url']}/v1/sites/{hostile['target']}/score",
+        timeout=60,
+        data=b"\0" * (cfg.max_request_bytes + 1),
+        headers={**auth(hostile["token"]), "Content-Type": "image/png"},
+    )
     refused(r, 413, "request_too_large")
 
 
@@ -165,8 +197,10 @@ def _raw_http(url: str, head: str, body: bytes) -> tuple[int, dict, bytes]:
         sock.sendall(head.encode() + body)
         data = b""
         while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
-                dict(line.split(": ", 1) for line in data.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
-                     if ": " in line).get("content-length", "0")):
+            dict(
+                line.split(": ", 1) for line in data.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:] if ": " in line
+            ).get("content-length", "0")
+        ):
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -180,26 +214,39 @@ def _raw_http(url: str, head: str, body: bytes) -> tuple[int, dict, bytes]:
 def test_the_label_endpoint_authenticates_before_reading_its_body(hostile):
     path = f"/v1/sites/{hostile['target']}/reviews/20260101T000000-00000000"
     host = urlparse(hostile["url"]).netloc
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {200 * 1024 * 1024}\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {200 * 1024 * 1024}\r\nConnection: close\r\n\r\n"
+    )
     status, headers, payload = _raw_http(hostile["url"], head, b'{"label": "' + b"g" * 65536)
     assert status == 401, payload[:300]  # answered after 64 kB of a declared 200 MB: the rest was never read
     assert json.loads(payload)["code"] == "missing_token" and headers["x-content-type-options"] == "nosniff"
-    r = requests.post(hostile["url"] + path, data=json.dumps({"label": "good", "pad": "x" * 10_000}),
-                      headers={**auth(hostile["token"]), "Content-Type": "application/json"}, timeout=60)
+    r = requests.post(
+        hostile["url"] + path,
+        data=json.dumps({"label": "good", "pad": "x" * 10_000}),
+        headers={**auth(hostile["token"]), "Content-Type": "application/json"},
+        timeout=60,
+    )
     refused(r, 413, "request_too_large")
-    r = requests.post(hostile["url"] + path, data="label=good",
-                      headers={**auth(hostile["token"]), "Content-Type": "application/x-www-form-urlencoded"},
-                      timeout=60)
+    r = requests.post(
+        hostile["url"] + path,
+        data="label=good",
+        headers={**auth(hostile["token"]), "Content-Type": "application/x-www-form-urlencoded"},
+        timeout=60,
+    )
     refused(r, 415, "unsupported_media_type")
 
 
 def test_a_bad_image_among_good_ones_fails_alone(hostile):
     images = good("wood", 45, 2)
-    files = [("files", ("a.png", png(images[0]), "image/png")), ("files", ("x.dds", other_formats()["dds"], "image/png")),
-             ("files", ("b.png", png(images[1]), "image/png"))]
-    r = requests.post(f"{hostile['url']}/v1/sites/{hostile['target']}/score", files=files, timeout=60,
-                      headers=auth(hostile["token"]))
+    files = [
+        ("files", ("a.png", png(images[0]), "image/png")),
+        ("files", ("x.dds", other_formats()["dds"], "image/png")),
+        ("files", ("b.png", png(images[1]), "image/png")),
+    ]
+    r = requests.post(
+        f"{hostile['url']}/v1/sites/{hostile['target']}/score", files=files, timeout=60, headers=auth(hostile["token"])
+    )
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["status"] for x in results] == ["ok", "error", "ok"]
@@ -210,8 +257,10 @@ def test_a_bad_image_among_good_ones_fails_alone(hostile):
 
 def test_no_site_name_oracle_and_no_paths_in_errors(hostile):
     url = hostile["url"]
-    garbage = [requests.get(f"{url}/v1/sites/{site}", headers=auth("bp_" + "A" * 43), timeout=30)
-               for site in (hostile["target"], "plant-that-does-not-exist")]
+    garbage = [
+        requests.get(f"{url}/v1/sites/{site}", headers=auth("bp_" + "A" * 43), timeout=30)
+        for site in (hostile["target"], "plant-that-does-not-exist")
+    ]
     assert [r.status_code for r in garbage] == [401, 401] and garbage[0].json() == garbage[1].json()
     other = requests.get(f"{url}/v1/sites/{hostile['target']}", headers=auth(hostile["other_token"]), timeout=30)
     refused(other, 403, "forbidden")
@@ -236,29 +285,60 @@ def test_the_usual_bad_requests_are_4xx(hostile):
     refused(post_image(hostile, truncated_png(noise(64))), 400, "corrupt_image")
     refused(post_image(hostile, png(noise(16))), 400, "image_too_small")
     refused(post_image(hostile, b"hello, not an image", name="notes.txt"), 400, "bad_image")
-    refused(post(data=b"x" * 100, headers={**auth(token), "Content-Type": "text/plain"}), 415,
-            "unsupported_media_type")
+    refused(post(data=b"x" * 100, headers={**auth(token), "Content-Type": "text/plain"}), 415, "unsupported_media_type")
     refused(post(data=image, headers={**auth(token), "Content-Type": "multipart/form-data; boundary=zz"}), 400)
     refused(post(data=image, headers={**auth(token), "Content-Type": "multipart/form-data"}), 400)
     refused(post(json={"images": [{"data": "!!not base64!!"}]}), 400, "bad_base64")
     refused(post(json={"images": [{"data": base64.b64encode(image).decode()[:-3]}]}), 400, "bad_base64")
-    for shape in ([], [1, 2], "images", 3, None, {"images": "x"}, {"images": [1]}, {"images": [{"data": 5}]},
-                  {"images": [{"name": "a"}]}, {"images": []}, {"pictures": []},
-                  {"images": [{"data": "", "name": ["a"]}]}, {"images": [{"data": "", "extra": 1}]}):
-        refused(post(data=json.dumps(shape), headers={**auth(token), "Content-Type": "application/json"}), 422,
-                "invalid_request")
+    for shape in (
+        [],
+        [1, 2],
+        "images",
+        3,
+        None,
+        {"images": "x"},
+        {"images": [1]},
+        {"images": [{"data": 5}]},
+        {"images": [{"name": "a"}]},
+        {"images": []},
+        {"pictures": []},
+        {"images": [{"data": "", "name": ["a"]}]},
+        {"images": [{"data": "", "extra": 1}]},
+    ):
+        refused(
+            post(data=json.dumps(shape), headers={**auth(token), "Content-Type": "application/json"}),
+            422,
+            "invalid_request",
+        )
     refused(post(data=b"{not json", headers={**auth(token), "Content-Type": "application/json"}), 422)
     refused(post(data=b"\xff\xfe\x00", headers={**auth(token), "Content-Type": "application/json"}), 422)
     refused(post(files=[("note", (None, "just a field"))]), 400, "no_images")
     refused(requests.get(f"{url}/v1/nothing", timeout=30), 404, "not_found")
     refused(requests.get(endpoint, headers=auth(token), timeout=30), 405, "method_not_allowed")
-    refused(requests.post(f"{url}/v1/sites/no-such-site/score", files=[("files", ("a.png", image))],
-                          headers=auth(token), timeout=30), 403, "forbidden")
-    refused(requests.post(f"{url}/v1/sites/no-such-site/score", files=[("files", ("a.png", image))],
-                          headers=auth(hostile["admin"]), timeout=30), 404, "unknown_site")
+    refused(
+        requests.post(
+            f"{url}/v1/sites/no-such-site/score", files=[("files", ("a.png", image))], headers=auth(token), timeout=30
+        ),
+        403,
+        "forbidden",
+    )
+    refused(
+        requests.post(
+            f"{url}/v1/sites/no-such-site/score",
+            files=[("files", ("a.png", image))],
+            headers=auth(hostile["admin"]),
+            timeout=30,
+        ),
+        404,
+        "unknown_site",
+    )
     refused(post_image(hostile, image, token=hostile["other_token"]), 403, "forbidden")
-    refused(requests.post(endpoint, files=[("files", ("a.png", image))], timeout=30,
-                          headers={"Authorization": "Basic dXNlcjpwYXNz"}), 401)
+    refused(
+        requests.post(
+            endpoint, files=[("files", ("a.png", image))], timeout=30, headers={"Authorization": "Basic dXNlcjpwYXNz"}
+        ),
+        401,
+    )
 
 
 def test_nul_bytes_and_5000_character_values_in_every_path_and_field(hostile):
@@ -268,38 +348,115 @@ def test_nul_bytes_and_5000_character_values_in_every_path_and_field(hostile):
     adapter, adapter_token = hostile["adapter"], hostile["adapter_token"]
     for bad in (NUL, LONG, "\x00" * 10, "../" * 50):
         q = quote(bad, safe="")
-        refused(requests.post(f"{url}/v1/sites/{q}/score", files=[("files", ("a.png", image))], headers=auth(token),
-                              timeout=30), server=hostile)
+        refused(
+            requests.post(
+                f"{url}/v1/sites/{q}/score", files=[("files", ("a.png", image))], headers=auth(token), timeout=30
+            ),
+            server=hostile,
+        )
         refused(requests.get(f"{url}/v1/sites/{q}", headers=auth(token), timeout=30), server=hostile)
         refused(requests.get(f"{url}/v1/sites/{q}/reviews", headers=auth(token), timeout=30), server=hostile)
-        refused(requests.post(f"{url}/v1/sites/{q}/adapt", json={}, headers=auth(adapter_token), timeout=30),
-                server=hostile)
-        refused(requests.post(f"{url}/v1/sites/{site}/reviews/{q}", json={"label": "good"}, headers=auth(token),
-                              timeout=30), 404, server=hostile)
-        refused(requests.post(f"{url}/v1/sites/{site}/reviews/20260101T000000-00000000", json={"label": bad},
-                              headers=auth(token), timeout=30), 413 if bad == LONG else 422, server=hostile)
-        refused(requests.post(f"{url}/v1/sites/{site}/score?map={q}", files=[("files", ("a.png", image))],
-                              headers=auth(token), timeout=30), 422, "invalid_request", hostile)
+        refused(
+            requests.post(f"{url}/v1/sites/{q}/adapt", json={}, headers=auth(adapter_token), timeout=30), server=hostile
+        )
+        refused(
+            requests.post(
+                f"{url}/v1/sites/{site}/reviews/{q}", json={"label": "good"}, headers=auth(token), timeout=30
+            ),
+            404,
+            server=hostile,
+        )
+        refused(
+            requests.post(
+                f"{url}/v1/sites/{site}/reviews/20260101T000000-00000000",
+                json={"label": bad},
+                headers=auth(token),
+                timeout=30,
+            ),
+            413 if bad == LONG else 422,
+            server=hostile,
+        )
+        refused(
+            requests.post(
+                f"{url}/v1/sites/{site}/score?map={q}",
+                files=[("files", ("a.png", image))],
+                headers=auth(token),
+                timeout=30,
+            ),
+            422,
+            "invalid_request",
+            hostile,
+        )
         refused(requests.get(f"{url}/v1/sites/{site}/reviews?limit={q}", headers=auth(token), timeout=30), 422)
         refused(requests.get(f"{url}/static/{q}", timeout=30), 404)
         if "/" not in bad:  # a name may hold '../'; only a path may not
-            refused(requests.post(f"{url}/v1/sites/{site}/score", json={"images": [{"name": bad, "data": b64}]},
-                                  headers=auth(token), timeout=30), 400, "bad_name", hostile)
+            refused(
+                requests.post(
+                    f"{url}/v1/sites/{site}/score",
+                    json={"images": [{"name": bad, "data": b64}]},
+                    headers=auth(token),
+                    timeout=30,
+                ),
+                400,
+                "bad_name",
+                hostile,
+            )
             # a multipart file or field name: refused as a name, or by the multipart parser itself
-            refused(requests.post(f"{url}/v1/sites/{site}/score", files=[("files", (bad, image, "image/png"))],
-                                  headers=auth(token), timeout=30), 400, server=hostile)
-            refused(requests.post(f"{url}/v1/sites/{site}/score", files=[(bad, (None, "v")), ("files", ("a.png", image))],
-                                  headers=auth(token), timeout=30), 400, server=hostile)
-        refused(requests.post(f"{url}/v1/sites/{adapter}/adapt", json={"folder": bad}, headers=auth(adapter_token),
-                              timeout=30), server=hostile)
-        refused(requests.post(f"{url}/v1/sites/{adapter}/adapt", data={"target_fpr": bad, "steps": bad},
-                              files=[("files", ("a.png", image))], headers=auth(adapter_token), timeout=30), 422,
-                server=hostile)
+            refused(
+                requests.post(
+                    f"{url}/v1/sites/{site}/score",
+                    files=[("files", (bad, image, "image/png"))],
+                    headers=auth(token),
+                    timeout=30,
+                ),
+                400,
+                server=hostile,
+            )
+            refused(
+                requests.post(
+                    f"{url}/v1/sites/{site}/score",
+                    files=[(bad, (None, "v")), ("files", ("a.png", image))],
+                    headers=auth(token),
+                    timeout=30,
+                ),
+                400,
+                server=hostile,
+            )
+        refused(
+            requests.post(
+                f"{url}/v1/sites/{adapter}/adapt", json={"folder": bad}, headers=auth(adapter_token), timeout=30
+            ),
+            server=hostile,
+        )
+        refused(
+            requests.post(
+                f"{url}/v1/sites/{adapter}/adapt",
+                data={"target_fpr": bad, "steps": bad},
+                files=[("files", ("a.png", image))],
+                headers=auth(adapter_token),
+                timeout=30,
+            ),
+            422,
+            server=hostile,
+        )
         if "\x00" not in bad:  # a header cannot carry NUL
-            refused(requests.post(f"{url}/v1/sites/{site}/score", files=[("files", ("a.png", image))],
-                                  headers=auth(bad), timeout=30), 401, server=hostile)
-            refused(requests.post(f"{url}/v1/sites/{site}/score", data=image, timeout=30,
-                                  headers={**auth(token), "Content-Type": "application/" + bad}), 415, server=hostile)
+            refused(
+                requests.post(
+                    f"{url}/v1/sites/{site}/score", files=[("files", ("a.png", image))], headers=auth(bad), timeout=30
+                ),
+                401,
+                server=hostile,
+            )
+            refused(
+                requests.post(
+                    f"{url}/v1/sites/{site}/score",
+                    data=image,
+                    timeout=30,
+                    headers={**auth(token), "Content-Type": "application/" + bad},
+                ),
+                415,
+                server=hostile,
+            )
     assert hostile["registry"].current(adapter) == "v0001"  # nothing was adapted
 
 
@@ -309,8 +466,11 @@ def test_rate_and_concurrency_limits_are_429_with_retry_after(hostile, server):
     n = cfg.rate_burst + 40
     start = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        codes = list(pool.map(lambda _: requests.get(f"{hostile['url']}/v1/sites/{site}", headers=auth(token),
-                                                     timeout=60), range(n)))
+        codes = list(
+            pool.map(
+                lambda _: requests.get(f"{hostile['url']}/v1/sites/{site}", headers=auth(token), timeout=60), range(n)
+            )
+        )
     refilled = cfg.rate_limit_per_s * (time.monotonic() - start)
     limited = [r for r in codes if r.status_code == 429]
     assert all(r.status_code in (200, 429) for r in codes)
@@ -319,8 +479,12 @@ def test_rate_and_concurrency_limits_are_429_with_retry_after(hostile, server):
     body = refused(limited[0], 429, "rate_limited")
     assert int(limited[0].headers["Retry-After"]) >= 1 and "per second" in body["message"]
     # another token is not affected
-    assert requests.get(f"{hostile['url']}/v1/sites/{hostile['other']}", headers=auth(hostile["other_token"]),
-                        timeout=30).status_code == 200
+    assert (
+        requests.get(
+            f"{hostile['url']}/v1/sites/{hostile['other']}", headers=auth(hostile["other_token"]), timeout=30
+        ).status_code
+        == 200
+    )
     # concurrency: more slow requests at once than the token may have
     busy, busy_token, _ = server["site"]("wood", 49)
     bomb = jpeg_scan_bomb(256, 650_000)
@@ -329,8 +493,12 @@ def test_rate_and_concurrency_limits_are_429_with_retry_after(hostile, server):
 
     def slow(_):
         barrier.wait(timeout=60)
-        return requests.post(f"{hostile['url']}/v1/sites/{busy}/score", data=bomb, timeout=120,
-                             headers={**auth(busy_token), "Content-Type": "image/jpeg"})
+        return requests.post(
+            f"{hostile['url']}/v1/sites/{busy}/score",
+            data=bomb,
+            timeout=120,
+            headers={**auth(busy_token), "Content-Type": "image/jpeg"},
+        )
 
     with ThreadPoolExecutor(n) as pool:
         answers = list(pool.map(slow, range(n)))

@@ -28,8 +28,7 @@ def auth(token: str) -> dict:
 def score(server, site: str, token: str, images: list, corrupt: int = 0) -> dict:
     body = [{"name": f"img{i}", "data": base64.b64encode(png(im)).decode()} for i, im in enumerate(images)]
     body += [{"name": f"bad{i}", "data": base64.b64encode(b"not an image").decode()} for i in range(corrupt)]
-    r = requests.post(f"{server['url']}/v1/sites/{site}/score", json={"images": body}, headers=auth(token),
-                      timeout=120)
+    r = requests.post(f"{server['url']}/v1/sites/{site}/score", json={"images": body}, headers=auth(token), timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -68,12 +67,22 @@ def wait_for_metrics(expected: dict, what: str) -> list:
         samples = scrape()
         got = {key: total(samples, key[0], **dict(key[1])) for key in expected}
         wrong.clear()
-        wrong.update({f"{name}{dict(labels)}": (got[(name, labels)], ">= 1" if want is None else want)
-                      for (name, labels), want in expected.items() if not holds(got[(name, labels)], want)})
+        wrong.update(
+            {
+                f"{name}{dict(labels)}": (got[(name, labels)], ">= 1" if want is None else want)
+                for (name, labels), want in expected.items()
+                if not holds(got[(name, labels)], want)
+            }
+        )
         return None if wrong else (samples,)
 
-    return wait_until(scrape_matches, what, timeout=DEADLINE_S, every=0.5,
-                      detail=lambda: f"the endpoint still shows (got, expected) {wrong}")[0]
+    return wait_until(
+        scrape_matches,
+        what,
+        timeout=DEADLINE_S,
+        every=0.5,
+        detail=lambda: f"the endpoint still shows (got, expected) {wrong}",
+    )[0]
 
 
 def key(name: str, **labels) -> tuple:
@@ -94,19 +103,32 @@ def test_the_endpoint_counts_requests_images_and_decisions_per_site(server, chec
     wide = adapt(load_checkpoint(checkpoint), good("wood", 11, 3), extractor=extractor, z_review=50.0)
     b, token_b, _ = server["site"](model=wide, prefix=prefix)
 
-    replies = {a: [score(server, a, token_a, good("wood", 400, 2) + [defective("wood", 401)]),
-                   score(server, a, token_a, good("wood", 402, 1))],
-               b: [score(server, b, token_b, [defective("wood", s) for s in (403, 404)] + good("wood", 405, 1),
-                         corrupt=1)]}
-    bad = requests.post(f"{server['url']}/v1/sites/{a}/score", json={"images": []}, headers=auth("bp_wrong"),
-                        timeout=30)
+    replies = {
+        a: [
+            score(server, a, token_a, good("wood", 400, 2) + [defective("wood", 401)]),
+            score(server, a, token_a, good("wood", 402, 1)),
+        ],
+        b: [score(server, b, token_b, [defective("wood", s) for s in (403, 404)] + good("wood", 405, 1), corrupt=1)],
+    }
+    bad = requests.post(
+        f"{server['url']}/v1/sites/{a}/score", json={"images": []}, headers=auth("bp_wrong"), timeout=30
+    )
     assert bad.status_code == 401, bad.text
-    refused = requests.post(f"{server['url']}/v1/sites/{b}/score", data=b"not an image",
-                            headers={**auth(token_b), "Content-Type": "image/png"}, timeout=30)
+    refused = requests.post(
+        f"{server['url']}/v1/sites/{b}/score",
+        data=b"not an image",
+        headers={**auth(token_b), "Content-Type": "image/png"},
+        timeout=30,
+    )
     assert 400 <= refused.status_code < 500, refused.text
 
-    decisions = {site: {d: sum(r["decision"] == d for reply in rs for r in reply["results"])
-                        for d in ("normal", "anomalous", "review")} for site, rs in replies.items()}
+    decisions = {
+        site: {
+            d: sum(r["decision"] == d for reply in rs for r in reply["results"])
+            for d in ("normal", "anomalous", "review")
+        }
+        for site, rs in replies.items()
+    }
     assert sum(decisions[a].values()) == 4 and sum(decisions[b].values()) == 3
     assert decisions[b]["review"] > 0, decisions
     pending = requests.get(f"{server['url']}/v1/sites/{b}/reviews", headers=auth(token_b), timeout=30)
@@ -121,14 +143,21 @@ def test_the_endpoint_counts_requests_images_and_decisions_per_site(server, chec
         key("ray_bayprano_requests_total", site=a, endpoint=score_route, status="200"): 2.0,
         key("ray_bayprano_requests_total", site=b, endpoint=score_route, status="200"): 1.0,
         key("ray_bayprano_requests_total", site=b, endpoint=score_route, status=str(refused.status_code)): 1.0,
-        key("ray_bayprano_errors_total", endpoint=score_route, status=str(refused.status_code),
-            code=refused.json()["code"]): None,
+        key(
+            "ray_bayprano_errors_total",
+            endpoint=score_route,
+            status=str(refused.status_code),
+            code=refused.json()["code"],
+        ): None,
         key("ray_bayprano_requests_total", site=b, endpoint="/v1/sites/{site}/reviews", status="200"): 1.0,
         key("ray_bayprano_model_loads_total", site=a): 1.0,
         key("ray_bayprano_model_loads_total", site=b): 1.0,
         key("ray_bayprano_review_queue_length", site=b): float(decisions[b]["review"]),
-        **{key("ray_bayprano_decisions_total", site=site, decision=d): float(n)
-           for site, counts in decisions.items() for d, n in counts.items()},
+        **{
+            key("ray_bayprano_decisions_total", site=site, decision=d): float(n)
+            for site, counts in decisions.items()
+            for d, n in counts.items()
+        },
     }
     samples = wait_for_metrics(expected, "per-site counters after 3 score requests")
     from bayprano.serve.metrics import EXPORTED
@@ -142,18 +171,25 @@ def test_the_endpoint_counts_requests_images_and_decisions_per_site(server, chec
     # every scored request was timed under its route
     assert total(samples, "ray_bayprano_request_latency_seconds_count", endpoint=score_route) >= 4
     bounds = {s.labels["le"] for s in samples if s.name == "ray_bayprano_request_latency_seconds_bucket"}
-    buckets = sorted((float(le), total(samples, "ray_bayprano_request_latency_seconds_bucket", endpoint=score_route,
-                                       le=le)) for le in bounds)
-    assert buckets[-1] == (float("inf"), total(samples, "ray_bayprano_request_latency_seconds_count",
-                                               endpoint=score_route))
+    buckets = sorted(
+        (float(le), total(samples, "ray_bayprano_request_latency_seconds_bucket", endpoint=score_route, le=le))
+        for le in bounds
+    )
+    assert buckets[-1] == (
+        float("inf"),
+        total(samples, "ray_bayprano_request_latency_seconds_count", endpoint=score_route),
+    )
     assert all(x[1] <= y[1] for x, y in zip(buckets, buckets[1:])), buckets
 
     item = pending.json()["items"][0]["id"]
-    r = requests.post(f"{server['url']}/v1/sites/{b}/reviews/{item}", json={"label": "good"}, headers=auth(token_b),
-                      timeout=30)
+    r = requests.post(
+        f"{server['url']}/v1/sites/{b}/reviews/{item}", json={"label": "good"}, headers=auth(token_b), timeout=30
+    )
     assert r.status_code == 200, r.text
-    wait_for_metrics({key("ray_bayprano_review_queue_length", site=b): float(decisions[b]["review"] - 1)},
-                     "the review queue after one label")
+    wait_for_metrics(
+        {key("ray_bayprano_review_queue_length", site=b): float(decisions[b]["review"] - 1)},
+        "the review queue after one label",
+    )
 
 
 def test_the_endpoint_counts_model_loads_and_evictions(server, prefix):

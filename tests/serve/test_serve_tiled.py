@@ -26,16 +26,22 @@ def strip(seed: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([square] * 4, axis=1))
 
 
-def test_a_tiled_model_returns_a_map_of_the_image_size_zero_outside_its_region(tiled_server, checkpoint, extractor,
-                                                                                 tmp_path):
+def test_a_tiled_model_returns_a_map_of_the_image_size_zero_outside_its_region(
+    tiled_server, checkpoint, extractor, tmp_path
+):
     from bayprano.platform.meta.checkpoint import load_checkpoint
     from bayprano.platform.model.site import adapt
     from bayprano.platform.model.tiling import RegionOfInterest
 
     region = np.zeros((HEIGHT, WIDTH), dtype=bool)
     region[:, : WIDTH // 2] = True
-    model = adapt(load_checkpoint(checkpoint), [strip(1)], extractor=extractor, scoring="tile",
-                  roi=RegionOfInterest.from_mask(region))
+    model = adapt(
+        load_checkpoint(checkpoint),
+        [strip(1)],
+        extractor=extractor,
+        scoring="tile",
+        roi=RegionOfInterest.from_mask(region),
+    )
     model.save(tmp_path / "model")
     registry = tiled_server["registry"]
     token = registry.add_site("strip-line", scopes=("score",))
@@ -43,8 +49,9 @@ def test_a_tiled_model_returns_a_map_of_the_image_size_zero_outside_its_region(t
     image = strip(7)
     want = model.score([image])[0]
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
-    r = requests.post(f"{tiled_server['url']}/v1/sites/strip-line/score?map=mask", data=png(image), headers=headers,
-                      timeout=120)
+    r = requests.post(
+        f"{tiled_server['url']}/v1/sites/strip-line/score?map=mask", data=png(image), headers=headers, timeout=120
+    )
     assert r.status_code == 200, r.text
     result = r.json()["results"][0]
     assert result["score"] == pytest.approx(want.score, rel=1e-4)
@@ -53,8 +60,9 @@ def test_a_tiled_model_returns_a_map_of_the_image_size_zero_outside_its_region(t
     np.testing.assert_array_equal(mask, want.anomaly_map >= want.map_threshold)
     assert not mask[:, WIDTH // 2 :].any()
     assert (want.anomaly_map[:, WIDTH // 2 :] == 0).all() and (want.anomaly_map[:, : WIDTH // 2] > 0).all()
-    r = requests.post(f"{tiled_server['url']}/v1/sites/strip-line/score?map=png", data=png(image), headers=headers,
-                      timeout=120)
+    r = requests.post(
+        f"{tiled_server['url']}/v1/sites/strip-line/score?map=png", data=png(image), headers=headers, timeout=120
+    )
     assert r.status_code == 200, r.text
     overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["results"][0]["map"]))))
     assert overlay.shape == (HEIGHT, WIDTH, 3)

@@ -185,7 +185,9 @@ def cut_paste(
         keep = np.ones((ph, pw), dtype=bool)
         if angle:
             patch = np.asarray(Image.fromarray(patch).rotate(angle, Image.Resampling.BILINEAR, expand=True))[:h, :w]
-            full = Image.fromarray(np.full((ph, pw), 255, np.uint8)).rotate(angle, Image.Resampling.NEAREST, expand=True)
+            full = Image.fromarray(np.full((ph, pw), 255, np.uint8)).rotate(
+                angle, Image.Resampling.NEAREST, expand=True
+            )
             keep = (np.asarray(full) > 0)[:h, :w]
         j = jitter * strength
         patch = patch.transpose(2, 0, 1).astype(np.float32)

@@ -40,9 +40,7 @@ def _direction(image: np.ndarray, rng: np.random.Generator) -> float:
     return 1.0 if rng.random() < p_light else -1.0
 
 
-def _soft_alpha(
-    canvas: Image.Image, rng: np.random.Generator, max_radius: float
-) -> tuple[Box, np.ndarray, np.ndarray]:
+def _soft_alpha(canvas: Image.Image, rng: np.random.Generator, max_radius: float) -> tuple[Box, np.ndarray, np.ndarray]:
     """Box, alpha (float32 in [0, 1]) and drawn region of a shape on ``canvas``; blurred half the time."""
     drawn = np.asarray(canvas) > 0
     y0, y1, x0, x1 = bbox(drawn)

@@ -90,7 +90,9 @@ def import_folder(
     abnormal_sets: dict[str, list[Path]] = {}
     if abnormal is not None:
         adir = Path(abnormal)
-        subdirs = [p for p in sorted(adir.iterdir()) if p.is_dir() and not p.name.startswith(".")] if adir.is_dir() else []
+        subdirs = (
+            [p for p in sorted(adir.iterdir()) if p.is_dir() and not p.name.startswith(".")] if adir.is_dir() else []
+        )
         if subdirs:
             for sub in subdirs:
                 if sub.name == GOOD:
@@ -115,7 +117,9 @@ def import_folder(
                 if mask_dir is not None:
                     mpath = _find_mask(mask_dir, src.stem, defect)
                     if mpath is None:
-                        raise DataError(f"{src}: abnormal image without mask in {mask_dir} (expected {src.stem}_mask.png)")
+                        raise DataError(
+                            f"{src}: abnormal image without mask in {mask_dir} (expected {src.stem}_mask.png)"
+                        )
                     mask = load_mask(mpath)
                     check_mask_size(mask, image, mpath, image_name=src)
                     _write(staging / "ground_truth" / defect / f"{src.stem}_mask.png", encode_png(mask))

@@ -101,5 +101,8 @@ def resize_square(image: np.ndarray, size: int, mask: bool = False) -> np.ndarra
     if image.shape[0] == size and image.shape[1] == size:
         return image
     if mask:
-        return np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+        return (
+            np.asarray(Image.fromarray(image.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST))
+            > 127
+        )
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))

@@ -53,8 +53,10 @@ class DatasetSummary:
                     str(mine.get(("test", GOOD), 0)),
                     str(sum(n for (s, d), n in mine.items() if d != GOOD)),
                     ", ".join(f"{d} {sum(n for (s, dd), n in mine.items() if dd == d)}" for d in defects) or "-",
-                    ", ".join(f"{w}x{h}" + (f" ({n})" if len(self.sizes[cat]) > 1 else "")
-                              for (h, w), n in sorted(self.sizes[cat].items())),
+                    ", ".join(
+                        f"{w}x{h}" + (f" ({n})" if len(self.sizes[cat]) > 1 else "")
+                        for (h, w), n in sorted(self.sizes[cat].items())
+                    ),
                 )
             )
         total = ("total", *(str(sum(int(r[i]) for r in rows)) for i in (1, 2, 3)), "", "")

@@ -52,8 +52,7 @@ def check_schema(schema: pa.Schema, path: str | os.PathLike) -> int:
         found = schema.field(index).type
         if not found.equals(expected.type):
             raise DataError(
-                f"{path}: not a bayprano shard, column {expected.name!r} has type {found} "
-                f"(expected {expected.type})"
+                f"{path}: not a bayprano shard, column {expected.name!r} has type {found} (expected {expected.type})"
             )
     raw = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
     if raw is None:
@@ -65,7 +64,6 @@ def check_schema(schema: pa.Schema, path: str | os.PathLike) -> int:
         version = None
     if version != SCHEMA_VERSION:
         raise DataError(
-            f"{path}: shard schema version {version_text!r} is not supported "
-            f"(this reader reads {SCHEMA_VERSION})"
+            f"{path}: shard schema version {version_text!r} is not supported (this reader reads {SCHEMA_VERSION})"
         )
     return version

@@ -114,11 +114,7 @@ def _encode_row(sample: Sample, root: Path) -> dict[str, Any]:
 
 
 def _write_shard(
-    path: Path,
-    samples: list[Sample],
-    root: Path,
-    row_group_rows: int,
-    on_row: Callable[[], None],
+    path: Path, samples: list[Sample], root: Path, row_group_rows: int, on_row: Callable[[], None]
 ) -> dict[str, Any]:
     rows_by_split = {s: 0 for s in SPLITS}
     sizes = {"image_bytes": 0, "mask_bytes": 0}

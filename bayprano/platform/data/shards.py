@@ -90,9 +90,7 @@ __all__ = [
 ]
 
 _SITE_KEYS = ("name", "file", "rows", "rows_by_split", "categories", "image_bytes", "sha256")
-_MANIFEST_KEYS = (
-    "schema_version", "created", "source_root", "mode", "seed", "total_rows", "categories", "sites"
-)
+_MANIFEST_KEYS = ("schema_version", "created", "source_root", "mode", "seed", "total_rows", "categories", "sites")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -68,72 +68,202 @@ class _Category:
 
 P = functools.partial
 _CATALOGUE: dict[str, _Category] = {
-    "fabric": _Category("texture", render_fabric, {
-        "cut": P(line_defect, kind="crack", tone=(0.10, 0.08, 0.06), width=(1.0, 3.0), contrast=(0.3, 0.9),
-                 length=(0.05, 0.35)),
-        "hole": P(hole_defect, tone=(0.07, 0.06, 0.05), radius=(1.3, 0.07), rim=0.3),
-        "stain": P(stain_defect, tint=(0.36, 0.25, 0.12), contrast=(0.08, 0.7)),
-        "thread": P(line_defect, kind="thread", tone=(0.22, 0.24, 0.48), width=(1.2, 3.0), contrast=(0.25, 0.9),
-                    length=(0.15, 0.6)),
-    }),
-    "bottle": _Category("object", render_bottle, {
-        "broken_rim": None,
-        "contamination": P(particles_defect, tone=(0.28, 0.22, 0.14), count=(1, 5), radius=(1.2, 0.035),
-                           spread=0.03, contrast=(0.35, 0.9)),
-        "crack": P(line_defect, kind="crack", tone="light", width=(0.6, 1.8), contrast=(0.15, 0.8),
-                   length=(0.05, 0.3), border=0.0),
-        "discolouration": P(stain_defect, tint=(0.15, 0.35, 0.20), radius=(0.06, 0.22), contrast=(0.08, 0.65),
-                            border=0.0),
-    }),
-    "brushed_metal": _Category("texture", render_metal, {
-        "dent": dent_defect,
-        "pitting": P(particles_defect, tone=(0.20, 0.20, 0.21), count=(3, 30), radius=(0.7, 0.007),
-                     spread=0.04, contrast=(0.3, 0.95), border=0.15),
-        "scratch": P(line_defect, kind="scratch", tone="either", width=(0.6, 2.0), contrast=(0.10, 0.7),
-                     length=(0.08, 0.6)),
-        "stain": P(stain_defect, tint=(0.48, 0.40, 0.28), contrast=(0.05, 0.6)),
-    }),
-    "screw": _Category("object", render_screw, {
-        "contamination": P(particles_defect, tone=(0.25, 0.20, 0.15), count=(1, 3), radius=(1.0, 0.02),
-                           spread=0.01, contrast=(0.4, 0.9)),
-        "manipulated_tip": None,
-        "scratch": P(line_defect, kind="scratch", tone="either", width=(0.6, 1.8), contrast=(0.15, 0.8),
-                     length=(0.03, 0.12), border=0.0),
-        "thread_damage": None,
-    }),
-    "wood": _Category("texture", render_wood, {
-        "crack": P(line_defect, kind="grain_crack", tone=(0.12, 0.07, 0.04), width=(0.7, 2.5),
-                   contrast=(0.2, 0.9), length=(0.08, 0.55)),
-        "hole": P(hole_defect, tone=(0.08, 0.05, 0.03), radius=(1.2, 0.045), rim=-0.2),
-        "scratch": P(line_defect, kind="scratch", tone=(0.88, 0.76, 0.60), width=(0.6, 2.0),
-                     contrast=(0.08, 0.6), length=(0.08, 0.5)),
-        "stain": P(stain_defect, tint=(0.22, 0.13, 0.07), contrast=(0.06, 0.65)),
-    }),
-    "pcb": _Category("object", render_pcb, {
-        "contamination": P(particles_defect, tone=(0.80, 0.80, 0.78), count=(1, 4), radius=(1.0, 0.02),
-                           spread=0.02, contrast=(0.4, 0.95)),
-        "misplaced_component": None,
-        "missing_component": None,
-        "scratch": P(line_defect, kind="scratch", tone=(0.72, 0.60, 0.35), width=(0.6, 1.8), contrast=(0.15, 0.85),
-                     length=(0.05, 0.35), border=0.0),
-    }),
-    "tiles": _Category("texture", render_tiles, {
-        "chip": P(hole_defect, tone=(0.55, 0.50, 0.45), radius=(1.5, 0.07), contrast=(0.3, 0.9), rim=0.1),
-        "crack": P(line_defect, kind="crack", tone=(0.25, 0.24, 0.22), width=(0.6, 1.8), contrast=(0.15, 0.85),
-                   length=(0.06, 0.4)),
-        "scratch": P(line_defect, kind="scratch", tone="dark", width=(0.6, 1.6), contrast=(0.08, 0.5),
-                     length=(0.06, 0.4)),
-        "stain": P(stain_defect, tint=(0.62, 0.50, 0.28), contrast=(0.06, 0.65)),
-    }),
-    "hex_nut": _Category("object", render_nut, {
-        "chipped_corner": None,
-        "contamination": P(particles_defect, tone=(0.10, 0.09, 0.08), count=(1, 4), radius=(1.0, 0.025),
-                           spread=0.03, contrast=(0.4, 0.9)),
-        "rust": P(stain_defect, tint=(0.55, 0.28, 0.10), radius=(0.04, 0.18), contrast=(0.10, 0.75), border=0.0,
-                  speckle=0.6),
-        "scratch": P(line_defect, kind="scratch", tone="either", width=(0.6, 1.8), contrast=(0.12, 0.75),
-                     length=(0.05, 0.3), border=0.0),
-    }),
+    "fabric": _Category(
+        "texture",
+        render_fabric,
+        {
+            "cut": P(
+                line_defect,
+                kind="crack",
+                tone=(0.10, 0.08, 0.06),
+                width=(1.0, 3.0),
+                contrast=(0.3, 0.9),
+                length=(0.05, 0.35),
+            ),
+            "hole": P(hole_defect, tone=(0.07, 0.06, 0.05), radius=(1.3, 0.07), rim=0.3),
+            "stain": P(stain_defect, tint=(0.36, 0.25, 0.12), contrast=(0.08, 0.7)),
+            "thread": P(
+                line_defect,
+                kind="thread",
+                tone=(0.22, 0.24, 0.48),
+                width=(1.2, 3.0),
+                contrast=(0.25, 0.9),
+                length=(0.15, 0.6),
+            ),
+        },
+    ),
+    "bottle": _Category(
+        "object",
+        render_bottle,
+        {
+            "broken_rim": None,
+            "contamination": P(
+                particles_defect,
+                tone=(0.28, 0.22, 0.14),
+                count=(1, 5),
+                radius=(1.2, 0.035),
+                spread=0.03,
+                contrast=(0.35, 0.9),
+            ),
+            "crack": P(
+                line_defect,
+                kind="crack",
+                tone="light",
+                width=(0.6, 1.8),
+                contrast=(0.15, 0.8),
+                length=(0.05, 0.3),
+                border=0.0,
+            ),
+            "discolouration": P(
+                stain_defect, tint=(0.15, 0.35, 0.20), radius=(0.06, 0.22), contrast=(0.08, 0.65), border=0.0
+            ),
+        },
+    ),
+    "brushed_metal": _Category(
+        "texture",
+        render_metal,
+        {
+            "dent": dent_defect,
+            "pitting": P(
+                particles_defect,
+                tone=(0.20, 0.20, 0.21),
+                count=(3, 30),
+                radius=(0.7, 0.007),
+                spread=0.04,
+                contrast=(0.3, 0.95),
+                border=0.15,
+            ),
+            "scratch": P(
+                line_defect, kind="scratch", tone="either", width=(0.6, 2.0), contrast=(0.10, 0.7), length=(0.08, 0.6)
+            ),
+            "stain": P(stain_defect, tint=(0.48, 0.40, 0.28), contrast=(0.05, 0.6)),
+        },
+    ),
+    "screw": _Category(
+        "object",
+        render_screw,
+        {
+            "contamination": P(
+                particles_defect,
+                tone=(0.25, 0.20, 0.15),
+                count=(1, 3),
+                radius=(1.0, 0.02),
+                spread=0.01,
+                contrast=(0.4, 0.9),
+            ),
+            "manipulated_tip": None,
+            "scratch": P(
+                line_defect,
+                kind="scratch",
+                tone="either",
+                width=(0.6, 1.8),
+                contrast=(0.15, 0.8),
+                length=(0.03, 0.12),
+                border=0.0,
+            ),
+            "thread_damage": None,
+        },
+    ),
+    "wood": _Category(
+        "texture",
+        render_wood,
+        {
+            "crack": P(
+                line_defect,
+                kind="grain_crack",
+                tone=(0.12, 0.07, 0.04),
+                width=(0.7, 2.5),
+                contrast=(0.2, 0.9),
+                length=(0.08, 0.55),
+            ),
+            "hole": P(hole_defect, tone=(0.08, 0.05, 0.03), radius=(1.2, 0.045), rim=-0.2),
+            "scratch": P(
+                line_defect,
+                kind="scratch",
+                tone=(0.88, 0.76, 0.60),
+                width=(0.6, 2.0),
+                contrast=(0.08, 0.6),
+                length=(0.08, 0.5),
+            ),
+            "stain": P(stain_defect, tint=(0.22, 0.13, 0.07), contrast=(0.06, 0.65)),
+        },
+    ),
+    "pcb": _Category(
+        "object",
+        render_pcb,
+        {
+            "contamination": P(
+                particles_defect,
+                tone=(0.80, 0.80, 0.78),
+                count=(1, 4),
+                radius=(1.0, 0.02),
+                spread=0.02,
+                contrast=(0.4, 0.95),
+            ),
+            "misplaced_component": None,
+            "missing_component": None,
+            "scratch": P(
+                line_defect,
+                kind="scratch",
+                tone=(0.72, 0.60, 0.35),
+                width=(0.6, 1.8),
+                contrast=(0.15, 0.85),
+                length=(0.05, 0.35),
+                border=0.0,
+            ),
+        },
+    ),
+    "tiles": _Category(
+        "texture",
+        render_tiles,
+        {
+            "chip": P(hole_defect, tone=(0.55, 0.50, 0.45), radius=(1.5, 0.07), contrast=(0.3, 0.9), rim=0.1),
+            "crack": P(
+                line_defect,
+                kind="crack",
+                tone=(0.25, 0.24, 0.22),
+                width=(0.6, 1.8),
+                contrast=(0.15, 0.85),
+                length=(0.06, 0.4),
+            ),
+            "scratch": P(
+                line_defect, kind="scratch", tone="dark", width=(0.6, 1.6), contrast=(0.08, 0.5), length=(0.06, 0.4)
+            ),
+            "stain": P(stain_defect, tint=(0.62, 0.50, 0.28), contrast=(0.06, 0.65)),
+        },
+    ),
+    "hex_nut": _Category(
+        "object",
+        render_nut,
+        {
+            "chipped_corner": None,
+            "contamination": P(
+                particles_defect,
+                tone=(0.10, 0.09, 0.08),
+                count=(1, 4),
+                radius=(1.0, 0.025),
+                spread=0.03,
+                contrast=(0.4, 0.9),
+            ),
+            "rust": P(
+                stain_defect,
+                tint=(0.55, 0.28, 0.10),
+                radius=(0.04, 0.18),
+                contrast=(0.10, 0.75),
+                border=0.0,
+                speckle=0.6,
+            ),
+            "scratch": P(
+                line_defect,
+                kind="scratch",
+                tone="either",
+                width=(0.6, 1.8),
+                contrast=(0.12, 0.75),
+                length=(0.05, 0.3),
+                border=0.0,
+            ),
+        },
+    ),
 }
 del P
 
@@ -240,8 +370,9 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         f.write(data)
 
 
-def _write_category(out: str, category: str, seed: int, size: int, n_train: int, n_test_good: int,
-                    n_test_defective: int) -> str:
+def _write_category(
+    out: str, category: str, seed: int, size: int, n_train: int, n_test_good: int, n_test_defective: int
+) -> str:
     """Render one category into a hidden folder inside ``out``, then move it into place."""
     out_path = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{category}.", suffix=".tmp", dir=out_path))
@@ -250,8 +381,10 @@ def _write_category(out: str, category: str, seed: int, size: int, n_train: int,
         for split_code, folder, n in ((_TRAIN, "train", n_train), (_TEST_GOOD, "test", n_test_good)):
             (root / folder / GOOD).mkdir(parents=True)
             for i in range(n):
-                _write_png(root / folder / GOOD / f"{_name(i, n)}.png",
-                           render_good(category, _stream(seed, category, split_code, i), size))
+                _write_png(
+                    root / folder / GOOD / f"{_name(i, n)}.png",
+                    render_good(category, _stream(seed, category, split_code, i), size),
+                )
         counts = _category_counts(category, n_train, n_test_good, n_test_defective)
         for d, defect in enumerate(DEFECT_TYPES[category]):
             n = counts[f"test/{defect}"]
@@ -283,9 +416,7 @@ def _resolve_categories(categories: Any) -> list[str]:
         categories = [categories]
     if isinstance(categories, (int, np.integer)) and not isinstance(categories, bool):
         if not 1 <= categories <= len(CATEGORIES):
-            raise ConfigError(
-                f"categories: must be from 1 to {len(CATEGORIES)} or a list of names, got {categories!r}"
-            )
+            raise ConfigError(f"categories: must be from 1 to {len(CATEGORIES)} or a list of names, got {categories!r}")
         return list(CATEGORIES[: int(categories)])
     if isinstance(categories, bool) or not isinstance(categories, Sequence) or len(categories) == 0:
         raise ConfigError(

@@ -44,8 +44,19 @@ def _tone(img: np.ndarray, tone: Any, sign: float) -> np.ndarray:
     return np.asarray(tone, _F)
 
 
-def line_defect(img, rng, sev, support, *, kind="scratch", tone="either", width=(0.7, 2.2),
-                 contrast=(0.10, 0.75), length=(0.06, 0.45), border=0.2):
+def line_defect(
+    img,
+    rng,
+    sev,
+    support,
+    *,
+    kind="scratch",
+    tone="either",
+    width=(0.7, 2.2),
+    contrast=(0.10, 0.75),
+    length=(0.06, 0.45),
+    border=0.2,
+):
     """Scratches (smooth arcs), cracks (jagged, branching walks), loose threads, cuts."""
     size = img.shape[0]
     k = size / 256
@@ -98,8 +109,9 @@ def line_defect(img, rng, sev, support, *, kind="scratch", tone="either", width=
     return mask_or_anchor(alpha > 0.25, x0, y0)
 
 
-def hole_defect(img, rng, sev, support, *, tone=(0.05, 0.05, 0.05), radius=(1.3, 0.08), contrast=(0.35, 0.95),
-                 rim=0.25, border=0.15):
+def hole_defect(
+    img, rng, sev, support, *, tone=(0.05, 0.05, 0.05), radius=(1.3, 0.08), contrast=(0.35, 0.95), rim=0.25, border=0.15
+):
     """Holes, chips, pin holes: an irregular dark disc with a lighter (or darker) rim."""
     size = img.shape[0]
     y, x = pixel_grid(size)
@@ -116,8 +128,18 @@ def hole_defect(img, rng, sev, support, *, tone=(0.05, 0.05, 0.05), radius=(1.3,
     return mask_or_anchor((inside * support) > 0.25, x0, y0)
 
 
-def stain_defect(img, rng, sev, support, *, tint=(0.40, 0.28, 0.14), radius=(0.05, 0.28), contrast=(0.06, 0.45),
-                  border=0.25, speckle=0.0):
+def stain_defect(
+    img,
+    rng,
+    sev,
+    support,
+    *,
+    tint=(0.40, 0.28, 0.14),
+    radius=(0.05, 0.28),
+    contrast=(0.06, 0.45),
+    border=0.25,
+    speckle=0.0,
+):
     """Discolouration: a soft blob of tint. Its mask is where the blend weight exceeds a quarter of its peak."""
     size = img.shape[0]
     y, x = pixel_grid(size)
@@ -134,8 +156,19 @@ def stain_defect(img, rng, sev, support, *, tint=(0.40, 0.28, 0.14), radius=(0.0
     return mask_or_anchor((w > 0.25 * peak) & (w > 0), x0, y0)
 
 
-def particles_defect(img, rng, sev, support, *, tone=(0.12, 0.10, 0.08), count=(1, 4), radius=(1.0, 0.025),
-                      spread=0.05, contrast=(0.45, 0.95), border=0.0):
+def particles_defect(
+    img,
+    rng,
+    sev,
+    support,
+    *,
+    tone=(0.12, 0.10, 0.08),
+    count=(1, 4),
+    radius=(1.0, 0.025),
+    spread=0.05,
+    contrast=(0.45, 0.95),
+    border=0.0,
+):
     """Contamination or pitting: a cluster of small irregular specks."""
     size = img.shape[0]
     y, x = pixel_grid(size)

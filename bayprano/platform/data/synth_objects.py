@@ -106,9 +106,9 @@ def render_screw(rng: np.random.Generator, size: int, part: str | None, sev: flo
         start = rng.uniform(-0.20 * size, 0.22 * size - length)
         flat = (start, start + length)
     cover, shade = _screw_geometry(size, s, t, tip_cut, flat)
-    background = (0.74 + 0.02 * smooth_noise(rng, size, 3) + 0.012 * smooth_noise(rng, size, size / 2))[..., None] * rgb(
-        1.0, 0.99, 0.96
-    )
+    background = (0.74 + 0.02 * smooth_noise(rng, size, 3) + 0.012 * smooth_noise(rng, size, size / 2))[
+        ..., None
+    ] * rgb(1.0, 0.99, 0.96)
     k = size / 256
     shadow = ndimage.shift(ndimage.gaussian_filter(cover, 3.0 * k), (2.5 * k, 2.0 * k), order=1)
     img = background * (1 - 0.35 * shadow)[..., None]
@@ -154,8 +154,12 @@ def _pcb_design() -> tuple[tuple[_Rect, ...], tuple[_Component, ...], tuple[tupl
         base.append(_Rect(x0, y0, 0.016, 0.016, pad_col))
         base.append(_Rect(x1, y1, 0.016, 0.016, pad_col))
     # silkscreen: a frame around the chip and short "text" strokes
-    for cx, cy, hw, hh in [(0.5, 0.46, 0.16, 0.0025), (0.5, 0.74, 0.16, 0.0025), (0.34, 0.60, 0.0025, 0.14),
-                           (0.66, 0.60, 0.0025, 0.14)]:
+    for cx, cy, hw, hh in [
+        (0.5, 0.46, 0.16, 0.0025),
+        (0.5, 0.74, 0.16, 0.0025),
+        (0.34, 0.60, 0.0025, 0.14),
+        (0.66, 0.60, 0.0025, 0.14),
+    ]:
         base.append(_Rect(cx, cy, hw, hh, silk_col))
     for i in range(7):
         base.append(_Rect(0.16 + 0.03 * i, 0.12, 0.009, 0.002 + 0.004 * (i % 3 == 1), silk_col))
@@ -169,8 +173,16 @@ def _pcb_design() -> tuple[tuple[_Rect, ...], tuple[_Component, ...], tuple[tupl
         for i in range(8)
     )
     components.append(_Component((body,) + pins, tuple(_Rect(p.cx, p.cy, p.hw, p.hh, pad_col) for p in pins)))
-    spots = [(0.20, 0.28), (0.35, 0.25), (0.78, 0.25), (0.80, 0.45), (0.22, 0.72), (0.82, 0.70), (0.55, 0.25),
-             (0.20, 0.50)]
+    spots = [
+        (0.20, 0.28),
+        (0.35, 0.25),
+        (0.78, 0.25),
+        (0.80, 0.45),
+        (0.22, 0.72),
+        (0.82, 0.70),
+        (0.55, 0.25),
+        (0.20, 0.50),
+    ]
     for i, (cx, cy) in enumerate(spots):
         length = (0.028, 0.04, 0.055)[i % 3]
         width = length * 0.5
@@ -288,7 +300,10 @@ def render_pcb(rng: np.random.Generator, size: int, part: str | None, sev: float
                 moved = _Rect(
                     body.cx + ddx + (p.cx - body.cx) * ca - (p.cy - body.cy) * sa,
                     body.cy + ddy + (p.cx - body.cx) * sa + (p.cy - body.cy) * ca,
-                    p.hw, p.hh, p.color, p.angle + rot,
+                    p.hw,
+                    p.hh,
+                    p.color,
+                    p.angle + rot,
                 )
                 _paint_rect(board, None, moved, pose, size)
                 _paint_rect(board, new_cov, moved, pose, size)
@@ -323,9 +338,9 @@ def render_nut(rng: np.random.Generator, size: int, part: str | None, sev: float
     level = level * (1 + 0.03 * smooth_noise(rng, size, size / 4))
     metal = level[..., None] * (rgb(0.74, 0.75, 0.78) * (1 + 0.006 * rng.standard_normal(3)).astype(_F))
     hole = coverage(hole_r - r)
-    background = (0.16 + 0.02 * smooth_noise(rng, size, size / 2) + 0.015 * smooth_noise(rng, size, 4))[..., None] * rgb(
-        0.95, 1.0, 1.12
-    )
+    background = (0.16 + 0.02 * smooth_noise(rng, size, size / 2) + 0.015 * smooth_noise(rng, size, 4))[
+        ..., None
+    ] * rgb(0.95, 1.0, 1.12)
     solid = cover * (1 - hole)
     mask = None
     if part == "chipped_corner":

@@ -43,8 +43,12 @@ def _vector(v, what: str, size: int | None = None) -> Tensor:
 
 
 def _param(name: str, value, what: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
-            or not ok(float(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or not ok(float(value))
+    ):
         raise ConfigError(f"aggregation: {name} must be {what}, got {value!r}")
     return float(value)
 
@@ -57,8 +61,10 @@ def weighted_average(deltas: Sequence[Tensor], weights: Sequence[float] | None =
     deltas = list(deltas)
     if not deltas:
         raise DataError("aggregation: no site deltas to average")
-    vecs = [_vector(d, f"delta {i}", deltas[0].numel() if isinstance(deltas[0], Tensor) else None)
-            for i, d in enumerate(deltas)]
+    vecs = [
+        _vector(d, f"delta {i}", deltas[0].numel() if isinstance(deltas[0], Tensor) else None)
+        for i, d in enumerate(deltas)
+    ]
     if weights is None:
         w = [1.0] * len(vecs)
     else:
@@ -98,8 +104,9 @@ def fedprox_penalty(params_vector: Tensor, global_vector: Tensor, mu: float) -> 
     if not isinstance(params_vector, Tensor) or not isinstance(global_vector, Tensor):
         raise DataError("fedprox_penalty: expected two tensors")
     if params_vector.shape != global_vector.shape:
-        raise DataError(f"fedprox_penalty: params have shape {list(params_vector.shape)}, "
-                        f"global {list(global_vector.shape)}")
+        raise DataError(
+            f"fedprox_penalty: params have shape {list(params_vector.shape)}, global {list(global_vector.shape)}"
+        )
     diff = params_vector - global_vector.detach().to(params_vector.device, params_vector.dtype)
     return 0.5 * mu * diff.pow(2).sum()
 
@@ -177,8 +184,12 @@ class FedAdamServer(ServerOptimizer):
         return g + self.lr * self.m / (self.v.sqrt() + self.tau)
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "steps": self.steps,
-                "m": None if self.m is None else self.m.clone(), "v": None if self.v is None else self.v.clone()}
+        return {
+            "name": self.name,
+            "steps": self.steps,
+            "m": None if self.m is None else self.m.clone(),
+            "v": None if self.v is None else self.v.clone(),
+        }
 
     def load_state_dict(self, state: Mapping) -> "FedAdamServer":
         super().load_state_dict(state)

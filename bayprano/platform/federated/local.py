@@ -51,8 +51,12 @@ def local_meta_update(
         raise ConfigError(f"federated: local_steps must be an integer of at least 1, got {local_steps!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ConfigError(f"federated: seed must be a non-negative integer, got {seed!r}")
-    if isinstance(fedprox_mu, bool) or not isinstance(fedprox_mu, numbers.Real) or not math.isfinite(fedprox_mu) \
-            or fedprox_mu < 0:
+    if (
+        isinstance(fedprox_mu, bool)
+        or not isinstance(fedprox_mu, numbers.Real)
+        or not math.isfinite(fedprox_mu)
+        or fedprox_mu < 0
+    ):
         raise ConfigError(f"federated: fedprox_mu must be zero or positive, got {fedprox_mu!r}")
     if not isinstance(cfg, MetaConfig):
         raise ConfigError(f"federated: cfg must be a MetaConfig, got {type(cfg).__name__}")
@@ -64,19 +68,21 @@ def local_meta_update(
     need = local_cfg.shots + local_cfg.n_query_normal
     for name in sorted(banks):  # before the model is touched, not at the first episode
         if need > len(banks[name]):
-            raise ConfigError(f"shots={local_cfg.shots} plus {local_cfg.n_query_normal} normal query images needs "
-                              f"{need} normal train images, category {name!r} has {len(banks[name])}")
+            raise ConfigError(
+                f"shots={local_cfg.shots} plus {local_cfg.n_query_normal} normal query images needs "
+                f"{need} normal train images, category {name!r} has {len(banks[name])}"
+            )
     start = layout.check_vector(global_vector, "global vector")
     layout.load_into(model, start)
     t0 = time.perf_counter()
     extra = {}
     if fedprox_mu:
         anchor = start.to(next(model.parameters()).device)
-        extra["prox"] = lambda m: fedprox_penalty(torch.cat([p.reshape(-1) for p in m.parameters()]), anchor,
-                                                  float(fedprox_mu))
+        extra["prox"] = lambda m: fedprox_penalty(
+            torch.cat([p.reshape(-1) for p in m.parameters()]), anchor, float(fedprox_mu)
+        )
     row = meta_train(model, banks, local_cfg, log_every=local_cfg.episodes, extra_losses=extra)[-1]
     metrics = {k: float(row.get(k, 0.0)) for k in (*METRIC_KEYS, "prox")}
     delta = layout.flatten(model) - start
-    metrics.update(episodes=float(local_cfg.episodes), delta_norm=float(delta.norm()),
-                   seconds=time.perf_counter() - t0)
+    metrics.update(episodes=float(local_cfg.episodes), delta_norm=float(delta.norm()), seconds=time.perf_counter() - t0)
     return delta, metrics

@@ -58,20 +58,41 @@ class SiteSettings:
     @classmethod
     def from_config(cls, cfg: Any) -> "SiteSettings":
         """From a ``FederatedTrainConfig`` (or any object with its fields)."""
-        meta = MetaConfig(shots=cfg.shots, inner_steps=cfg.inner_steps, n_query_normal=cfg.n_query_normal,
-                          n_query_anomalous=cfg.n_query_anomalous, lr=cfg.lr, supcon_weight=cfg.supcon_weight,
-                          first_order=not cfg.second_order, calibration_episodes=cfg.calibration_episodes,
-                          seed=cfg.seed)
-        return cls(backbone=cfg.backbone, image_size=cfg.image_size, dim=cfg.dim, seed=cfg.seed, holdout=cfg.holdout,
-                   device=cfg.device, meta=meta)
+        meta = MetaConfig(
+            shots=cfg.shots,
+            inner_steps=cfg.inner_steps,
+            n_query_normal=cfg.n_query_normal,
+            n_query_anomalous=cfg.n_query_anomalous,
+            lr=cfg.lr,
+            supcon_weight=cfg.supcon_weight,
+            first_order=not cfg.second_order,
+            calibration_episodes=cfg.calibration_episodes,
+            seed=cfg.seed,
+        )
+        return cls(
+            backbone=cfg.backbone,
+            image_size=cfg.image_size,
+            dim=cfg.dim,
+            seed=cfg.seed,
+            holdout=cfg.holdout,
+            device=cfg.device,
+            meta=meta,
+        )
 
     def meta_settings(self) -> dict[str, Any]:
         """The meta-training settings a checkpoint records (``MetaCheckpoint.meta_config``)."""
         m = self.meta
-        return {"shots": m.shots, "inner_steps": m.inner_steps, "n_query_normal": m.n_query_normal,
-                "n_query_anomalous": m.n_query_anomalous, "lr": m.lr, "supcon_weight": m.supcon_weight,
-                "first_order": m.first_order, "calibration_episodes": m.calibration_episodes,
-                "inner_positions": m.inner_positions}
+        return {
+            "shots": m.shots,
+            "inner_steps": m.inner_steps,
+            "n_query_normal": m.n_query_normal,
+            "n_query_anomalous": m.n_query_anomalous,
+            "lr": m.lr,
+            "supcon_weight": m.supcon_weight,
+            "first_order": m.first_order,
+            "calibration_episodes": m.calibration_episodes,
+            "inner_positions": m.inner_positions,
+        }
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,12 @@ from bayprano.platform.errors import ConfigError, DataError
 
 
 def _number(name: str, value, what: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
-            or not ok(float(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or not ok(float(value))
+    ):
         raise ConfigError(f"privacy: {name} must be {what}, got {value!r}")
     return float(value)
 
@@ -50,7 +54,9 @@ def _check_delta_vector(vector: Tensor, what: str) -> Tensor:
     if not isinstance(vector, Tensor):
         raise DataError(f"{what}: expected a tensor, got {type(vector).__name__}")
     if not vector.is_floating_point() or vector.ndim != 1:
-        raise DataError(f"{what}: expected a 1-D floating-point vector, got {vector.dtype} of shape {list(vector.shape)}")
+        raise DataError(
+            f"{what}: expected a 1-D floating-point vector, got {vector.dtype} of shape {list(vector.shape)}"
+        )
     if not bool(torch.isfinite(vector).all()):
         raise DataError(f"{what}: contains NaN or infinite values")
     return vector
@@ -94,8 +100,11 @@ def _rdp_one_round(noise_multiplier: float, sample_rate: float) -> tuple[float, 
     from opacus.accountants import RDPAccountant  # Opacus is slow to import; only the accountant needs it
     from opacus.accountants.analysis import rdp as analysis
 
-    return tuple(analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                      orders=RDPAccountant.DEFAULT_ALPHAS))
+    return tuple(
+        analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+        )
+    )
 
 
 def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -156,10 +165,16 @@ class PrivacyAccountant:
 
     def step(self, noise_multiplier: float | None = None, sample_rate: float | None = None) -> float:
         """Record one round (with the configured z and q unless given) and return the new epsilon."""
-        z = self.noise_multiplier if noise_multiplier is None else _number(
-            "noise_multiplier", noise_multiplier, "zero or positive", lambda v: v >= 0)
-        q = self.sample_rate if sample_rate is None else _number(
-            "sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
+        z = (
+            self.noise_multiplier
+            if noise_multiplier is None
+            else _number("noise_multiplier", noise_multiplier, "zero or positive", lambda v: v >= 0)
+        )
+        q = (
+            self.sample_rate
+            if sample_rate is None
+            else _number("sample_rate", sample_rate, "in (0, 1]", lambda v: 0 < v <= 1)
+        )
         self._history = self._extend(self._history, z, q, 1)
         return self.epsilon
 
@@ -172,8 +187,9 @@ class PrivacyAccountant:
         """Epsilon if ``extra_rounds`` more rounds ran with the configured z and q; records nothing."""
         if isinstance(extra_rounds, bool) or not isinstance(extra_rounds, numbers.Integral) or extra_rounds < 0:
             raise ConfigError(f"privacy: extra_rounds must be a non-negative integer, got {extra_rounds!r}")
-        return _rdp_epsilon(self._extend(self._history, self.noise_multiplier, self.sample_rate, int(extra_rounds)),
-                            self.delta)
+        return _rdp_epsilon(
+            self._extend(self._history, self.noise_multiplier, self.sample_rate, int(extra_rounds)), self.delta
+        )
 
     def would_exceed(self, target_epsilon: float) -> bool:
         """True if running the next round would take epsilon above ``target_epsilon``: stop before it."""
@@ -213,22 +229,32 @@ class PrivacyAccountant:
         if not isinstance(state, Mapping) or "history" not in state:
             raise DataError("privacy accountant state: expected a mapping with a 'history'")
         if state.get("mechanism") != self.MECHANISM:
-            raise DataError(f"privacy accountant state: mechanism {state.get('mechanism')!r}, expected {self.MECHANISM!r}")
+            raise DataError(
+                f"privacy accountant state: mechanism {state.get('mechanism')!r}, expected {self.MECHANISM!r}"
+            )
         if "delta" in state and float(state["delta"]) != self.delta:
-            raise ConfigError(f"privacy: delta={self.delta} but the checkpointed accountant used delta={state['delta']}")
+            raise ConfigError(
+                f"privacy: delta={self.delta} but the checkpointed accountant used delta={state['delta']}"
+            )
         history = []
         for row in state["history"]:
             try:
                 z, q, n = row
                 z, q = float(z), float(q)
             except (TypeError, ValueError):
-                raise DataError(f"privacy accountant state: a history row must be [noise, sample_rate, steps], got {row!r}") from None
-            if not (z >= 0 and 0 < q <= 1 and isinstance(n, numbers.Integral) and not isinstance(n, bool) and int(n) >= 1):
+                raise DataError(
+                    f"privacy accountant state: a history row must be [noise, sample_rate, steps], got {row!r}"
+                ) from None
+            if not (
+                z >= 0 and 0 < q <= 1 and isinstance(n, numbers.Integral) and not isinstance(n, bool) and int(n) >= 1
+            ):
                 raise DataError(f"privacy accountant state: invalid history row {row!r}")
             history.append((z, q, int(n)))
         self._history = history
         return self
 
     def __repr__(self) -> str:
-        return (f"PrivacyAccountant(noise_multiplier={self.noise_multiplier}, sample_rate={self.sample_rate}, "
-                f"delta={self.delta}, rounds={self.rounds}, epsilon={self.epsilon:.4g})")
+        return (
+            f"PrivacyAccountant(noise_multiplier={self.noise_multiplier}, sample_rate={self.sample_rate}, "
+            f"delta={self.delta}, rounds={self.rounds}, epsilon={self.epsilon:.4g})"
+        )

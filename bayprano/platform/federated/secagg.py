@@ -77,8 +77,11 @@ PAIR = "pair"
 
 
 def _check_bits(fractional_bits: int) -> int:
-    if isinstance(fractional_bits, bool) or not isinstance(fractional_bits, numbers.Integral) \
-            or not 0 <= fractional_bits <= 52:
+    if (
+        isinstance(fractional_bits, bool)
+        or not isinstance(fractional_bits, numbers.Integral)
+        or not 0 <= fractional_bits <= 52
+    ):
         raise ConfigError(f"secure aggregation: fractional_bits must be an integer in [0, 52], got {fractional_bits!r}")
     return int(fractional_bits)
 
@@ -121,12 +124,16 @@ def check_settings(num_sites: int, threshold: int | None = None, neighbours: int
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Integral) or threshold < 1:
             raise ConfigError(f"--secagg-threshold {threshold!r}: must be a whole number of at least 1")
         if threshold > num_sites - 1:
-            raise ConfigError(f"--secagg-threshold {threshold}: above the {num_sites - 1} other site(s) of a round of "
-                              f"{num_sites}; a dropped site's shares are held by the others, so its masks could "
-                              "never be removed")
+            raise ConfigError(
+                f"--secagg-threshold {threshold}: above the {num_sites - 1} other site(s) of a round of "
+                f"{num_sites}; a dropped site's shares are held by the others, so its masks could "
+                "never be removed"
+            )
         if neighbours is not None and neighbours < threshold:
-            raise ConfigError(f"--secagg-neighbours {neighbours}: below --secagg-threshold {threshold}; a site's "
-                              "shares go to its neighbours, too few to reach the threshold")
+            raise ConfigError(
+                f"--secagg-neighbours {neighbours}: below --secagg-threshold {threshold}; a site's "
+                "shares go to its neighbours, too few to reach the threshold"
+            )
     d = degree(int(num_sites), None if neighbours is None else int(neighbours))
     t = default_threshold(d) if threshold is None else int(threshold)
     if t > d:
@@ -168,13 +175,13 @@ def max_abs_value(num_sites: int, fractional_bits: int = DEFAULT_FRACTIONAL_BITS
 
 def encode_fixed(values: np.ndarray, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> np.ndarray:
     """Floats -> uint64: ``round(x * 2**f)`` as a two's complement 64-bit integer (no range check)."""
-    scaled = np.rint(np.asarray(values, dtype=np.float64) * 2.0 ** fractional_bits)
+    scaled = np.rint(np.asarray(values, dtype=np.float64) * 2.0**fractional_bits)
     return scaled.astype(np.int64).view(np.uint64)
 
 
 def decode_fixed(values: np.ndarray, fractional_bits: int = DEFAULT_FRACTIONAL_BITS) -> np.ndarray:
     """uint64 (a fixed-point value or sum, modulo 2**64) -> float64, read as signed."""
-    return np.asarray(values, dtype=np.uint64).view(np.int64).astype(np.float64) / 2.0 ** fractional_bits
+    return np.asarray(values, dtype=np.uint64).view(np.int64).astype(np.float64) / 2.0**fractional_bits
 
 
 # ------------------------------------------------------------------------------------ crypto
@@ -264,8 +271,12 @@ class SecAggClient:
         self._coins_key = _hkdf(bytes(master), "coins", self.instance, self.site_id)
 
     def advertise(self) -> Advertisement:
-        return Advertisement(self.site_id, self.instance, self._c.public_key().public_bytes_raw(),
-                             self._s.public_key().public_bytes_raw())
+        return Advertisement(
+            self.site_id,
+            self.instance,
+            self._c.public_key().public_bytes_raw(),
+            self._s.public_key().public_bytes_raw(),
+        )
 
     def _channel(self, peer: str, peer_c_public: bytes, sender: str, recipient: str) -> ChaCha20Poly1305:
         return ChaCha20Poly1305(_hkdf(_agree(self._c, peer_c_public, peer), "enc", self.instance, sender, recipient))
@@ -274,14 +285,18 @@ class SecAggClient:
         out = {}
         for sid, adv in roster.items():
             if not isinstance(adv, Advertisement) or adv.site_id != sid or adv.instance != self.instance:
-                raise DataError(f"secure aggregation: site {self.site_id!r}: roster entry for {sid!r} is not an "
-                                f"advertisement of this instance")
+                raise DataError(
+                    f"secure aggregation: site {self.site_id!r}: roster entry for {sid!r} is not an "
+                    f"advertisement of this instance"
+                )
             out[sid] = adv
         if self.site_id not in out or out[self.site_id] != self.advertise():
             raise DataError(f"secure aggregation: site {self.site_id!r} is not in the roster with its own keys")
         if len(out) < MIN_SITES:
-            raise ConfigError(f"secure aggregation: site {self.site_id!r} has no peers: with fewer than {MIN_SITES} "
-                              "sites the value would be sent in the clear")
+            raise ConfigError(
+                f"secure aggregation: site {self.site_id!r} has no peers: with fewer than {MIN_SITES} "
+                "sites the value would be sent in the clear"
+            )
         return out
 
     def _shares(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None):
@@ -289,13 +304,19 @@ class SecAggClient:
         holders = tuple(sorted([*neighbour_graph(roster, neighbours, self.instance)[self.site_id], self.site_id]))
         t = _check_int("threshold", threshold, 1)
         if t > len(holders) - 1:
-            raise ConfigError(f"secure aggregation: threshold {t} is above the {len(holders) - 1} neighbours of site "
-                              f"{self.site_id!r}")
+            raise ConfigError(
+                f"secure aggregation: threshold {t} is above the {len(holders) - 1} neighbours of site {self.site_id!r}"
+            )
         coins = random.Random(_hkdf(self._coins_key, "split"))
-        return holders, split(self._b, t, len(holders), rng=coins.getrandbits), \
-            split(self._s_raw, t, len(holders), rng=coins.getrandbits)
+        return (
+            holders,
+            split(self._b, t, len(holders), rng=coins.getrandbits),
+            split(self._s_raw, t, len(holders), rng=coins.getrandbits),
+        )
 
-    def share_keys(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None) -> dict[str, bytes]:
+    def share_keys(
+        self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None
+    ) -> dict[str, bytes]:
         """{neighbour: ciphertext of its shares of this site's b and s key}; the server relays them. The
         site keeps a share of each for itself (recomputed when it is needed)."""
         roster = self._roster(roster)
@@ -309,38 +330,64 @@ class SecAggClient:
             out[peer] = self._channel(peer, roster[peer].c_public, self.site_id, peer).encrypt(bytes(12), plain, aad)
         return out
 
-    def mask(self, vector: Tensor | np.ndarray, roster: Mapping[str, Advertisement], shared: Collection[str],
-             neighbours: int | None, round: int, attempt: int) -> MaskedUpdate:
+    def mask(
+        self,
+        vector: Tensor | np.ndarray,
+        roster: Mapping[str, Advertisement],
+        shared: Collection[str],
+        neighbours: int | None,
+        round: int,
+        attempt: int,
+    ) -> MaskedUpdate:
         """This site's vector in fixed point plus its self-mask and its pairwise masks with the neighbours
         in ``shared`` (the sites whose shares the server relayed: U2)."""
         roster = self._roster(roster)
         if self.site_id not in shared:
-            raise DataError(f"secure aggregation: site {self.site_id!r} is asked to mask but is not among the sites "
-                            "that shared their keys")
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r} is asked to mask but is not among the sites "
+                "that shared their keys"
+            )
         if isinstance(vector, Tensor):
             vector = vector.detach().cpu().double().numpy()
         values = np.asarray(vector, dtype=np.float64)
         if values.ndim != 1:
-            raise DataError(f"secure aggregation: site {self.site_id!r}: expected a 1-D vector, got shape {list(values.shape)}")
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r}: expected a 1-D vector, got shape {list(values.shape)}"
+            )
         if not np.isfinite(values).all():
             raise DataError(f"secure aggregation: site {self.site_id!r}: vector contains NaN or infinite values")
         bound = max_abs_value(len(roster), self.fractional_bits)
         peak = float(np.abs(values).max()) if values.size else 0.0
         if peak > bound:
-            raise DataError(f"secure aggregation: site {self.site_id!r}: a value of magnitude {peak:.4g} is beyond the "
-                            f"fixed-point range +-{bound:.4g} for {len(roster)} sites at 2^{self.fractional_bits}; "
-                            "clip the update")
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r}: a value of magnitude {peak:.4g} is beyond the "
+                f"fixed-point range +-{bound:.4g} for {len(roster)} sites at 2^{self.fractional_bits}; "
+                "clip the update"
+            )
         masked = encode_fixed(values, self.fractional_bits) + self_mask(self._b, self.instance, values.size)
         for peer in neighbour_graph(roster, neighbours, self.instance)[self.site_id]:
             if peer not in shared:
                 continue
             m = prg(pair_mask_key(self._s, roster[peer].s_public, self.instance, self.site_id, peer), values.size)
             masked = masked + m if peer > self.site_id else masked - m  # uint64 arithmetic wraps modulo 2**64
-        return MaskedUpdate(self.site_id, self.instance, _check_int("round", round), _check_int("attempt", attempt),
-                            self.fractional_bits, masked)
+        return MaskedUpdate(
+            self.site_id,
+            self.instance,
+            _check_int("round", round),
+            _check_int("attempt", attempt),
+            self.fractional_bits,
+            masked,
+        )
 
-    def unmask(self, roster: Mapping[str, Advertisement], survivors: Collection[str], dropped: Collection[str],
-               ciphertexts: Mapping[str, bytes], threshold: int, neighbours: int | None = None) -> dict[str, tuple[str, bytes]]:
+    def unmask(
+        self,
+        roster: Mapping[str, Advertisement],
+        survivors: Collection[str],
+        dropped: Collection[str],
+        ciphertexts: Mapping[str, bytes],
+        threshold: int,
+        neighbours: int | None = None,
+    ) -> dict[str, tuple[str, bytes]]:
         """For each site whose shares this site holds (itself included): (``"self"``, its b share) if it
         survived, (``"pair"``, its s-key share) if it dropped. Refuses a peer that is both, and too few
         survivors."""
@@ -348,13 +395,17 @@ class SecAggClient:
         survivors, dropped = set(survivors), set(dropped)
         both = sorted(survivors & dropped)
         if both:
-            raise DataError(f"secure aggregation: site {self.site_id!r} refuses to unmask: site(s) {', '.join(both)} "
-                            "listed both as survivor and as dropped (that would reveal both of their secrets)")
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r} refuses to unmask: site(s) {', '.join(both)} "
+                "listed both as survivor and as dropped (that would reveal both of their secrets)"
+            )
         if self.site_id not in survivors:
             raise DataError(f"secure aggregation: site {self.site_id!r} is asked to unmask but is not a survivor")
         if len(survivors) < max(MIN_SITES, int(threshold)):
-            raise DataError(f"secure aggregation: site {self.site_id!r} refuses to unmask for {len(survivors)} "
-                            f"survivor(s), fewer than {max(MIN_SITES, int(threshold))}")
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r} refuses to unmask for {len(survivors)} "
+                f"survivor(s), fewer than {max(MIN_SITES, int(threshold))}"
+            )
         out = {}
         for sender, ct in sorted(ciphertexts.items()):
             if sender not in survivors and sender not in dropped:
@@ -365,8 +416,10 @@ class SecAggClient:
             try:
                 plain = self._channel(sender, roster[sender].c_public, sender, self.site_id).decrypt(bytes(12), ct, aad)
             except InvalidTag:
-                raise DataError(f"secure aggregation: site {self.site_id!r}: the shares from {sender!r} do not "
-                                "decrypt (tampered or misrouted)") from None
+                raise DataError(
+                    f"secure aggregation: site {self.site_id!r}: the shares from {sender!r} do not "
+                    "decrypt (tampered or misrouted)"
+                ) from None
             frm, to, b_hex, s_hex = json.loads(plain)
             if (frm, to) != (sender, self.site_id):
                 raise DataError(f"secure aggregation: shares from {sender!r} are addressed {frm!r} -> {to!r}")
@@ -404,8 +457,10 @@ class SecAggServer:
         for sender, by_recipient in shares.items():
             expected = set(self.graph[sender])
             if set(by_recipient) != expected:
-                raise DataError(f"secure aggregation: site {sender!r} sent shares to {sorted(by_recipient)}, its "
-                                f"neighbours are {sorted(expected)}")
+                raise DataError(
+                    f"secure aggregation: site {sender!r} sent shares to {sorted(by_recipient)}, its "
+                    f"neighbours are {sorted(expected)}"
+                )
             for recipient, ct in by_recipient.items():
                 self.ciphertexts.setdefault(recipient, {})[sender] = ct
 
@@ -413,7 +468,9 @@ class SecAggServer:
         """The ciphertexts addressed to ``site`` from the sites that shared."""
         return {s: ct for s, ct in self.ciphertexts.get(site, {}).items() if s in self.shared}
 
-    def finish(self, masked: Mapping[str, MaskedUpdate], revealed: Mapping[str, Mapping[str, tuple[str, bytes]]]) -> Tensor:
+    def finish(
+        self, masked: Mapping[str, MaskedUpdate], revealed: Mapping[str, Mapping[str, tuple[str, bytes]]]
+    ) -> Tensor:
         """The float64 sum of the survivors' vectors, from their masked inputs (``masked``: the survivors,
         U3) and the survivors' answers to the unmask request (``revealed``: responder -> peer -> share).
 
@@ -423,18 +480,30 @@ class SecAggServer:
         survivors = sorted(masked)
         dropped = sorted(set(self.shared) - set(survivors))
         if len(survivors) < MIN_SITES:
-            raise DataError(f"secure aggregation: {len(survivors)} survivor(s): a sum over fewer than {MIN_SITES} "
-                            "sites is not released")
+            raise DataError(
+                f"secure aggregation: {len(survivors)} survivor(s): a sum over fewer than {MIN_SITES} "
+                "sites is not released"
+            )
         if set(survivors) - set(self.shared):
-            raise DataError(f"secure aggregation: masked input from site(s) "
-                            f"{', '.join(sorted(set(survivors) - set(self.shared)))} that did not share keys")
+            raise DataError(
+                f"secure aggregation: masked input from site(s) "
+                f"{', '.join(sorted(set(survivors) - set(self.shared)))} that did not share keys"
+            )
         first = masked[survivors[0]]
         for sid, u in masked.items():
             if not isinstance(u, MaskedUpdate) or u.site_id != sid or u.instance != self.instance:
-                raise DataError(f"secure aggregation: the masked input of {sid!r} is not one of instance {self.instance}")
-            if u.values.dtype != np.uint64 or u.values.shape != first.values.shape or u.fractional_bits != first.fractional_bits:
-                raise DataError(f"secure aggregation: site {sid!r} sent {u.values.dtype} values of shape "
-                                f"{list(u.values.shape)} at 2^{u.fractional_bits}, expected those of {first.site_id!r}")
+                raise DataError(
+                    f"secure aggregation: the masked input of {sid!r} is not one of instance {self.instance}"
+                )
+            if (
+                u.values.dtype != np.uint64
+                or u.values.shape != first.values.shape
+                or u.fractional_bits != first.fractional_bits
+            ):
+                raise DataError(
+                    f"secure aggregation: site {sid!r} sent {u.values.dtype} values of shape "
+                    f"{list(u.values.shape)} at 2^{u.fractional_bits}, expected those of {first.site_id!r}"
+                )
         shares: dict[tuple[str, str], list[Share]] = {}
         for responder, answers in revealed.items():
             if responder not in survivors:
@@ -444,14 +513,21 @@ class SecAggServer:
                     continue
                 want = SELF if peer in survivors else PAIR if peer in dropped else None
                 if kind != want:
-                    raise DataError(f"secure aggregation: site {responder!r} revealed a {kind!r} share of {peer!r}, "
-                                    f"expected {want!r}")
+                    raise DataError(
+                        f"secure aggregation: site {responder!r} revealed a {kind!r} share of {peer!r}, "
+                        f"expected {want!r}"
+                    )
                 shares.setdefault((kind, peer), []).append(Share.from_bytes(data))
-        short = [p for p in survivors + dropped
-                 if len(shares.get((SELF if p in survivors else PAIR, p), [])) < self.threshold]
+        short = [
+            p
+            for p in survivors + dropped
+            if len(shares.get((SELF if p in survivors else PAIR, p), [])) < self.threshold
+        ]
         if short:
-            raise DataError(f"secure aggregation: fewer than {self.threshold} shares for site(s) {', '.join(short)}: "
-                            "their masks cannot be removed")
+            raise DataError(
+                f"secure aggregation: fewer than {self.threshold} shares for site(s) {', '.join(short)}: "
+                "their masks cannot be removed"
+            )
         size = first.values.size
         total = np.zeros(size, dtype=np.uint64)
         for u in masked.values():
@@ -470,18 +546,28 @@ class SecAggServer:
         return torch.from_numpy(decode_fixed(total, first.fractional_bits))
 
 
-def secure_sum(vectors: Mapping[str, np.ndarray | Tensor], masters: Mapping[str, bytes], instance: str,
-               threshold: int, neighbours: int | None = None, drop_after_sharing: Iterable[str] = (),
-               round: int = 0, attempt: int = 0) -> Tensor:
+def secure_sum(
+    vectors: Mapping[str, np.ndarray | Tensor],
+    masters: Mapping[str, bytes],
+    instance: str,
+    threshold: int,
+    neighbours: int | None = None,
+    drop_after_sharing: Iterable[str] = (),
+    round: int = 0,
+    attempt: int = 0,
+) -> Tensor:
     """The whole protocol in one process (tests, simulations): the sum over the sites that did not drop."""
     clients = {s: SecAggClient(s, masters[s], instance) for s in vectors}
     roster = {s: c.advertise() for s, c in clients.items()}
     server = SecAggServer(instance, roster, threshold, neighbours)
     server.route({s: c.share_keys(roster, threshold, neighbours) for s, c in clients.items()})
     drop = set(drop_after_sharing)
-    masked = {s: c.mask(vectors[s], roster, server.shared, neighbours, round, attempt)
-              for s, c in clients.items() if s not in drop}
-    revealed = {s: clients[s].unmask(roster, list(masked), sorted(drop), server.inbox(s), threshold, neighbours)
-                for s in masked}
+    masked = {
+        s: c.mask(vectors[s], roster, server.shared, neighbours, round, attempt)
+        for s, c in clients.items()
+        if s not in drop
+    }
+    revealed = {
+        s: clients[s].unmask(roster, list(masked), sorted(drop), server.inbox(s), threshold, neighbours) for s in masked
+    }
     return server.finish(masked, revealed)
-

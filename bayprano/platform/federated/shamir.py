@@ -51,8 +51,7 @@ def _count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def split(secret: bytes, threshold: int, num_shares: int,
-          rng: Callable[[int], int] | None = None) -> list[Share]:
+def split(secret: bytes, threshold: int, num_shares: int, rng: Callable[[int], int] | None = None) -> list[Share]:
     """``num_shares`` shares of ``secret``, any ``threshold`` of which recover it.
 
     ``rng(bits)`` gives a random integer of that many bits (default ``secrets.randbits``); a
@@ -63,7 +62,9 @@ def split(secret: bytes, threshold: int, num_shares: int,
     t = _count("threshold", threshold, 1)
     n = _count("num_shares", num_shares, 1)
     if t > n:
-        raise ConfigError(f"shamir: threshold {t} is above the number of shares {n}: the secret could never be recovered")
+        raise ConfigError(
+            f"shamir: threshold {t} is above the number of shares {n}: the secret could never be recovered"
+        )
     draw = rng or secrets.randbits
     coefficients = [int.from_bytes(bytes(secret), "big")]
     while len(coefficients) < t:

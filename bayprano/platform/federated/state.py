@@ -76,8 +76,9 @@ class ParameterLayout:
     @property
     def digest(self) -> str:
         """SHA-256 (hex) of the names, shapes and dtype: equal digests mean interchangeable vectors."""
-        text = json.dumps({"dtype": "float32", "entries": [[n, list(s)] for n, s in self.entries]},
-                          separators=(",", ":"))
+        text = json.dumps(
+            {"dtype": "float32", "entries": [[n, list(s)] for n, s in self.entries]}, separators=(",", ":")
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
     def num_bytes(self, fp16: bool = False) -> int:
@@ -174,8 +175,10 @@ def encode_update(vector: Tensor | np.ndarray, layout: ParameterLayout, fp16: bo
     if fp16:
         peak = float(np.abs(values).max())
         if peak > _FP16_MAX:
-            raise DataError(f"update: a value of magnitude {peak:.4g} is beyond float16's range ({_FP16_MAX:g}); "
-                            "send it as float32 or clip the update")
+            raise DataError(
+                f"update: a value of magnitude {peak:.4g} is beyond float16's range ({_FP16_MAX:g}); "
+                "send it as float32 or clip the update"
+            )
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, code, bytes.fromhex(layout.digest[:32]), layout.size)
     return header + values.astype(_DTYPES[code], copy=False).tobytes()
 
@@ -193,8 +196,10 @@ def decode_update(data: bytes | bytearray | memoryview, layout: ParameterLayout)
     if code not in _DTYPES:
         raise DataError(f"update: unknown dtype code {code}")
     if digest.hex() != layout.digest[:32]:
-        raise DataError(f"update: encoded for parameter layout {digest.hex()[:12]}, this model's layout is "
-                        f"{layout.digest[:12]} ({layout.size} values)")
+        raise DataError(
+            f"update: encoded for parameter layout {digest.hex()[:12]}, this model's layout is "
+            f"{layout.digest[:12]} ({layout.size} values)"
+        )
     if count != layout.size:
         raise DataError(f"update: header says {count} values, the layout has {layout.size}")
     dtype = _DTYPES[code]
@@ -225,9 +230,11 @@ class CommunicationLedger:
 
     def total(self, round: int | None = None, site: str | None = None, direction: str | None = None) -> int:
         """Bytes over every entry matching the given round, site and direction (None: any)."""
-        return sum(n for (r, s, d), n in self._bytes.items()
-                   if (round is None or r == round) and (site is None or s == site)
-                   and (direction is None or d == direction))
+        return sum(
+            n
+            for (r, s, d), n in self._bytes.items()
+            if (round is None or r == round) and (site is None or s == site) and (direction is None or d == direction)
+        )
 
     def per_site_round(self) -> dict[tuple[int, str], dict[str, int]]:
         """``{(round, site): {"down": bytes, "up": bytes}}``, sorted by round then site."""
@@ -246,5 +253,7 @@ class CommunicationLedger:
         self._bytes = defaultdict(int)
         for row in rows:
             if not isinstance(row, (list, tuple)) or len(row) != 4:
-                raise DataError(f"communication ledger state: a row must be [round, site, direction, bytes], got {row!r}")
+                raise DataError(
+                    f"communication ledger state: a row must be [round, site, direction, bytes], got {row!r}"
+                )
             self.record(*row)

@@ -120,8 +120,17 @@ class FedAvg:
     dp = False
     accountant: PrivacyAccountant | None = None
 
-    def __init__(self, sites: Sequence[str], sites_per_round: int, seed: int, server: ServerOptimizer,
-                 local_steps: int, fedprox_mu: float = 0.0, clip: float | None = None, fp16: bool = False):
+    def __init__(
+        self,
+        sites: Sequence[str],
+        sites_per_round: int,
+        seed: int,
+        server: ServerOptimizer,
+        local_steps: int,
+        fedprox_mu: float = 0.0,
+        clip: float | None = None,
+        fp16: bool = False,
+    ):
         self.sites = list(sites)
         self.expected_sites = int(sites_per_round)
         self.sampler: Sampling = SeededSampling(self.sites, self.expected_sites, seed)
@@ -132,10 +141,16 @@ class FedAvg:
         return self.sampler.sample(round)
 
     def configure_round(self, feature_mean: Sequence[float], feature_std: Sequence[float]) -> RoundInstruction:
-        return RoundInstruction(local_steps=self.local_steps, fedprox_mu=self.fedprox_mu, clip=self.clip,
-                                weighted=True, dp=False, fp16=self.fp16,
-                                feature_mean=tuple(float(v) for v in feature_mean),
-                                feature_std=tuple(float(v) for v in feature_std))
+        return RoundInstruction(
+            local_steps=self.local_steps,
+            fedprox_mu=self.fedprox_mu,
+            clip=self.clip,
+            weighted=True,
+            dp=False,
+            fp16=self.fp16,
+            feature_mean=tuple(float(v) for v in feature_mean),
+            feature_std=tuple(float(v) for v in feature_std),
+        )
 
     def aggregate(self, replies: Mapping[str, UpdateReply], layout: ParameterLayout) -> Aggregate:
         """sum_i w_i delta_i / sum_i w_i over the replies (in site order) and their mean loss."""
@@ -171,8 +186,16 @@ class DifferentialPrivacy:
 
     dp = True
 
-    def __init__(self, strategy: Strategy, noise_multiplier: float, clip: float, delta: float,
-                 target_epsilon: float | None = None, source: Any = None, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        clip: float,
+        delta: float,
+        target_epsilon: float | None = None,
+        source: Any = None,
+        generator: torch.Generator | None = None,
+    ):
         if clip is None or not clip > 0:
             raise ConfigError("--dp-noise needs --dp-clip (the noise is z * C)")
         self.inner = strategy
@@ -182,8 +205,9 @@ class DifferentialPrivacy:
         self.sites = strategy.sites
         self.expected_sites = strategy.expected_sites
         self.sampler: Sampling = PoissonSampling(self.sites, self.expected_sites / len(self.sites), source)
-        self.accountant: PrivacyAccountant | None = PrivacyAccountant(noise_multiplier,
-                                                                      self.expected_sites / len(self.sites), delta)
+        self.accountant: PrivacyAccountant | None = PrivacyAccountant(
+            noise_multiplier, self.expected_sites / len(self.sites), delta
+        )
 
     @property
     def server(self) -> ServerOptimizer:
@@ -193,8 +217,9 @@ class DifferentialPrivacy:
         return self.sampler.sample(round)
 
     def configure_round(self, feature_mean: Sequence[float], feature_std: Sequence[float]) -> RoundInstruction:
-        return dataclasses.replace(self.inner.configure_round(feature_mean, feature_std), clip=self.clip,
-                                   weighted=False, dp=True)
+        return dataclasses.replace(
+            self.inner.configure_round(feature_mean, feature_std), clip=self.clip, weighted=False, dp=True
+        )
 
     def release(self, total: Tensor) -> Tensor:
         """DP-FedAvg's release: ``total`` (a sum of clipped deltas) plus N(0, (z C)^2), over the expected
@@ -218,8 +243,10 @@ class DifferentialPrivacy:
         accountant = self.accountant
         if self.target_epsilon is None or accountant is None or not accountant.would_exceed(self.target_epsilon):
             return self.inner.refusal()
-        return (f"it would take epsilon from {accountant.epsilon:.3f} to {accountant.epsilon_after(1):.3f}, past the "
-                f"target {self.target_epsilon:g} (delta {self.delta:g})")
+        return (
+            f"it would take epsilon from {accountant.epsilon:.3f} to {accountant.epsilon_after(1):.3f}, past the "
+            f"target {self.target_epsilon:g} (delta {self.delta:g})"
+        )
 
     def account(self) -> float | None:
         """One more round (every sampled round counts, a skipped one too: its sampling happened)."""
@@ -231,8 +258,16 @@ def strategy_from_config(cfg: Any, sites: Sequence[str], sites_per_round: int) -
     """The strategy a ``FederatedTrainConfig`` asks for: FedAvg with its server optimiser, wrapped in
     ``DifferentialPrivacy`` when ``dp_noise`` is set."""
     server = make_server_optimizer(cfg.server_opt, **({"lr": cfg.server_lr} if cfg.server_lr else {}))
-    base = FedAvg(sites, sites_per_round, cfg.seed, server, cfg.local_steps,
-                  fedprox_mu=cfg.fedprox_mu if cfg.server_opt == "fedprox" else 0.0, clip=cfg.dp_clip, fp16=cfg.fp16)
+    base = FedAvg(
+        sites,
+        sites_per_round,
+        cfg.seed,
+        server,
+        cfg.local_steps,
+        fedprox_mu=cfg.fedprox_mu if cfg.server_opt == "fedprox" else 0.0,
+        clip=cfg.dp_clip,
+        fp16=cfg.fp16,
+    )
     if cfg.dp_noise is None:
         return base
     return DifferentialPrivacy(base, cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, cfg.target_epsilon)

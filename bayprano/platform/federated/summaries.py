@@ -43,8 +43,17 @@ def normality_vector(summaries: Mapping, shots: Sequence[int]) -> np.ndarray:
             if n <= 0:
                 continue
             cx, cy = sx / n, sy / n
-            out[row] += [1.0, cx, cy, cx * cx, cy * cy, cx * cy, max(syy - n * cy * cy, 0.0), n,
-                         max(sxx - n * cx * cx, 0.0)]
+            out[row] += [
+                1.0,
+                cx,
+                cy,
+                cx * cx,
+                cy * cy,
+                cx * cy,
+                max(syy - n * cy * cy, 0.0),
+                n,
+                max(sxx - n * cx * cx, 0.0),
+            ]
     return out.reshape(-1)
 
 
@@ -64,8 +73,12 @@ def normality_from_vector(vector: np.ndarray, shots: Sequence[int], strength: fl
         residual_ss = max(y_ss - 2 * slope * xy + slope**2 * x_ss, 0.0)
         ddof = 2 if slope else 1
         table[int(k)] = {
-            "mean": float(y_mean), "slope": float(slope), "x_mean": float(x_mean), "x_ss": float(x_ss),
-            "x_within_var": float(x_within_ss / n), "n_categories": m,
+            "mean": float(y_mean),
+            "slope": float(slope),
+            "x_mean": float(x_mean),
+            "x_ss": float(x_ss),
+            "x_within_var": float(x_within_ss / n),
+            "n_categories": m,
             "between_var": float(max(residual_ss / (m - ddof) if m > ddof else 0.25, 0.01)),
             "between_var_raw": float(max(y_ss / (m - 1) if m > 1 else 0.25, 0.01)),
             "within_var": float(max(within_ss / max(n - m, 1), 1e-3)),
@@ -90,8 +103,12 @@ def read_validation(total: np.ndarray, dim: int, shots: Sequence[int]) -> dict:
         raise DataError(f"validation sum: expected {validation_size(shots)} values, got shape {list(total.shape)}")
     count = int(round(total[1]))
     calibration = Calibration(dim, float(total[2]), float(total[3])) if total[2] > 0 and total[3] > 0 else None
-    return {"auroc": float(total[0] / count) if count > 0 else math.nan, "validated": count,
-            "calibration": calibration, "normality": normality_from_vector(total[4:], shots)}
+    return {
+        "auroc": float(total[0] / count) if count > 0 else math.nan,
+        "validated": count,
+        "calibration": calibration,
+        "normality": normality_from_vector(total[4:], shots),
+    }
 
 
 def feature_vector(total: np.ndarray, total_sq: np.ndarray, count: int) -> np.ndarray:
@@ -105,6 +122,7 @@ def feature_standardisation(summed: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     count = summed[-1]
     if count <= 0:
         raise DataError("feature statistics: no features were counted")
-    mean, std = statistics_from_sums(torch.from_numpy(summed[:channels]), torch.from_numpy(summed[channels:2 * channels]),
-                                     int(round(float(count))))  # a sum of whole counts
+    mean, std = statistics_from_sums(
+        torch.from_numpy(summed[:channels]), torch.from_numpy(summed[channels : 2 * channels]), int(round(float(count)))
+    )  # a sum of whole counts
     return mean.numpy(), std.numpy()

@@ -22,9 +22,7 @@ from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_s
 
 
 @torch.no_grad()
-def calibrate(
-    model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig
-) -> Calibration:
+def calibrate(model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig) -> Calibration:
     """Effective patch count M estimated from normal query images of fresh episodes (no grad)."""
     rng = np.random.default_rng(cfg.seed + 7919)
     names = sorted(banks)
@@ -37,8 +35,10 @@ def calibrate(
         stats_.extend(image_statistic(maha, model.dim).tolist())
         prototype = adapted.prototype
         if not isinstance(prototype, NIWPrototype):
-            raise ConfigError(f"calibrate: the effective patch count needs the Bayesian (NIW) prototype, not "
-                              f"{type(prototype).__name__}")
+            raise ConfigError(
+                f"calibrate: the effective patch count needs the Bayesian (NIW) prototype, not "
+                f"{type(prototype).__name__}"
+            )
         dfs.extend([prototype.df] * maha.shape[0])
     return Calibration.estimate(model.dim, np.array(stats_), np.array(dfs))
 
@@ -72,5 +72,6 @@ def normal_log_statistics(
             covariate = shift_covariate(adapted.prototype.distance, adapted.support_embeddings, model.dim)
             maha = adapted.distance(ep.query)
             logs.setdefault((bank.category, k), []).extend(
-                (t, covariate) for t in torch.log(image_statistic(maha, model.dim)).tolist())
+                (t, covariate) for t in torch.log(image_statistic(maha, model.dim)).tolist()
+            )
     return logs

@@ -78,7 +78,9 @@ def load_checkpoint(path: str | os.PathLike) -> MetaCheckpoint:
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
         raise DataError(f"{path}: not a bayprano meta-checkpoint")
     if payload.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: checkpoint format {payload.get('format')!r} is not supported (expected {CHECKPOINT_FORMAT})")
+        raise DataError(
+            f"{path}: checkpoint format {payload.get('format')!r} is not supported (expected {CHECKPOINT_FORMAT})"
+        )
     try:
         model = BayesianPatchModel(**payload["model_config"])
         model.load_state_dict(payload["state_dict"])

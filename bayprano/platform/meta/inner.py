@@ -24,10 +24,7 @@ from bayprano.platform.model.bayes import BayesianPatchModel, Prototype
 
 
 def support_loo_score(
-    model: BayesianPatchModel,
-    params: Mapping[str, Tensor],
-    support: Tensor,
-    positions: Tensor | None = None,
+    model: BayesianPatchModel, params: Mapping[str, Tensor], support: Tensor, positions: Tensor | None = None
 ) -> Tensor:
     """Mean leave-one-out patch score of the support (the inner loop's loss), over ``positions`` (flat
     indices into the grid) or every position."""
@@ -105,9 +102,7 @@ class AdaptedHead:
         return self.prototype.distance(self.embed(features))
 
 
-def adapt_head(
-    model: BayesianPatchModel, support: Tensor, steps: int, positions: Tensor | None = None,
-) -> AdaptedHead:
+def adapt_head(model: BayesianPatchModel, support: Tensor, steps: int, positions: Tensor | None = None) -> AdaptedHead:
     """Adapt ``model``'s head to support features (K, C, h, w) with ``steps`` first-order inner steps (the
     loss over ``positions``, or every position), and fit its prototype on the adapted embeddings."""
     with torch.enable_grad():

@@ -20,8 +20,24 @@ from bayprano.platform.meta.tasks import (
 )
 
 __all__ = [
-    "AdaptedHead", "FeatureEpisode", "MetaConfig", "TaskBank", "TaskHead", "adapt_head", "balanced_bce",
-    "build_task_bank", "calibrate", "calibrate_normality", "clone", "episode_loss", "feature_statistics",
-    "feature_sums", "meta_train", "normal_log_statistics", "sample_episode", "statistics_from_sums",
-    "supervised_contrastive", "support_loo_score",
+    "AdaptedHead",
+    "FeatureEpisode",
+    "MetaConfig",
+    "TaskBank",
+    "TaskHead",
+    "adapt_head",
+    "balanced_bce",
+    "build_task_bank",
+    "calibrate",
+    "calibrate_normality",
+    "clone",
+    "episode_loss",
+    "feature_statistics",
+    "feature_sums",
+    "meta_train",
+    "normal_log_statistics",
+    "sample_episode",
+    "statistics_from_sums",
+    "supervised_contrastive",
+    "support_loo_score",
 ]

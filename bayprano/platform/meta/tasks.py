@@ -36,8 +36,14 @@ class TaskBank:
 
     def to(self, device: torch.device | str) -> "TaskBank":
         """The same bank with its feature tensors on ``device`` (indices stay on the CPU)."""
-        return TaskBank(self.category, self.normals.to(device), self.normal_ids, self.anomalies.to(device),
-                        self.anomaly_masks.to(device), self.anomaly_sources)
+        return TaskBank(
+            self.category,
+            self.normals.to(device),
+            self.normal_ids,
+            self.anomalies.to(device),
+            self.anomaly_masks.to(device),
+            self.anomaly_sources,
+        )
 
 
 def build_task_bank(
@@ -104,8 +110,9 @@ def sample_episode(
     dev = bank.normals.device
     masks = torch.cat([torch.zeros(len(query_idx), h, w, device=dev), bank.anomaly_masks[anomaly_idx].float()])
     labels = torch.cat([torch.zeros(len(query_idx), device=dev), torch.ones(len(anomaly_idx), device=dev)])
-    return FeatureEpisode(bank.category, bank.normals[support_idx].float(), query, masks, labels,
-                          support_idx, query_idx)
+    return FeatureEpisode(
+        bank.category, bank.normals[support_idx].float(), query, masks, labels, support_idx, query_idx
+    )
 
 
 def feature_sums(banks: Mapping[str, TaskBank], dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, int]:

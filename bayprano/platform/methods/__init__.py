@@ -24,5 +24,15 @@ from bayprano.platform.methods.base import (
     unregister_method,
 )
 
-__all__ = ["METHODS", "Method", "MethodContext", "MethodScores", "MethodSpec", "PatchScoreMethod", "get_method",
-           "loo_threshold", "register_method", "unregister_method"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodContext",
+    "MethodScores",
+    "MethodSpec",
+    "PatchScoreMethod",
+    "get_method",
+    "loo_threshold",
+    "register_method",
+    "unregister_method",
+]

@@ -99,14 +99,20 @@ class MethodRegistry(Mapping[str, MethodSpec]):
 METHODS = MethodRegistry()
 
 
-def register_method(name: str, build: Callable[[MethodContext], Method], checkpoint: str | None = None,
-                    summary: str = "", replace: bool = False) -> MethodSpec:
+def register_method(
+    name: str,
+    build: Callable[[MethodContext], Method],
+    checkpoint: str | None = None,
+    summary: str = "",
+    replace: bool = False,
+) -> MethodSpec:
     """Register a method under ``name``; every loop over ``METHODS`` picks it up."""
     if not name or not isinstance(name, str) or "," in name:
         raise ConfigError(f"method name must be a non-empty string without commas, got {name!r}")
     if checkpoint is not None and checkpoint not in CHECKPOINT_KINDS:
-        raise ConfigError(f"method {name!r}: checkpoint must be one of {', '.join(CHECKPOINT_KINDS)} or None, "
-                          f"got {checkpoint!r}")
+        raise ConfigError(
+            f"method {name!r}: checkpoint must be one of {', '.join(CHECKPOINT_KINDS)} or None, got {checkpoint!r}"
+        )
     if name in METHODS and not replace:
         raise ConfigError(f"method {name!r} is already registered")
     spec = MethodSpec(name, build, checkpoint, summary)

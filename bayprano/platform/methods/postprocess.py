@@ -48,8 +48,11 @@ def all_statistics(patches: Tensor, image_size: tuple[int, int] | int) -> dict[s
     return {name: statistic(patches, name, image_size) for name in STATISTICS}
 
 
-def choose_statistic(tasks: Sequence[tuple[Tensor, Tensor, np.ndarray]], fit_score: Callable[[Tensor, Tensor], Tensor],
-                     image_size: tuple[int, int] | int) -> tuple[str, dict[str, float]]:
+def choose_statistic(
+    tasks: Sequence[tuple[Tensor, Tensor, np.ndarray]],
+    fit_score: Callable[[Tensor, Tensor], Tensor],
+    image_size: tuple[int, int] | int,
+) -> tuple[str, dict[str, float]]:
     """The menu entry with the best image AUROC pooled over meta-validation ``tasks`` (support features,
     query features, query labels), the patch scores coming from ``fit_score(support, query)``; ties go to
     the earlier entry. Returns (name, {name: AUROC}); ``max`` with NaNs when there is nothing to score."""

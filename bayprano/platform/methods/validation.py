@@ -17,19 +17,33 @@ from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import Calibration
 
 
-def model_checkpoint(model: BayesianPatchModel, backbone: str, fingerprint: str, image_size: int, grid: tuple[int, int],
-                     inner_steps: int, inner_positions: int | None = None) -> MetaCheckpoint:
+def model_checkpoint(
+    model: BayesianPatchModel,
+    backbone: str,
+    fingerprint: str,
+    image_size: int,
+    grid: tuple[int, int],
+    inner_steps: int,
+    inner_positions: int | None = None,
+) -> MetaCheckpoint:
     """A meta-checkpoint around a model in training (no learned calibration prior: the analytic one), so
     that it adapts the way a saved checkpoint does; ``inner_positions`` None keeps the default subset."""
     meta_config = {"inner_steps": inner_steps}
     if inner_positions is not None:
         meta_config["inner_positions"] = inner_positions
-    return MetaCheckpoint(model, backbone, fingerprint, image_size,
-                          Calibration.from_prior(model.dim, grid[0] * grid[1] / 9, 1.0), meta_config=meta_config)
+    return MetaCheckpoint(
+        model,
+        backbone,
+        fingerprint,
+        image_size,
+        Calibration.from_prior(model.dim, grid[0] * grid[1] / 9, 1.0),
+        meta_config=meta_config,
+    )
 
 
-def validation_aurocs(context: MethodContext, tasks: Sequence[tuple[Tensor, Tensor, np.ndarray]],
-                      methods: Sequence[str] | None = None) -> dict[str, float]:
+def validation_aurocs(
+    context: MethodContext, tasks: Sequence[tuple[Tensor, Tensor, np.ndarray]], methods: Sequence[str] | None = None
+) -> dict[str, float]:
     """{method: image AUROC} of each method (default: every registered one the context can build) over ``tasks``, each a
     (support features, query features, query labels) triple; the query scores of all tasks are pooled.
     NaN where there is nothing to score."""

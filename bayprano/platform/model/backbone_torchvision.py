@@ -68,9 +68,7 @@ def build_torchvision(name: str, path: Path | None) -> PatchFeatureExtractor:
     (node8, c8), (node16, c16) = _stride_nodes(net, name)
     load_state(net, state, path, name, assign=True)
     try:
-        graph = create_feature_extractor(
-            net, return_nodes={node8: "s8", node16: "s16"}, suppress_diff_warning=True
-        )
+        graph = create_feature_extractor(net, return_nodes={node8: "s8", node16: "s16"}, suppress_diff_warning=True)
     except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
         raise ConfigError(f"backbone {name!r} cannot be cut at {node8} and {node16}: {exc}") from None
     trunk = _GraphTrunk(graph)

@@ -47,9 +47,7 @@ def rename_keys(state: dict[str, Tensor], rename: Callable[[str], str]) -> dict[
     return renamed
 
 
-def load_state(
-    net: nn.Module, state: dict[str, Tensor], path: Path, backbone: str, assign: bool = False
-) -> None:
+def load_state(net: nn.Module, state: dict[str, Tensor], path: Path, backbone: str, assign: bool = False) -> None:
     try:
         result = net.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as exc:

@@ -167,8 +167,10 @@ class BayesianPatchModel(nn.Module):
 
     def hyper_values(self) -> dict[str, float]:
         h = self.hyper()
-        out = {k: float(getattr(h, k).detach()) for k in ("kappa0", "nu0_offset", "psi_scale", "obs_per_image",
-                                                           "global_obs_per_image")}
+        out = {
+            k: float(getattr(h, k).detach())
+            for k in ("kappa0", "nu0_offset", "psi_scale", "obs_per_image", "global_obs_per_image")
+        }
         out["inner_lr"] = float(self.log_inner_lr.detach().exp())
         return out
 
@@ -184,5 +186,9 @@ class BayesianPatchModel(nn.Module):
         return self.image_log_scale.exp() * (torch.log(max_mahalanobis / self.dim + 1e-6) - self.image_bias)
 
     def config(self) -> dict:
-        return {"in_channels": self.in_channels, "dim": self.dim, "window": self.window,
-                "prototype": self.prototype_kind}
+        return {
+            "in_channels": self.in_channels,
+            "dim": self.dim,
+            "window": self.window,
+            "prototype": self.prototype_kind,
+        }

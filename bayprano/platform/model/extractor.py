@@ -136,10 +136,7 @@ class PatchFeatureExtractor(nn.Module):
         return (x / 255.0 - self.mean) / self.std
 
     def extract(
-        self,
-        images_uint8: np.ndarray | Sequence[np.ndarray],
-        size: int | None = None,
-        batch_size: int = 16,
+        self, images_uint8: np.ndarray | Sequence[np.ndarray], size: int | None = None, batch_size: int = 16
     ) -> Tensor:
         """Patch features (N, C, h, w) of uint8 RGB images, computed ``batch_size`` images at a time.
 
@@ -161,10 +158,7 @@ class PatchFeatureExtractor(nn.Module):
         return torch.cat(outputs)
 
     def extra_repr(self) -> str:
-        return (
-            f"name={self.name!r}, out_channels={self.out_channels}, stride={self.stride}, "
-            f"layers={self.layers!r}"
-        )
+        return f"name={self.name!r}, out_channels={self.out_channels}, stride={self.stride}, layers={self.layers!r}"
 
 
 def nearest_multiple(side: int, multiple: int) -> int:
@@ -186,8 +180,7 @@ def _image_list(images: object) -> list[np.ndarray]:
         _check_image(images, "image")
     if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
         raise DataError(
-            "images must be a uint8 array (B, H, W, 3) or a list of (H, W, 3) arrays, "
-            f"got {type(images).__name__}"
+            f"images must be a uint8 array (B, H, W, 3) or a list of (H, W, 3) arrays, got {type(images).__name__}"
         )
     if len(images) == 0:
         raise DataError("no images given: the list is empty")

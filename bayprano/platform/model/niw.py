@@ -92,8 +92,9 @@ def niw_update(mu0: Tensor, kappa0, nu0, psi0: Tensor, n, mean: Tensor, scatter:
     mu_n = (kappa0[..., None] * mu0 + n[..., None] * mean) / kappa_n[..., None]
     diff = mean - mu0
     # psi0 + scatter + coef * diff diff^T, the outer product fused into the sum (one pass over (..., d, d))
-    psi_n = torch.addcmul(psi0 + scatter, (kappa0 * n / kappa_n)[..., None, None] * diff[..., :, None],
-                          diff[..., None, :])
+    psi_n = torch.addcmul(
+        psi0 + scatter, (kappa0 * n / kappa_n)[..., None, None] * diff[..., :, None], diff[..., None, :]
+    )
     return NIWPosterior(mu_n, kappa_n.expand(mu_n.shape[:-1]), nu_n.expand(mu_n.shape[:-1]), psi_n)
 
 
@@ -175,8 +176,12 @@ def window_statistics(z: Tensor, window: int, positions: Tensor | None = None) -
     # whole map, which dominated the inner loop's cost when it evaluates a subset of positions.
     flat = torch.arange(h * w, device=z.device) if positions is None else positions.to(z.device)
     ys, xs = (flat // w)[:, None], (flat % w)[:, None]
-    dy, dx = (o.reshape(1, -1) for o in torch.meshgrid(
-        torch.arange(window, device=z.device), torch.arange(window, device=z.device), indexing="ij"))
+    dy, dx = (
+        o.reshape(1, -1)
+        for o in torch.meshgrid(
+            torch.arange(window, device=z.device), torch.arange(window, device=z.device), indexing="ij"
+        )
+    )
     index = (ys + dy) * (w + 2 * pad) + xs + dx  # (P, w^2) into the padded grid
     valid = (ys + dy - pad >= 0) & (ys + dy - pad < h) & (xs + dx - pad >= 0) & (xs + dx - pad < w)
     padded = F.pad(z, (pad, pad, pad, pad)).permute(0, 2, 3, 1).reshape(k, -1, d)
@@ -205,9 +210,7 @@ def _f(value, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-def fit_posteriors(
-    z: Tensor, hyper: NIWHyper, positions: Tensor | None = None
-) -> tuple[NIWPosterior, NIWPosterior]:
+def fit_posteriors(z: Tensor, hyper: NIWHyper, positions: Tensor | None = None) -> tuple[NIWPosterior, NIWPosterior]:
     """The global posterior and the per-position posteriors (batched over P = H * W, or over the flat
     indices ``positions``) of support maps z (K, d, H, W)."""
     k, d, h, w = z.shape
@@ -216,16 +219,30 @@ def fit_posteriors(
     g_n = k * _f(hyper.global_obs_per_image, z)
     g_nu0 = _f(d + 2.0, z)
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
-    g_post = niw_update(torch.zeros(d, dtype=z.dtype, device=z.device), _f(1e-2, z), g_nu0,
-                        eye * (g_nu0 - d - 1), g_n, g_mean, g_scatter * (g_n / g_count))
+    g_post = niw_update(
+        torch.zeros(d, dtype=z.dtype, device=z.device),
+        _f(1e-2, z),
+        g_nu0,
+        eye * (g_nu0 - d - 1),
+        g_n,
+        g_mean,
+        g_scatter * (g_n / g_count),
+    )
     g_cov = g_post.mean_covariance()
 
     count, mean, scatter = window_statistics(z, hyper.window, positions)
     n_eff = k * _f(hyper.obs_per_image, z)
     nu0 = d + 1 + _f(hyper.nu0_offset, z)
     psi0 = (nu0 - d - 1) * _f(hyper.psi_scale, z) * g_cov
-    local = niw_update(g_post.mu, _f(hyper.kappa0, z), nu0, psi0, n_eff.expand(count.shape), mean,
-                       scatter * (n_eff / count)[:, None, None])
+    local = niw_update(
+        g_post.mu,
+        _f(hyper.kappa0, z),
+        nu0,
+        psi0,
+        n_eff.expand(count.shape),
+        mean,
+        scatter * (n_eff / count)[:, None, None],
+    )
     return g_post, local
 
 
@@ -266,8 +283,14 @@ class NIWPrototype:
         return self
 
     @classmethod
-    def from_predictive(cls, predictive: "StudentT", nu_n: float, kappa_n: float, shape: tuple[int, int, int],
-                        n_support: int | None = None) -> "NIWPrototype":
+    def from_predictive(
+        cls,
+        predictive: "StudentT",
+        nu_n: float,
+        kappa_n: float,
+        shape: tuple[int, int, int],
+        n_support: int | None = None,
+    ) -> "NIWPrototype":
         """A fitted prototype from its saved predictive (a site model's artifact), without the posteriors."""
         proto = cls.__new__(cls)
         proto.hyper, proto.global_, proto.local_ = None, None, None

@@ -154,8 +154,9 @@ class LogNormalCalibration:
         ss = float(((x - x.mean()) ** 2).sum())
         dof = self.dof + x.size - 1
         scale2 = (self.dof * self.scale2 + ss) / dof if dof > 0 else self.scale2
-        return LogNormalCalibration(float(mean), float(1.0 / precision), float(scale2), float(max(dof, self.dof)),
-                                    self.n + int(x.size))
+        return LogNormalCalibration(
+            float(mean), float(1.0 / precision), float(scale2), float(max(dof, self.dof)), self.n + int(x.size)
+        )
 
     def _predictive(self):
         return stats.t(df=self.dof, loc=self.mean, scale=math.sqrt(self.scale2 + self.mean_var))
@@ -172,19 +173,17 @@ class LogNormalCalibration:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"normal log-statistic {self.mean:.2f} +- {math.sqrt(self.scale2 + self.mean_var):.2f} "
-                f"({self.n} leave-one-out image(s) on top of the meta-learned prior)")
+        return (
+            f"normal log-statistic {self.mean:.2f} +- {math.sqrt(self.scale2 + self.mean_var):.2f} "
+            f"({self.n} leave-one-out image(s) on top of the meta-learned prior)"
+        )
 
 
 SHIFT_CELLS = 3  # patch cells: beyond the posterior's 3x3 pooling window
 
 
 def shift_covariate(
-    mahalanobis: Callable[[Tensor], Tensor],
-    z: Tensor,
-    dim: int,
-    shift: int = SHIFT_CELLS,
-    inside: Tensor | None = None,
+    mahalanobis: Callable[[Tensor], Tensor], z: Tensor, dim: int, shift: int = SHIFT_CELLS, inside: Tensor | None = None
 ) -> float:
     """Mean log T of the support embeddings ``z`` (K, d, h, w) shifted by ``shift`` cells up, down, left
     and right (reflected at the border), scored by ``mahalanobis`` (the support's own posterior);
@@ -235,8 +234,16 @@ class NormalityPrior:
             pairs = np.array([v if isinstance(v, (tuple, list)) else (v, 0.0) for v in values], dtype=np.float64)
             if pairs.size:
                 y, x = pairs[:, 0], pairs[:, 1]
-                out.setdefault(int(k), []).append((float(len(y)), float(x.sum()), float(y.sum()), float((x * x).sum()),
-                                                   float((x * y).sum()), float((y * y).sum())))
+                out.setdefault(int(k), []).append(
+                    (
+                        float(len(y)),
+                        float(x.sum()),
+                        float(y.sum()),
+                        float((x * x).sum()),
+                        float((x * y).sum()),
+                        float((y * y).sum()),
+                    )
+                )
         return out
 
     @classmethod
@@ -291,12 +298,14 @@ class NormalityPrior:
         e = self.entry(shots)
         slope = float(e.get("slope", 0.0))
         if covariate is None or slope == 0.0 or not math.isfinite(covariate):
-            return LogNormalCalibration(e["mean"], e.get("between_var_raw", e["between_var"]), e["within_var"],
-                                        self.strength)
+            return LogNormalCalibration(
+                e["mean"], e.get("between_var_raw", e["between_var"]), e["within_var"], self.strength
+            )
         offset = covariate - e["x_mean"]
         line = e["between_var"] * (1.0 + 1.0 / e["n_categories"] + offset**2 / e["x_ss"])
-        return LogNormalCalibration(e["mean"] + slope * offset, line + slope**2 * e["x_within_var"], e["within_var"],
-                                    self.strength)
+        return LogNormalCalibration(
+            e["mean"] + slope * offset, line + slope**2 * e["x_within_var"], e["within_var"], self.strength
+        )
 
     def as_dict(self) -> dict:
         return {"table": {str(k): v for k, v in self.table.items()}, "strength": self.strength}

@@ -70,14 +70,24 @@ def adapt(
             f"checkpoint was meta-trained on backbone {ckpt.backbone_fingerprint}, not {extractor.fingerprint()}"
         )
     clock = _StageClock(extractor.device)
-    crops, layout = support_views(list(support_images), ckpt.image_size, extractor.stride, scoring, tile_overlap,
-                                   roi, augment)
+    crops, layout = support_views(
+        list(support_images), ckpt.image_size, extractor.stride, scoring, tile_overlap, roi, augment
+    )
     features = extractor.extract(crops, size=ckpt.image_size)
     features_seconds = clock.lap()
     layout.bind(features)
-    site = adapt_features(ckpt, features[layout.fit_index], steps, target_fpr, z_review, calibration_strength,
-                          inner_positions, support_ids=[_image_hash(im) for im in support_images], extractor=extractor,
-                          layout=layout)
+    site = adapt_features(
+        ckpt,
+        features[layout.fit_index],
+        steps,
+        target_fpr,
+        z_review,
+        calibration_strength,
+        inner_positions,
+        support_ids=[_image_hash(im) for im in support_images],
+        extractor=extractor,
+        layout=layout,
+    )
     site.scoring, site.tile_overlap, site.roi = scoring, float(tile_overlap), roi
     site.info["augment"] = augment
     site.info["adapt_stage_seconds"] = {"features": features_seconds, **site.info["adapt_stage_seconds"]}
@@ -132,7 +142,9 @@ def adapt_features(
         if ckpt.normality is not None:
             # The covariate-conditioned prior where the support has no leave-one-out statistic; with them, the
             # plain prior, which defers more to the site's own evidence (measured in the README's table).
-            calibration: Calibration | LogNormalCalibration = ckpt.normality.for_shots(shots, covariate if shots < 2 else None)
+            calibration: Calibration | LogNormalCalibration = ckpt.normality.for_shots(
+                shots, covariate if shots < 2 else None
+            )
         else:
             calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []
@@ -166,8 +178,9 @@ def adapt_features(
     return SiteModel(model, proto, calibration, target_fpr, ckpt.image_size, info, extractor, z_review)
 
 
-def _adapt_settings(ckpt: MetaCheckpoint, target_fpr: float, steps: int | None,
-                    inner_positions: int | None) -> tuple[int, int]:
+def _adapt_settings(
+    ckpt: MetaCheckpoint, target_fpr: float, steps: int | None, inner_positions: int | None
+) -> tuple[int, int]:
     """Checked inner steps and inner positions, None taking the checkpoint's meta-training settings."""
     if not 0 < target_fpr < 1:
         raise ConfigError(f"--target-fpr must be between 0 and 1, got {target_fpr}")

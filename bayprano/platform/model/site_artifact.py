@@ -29,9 +29,24 @@ ARTIFACT_FORMAT = 1
 ARTIFACT_KIND = "bayprano-site-model"
 ROI_MASK_FILE = "roi.png"
 
-_INFO_KEYS = ("backbone", "backbone_fingerprint", "created", "support_size", "support_sha256", "inner_steps",
-              "checkpoint_sha256", "loo_statistics", "shift_covariate", "version", "model_sha256", "adapt_seconds",
-              "adapt_stage_seconds", "inner_positions", "augment", "support_views")
+_INFO_KEYS = (
+    "backbone",
+    "backbone_fingerprint",
+    "created",
+    "support_size",
+    "support_sha256",
+    "inner_steps",
+    "checkpoint_sha256",
+    "loo_statistics",
+    "shift_covariate",
+    "version",
+    "model_sha256",
+    "adapt_seconds",
+    "adapt_stage_seconds",
+    "inner_positions",
+    "augment",
+    "support_views",
+)
 
 
 def _tensors(site: SiteModel) -> dict:
@@ -108,7 +123,9 @@ def load_site_model(
     if not isinstance(meta, dict) or meta.get("kind") != ARTIFACT_KIND:
         raise DataError(f"{meta_path}: not a bayprano site model")
     if meta.get("format") != ARTIFACT_FORMAT:
-        raise DataError(f"{meta_path}: artifact format {meta.get('format')!r} is not supported (expected {ARTIFACT_FORMAT})")
+        raise DataError(
+            f"{meta_path}: artifact format {meta.get('format')!r} is not supported (expected {ARTIFACT_FORMAT})"
+        )
     data = model_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("model_sha256"):
         raise DataError(f"{model_path}: corrupt artifact (sha256 does not match meta.json)")
@@ -120,18 +137,31 @@ def load_site_model(
             model.head_bias.copy_(t["head_bias"])
         model.set_feature_statistics(t["feature_mean"], t["feature_std"])
         prototype = NIWPrototype.from_predictive(
-            StudentT(t["loc"], t["scale_tril"], t["df"]), meta["nu_n"], meta["kappa_n"],
-            (meta["dim"], *meta["grid"]), meta.get("support_size"))
+            StudentT(t["loc"], t["scale_tril"], t["df"]),
+            meta["nu_n"],
+            meta["kappa_n"],
+            (meta["dim"], *meta["grid"]),
+            meta.get("support_size"),
+        )
         info = {k: meta[k] for k in _INFO_KEYS if k in meta}
         if extractor is not None and extractor.fingerprint() != meta["backbone_fingerprint"]:
             raise DataError(
-                f"{path}: model was adapted on backbone {meta['backbone_fingerprint']}, "
-                f"not {extractor.fingerprint()}"
+                f"{path}: model was adapted on backbone {meta['backbone_fingerprint']}, not {extractor.fingerprint()}"
             )
         roi = _load_roi(path, meta.get("roi"))
-        return cls(model, prototype, calibration_from_dict(meta["calibration"]), meta["target_fpr"],
-                   meta["image_size"], info, extractor, meta.get("z_review", 1.0),
-                   meta.get("scoring", DEFAULT_SCORING), meta.get("tile_overlap", DEFAULT_TILE_OVERLAP), roi)
+        return cls(
+            model,
+            prototype,
+            calibration_from_dict(meta["calibration"]),
+            meta["target_fpr"],
+            meta["image_size"],
+            info,
+            extractor,
+            meta.get("z_review", 1.0),
+            meta.get("scoring", DEFAULT_SCORING),
+            meta.get("tile_overlap", DEFAULT_TILE_OVERLAP),
+            roi,
+        )
     except ConfigError as exc:
         raise DataError(f"{meta_path}: {exc}") from None
     except (KeyError, TypeError, RuntimeError) as exc:

@@ -20,13 +20,7 @@ from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.extractor import PatchFeatureExtractor
 from bayprano.platform.model.niw import NIWPrototype, StudentT
-from bayprano.platform.model.scoring import (
-    Calibration,
-    LogNormalCalibration,
-    decide,
-    image_statistic,
-    relative_sd,
-)
+from bayprano.platform.model.scoring import Calibration, LogNormalCalibration, decide, image_statistic, relative_sd
 from bayprano.platform.model.site_artifact import load_site_model, save_site_model
 from bayprano.platform.model.tiling import (
     DEFAULT_SCORING,
@@ -125,8 +119,19 @@ class SiteModel:
         return self._extractor
 
     def with_target_fpr(self, target_fpr: float) -> "SiteModel":
-        return SiteModel(self.model, self.prototype, self.calibration, target_fpr, self.image_size, self.info,
-                         self._extractor, self.z_review, self.scoring, self.tile_overlap, self.roi)
+        return SiteModel(
+            self.model,
+            self.prototype,
+            self.calibration,
+            target_fpr,
+            self.image_size,
+            self.info,
+            self._extractor,
+            self.z_review,
+            self.scoring,
+            self.tile_overlap,
+            self.roi,
+        )
 
     def tile_plan(self, height: int, width: int) -> TilePlan:
         """The tiles of an image of this size (tile mode)."""
@@ -146,14 +151,16 @@ class SiteModel:
     def patch_scores(self, maha: Tensor) -> Tensor:
         return self.prototype.score_from_distance(maha)
 
-    def results_from_mahalanobis(self, maha: Tensor, size: tuple[int, int] | None = None,
-                                 inside: Tensor | None = None) -> list[ImageResult]:
+    def results_from_mahalanobis(
+        self, maha: Tensor, size: tuple[int, int] | None = None, inside: Tensor | None = None
+    ) -> list[ImageResult]:
         """Results of Mahalanobis grids (B, rows, cols); ``inside`` (rows, cols) or (B, rows, cols): the cells of
         the region of interest (the map is zero outside them), None for all of them."""
         stat = image_statistic(maha, self.model.dim, inside=inside).cpu().numpy()
         p = self.calibration.p_value(stat, self.df)
-        decisions, uncertainty = decide(stat, self.threshold, relative_sd(stat, self.model.dim, self.nu_n, self.kappa_n),
-                                        self.z_review)
+        decisions, uncertainty = decide(
+            stat, self.threshold, relative_sd(stat, self.model.dim, self.nu_n, self.kappa_n), self.z_review
+        )
         maps = None
         map_threshold = None
         if size is not None:
@@ -163,12 +170,21 @@ class SiteModel:
             maps = _to_host(anomaly_map(scores, size).float()).numpy()
             map_threshold = float(self.patch_scores(torch.tensor(self.threshold * self.model.dim)))
         return [
-            ImageResult(float(stat[i]), float(p[i]), self.threshold, decisions[i], float(uncertainty[i]),
-                        None if maps is None else maps[i], map_threshold)
+            ImageResult(
+                float(stat[i]),
+                float(p[i]),
+                self.threshold,
+                decisions[i],
+                float(uncertainty[i]),
+                None if maps is None else maps[i],
+                map_threshold,
+            )
             for i in range(len(stat))
         ]
 
-    def score(self, images: np.ndarray | Sequence[np.ndarray], maps: bool = True, batch_size: int = 16) -> list[ImageResult]:
+    def score(
+        self, images: np.ndarray | Sequence[np.ndarray], maps: bool = True, batch_size: int = 16
+    ) -> list[ImageResult]:
         """Score uint8 RGB images of any size: resized to the model's image size (``resize``; maps at that
         size) or as stitched tiles (``tile``; maps at each image's own size)."""
         if self.scoring == "tile":
@@ -178,20 +194,24 @@ class SiteModel:
         inside = None
         if self.roi is not None:
             rows, cols = maha.shape[-2:]
-            inside = torch.stack([RegionOfInterest.cells(self.roi.mask(*im.shape[:2]), rows, cols)
-                                  for im in _image_list(images)])
+            inside = torch.stack(
+                [RegionOfInterest.cells(self.roi.mask(*im.shape[:2]), rows, cols) for im in _image_list(images)]
+            )
         results = self.results_from_mahalanobis(maha, (self.image_size, self.image_size) if maps else None, inside)
         if maps and self.roi is not None:
             for image, result in zip(_image_list(images), results):
-                result.anomaly_map = result.anomaly_map * resize_square(self.roi.mask(*image.shape[:2]), self.image_size, mask=True)
+                result.anomaly_map = result.anomaly_map * resize_square(
+                    self.roi.mask(*image.shape[:2]), self.image_size, mask=True
+                )
         return results
 
     def _score_tiled(self, images, maps: bool, batch_size: int) -> list[ImageResult]:
         images = _image_list(images)
         plans = [self.tile_plan(*im.shape[:2]) for im in images]
         tiles = [split(im, plan) for im, plan in zip(images, plans)]
-        features = self.extractor.extract([t for group in tiles for t in group], size=self.image_size,
-                                          batch_size=batch_size)
+        features = self.extractor.extract(
+            [t for group in tiles for t in group], size=self.image_size, batch_size=batch_size
+        )
         maha_tiles = self.mahalanobis(features)
         results, start = [], 0
         for image, plan, group in zip(images, plans, tiles):
@@ -218,8 +238,6 @@ class SiteModel:
     @classmethod
     def load(cls, path: str | os.PathLike, extractor: PatchFeatureExtractor | None = None) -> "SiteModel":
         return load_site_model(cls, path, extractor)
-
-
 
 
 def _image_list(images) -> list[np.ndarray]:

@@ -14,7 +14,15 @@ from torch import Tensor
 from bayprano.platform.data.augment import augment_support
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.model.scoring import image_statistic
-from bayprano.platform.model.tiling import RegionOfInterest, TilePlan, crop_grid, plan_tiles, split, stitch, stitched_cells
+from bayprano.platform.model.tiling import (
+    RegionOfInterest,
+    TilePlan,
+    crop_grid,
+    plan_tiles,
+    split,
+    stitch,
+    stitched_cells,
+)
 
 # The inner loop's leave-one-out loss refits the prototype once per view, with gradients: its time and
 # memory grow with the square of the views (105 tiles of five 4096 x 256 strips: 151 s and 18 GB).
@@ -48,9 +56,15 @@ class SupportLayout:
     ``i`` as it is scored (its tiles, or the image itself), None when view ``i`` is original ``i`` itself.
     """
 
-    def __init__(self, groups: Sequence[int], fit_index: Sequence[int] | None = None,
-                 query_index: Sequence[Sequence[int]] | None = None, plans: Sequence[TilePlan | None] | None = None,
-                 fit_masks: Sequence[np.ndarray | None] | None = None, query_masks: Sequence[np.ndarray | None] | None = None):
+    def __init__(
+        self,
+        groups: Sequence[int],
+        fit_index: Sequence[int] | None = None,
+        query_index: Sequence[Sequence[int]] | None = None,
+        plans: Sequence[TilePlan | None] | None = None,
+        fit_masks: Sequence[np.ndarray | None] | None = None,
+        query_masks: Sequence[np.ndarray | None] | None = None,
+    ):
         self.groups = list(groups)
         self.originals = len(set(self.groups))
         if sorted(set(self.groups)) != list(range(self.originals)):
@@ -77,11 +91,15 @@ class SupportLayout:
             fit_masks = [m for m in self.fit_masks if m is not None]
             if len(fit_masks) != len(self.fit_masks) or self.query_masks is None or self.plans is None:
                 raise ConfigError("support layout: a region of interest needs a mask for every view and every query")
-            self.fit_inside = torch.stack([RegionOfInterest.cells(m, rows, cols) for m in fit_masks]) \
-                .to(features.device)
-            self.query_inside = [None if m is None else (stitched_cells(m, plan) if plan is not None
-                                                         else RegionOfInterest.cells(m, rows, cols))
-                                 for m, plan in zip(self.query_masks, self.plans)]
+            self.fit_inside = torch.stack([RegionOfInterest.cells(m, rows, cols) for m in fit_masks]).to(
+                features.device
+            )
+            self.query_inside = [
+                None
+                if m is None
+                else (stitched_cells(m, plan) if plan is not None else RegionOfInterest.cells(m, rows, cols))
+                for m, plan in zip(self.query_masks, self.plans)
+            ]
 
     def held_out_statistic(self, i: int, maha: Tensor, dim: int) -> float:
         """The statistic of original ``i`` from its Mahalanobis grids (its tiles, or the one image)."""
@@ -92,8 +110,15 @@ class SupportLayout:
         return float(image_statistic(maha, dim, inside=inside)[0])
 
 
-def support_views(images: Sequence[np.ndarray], size: int, stride: int, scoring: str, tile_overlap: float,
-                   roi: RegionOfInterest | None, augment: str) -> tuple[list[np.ndarray], SupportLayout]:
+def support_views(
+    images: Sequence[np.ndarray],
+    size: int,
+    stride: int,
+    scoring: str,
+    tile_overlap: float,
+    roi: RegionOfInterest | None,
+    augment: str,
+) -> tuple[list[np.ndarray], SupportLayout]:
     """The crops to extract (views of the support images, or their tiles) and their layout.
 
     In tile mode, tiles mostly outside the region of interest are not fitted (a view keeps at least its
@@ -108,8 +133,11 @@ def support_views(images: Sequence[np.ndarray], size: int, stride: int, scoring:
     for i, image in enumerate(images):
         mask = None if roi is None else roi.mask(*image.shape[:2])
         views = augment_support([image], augment)
-        mask_views: list[np.ndarray | None] = [None] * len(views) if mask is None else \
-            [v[..., 0] > 0 for v in augment_support([mask[..., None].astype(np.uint8)], augment)]
+        mask_views: list[np.ndarray | None] = (
+            [None] * len(views)
+            if mask is None
+            else [v[..., 0] > 0 for v in augment_support([mask[..., None].astype(np.uint8)], augment)]
+        )
         for v, (view, view_mask) in enumerate(zip(views, mask_views)):
             if scoring == "resize":
                 if v == 0:

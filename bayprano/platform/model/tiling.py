@@ -212,4 +212,3 @@ def stitched_cells(mask: np.ndarray, plan: TilePlan) -> Tensor:
     padded = np.zeros((rows * plan.stride, cols * plan.stride), dtype=bool)
     padded[: plan.height, : plan.width] = mask
     return RegionOfInterest.cells(padded, rows, cols)
-

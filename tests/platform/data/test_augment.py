@@ -24,8 +24,9 @@ def test_views_per_image_are_distinct_exact_permutations(mode, per_image):
         assert v.shape == (32, 32, 3) and v.dtype == np.uint8 and v.flags["C_CONTIGUOUS"]
     if mode in ("flips", "dihedral"):  # a flip or rotation moves pixels, it never changes them
         for v in views[2:]:
-            assert any(np.array_equal(np.sort(v.reshape(-1, 3), axis=0), np.sort(s.reshape(-1, 3), axis=0))
-                       for s in support)
+            assert any(
+                np.array_equal(np.sort(v.reshape(-1, 3), axis=0), np.sort(s.reshape(-1, 3), axis=0)) for s in support
+            )
 
 
 def test_dihedral_of_a_rectangle_keeps_its_shape():

@@ -59,7 +59,10 @@ def test_grayscale_jpeg_bmp_read_as_rgb_and_masks_binarised(tmp_path, mvtec_root
             "mask size 16x16 does not match",
         ),
         (lambda r: (r / "alpha" / "train" / "good" / "notes.txt").write_text("hi"), "not an image file"),
-        (lambda r: (r / "alpha" / "test" / "good" / "broken.png").write_bytes(b"\x89PNG garbage"), "not a readable image"),
+        (
+            lambda r: (r / "alpha" / "test" / "good" / "broken.png").write_bytes(b"\x89PNG garbage"),
+            "not a readable image",
+        ),
     ],
 )
 def test_first_problem_is_named(mvtec_root, breakage, message):

@@ -375,8 +375,7 @@ def test_other_column_set_is_a_data_error(tmp_path):
 
 def test_mismatched_column_type_is_a_data_error(tmp_path):
     schema = pa.schema(
-        [pa.field(f.name, pa.int64() if f.name == "label" else f.type) for f in SCHEMA],
-        metadata=SCHEMA.metadata,
+        [pa.field(f.name, pa.int64() if f.name == "label" else f.type) for f in SCHEMA], metadata=SCHEMA.metadata
     )
     path = tmp_path / "types.parquet"
     pq.write_table(schema.empty_table(), path)

@@ -107,8 +107,9 @@ def test_round_trip_through_the_mvtec_reader(small_set):
 
 
 def test_defects_split_evenly_among_types(tmp_path):
-    info = synth.generate_dataset(tmp_path, categories=["screw"], size=64, n_train=1, n_test_good=1,
-                                  n_test_defective=40, workers=1)
+    info = synth.generate_dataset(
+        tmp_path, categories=["screw"], size=64, n_train=1, n_test_good=1, n_test_defective=40, workers=1
+    )
     counts = info["categories"][0]["counts"]
     assert [counts[f"test/{d}"] for d in synth.DEFECT_TYPES["screw"]] == [10] * 4
     for d in synth.DEFECT_TYPES["screw"]:
@@ -136,12 +137,14 @@ def test_a_category_does_not_depend_on_the_others(tmp_path, small_set):
 
 
 def test_regenerating_replaces_a_category_folder(tmp_path):
-    synth.generate_dataset(tmp_path, categories=["wood"], size=64, n_train=4, n_test_good=1, n_test_defective=4,
-                           workers=1)
+    synth.generate_dataset(
+        tmp_path, categories=["wood"], size=64, n_train=4, n_test_good=1, n_test_defective=4, workers=1
+    )
     (tmp_path / "wood" / "stray.txt").write_text("left over")
     (tmp_path / "keep.txt").write_text("not ours")
-    synth.generate_dataset(tmp_path, categories=["wood"], size=64, n_train=2, n_test_good=1, n_test_defective=4,
-                           workers=1)
+    synth.generate_dataset(
+        tmp_path, categories=["wood"], size=64, n_train=2, n_test_good=1, n_test_defective=4, workers=1
+    )
     assert len(list((tmp_path / "wood" / "train" / "good").iterdir())) == 2
     assert not (tmp_path / "wood" / "stray.txt").exists()
     assert (tmp_path / "keep.txt").read_text() == "not ours"
@@ -172,8 +175,7 @@ def test_some_texture_defects_touch_the_border_and_most_do_not():
 
 def test_good_images_vary_but_stay_the_same_product():
     size, n = 96, 5
-    imgs = {c: [synth.render_good(c, np.random.default_rng([3, i]), size) for i in range(n)]
-            for c in synth.CATEGORIES}
+    imgs = {c: [synth.render_good(c, np.random.default_rng([3, i]), size) for i in range(n)] for c in synth.CATEGORIES}
 
     def histogram(img):
         counts = [np.histogram(img[..., k], bins=16, range=(0, 256))[0] for k in range(3)]
@@ -228,14 +230,16 @@ def test_a_naive_detector_finds_some_defects_but_not_all():
         def score(img):
             return float((np.abs(features(img) - mu) / sd).max())
 
-        neg = np.array(
-            [score(synth.render_good(c, np.random.default_rng([1, ci, 1, i]), size)) for i in range(n_good)]
-        )
+        neg = np.array([score(synth.render_good(c, np.random.default_rng([1, ci, 1, i]), size)) for i in range(n_good)])
         defects = synth.DEFECT_TYPES[c]
-        pos = np.array([
-            score(synth.render_defective(c, defects[i % len(defects)], np.random.default_rng([1, ci, 2, i]), size)[0])
-            for i in range(n_bad)
-        ])
+        pos = np.array(
+            [
+                score(
+                    synth.render_defective(c, defects[i % len(defects)], np.random.default_rng([1, ci, 2, i]), size)[0]
+                )
+                for i in range(n_bad)
+            ]
+        )
         aurocs[c] = _auroc(neg, pos)
     print("naive detector image AUROC:", {c: round(a, 3) for c, a in aurocs.items()})
     assert not all(a > 0.999 for a in aurocs.values()), aurocs
@@ -299,6 +303,7 @@ def test_files_match_the_single_image_api(small_set):
     out, _, _ = small_set
     c = synth.CATEGORIES[1]
     ci = synth.CATEGORIES.index(c)
+
     def stream(*entropy):
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(entropy))))
 

@@ -108,14 +108,17 @@ def test_state_round_trips_and_resumes_the_same_accounting():
         PrivacyAccountant(1.3, 0.25, 1e-6).load_state_dict({"mechanism": "rdp", "history": [[1.0, 2.0, 3]]})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"noise_multiplier": -0.1}, "noise_multiplier must be zero or positive, got -0.1"),
-    ({"sample_rate": 0.0}, r"sample_rate must be in \(0, 1\], got 0.0"),
-    ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\], got 1.5"),
-    ({"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
-    ({"delta": float("nan")}, r"delta must be in \(0, 1\), got nan"),
-    ({"noise_multiplier": True}, "noise_multiplier must be zero or positive, got True"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"noise_multiplier": -0.1}, "noise_multiplier must be zero or positive, got -0.1"),
+        ({"sample_rate": 0.0}, r"sample_rate must be in \(0, 1\], got 0.0"),
+        ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\], got 1.5"),
+        ({"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
+        ({"delta": float("nan")}, r"delta must be in \(0, 1\), got nan"),
+        ({"noise_multiplier": True}, "noise_multiplier must be zero or positive, got True"),
+    ],
+)
 def test_accountant_settings_are_validated_eagerly(kwargs, message):
     settings = {"noise_multiplier": 1.0, "sample_rate": 0.5, "delta": 1e-5, **kwargs}
     with pytest.raises(ConfigError, match=message):

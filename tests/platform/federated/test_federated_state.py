@@ -63,7 +63,9 @@ def test_bad_vectors_and_models_are_refused_by_name():
     del state["pixel_bias"]
     with pytest.raises(DataError, match="parameter 'pixel_bias' is missing"):
         layout.flatten(state)
-    with pytest.raises(DataError, match=r"does not match the parameter layout .*: parameter 'head.weight' has shape \[8"):
+    with pytest.raises(
+        DataError, match=r"does not match the parameter layout .*: parameter 'head.weight' has shape \[8"
+    ):
         layout.load_into(model(dim=8), torch.zeros(layout.size))
 
 
@@ -101,7 +103,9 @@ def test_communication_ledger_counts_per_site_and_round_and_round_trips():
     ledger.record(0, "site-0", "up", 60)
     ledger.record(0, "site-1", "down", 100)
     ledger.record(1, "site-0", "down", 100)
-    assert ledger.total() == 360 and ledger.total(round=0) == 260 and ledger.total(site="site-0", direction="down") == 200
+    assert (
+        ledger.total() == 360 and ledger.total(round=0) == 260 and ledger.total(site="site-0", direction="down") == 200
+    )
     assert ledger.per_site_round()[(0, "site-0")] == {"down": 100, "up": 60}
     copy = CommunicationLedger()
     copy.load_state_dict(ledger.state_dict())

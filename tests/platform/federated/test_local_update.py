@@ -20,18 +20,22 @@ from bayprano.platform.model.bayes import BayesianPatchModel
 from toy_tasks import toy_extract, toy_injector
 
 
-
 def toy_bank(category: str, seed: int, n: int = 10) -> TaskBank:
     rng = np.random.default_rng(seed)
     base = rng.integers(60, 200, (1, 32, 32, 3))
     images = np.clip(base + rng.normal(0, 6, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
-    return build_task_bank(category, images, [f"{category}/{i}" for i in range(n)], toy_extract, toy_injector, seed=seed)
+    return build_task_bank(
+        category, images, [f"{category}/{i}" for i in range(n)], toy_extract, toy_injector, seed=seed
+    )
 
 
 @pytest.fixture(scope="module")
 def site_banks():
     """Two sites that own different product lines."""
-    return {"site-a": {"caps": toy_bank("caps", 1)}, "site-b": {"tiles": toy_bank("tiles", 2), "wood": toy_bank("wood", 3)}}
+    return {
+        "site-a": {"caps": toy_bank("caps", 1)},
+        "site-b": {"tiles": toy_bank("tiles", 2), "wood": toy_bank("wood", 3)},
+    }
 
 
 def make_model(site_banks) -> BayesianPatchModel:
@@ -48,8 +52,9 @@ def test_local_update_returns_a_delta_of_the_layout_and_its_metrics(site_banks):
     model = make_model(site_banks)
     layout = ParameterLayout.from_model(model)
     start = layout.flatten(model)
-    delta, metrics = local_meta_update(model, site_banks["site-a"], CFG, local_steps=3, global_vector=start,
-                                       layout=layout, seed=11)
+    delta, metrics = local_meta_update(
+        model, site_banks["site-a"], CFG, local_steps=3, global_vector=start, layout=layout, seed=11
+    )
     assert delta.shape == (layout.size,) and delta.dtype == torch.float32
     assert bool(torch.isfinite(delta).all()) and float(delta.abs().max()) > 0
     torch.testing.assert_close(layout.flatten(model), start + delta)
@@ -71,8 +76,7 @@ def test_the_fedprox_loop_is_meta_train_when_mu_is_zero_and_pulls_back_when_it_i
     def zero_prox(m):
         return fedprox_penalty(torch.cat([p.reshape(-1) for p in m.parameters()]), start, 0.0)
 
-    metrics = meta_train(model, site_banks["site-b"], cfg, log_every=cfg.episodes,
-                         extra_losses={"prox": zero_prox})[-1]
+    metrics = meta_train(model, site_banks["site-b"], cfg, log_every=cfg.episodes, extra_losses={"prox": zero_prox})[-1]
     torch.testing.assert_close(layout.flatten(model) - start, plain)
     assert metrics["prox"] == 0.0
     prox, prox_metrics = local_meta_update(model, site_banks["site-b"], CFG, 4, start, layout, fedprox_mu=50.0, seed=5)
@@ -132,7 +136,8 @@ def test_local_update_validates_its_inputs(site_banks):
     with pytest.raises(DataError, match=rf"global vector: expected a 1-D vector of {layout.size} values"):
         local_meta_update(model, site_banks["site-a"], CFG, 1, start[:-1], layout)
     other = start + 1.0
-    with pytest.raises(ConfigError, match="shots=9 plus 2 normal query images needs 11 normal train images, "
-                                          "category 'caps' has 10"):
+    with pytest.raises(
+        ConfigError, match="shots=9 plus 2 normal query images needs 11 normal train images, category 'caps' has 10"
+    ):
         local_meta_update(model, site_banks["site-a"], MetaConfig(**{**CFG.__dict__, "shots": 9}), 1, other, layout)
     torch.testing.assert_close(layout.flatten(model), start)  # refused before the model was touched

@@ -52,8 +52,9 @@ def test_the_masked_sum_equals_the_plain_sum(neighbours):
 @pytest.mark.parametrize("neighbours", [None, 4])
 def test_sites_that_drop_after_sharing_leave_the_sum_of_the_survivors(neighbours):
     xs = vectors(7)
-    total = secure_sum(xs, masters(xs), "i", threshold=2, neighbours=neighbours,
-                       drop_after_sharing=["site-1", "site-4"])
+    total = secure_sum(
+        xs, masters(xs), "i", threshold=2, neighbours=neighbours, drop_after_sharing=["site-1", "site-4"]
+    )
     plain = np.sum([x for s, x in xs.items() if s not in ("site-1", "site-4")], axis=0)
     assert np.abs(total.numpy() - plain).max() < 1e-5
 
@@ -83,12 +84,15 @@ def test_a_masked_input_alone_is_uniform_noise_and_a_late_one_stays_hidden_after
     # the server's best use of the late input: it holds the late site's s key (from the pair shares), so
     # it strips every pairwise mask; the self-mask remains, and its seed was never revealed
     s_key = X25519PrivateKey.from_private_bytes(
-        combine([Share.from_bytes(revealed[r][late][1]) for r in revealed if late in revealed[r]], 3))
+        combine([Share.from_bytes(revealed[r][late][1]) for r in revealed if late in revealed[r]], 3)
+    )
     y = masked[late].values.copy()
     for v in server.graph[late]:
         m = prg(pair_mask_key(s_key, roster[v].s_public, "inst", late, v), SIZE)
         y = y - m if v > late else y + m
-    assert np.median(np.abs(decode_fixed(y) - xs[late])) > 1e9 and abs(np.corrcoef(decode_fixed(y), xs[late])[0, 1]) < 0.05
+    assert (
+        np.median(np.abs(decode_fixed(y) - xs[late])) > 1e9 and abs(np.corrcoef(decode_fixed(y), xs[late])[0, 1]) < 0.05
+    )
     # control: the self-mask is all that hides it (with its seed, which no site gave, the update is exact)
     exact = decode_fixed(y - self_mask(clients[late]._b, "inst", SIZE))
     assert np.abs(exact - xs[late]).max() < 2.0**-24
@@ -102,15 +106,21 @@ def test_a_site_never_gives_both_secrets_of_one_peer():
     with pytest.raises(DataError, match="refuses to unmask for 2 survivor\\(s\\), fewer than 3"):
         c.unmask(roster, ["site-0", "site-1"], ["site-2"], server.inbox("site-0"), 3)
     answers = c.unmask(roster, ["site-0", "site-1", "site-2", "site-3"], ["site-4"], server.inbox("site-0"), 3)
-    assert {p: k for p, (k, _) in answers.items()} == {"site-0": SELF, "site-1": SELF, "site-2": SELF, "site-3": SELF,
-                                                       "site-4": PAIR}
+    assert {p: k for p, (k, _) in answers.items()} == {
+        "site-0": SELF,
+        "site-1": SELF,
+        "site-2": SELF,
+        "site-3": SELF,
+        "site-4": PAIR,
+    }
 
 
 def test_too_few_shares_refuse_the_sum_and_a_retry_has_fresh_masks():
     xs, keys, clients, roster, server = _setup(threshold=3)
     masked = {s: c.mask(xs[s], roster, server.shared, None, 0, 0) for s, c in clients.items() if s != "site-4"}
-    revealed = {s: clients[s].unmask(roster, list(masked), ["site-4"], server.inbox(s), 3)
-                for s in ("site-0", "site-1")}
+    revealed = {
+        s: clients[s].unmask(roster, list(masked), ["site-4"], server.inbox(s), 3) for s in ("site-0", "site-1")
+    }
     with pytest.raises(DataError, match="fewer than 3 shares for site\\(s\\)"):
         server.finish(masked, revealed)
     again = SecAggClient("site-0", keys["site-0"], instance_id("s", "update", 1, 1))

@@ -68,19 +68,30 @@ def test_fedavg_weights_the_decoded_deltas_by_their_weights_and_averages_the_los
     torch.testing.assert_close(agg.delta, expected, atol=1e-6, rtol=0)
     assert agg.loss == pytest.approx(1.0)
     # the same from a secure sum of [weight * delta, weight, loss]
-    summed = sum(torch.cat([pack_weighted(deltas[s], weights[s]), torch.tensor([float(i)])]).double()
-                 for i, s in enumerate(SITES[:3]))
+    summed = sum(
+        torch.cat([pack_weighted(deltas[s], weights[s]), torch.tensor([float(i)])]).double()
+        for i, s in enumerate(SITES[:3])
+    )
     from_sum = fedavg().aggregate_sum(summed, 3, 400)
     torch.testing.assert_close(from_sum.delta, expected, atol=1e-5, rtol=0)
     assert from_sum.loss == pytest.approx(1.0)
 
 
 def test_fedavg_instruction_carries_the_run_settings_and_applies_its_server_optimiser():
-    strategy = FedAvg(SITES, 4, seed=0, server=FedAdamServer(lr=0.1), local_steps=3, fedprox_mu=0.01, clip=0.5,
-                      fp16=True)
+    strategy = FedAvg(
+        SITES, 4, seed=0, server=FedAdamServer(lr=0.1), local_steps=3, fedprox_mu=0.01, clip=0.5, fp16=True
+    )
     instruction = strategy.configure_round([0.0, 1.0], [1.0, 2.0])
-    assert instruction == RoundInstruction(local_steps=3, feature_mean=(0.0, 1.0), feature_std=(1.0, 2.0),
-                                           fedprox_mu=0.01, clip=0.5, weighted=True, dp=False, fp16=True)
+    assert instruction == RoundInstruction(
+        local_steps=3,
+        feature_mean=(0.0, 1.0),
+        feature_std=(1.0, 2.0),
+        fedprox_mu=0.01,
+        clip=0.5,
+        weighted=True,
+        dp=False,
+        fp16=True,
+    )
     start, delta = torch.zeros(5), torch.ones(5)
     torch.testing.assert_close(strategy.apply(start, delta), FedAdamServer(lr=0.1).step(start, delta))
     assert strategy.refusal() is None and strategy.account() is None and not strategy.dp
@@ -145,8 +156,17 @@ def test_strategy_from_config_composes_fedavg_and_dp_from_the_settings():
 def test_site_settings_from_a_config_carry_the_meta_training_settings_and_the_run_seed():
     from bayprano.config import FederatedTrainConfig
 
-    cfg = FederatedTrainConfig(sites={"a": "/x/a.parquet"}, out="c.pt", rounds=1, shots=3, inner_steps=2, seed=5,
-                               second_order=True, image_size=64, holdout=2)
+    cfg = FederatedTrainConfig(
+        sites={"a": "/x/a.parquet"},
+        out="c.pt",
+        rounds=1,
+        shots=3,
+        inner_steps=2,
+        seed=5,
+        second_order=True,
+        image_size=64,
+        holdout=2,
+    )
     settings = SiteSettings.from_config(cfg)
     assert (settings.image_size, settings.seed, settings.holdout) == (64, 5, 2)
     assert (settings.meta.shots, settings.meta.inner_steps, settings.meta.seed) == (3, 2, 5)

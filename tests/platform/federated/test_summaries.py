@@ -22,8 +22,9 @@ def _site_summaries(seed: int, categories: int) -> dict:
     logs = {}
     for c in range(categories):
         for k in (1, 2, 5):
-            logs[(f"c{seed}-{c}", k)] = [(float(rng.normal(1 + c * 0.3, 0.2)), float(rng.normal(c, 1)))
-                                         for _ in range(int(rng.integers(2, 6)))]
+            logs[(f"c{seed}-{c}", k)] = [
+                (float(rng.normal(1 + c * 0.3, 0.2)), float(rng.normal(c, 1))) for _ in range(int(rng.integers(2, 6)))
+            ]
     return NormalityPrior.summarize(logs)
 
 

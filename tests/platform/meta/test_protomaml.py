@@ -26,12 +26,13 @@ from bayprano.platform.model.bayes import BayesianPatchModel
 from toy_tasks import toy_extract, toy_injector
 
 
-
 def toy_bank(category="toy", n=12, seed=0) -> TaskBank:
     rng = np.random.default_rng(seed)
     base = rng.integers(60, 200, (1, 32, 32, 3))
     images = np.clip(base + rng.normal(0, 6, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
-    return build_task_bank(category, images, [f"{category}/{i}" for i in range(n)], toy_extract, toy_injector, seed=seed)
+    return build_task_bank(
+        category, images, [f"{category}/{i}" for i in range(n)], toy_extract, toy_injector, seed=seed
+    )
 
 
 def make_model(bank: TaskBank) -> BayesianPatchModel:
@@ -48,7 +49,9 @@ def test_episode_is_disjoint_and_anomalies_do_not_come_from_the_support():
         assert not set(ep.support_index) & set(ep.query_normal_index)
         assert ep.query.shape == (6, 12, 8, 8) and ep.query_labels.tolist() == [0, 0, 0, 1, 1, 1]
         assert (ep.query_masks[:3] == 0).all() and (ep.query_masks[3:].flatten(1).amax(1) > 0).all()
-    with pytest.raises(ConfigError, match=r"shots=10 plus 3 normal query images needs 13 normal train images, category 'toy' has 12"):
+    with pytest.raises(
+        ConfigError, match=r"shots=10 plus 3 normal query images needs 13 normal train images, category 'toy' has 12"
+    ):
         sample_episode(bank, 10, 3, 1, rng)
 
 
@@ -95,8 +98,16 @@ def test_supervised_contrastive_prefers_separated_classes():
 def test_meta_training_lowers_the_outer_loss_and_calibrates():
     bank = toy_bank(n=16)
     model = make_model(bank)
-    cfg = MetaConfig(shots=3, inner_steps=1, episodes=60, n_query_normal=2, n_query_anomalous=2,
-                     inner_positions=32, lr=1e-2, calibration_episodes=4)
+    cfg = MetaConfig(
+        shots=3,
+        inner_steps=1,
+        episodes=60,
+        n_query_normal=2,
+        n_query_anomalous=2,
+        inner_positions=32,
+        lr=1e-2,
+        calibration_episodes=4,
+    )
     gen = torch.Generator().manual_seed(0)
     probe = [sample_episode(bank, 3, 2, 2, np.random.default_rng(100 + i)) for i in range(6)]
     before = np.mean([episode_loss(model, ep, cfg, gen)[1]["loss"] for ep in probe])
@@ -142,8 +153,15 @@ def test_meta_train_adds_each_extra_loss_term_and_reports_it_under_its_name():
     plain, pulled = make_model(bank), make_model(bank)
     anchor = torch.cat([p.detach().reshape(-1) for p in pulled.parameters()])
     rows = meta_train(plain, {"toy": bank}, cfg, log_every=3)
-    pulled_rows = meta_train(pulled, {"toy": bank}, cfg, log_every=3, extra_losses={
-        "pull": lambda m: 1e3 * (torch.cat([p.reshape(-1) for p in m.parameters()]) - anchor).pow(2).sum()})
+    pulled_rows = meta_train(
+        pulled,
+        {"toy": bank},
+        cfg,
+        log_every=3,
+        extra_losses={
+            "pull": lambda m: 1e3 * (torch.cat([p.reshape(-1) for p in m.parameters()]) - anchor).pow(2).sum()
+        },
+    )
     assert "pull" not in rows[-1] and pulled_rows[-1]["pull"] > 0
     assert rows[0]["loss"] == pytest.approx(pulled_rows[0]["loss"], rel=0.2)  # the outer loss without the term
 

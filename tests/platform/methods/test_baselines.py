@@ -153,8 +153,12 @@ def test_padim_is_the_per_position_gaussian_mahalanobis_distance():
     assert got.shape == (3, 5, 6)
     expected = numpy_padim(support.double().numpy(), query.double().numpy(), index, 0.01)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(model.mean_.numpy().reshape(5, 6, 5),
-                               support[:, index].double().mean(0).permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.mean_.numpy().reshape(5, 6, 5),
+        support[:, index].double().mean(0).permute(1, 2, 0).numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_padim_positions_are_separate():
@@ -177,7 +181,9 @@ def test_padim_takes_every_channel_when_asked_for_more_and_one_shot_is_euclidean
     np.testing.assert_allclose(model.patch_scores(query).numpy(), expected.numpy(), rtol=1e-4)
     np.testing.assert_allclose(
         model.patch_scores(query).numpy(),
-        numpy_padim(support.double().numpy(), query.double().numpy(), np.arange(6), 0.04), rtol=1e-4)
+        numpy_padim(support.double().numpy(), query.double().numpy(), np.arange(6), 0.04),
+        rtol=1e-4,
+    )
 
 
 def test_image_score_is_the_largest_patch_score():

@@ -48,8 +48,17 @@ def test_the_built_in_methods_are_registered_in_the_harness_order():
 
 
 def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root, tmp_path):
-    result = run_evaluation(root, tmp_path / "eval.json", categories=["fabric"], shots=(2,), seeds=1,
-                            episodes=2, image_size=64, backbone="random", progress=lambda m: None)
+    result = run_evaluation(
+        root,
+        tmp_path / "eval.json",
+        categories=["fabric"],
+        shots=(2,),
+        seeds=1,
+        episodes=2,
+        image_size=64,
+        backbone="random",
+        progress=lambda m: None,
+    )
     methods = {r["method"] for r in result["records"]}
     assert methods == set(METHODS) and registered in methods
     record = next(r for r in result["records"] if r["method"] == registered)
@@ -57,8 +66,11 @@ def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root
     # in float16), the support draw of seed 0, each patch's distance to the support's mean at its position
     data = load_category(root, "fabric", 64)
     extractor = build_backbone("random")
-    support = extractor.extract(data.train_images, size=64).to(torch.float16).float()[
-        support_indices(len(data.train_images), 2, 0, "fabric")]
+    support = (
+        extractor.extract(data.train_images, size=64)
+        .to(torch.float16)
+        .float()[support_indices(len(data.train_images), 2, 0, "fabric")]
+    )
     test = extractor.extract(data.test_images, size=64)
     patches = torch.linalg.vector_norm(test - support.mean(0), dim=1)
     scores = patches.flatten(1).amax(1).numpy()
@@ -68,8 +80,9 @@ def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root
     assert record["measured_fpr"] == pytest.approx(float(np.mean(normal_scores > loo)), abs=1e-12)
     expected_pixels = pixel_metrics(data.test_masks, anomaly_map(patches, (64, 64)).numpy())
     assert record["pixel_auroc"] == pytest.approx(expected_pixels["pixel_auroc"], abs=1e-6)
-    assert record["image_auroc"] == pytest.approx(image_auroc(data.test_labels, statistic(patches, record["statistic"],
-                                                                                          64)), abs=1e-12)
+    assert record["image_auroc"] == pytest.approx(
+        image_auroc(data.test_labels, statistic(patches, record["statistic"], 64)), abs=1e-12
+    )
     rows = method_rows(result, {"fabric": "site-0"})
     assert {r["method"] for r in rows} == methods and all(r["site"] == "site-0" for r in rows)
     assert registered in result["summary"]
@@ -96,7 +109,13 @@ def test_validation_loops_over_the_methods_a_site_can_build(registered):
     model = BayesianPatchModel(8, 4, seed=0)
     ckpt = model_checkpoint(model, "random", "random:0", 48, (6, 6), inner_steps=1, inner_positions=0)
     aurocs = validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)])
-    assert set(aurocs) == {"bayes", "patchcore", "padim", "anomalydino", registered}  # not the ones needing other checkpoints
+    assert set(aurocs) == {
+        "bayes",
+        "patchcore",
+        "padim",
+        "anomalydino",
+        registered,
+    }  # not the ones needing other checkpoints
     assert aurocs[registered] == 1.0 and aurocs["patchcore"] == 1.0
     with pytest.raises(ConfigError, match="not a 'euclidean' checkpoint"):
         validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)], ["protomaml"])

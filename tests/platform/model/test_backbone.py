@@ -85,8 +85,11 @@ def assert_trunk_is_the_packaged_file(extractor: PatchFeatureExtractor, path: Pa
         assert f"_{key}" in state, f"{key}: _{key} is not in {path.name}"
         torch.testing.assert_close(value, state[f"_{key}"], atol=0, rtol=0, msg=f"{key} differs from {path.name}")
     n_blocks = len(extractor.trunk.blocks)
-    expected = {k for k in state if k.startswith(("_conv_stem.", "_bn0."))
-                or (k.startswith("_blocks.") and int(k.split(".")[1]) < n_blocks)}
+    expected = {
+        k
+        for k in state
+        if k.startswith(("_conv_stem.", "_bn0.")) or (k.startswith("_blocks.") and int(k.split(".")[1]) < n_blocks)
+    }
     assert {f"_{k}" for k in trunk} == expected
 
 
@@ -257,8 +260,9 @@ def test_extract_is_the_whole_network_on_independently_normalised_images(lite2):
     """uint8 images in, features out: the packaged network's own stride-8 and -16 maps, upsampled, joined
     and 3x3-averaged, on images normalised in numpy, not by the extractor."""
     images = rand_images(3, 64, 80, seed=5)
-    expected = reference_features(whole_lite_network("efficientnet-lite2", LITE2_FILE), lite2.layers,
-                                  lite_normalised(images))
+    expected = reference_features(
+        whole_lite_network("efficientnet-lite2", LITE2_FILE), lite2.layers, lite_normalised(images)
+    )
     torch.testing.assert_close(lite2.extract(images), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lite2.extract(list(images), batch_size=2), expected, atol=1e-4, rtol=1e-4)
 
@@ -354,8 +358,15 @@ def test_bad_tensor_and_size(lite2):
 
 
 def test_registry_names():
-    for name in ("efficientnet_lite2", "efficientnet_lite0", "random", "resnet18", "wide_resnet50_2",
-                 "mobilenet_v3_large", "efficientnet_b0"):
+    for name in (
+        "efficientnet_lite2",
+        "efficientnet_lite0",
+        "random",
+        "resnet18",
+        "wide_resnet50_2",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+    ):
         assert name in BACKBONES
     assert not any(n.startswith(("vit_", "swin_")) for n in BACKBONES)
 
@@ -405,8 +416,9 @@ def test_lite0_loads_its_packaged_imagenet_weights():
     assert extractor.fingerprint() == f"efficientnet_lite0:{sha16(LITE0_FILE)}"
     assert_trunk_is_the_packaged_file(extractor, LITE0_FILE)
     images = rand_images(2, seed=4)
-    expected = reference_features(whole_lite_network("efficientnet-lite0", LITE0_FILE), extractor.layers,
-                                  lite_normalised(images))
+    expected = reference_features(
+        whole_lite_network("efficientnet-lite0", LITE0_FILE), extractor.layers, lite_normalised(images)
+    )
     features = extractor.extract(images)
     assert features.shape == (2, 152, 8, 8)
     torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)

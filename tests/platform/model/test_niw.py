@@ -19,7 +19,6 @@ from bayprano.platform.model.niw import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     previous = torch.get_default_dtype()
@@ -143,9 +142,7 @@ def test_prototype_scores_a_shifted_patch_as_anomalous_and_is_differentiable():
     assert float(kappa.grad) == pytest.approx((total(1 + eps) - total(1 - eps)) / (2 * eps), rel=1e-5)
     lp = proto.log_prob(query).detach()
     np.testing.assert_allclose(
-        lp.numpy(),
-        (proto.predictive_.log_normaliser().detach().reshape(h, w) - scores.detach()).numpy(),
-        rtol=1e-8,
+        lp.numpy(), (proto.predictive_.log_normaliser().detach().reshape(h, w) - scores.detach()).numpy(), rtol=1e-8
     )
 
 

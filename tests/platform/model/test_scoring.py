@@ -43,7 +43,11 @@ def test_the_band_edges_belong_to_the_confident_decisions():
     assert decide([down], threshold, [sd], z_review=np.nextafter(-z_down, np.inf))[0] == ["review"]
     # the same images with the default band of one standard deviation
     assert decide([up * 1.001, down / 1.001, up / 1.001, down * 1.001], threshold, [sd] * 4)[0] == [
-        "anomalous", "normal", "review", "review"]
+        "anomalous",
+        "normal",
+        "review",
+        "review",
+    ]
 
 
 def test_a_zero_width_band_is_the_plain_threshold():

@@ -52,8 +52,19 @@ def with_defect(image: np.ndarray, x0: int, x1: int) -> np.ndarray:
 
 
 def as_mode(site: SiteModel, scoring: str, roi=None) -> SiteModel:
-    return SiteModel(site.model, site.prototype, site.calibration, site.target_fpr, site.image_size, site.info,
-                     site.extractor, site.z_review, scoring, site.tile_overlap, roi)
+    return SiteModel(
+        site.model,
+        site.prototype,
+        site.calibration,
+        site.target_fpr,
+        site.image_size,
+        site.info,
+        site.extractor,
+        site.z_review,
+        scoring,
+        site.tile_overlap,
+        roi,
+    )
 
 
 def test_an_image_of_one_tile_scores_the_same_resized_and_tiled(checkpoint, extractor):
@@ -164,8 +175,15 @@ def test_mode_region_and_augmentation_survive_a_save_and_a_load(checkpoint, extr
         mask = np.zeros((64, 256), dtype=bool)
         mask[10:60, 30:220] = True
         roi = RegionOfInterest.from_mask(mask)
-    site = adapt(checkpoint, [strip(1), strip(2)], extractor=extractor, scoring="tile", tile_overlap=0.5, roi=roi,
-                 augment="shifts")
+    site = adapt(
+        checkpoint,
+        [strip(1), strip(2)],
+        extractor=extractor,
+        scoring="tile",
+        tile_overlap=0.5,
+        roi=roi,
+        augment="shifts",
+    )
     site.save(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "meta.json").read_text())
     assert meta["scoring"] == "tile" and meta["tile_overlap"] == 0.5 and meta["augment"] == "shifts"
@@ -238,8 +256,10 @@ def test_export_refuses_a_tiled_model_or_one_with_a_region(checkpoint, extractor
     from bayprano.platform.export import export_site_model
 
     support = good("wood", 1, 2)
-    for site in (adapt(checkpoint, support, extractor=extractor, scoring="tile"),
-                 adapt(checkpoint, support, extractor=extractor, roi=RegionOfInterest.rectangle(0, 0, 32, 32))):
+    for site in (
+        adapt(checkpoint, support, extractor=extractor, scoring="tile"),
+        adapt(checkpoint, support, extractor=extractor, roi=RegionOfInterest.rectangle(0, 0, 32, 32)),
+    ):
         with pytest.raises(ConfigError, match="export covers resize scoring without a region of interest"):
             export_site_model(tmp_path / "m", "onnx", tmp_path / "out", site=site)
     assert not (tmp_path / "out").exists()

@@ -21,23 +21,29 @@ class BayesMethod:
         self.checkpoint, self.steps, self.target_fpr, self.extractor = checkpoint, steps, target_fpr, extractor
 
     def fit(self, support: Tensor) -> "BayesMethod":
-        self.site_: SiteModel = adapt_features(self.checkpoint, support, steps=self.steps,
-                                               target_fpr=self.target_fpr, extractor=self.extractor)
+        self.site_: SiteModel = adapt_features(
+            self.checkpoint, support, steps=self.steps, target_fpr=self.target_fpr, extractor=self.extractor
+        )
         return self
 
     @torch.no_grad()
     def score(self, features: Tensor) -> MethodScores:
         maha = self.site_.mahalanobis(features)
-        return MethodScores(image_statistic(maha, self.site_.model.dim).cpu().numpy(),
-                            self.site_.patch_scores(maha).cpu())
+        return MethodScores(
+            image_statistic(maha, self.site_.model.dim).cpu().numpy(), self.site_.patch_scores(maha).cpu()
+        )
 
     def threshold(self, target_fpr: float) -> float:
         return self.site_.with_target_fpr(target_fpr).threshold
 
     def calibration_info(self) -> dict | None:
         site = self.site_
-        return {"threshold": site.threshold, "shift_covariate": site.info.get("shift_covariate"),
-                "loo_statistics": site.info.get("loo_statistics"), "site_calibration": site.calibration.as_dict()}
+        return {
+            "threshold": site.threshold,
+            "shift_covariate": site.info.get("shift_covariate"),
+            "loo_statistics": site.info.get("loo_statistics"),
+            "site_calibration": site.calibration.as_dict(),
+        }
 
 
 def build_bayes(context: MethodContext) -> BayesMethod:
@@ -48,7 +54,15 @@ def build_frozen(context: MethodContext) -> BayesMethod:
     return BayesMethod(context.checkpoint("frozen"), 0, context.target_fpr, context.extractor)
 
 
-register_method("bayes", build_bayes, checkpoint="niw",
-                summary="meta-trained head and NIW prior, Student-t scores, calibrated threshold")
-register_method("bayes-frozen", build_frozen, checkpoint="frozen",
-                summary="the Bayesian model at its initialisation (no meta-learning)")
+register_method(
+    "bayes",
+    build_bayes,
+    checkpoint="niw",
+    summary="meta-trained head and NIW prior, Student-t scores, calibrated threshold",
+)
+register_method(
+    "bayes-frozen",
+    build_frozen,
+    checkpoint="frozen",
+    summary="the Bayesian model at its initialisation (no meta-learning)",
+)

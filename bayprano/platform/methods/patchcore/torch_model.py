@@ -39,5 +39,7 @@ class PatchCore:
     def patch_scores(self, features: Tensor) -> Tensor:
         b, c, h, w = features.shape
         q = features.float().permute(0, 2, 3, 1).reshape(-1, c)
-        out = torch.cat([torch.cdist(q[i : i + self.chunk], self.bank_).amin(1) for i in range(0, q.shape[0], self.chunk)])
+        out = torch.cat(
+            [torch.cdist(q[i : i + self.chunk], self.bank_).amin(1) for i in range(0, q.shape[0], self.chunk)]
+        )
         return out.reshape(b, h, w)

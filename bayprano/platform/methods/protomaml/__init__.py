@@ -34,8 +34,12 @@ class ProtoMAMLMethod:
         z = self.adapted_.support_embeddings
         if z.shape[0] < 2:
             return math.nan
-        return float(max(image_scores(self.model.prototype(torch.cat([z[:i], z[i + 1 :]])).distance(z[i : i + 1]))[0]
-                         for i in range(z.shape[0])))
+        return float(
+            max(
+                image_scores(self.model.prototype(torch.cat([z[:i], z[i + 1 :]])).distance(z[i : i + 1]))[0]
+                for i in range(z.shape[0])
+            )
+        )
 
     def calibration_info(self) -> dict | None:
         return None
@@ -45,5 +49,6 @@ def build(context: MethodContext) -> ProtoMAMLMethod:
     return ProtoMAMLMethod(context.checkpoint("euclidean"), context.inner_steps)
 
 
-register_method("protomaml", build, checkpoint="euclidean",
-                summary="meta-trained head with a deterministic Euclidean prototype")
+register_method(
+    "protomaml", build, checkpoint="euclidean", summary="meta-trained head with a deterministic Euclidean prototype"
+)
