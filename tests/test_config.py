@@ -75,7 +75,8 @@ def test_a_bad_flag_names_the_flag_and_missing_settings_are_named(tmp_path):
 
 
 def test_sites_flag_names_each_site_with_its_shard_path_like_the_yaml_form(tmp_path, capsys):
-    from bayprano.cli import settings_from_args, build_parser, main
+    from bayprano.cli import build_parser, main
+    from bayprano.commands.common import settings_from_args
     from bayprano.config import FederatedTrainConfig
 
     args = build_parser().parse_args(
