@@ -26,7 +26,7 @@ from bayprano.platform.errors import ConfigError
 from bayprano.platform.fileio import atomic_write_json
 
 if TYPE_CHECKING:
-    from bayprano.platform.evaluate import CategoryData
+    from bayprano.platform.evaluation_data import CategoryData
     from bayprano.platform.model.site import ImageResult
 
 STAGES = 6
@@ -69,7 +69,8 @@ def _pipeline(
     from bayprano.platform.data.mvtec import list_categories
     from bayprano.platform.data.shards import shard_dataset
     from bayprano.platform.data.synth import generate_dataset
-    from bayprano.platform.evaluate import load_category, run_evaluation, support_indices
+    from bayprano.platform.evaluate import run_evaluation
+    from bayprano.platform.evaluation_data import load_category, support_indices
     from bayprano.platform.meta.checkpoint import load_checkpoint
     from bayprano.platform.metrics import fpr_at_threshold, image_auroc
     from bayprano.platform.model.backbone import build_backbone

@@ -39,7 +39,8 @@ import torch
 from bayprano.platform.data.anomalies import TRAINING_KINDS, VALIDATION_KINDS
 from bayprano.platform.data.info import format_table
 from bayprano.platform.data.synth import generate_dataset
-from bayprano.platform.evaluate import ablation_table, run_evaluation
+from bayprano.platform.evaluate import run_evaluation
+from bayprano.platform.evaluation_report import ablation_table
 from bayprano.platform.fileio import atomic_write_json, jsonable
 
 ROOT = Path(__file__).resolve().parent.parent

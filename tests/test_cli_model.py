@@ -26,7 +26,7 @@ from bayprano.cli import main
 from bayprano.platform.data.mvtec import list_categories
 from bayprano.platform.data.synth import generate_dataset
 from bayprano.platform.data.imageio import load_image
-from bayprano.platform.evaluate import RECORD_KEYS
+from bayprano.platform.evaluation_runs import RECORD_KEYS
 from bayprano.platform.export import load_site_model
 from bayprano.platform.meta.checkpoint import load_checkpoint
 from bayprano.platform.model.backbone import build_backbone

@@ -121,7 +121,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = settings_from_args(args, EvalConfig)
     from bayprano.platform.data.mvtec import list_categories
-    from bayprano.platform.evaluate import METHODS, markdown_table, run_evaluation
+    from bayprano.platform.evaluate import METHODS, run_evaluation
+    from bayprano.platform.evaluation_report import markdown_table
     from bayprano.platform.meta.checkpoint import load_checkpoint
     from bayprano.platform.model.backbone import DEFAULT_BACKBONE
 

@@ -32,22 +32,19 @@ another category to validate on, the method's own statistic is used and ``statis
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from bayprano.platform.data.anomalies import TRAINING_KINDS, VALIDATION_KINDS, AnomalyInjector
-from bayprano.platform.data.imageio import resize_square
-from bayprano.platform.data.info import format_table
-from bayprano.platform.data.mvtec import list_categories, load_sample, scan_category
-from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.figures import new_figure, save_figure
+from bayprano.platform.data.mvtec import list_categories
+from bayprano.platform.errors import ConfigError
+from bayprano.platform.evaluation_data import CategoryData, check_disjoint, load_category, pixel_hashes
+from bayprano.platform.evaluation_runs import choose_statistics, evaluate_category
+from bayprano.platform.evaluation_report import ablation, summarize
 from bayprano.platform.fileio import atomic_write_json, jsonable
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.protomaml import (
@@ -59,90 +56,12 @@ from bayprano.platform.meta.protomaml import (
     feature_statistics,
     meta_train,
 )
-from bayprano.platform.methods import METHODS, Method, MethodContext, get_method
-from bayprano.platform.methods.postprocess import STATISTICS, all_statistics, choose_statistic
-from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
+from bayprano.platform.methods import METHODS, MethodContext, get_method
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
-RECORD_KEYS = (
-    "category",
-    "method",
-    "shots",
-    "seed",
-    "image_auroc",
-    "pixel_auroc",
-    "aupro",
-    "f1",
-    "target_fpr",
-    "measured_fpr",
-    "adapt_seconds",
-    "score_images_per_second",
-    "statistic",
-    "own_image_auroc",
-    "statistic_aurocs",
-    "validation_aurocs",
-    "calibration",
-)
-OWN_STATISTIC = "own (no meta-validation category)"
 VALIDATION_QUERIES = 6  # normal (and as many anomalous) queries per meta-validation category
-
-
-@dataclass
-class CategoryData:
-    name: str
-    train_images: np.ndarray  # (N, S, S, 3) uint8, train/good
-    train_ids: list[str]
-    test_images: np.ndarray
-    test_masks: np.ndarray  # (M, S, S) bool
-    test_labels: np.ndarray
-    test_ids: list[str]
-    has_pixel_masks: bool
-
-
-def load_category(root: str | Path, category: str, size: int) -> CategoryData:
-    samples = scan_category(root, category)
-    train = [s for s in samples if s.split == "train"]
-    test = [s for s in samples if s.split == "test"]
-    tr = [resize_square(load_sample(s)[0], size) for s in train]
-    te = [load_sample(s) for s in test]
-    has_masks = all(s.mask_path is not None for s in test if s.label == 1)
-    labels = np.array([s.label for s in test])
-    if len(set(labels.tolist())) < 2:
-        raise DataError(f"{Path(root) / category}: the test split needs both good and defective images")
-    return CategoryData(
-        category,
-        np.stack(tr),
-        [s.path for s in train],
-        np.stack([resize_square(im, size) for im, _ in te]),
-        np.stack([resize_square(m, size, mask=True) for _, m in te]),
-        labels,
-        [s.path for s in test],
-        has_masks,
-    )
-
-
-def pixel_hashes(images: np.ndarray) -> set[str]:
-    return {hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images}
-
-
-def check_disjoint(pools: dict[str, set[str]]) -> None:
-    """Raise if any two named pools of image hashes share an image."""
-    names = list(pools)
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            shared = pools[a] & pools[b]
-            if shared:
-                raise DataError(f"leakage: {len(shared)} image(s) are in both the {a} and the {b} pool")
-
-
-def support_indices(n: int, shots: int, seed: int, category: str) -> np.ndarray:
-    if shots > n:
-        raise ConfigError(f"--shots {shots} is more than the {n} good training images of category {category!r}")
-    digest = int(hashlib.sha256(f"{category}/{shots}/{seed}".encode()).hexdigest()[:8], 16)
-    return np.sort(np.random.default_rng(digest).choice(n, size=shots, replace=False))
 
 
 def meta_validation_set(
@@ -368,10 +287,10 @@ def run_evaluation(
             if normality is not None:
                 priors[c] = normality.as_dict()
         context = MethodContext(inner_steps, target_fpr, provide, extractor)
-        choices = _choose_statistics(
+        choices = choose_statistics(
             methods, context, {k: v for k, v in validation_sets.items() if k != c}, shots, image_size
         )
-        pictures[c] = _evaluate_category(
+        pictures[c] = evaluate_category(
             d,
             methods,
             context,
@@ -407,247 +326,3 @@ def run_evaluation(
     }
     atomic_write_json(output, jsonable(result))
     return result
-
-
-def _choose_statistics(
-    methods: list[str], context: MethodContext, validation_sets: dict[str, tuple], shots: Sequence[int], image_size: int
-) -> dict[tuple[str, int], tuple[str, dict]]:
-    """{(method, K): (statistic, its meta-validation AUROCs)} on the given meta-validation categories."""
-    choices: dict[tuple[str, int], tuple[str, dict]] = {}
-    for method in methods:
-        spec = get_method(method)
-        for k in shots:
-            if not validation_sets:
-                choices[(method, k)] = (OWN_STATISTIC, {})
-                continue
-            tasks = [(sup[:k].float(), query.float(), labels) for sup, query, labels in validation_sets.values()]
-            choices[(method, k)] = choose_statistic(
-                tasks, lambda s, q: spec.build(context).fit(s).score(q).patches, image_size
-            )
-    return choices
-
-
-def _evaluate_category(
-    d: CategoryData,
-    methods: list[str],
-    context: MethodContext,
-    train_feats: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_seconds: float,
-    shots: Sequence[int],
-    seeds: int,
-    image_size: int,
-    target_fpr: float,
-    test_pool: set[str],
-    output: Path,
-    records: list[dict],
-    progress: Callable[[str], None],
-    choices: dict | None = None,
-) -> list[str]:
-    """Every method on every support draw of one category: records appended to ``records``; returns the
-    pictures written (the first method's overlays and every method's ROC, at the largest K, first draw)."""
-    c = d.name
-    pictures: list[str] = []
-    curves: dict[str, tuple] = {}
-    for k in shots:
-        for s in range(seeds):
-            idx = support_indices(len(d.train_images), k, s, c)
-            check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": test_pool})
-            for method in methods:
-                statistic, validation = (choices or {}).get((method, k), (OWN_STATISTIC, {}))
-                rec, maps, scores = _run_method(
-                    get_method(method).build(context),
-                    train_feats[idx].float(),
-                    test_feats,
-                    test_seconds,
-                    d,
-                    image_size,
-                    target_fpr,
-                    statistic,
-                )
-                rec.update(
-                    category=c,
-                    method=method,
-                    shots=k,
-                    seed=s,
-                    target_fpr=target_fpr,
-                    statistic=statistic,
-                    validation_aurocs=validation,
-                )
-                records.append({key: rec.get(key) for key in RECORD_KEYS})
-                progress(_record_line(records[-1]))
-                if s == 0 and k == max(shots):
-                    curves[method] = roc_curve(d.test_labels, scores)
-                    if method == methods[0]:
-                        pictures.append(str(_write_overlays(output, c, method, d, maps, scores)))
-    if curves:
-        pictures.append(
-            str(plot_roc(curves, output.with_name(f"{output.stem}_roc_{c}.png"), f"{c}: image ROC, K={max(shots)}"))
-        )
-    return pictures
-
-
-def _run_method(
-    method: Method,
-    support_feats: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_seconds: float,
-    d: CategoryData,
-    image_size: int,
-    target_fpr: float,
-    statistic: str = OWN_STATISTIC,
-) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Fit one method on the support's features, score the test set: its record, maps and the image scores
-    of ``statistic`` (a menu entry, or the method's own).
-
-    Feature extraction is timed once per test set; its share for the support is counted in the adaptation
-    time and the whole of it in the scoring time of every method alike.
-    """
-    n_test = len(d.test_images)
-    t0 = time.perf_counter()
-    method.fit(support_feats)
-    threshold = method.threshold(target_fpr)
-    adapt_seconds = time.perf_counter() - t0 + test_seconds * support_feats.shape[0] / n_test
-    t1 = time.perf_counter()
-    out = method.score(test_feats)
-    scores = np.asarray(out.image)
-    maps = anomaly_map(out.patches.float(), (image_size, image_size)).cpu().numpy()
-    score_seconds = time.perf_counter() - t1 + test_seconds
-    calibration = method.calibration_info()
-    if calibration is not None:
-        calibration = {**calibration, "normal_statistics": scores[d.test_labels == 0].tolist()}
-    pix = pixel_metrics(d.test_masks, maps) if d.has_pixel_masks else {"pixel_auroc": None, "aupro": None}
-    finite = threshold is not None and math.isfinite(threshold)
-    menu = all_statistics(out.patches, (image_size, image_size))
-    statistic_aurocs = {name: image_auroc(d.test_labels, s) for name, s in menu.items()}
-    own_auroc = image_auroc(d.test_labels, scores)
-    ranked = menu.get(statistic, scores)
-    rec = {
-        "image_auroc": statistic_aurocs.get(statistic, own_auroc),
-        "own_image_auroc": own_auroc,
-        "statistic_aurocs": statistic_aurocs,
-        "pixel_auroc": pix["pixel_auroc"],
-        "aupro": pix["aupro"],
-        "f1": f1_at_threshold(d.test_labels, scores, threshold) if finite else None,
-        "measured_fpr": fpr_at_threshold(d.test_labels, scores, threshold) if finite else None,
-        "adapt_seconds": adapt_seconds,
-        "score_images_per_second": n_test / score_seconds,
-        "calibration": calibration,
-    }
-    return rec, maps, ranked
-
-
-def _record_line(r: dict) -> str:
-    def f(v):
-        return "  -  " if v is None else f"{v:.3f}"
-
-    return (
-        f"{r['category']:>14s} {r['method']:>12s} K={r['shots']} seed={r['seed']}: image AUROC {f(r['image_auroc'])} "
-        f"pixel AUROC {f(r['pixel_auroc'])} AUPRO {f(r['aupro'])} F1 {f(r['f1'])} FPR {f(r['measured_fpr'])} "
-        f"adapt {r['adapt_seconds']:.2f}s"
-    )
-
-
-def _mean(values) -> float | None:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(vals)) if vals else None
-
-
-def summarize(records: list[dict]) -> dict:
-    """Means per (method, shots) over categories and seeds."""
-    out: dict = {}
-    for r in records:
-        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
-    return {
-        m: {
-            k: {
-                key: _mean(x[key] for x in rows)
-                for key in (
-                    "image_auroc",
-                    "pixel_auroc",
-                    "aupro",
-                    "f1",
-                    "measured_fpr",
-                    "adapt_seconds",
-                    "score_images_per_second",
-                )
-            }
-            | {"n": len(rows)}
-            for k, rows in by_k.items()
-        }
-        for m, by_k in out.items()
-    }
-
-
-def ablation(records: list[dict]) -> dict:
-    """{method: {K: {statistic: mean test image AUROC}}} over categories and seeds, for every menu entry and
-    the method's own statistic (``own``), with how often each entry was chosen (``chosen``)."""
-    out: dict = {}
-    for r in records:
-        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
-    table: dict[str, dict] = {}
-    for m, by_k in out.items():
-        table[m] = {}
-        for k, rows in by_k.items():
-            entry = {name: _mean((x.get("statistic_aurocs") or {}).get(name) for x in rows) for name in STATISTICS}
-            entry["own"] = _mean(x.get("own_image_auroc") for x in rows)
-            chosen: dict[str, int] = {}
-            for x in rows:
-                chosen[x.get("statistic") or OWN_STATISTIC] = chosen.get(x.get("statistic") or OWN_STATISTIC, 0) + 1
-            table[m][k] = entry | {"chosen": chosen}
-    return table
-
-
-def ablation_table(result: dict) -> str:
-    """Each method with each image statistic, from the same run (mean test image AUROC)."""
-    rows: list[Iterable[str]] = []
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for method, by_k in (result.get("ablation") or ablation(result["records"])).items():
-        for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
-            chosen = ", ".join(f"{n} x{c}" for n, c in sorted(s["chosen"].items()))
-            rows.append((method, str(k), *(fmt(s[n]) for n in STATISTICS), fmt(s["own"]), chosen))
-    return format_table(("method", "K", *STATISTICS, "own", "chosen on meta-validation"), rows)
-
-
-def markdown_table(result: dict) -> str:
-    """The summary table (image AUROC at each method's chosen statistic), then the statistic ablation."""
-    rows: list[Iterable[str]] = []
-    for method, by_k in result["summary"].items():
-        for k, s in sorted(by_k.items(), key=lambda kv: int(kv[0])):
-            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            rows.append(
-                (
-                    method,
-                    str(k),
-                    fmt(s["image_auroc"]),
-                    fmt(s["pixel_auroc"]),
-                    fmt(s["aupro"]),
-                    fmt(s["f1"]),
-                    fmt(s["measured_fpr"]),
-                    f"{s['adapt_seconds']:.2f}",
-                    f"{s['score_images_per_second']:.1f}",
-                )
-            )
-    summary = format_table(
-        ("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s", "images/s"), rows
-    )
-    return f"{summary}\n\nImage statistic ablation (image AUROC):\n\n{ablation_table(result)}"
-
-
-def _write_overlays(
-    output: Path, category: str, method: str, d: CategoryData, maps: np.ndarray, scores: np.ndarray, n: int = 6
-) -> Path:
-    """Heatmap overlays of the highest-scored test images, with their ground truth outlines."""
-    order = np.argsort(-scores)[:n]
-    fig = new_figure(2.2 * len(order), 2.6)
-    lo, hi = np.percentile(maps, 1), np.percentile(maps, 99.9)
-    for j, i in enumerate(order):
-        ax = fig.add_subplot(1, len(order), j + 1)
-        ax.imshow(d.test_images[i])
-        ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
-        if d.test_masks[i].any():
-            ax.contour(d.test_masks[i], levels=[0.5], colors="white", linewidths=0.8)
-        ax.set_title(f"{Path(d.test_ids[i]).parent.name}\nscore {scores[i]:.2f}", fontsize=7)
-        ax.axis("off")
-    fig.suptitle(f"{category}: highest-scored test images ({method})", fontsize=9)
-    return save_figure(fig, output.with_name(f"{output.stem}_overlay_{category}.png"), dpi=90)

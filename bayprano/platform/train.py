@@ -24,7 +24,7 @@ from bayprano.platform.data.imageio import is_image_file, load_image
 from bayprano.platform.data.mvtec import GOOD, list_categories
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.data.imageio import resize_square
-from bayprano.platform.evaluate import pixel_hashes
+from bayprano.platform.evaluation_data import pixel_hashes
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.meta.protomaml import (
     MetaConfig,

@@ -40,7 +40,7 @@ def build_feature_cache(
     import torch
 
     from bayprano.platform.data.anomalies import TRAINING_KINDS, AnomalyInjector
-    from bayprano.platform.evaluate import load_category
+    from bayprano.platform.evaluation_data import load_category
     from bayprano.platform.meta.protomaml import build_task_bank
     from bayprano.platform.model.backbone import build_backbone
 

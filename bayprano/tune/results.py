@@ -120,7 +120,7 @@ def best_checkpoint(spec: SweepConfig, best, settings: dict, features: dict, pat
     (central trials; a federated checkpoint carries its own calibration)."""
     import torch
 
-    from bayprano.platform.evaluate import pixel_hashes
+    from bayprano.platform.evaluation_data import pixel_hashes
     from bayprano.platform.meta.checkpoint import MetaCheckpoint
     from bayprano.platform.meta.protomaml import calibrate, calibrate_normality, feature_statistics
     from bayprano.platform.model.bayes import BayesianPatchModel

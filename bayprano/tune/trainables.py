@@ -17,7 +17,7 @@ from bayprano.tune.spec import FEDERATED_FILE, STATE_FILE
 
 def validate(model, cache: dict, shots: int, inner_steps: int, seeds: int) -> dict[str, float]:
     """Image AUROC of adapting ``model`` to each validation category, mean over ``seeds`` support draws."""
-    from bayprano.platform.evaluate import support_indices
+    from bayprano.platform.evaluation_data import support_indices
     from bayprano.platform.methods import get_method
     from bayprano.platform.methods.base import fitted_scores
     from bayprano.platform.methods.validation import model_checkpoint, model_context

@@ -18,7 +18,7 @@ import torch
 from bayprano.actors.coordinator import FederatedTrainer
 from bayprano.cli import main
 from bayprano.platform.data.imageio import load_image
-from bayprano.platform.evaluate import load_category
+from bayprano.platform.evaluation_data import load_category
 from bayprano.platform.federated.messages import UpdateReply, sent_fields
 from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.federated.secagg import MaskedUpdate

@@ -19,7 +19,8 @@ from bayprano.platform.data.imageio import load_image
 from bayprano.platform.data.mvtec import list_categories, scan_category
 from bayprano.platform.data.synth import generate_dataset
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.evaluate import check_disjoint, load_category, pixel_hashes, run_evaluation, support_indices
+from bayprano.platform.evaluate import run_evaluation
+from bayprano.platform.evaluation_data import check_disjoint, load_category, pixel_hashes, support_indices
 from bayprano.platform.meta.checkpoint import load_checkpoint
 from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.model.site import adapt

@@ -10,7 +10,9 @@ import torch
 from bayprano.demo import method_rows
 from bayprano.platform.data.synth import generate_dataset
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.evaluate import load_category, markdown_table, run_evaluation, support_indices
+from bayprano.platform.evaluate import run_evaluation
+from bayprano.platform.evaluation_data import load_category, support_indices
+from bayprano.platform.evaluation_report import markdown_table
 from bayprano.platform.methods import METHODS, MethodContext, get_method, register_method, unregister_method
 from bayprano.platform.methods.postprocess import STATISTICS, statistic
 from bayprano.platform.metrics import image_auroc, pixel_metrics
