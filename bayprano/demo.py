@@ -137,7 +137,7 @@ def _pipeline(
         f"== 3/{STAGES} federated meta-training: {sites} factories, {rounds} rounds"
         + (", secure aggregation, client-level DP" if dp else "")
     )
-    from bayprano.actors.coordinator import train_federated
+    from bayprano.actors.coordinator_actor import train_federated
 
     fed = train_federated(cfg)
     stages["federated training"] = time.perf_counter() - t0

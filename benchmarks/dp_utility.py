@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from bayprano.actors.coordinator import train_federated
+    from bayprano.actors.coordinator_actor import train_federated
     from bayprano.config import FederatedTrainConfig
     from bayprano.platform.data.shards import read_manifest, shard_dataset
     from bayprano.platform.data.synth import generate_dataset

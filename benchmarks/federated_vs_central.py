@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from bayprano.actors.coordinator import train_federated
+    from bayprano.actors.coordinator_actor import train_federated
     from bayprano.config import FederatedTrainConfig, TrainConfig
     from bayprano.platform.data.shards import shard_dataset
     from bayprano.platform.data.synth import generate_dataset

@@ -118,7 +118,8 @@ class MemorySampler:
 def run_one(n: int, shard_dir: Path, args, work: Path, mode: str = "plain") -> dict:
     import ray
 
-    from bayprano.actors.coordinator import FederatedTrainer, kill_factories, spawn_factories, with_shard_bytes
+    from bayprano.actors.coordinator import FederatedTrainer
+    from bayprano.actors.coordinator_actor import kill_factories, spawn_factories, with_shard_bytes
     from bayprano.actors.factory import peak_rss
     from bayprano.config import FederatedTrainConfig
     from bayprano.platform.data.shards import read_manifest

@@ -2,16 +2,16 @@
 aggregation, fault tolerance and resumable checkpoints.
 
 ``FederatedTrainer`` composes the pieces (a plain class, driven from the driver, from a Tune trial or
-from inside the ``Coordinator`` actor): a ``Strategy`` (``platform.federated.strategy``: sampling, the
-round's instruction, aggregation, the server optimiser, and DP as a wrapper) decides; a
-``SiteTransport`` (``actors.transport``: Ray calls with deadlines and retries, the byte ledger, secure
-sums) carries; the trainer keeps the model, the history and the checkpoint. The sites are the
-config's ``site_paths()`` (a shard folder's manifest, or site names with the path of each shard on its
-own node); each gets a Factory actor, or with ``pool_size`` a virtual site played by a pool of actors
-(pooled mode, where a round validates on its participants only). ``setup()`` checks that every
-site's shard is there (a missing one stops the run with the site's own error), describes the sites,
-and sums their feature statistics (under secure aggregation, or in the clear; under DP they are not
-asked for).
+from inside the ``Coordinator`` actor of ``actors.coordinator_actor``): a ``Strategy``
+(``platform.federated.strategy``: sampling, the round's instruction, aggregation, the server optimiser,
+and DP as a wrapper) decides; a ``SiteTransport`` (``actors.transport``: Ray calls with deadlines and
+retries, the byte ledger, secure sums) carries; the trainer keeps the model, the history and the
+checkpoint. The sites are the config's ``site_paths()`` (a shard folder's manifest, or site names with
+the path of each shard on its own node); each gets a Factory actor, or with ``pool_size`` a virtual site
+played by a pool of actors (pooled mode, where a round validates on its participants only). ``setup()``
+checks that every site's shard is there (a missing one stops the run with the site's own error),
+describes the sites, and sums their feature statistics (under secure aggregation, or in the clear; under
+DP they are not asked for).
 
 ``step()`` runs one round: ask the strategy whether to run it (under DP: not when it would take epsilon
 past the target), sample, broadcast the global vector with the round's ``RoundInstruction``, collect
@@ -21,7 +21,7 @@ return the round's history row. ``run_rounds(n)`` steps up to n rounds; ``run()`
 Under DP the history, the logs and the checkpoint name no participant.
 
 Communication is counted per (round, site, direction) (``transport``); the summary gives each site's
-totals and, with ``with_shard_bytes``, the share of its own image bytes that it sent.
+totals and, with ``coordinator_actor.with_shard_bytes``, the share of its own image bytes that it sent.
 
 The checkpoint is a ``MetaCheckpoint`` (the centralised trainer's format), whose ``meta_config`` carries
 the federated state under ``"federated"``: the last completed round, the accountant's state and the
@@ -40,10 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import ray
 import torch
 
-from bayprano.actors.factory import FactoryPool, VirtualSite, make_factory
 from bayprano.actors.transport import Gathered, SecureSum, SiteTransport, wire_bytes
 from bayprano.platform.errors import BaypranoError, ConfigError, DataError
 from bayprano.platform.federated.messages import (
@@ -66,19 +64,7 @@ from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 FEDERATED_KEY = "federated"
 
-__all__ = [
-    "Coordinator",
-    "CoordinatorActor",
-    "FEDERATED_KEY",
-    "FederatedTrainer",
-    "RoundOutcome",
-    "kill_factories",
-    "round_size",
-    "spawn_factories",
-    "train_federated",
-    "wire_bytes",
-    "with_shard_bytes",
-]
+__all__ = ["FEDERATED_KEY", "FederatedTrainer", "RoundOutcome", "round_size", "wire_bytes"]
 
 
 def round_size(sites_per_round: float, sites: int) -> int:
@@ -86,26 +72,6 @@ def round_size(sites_per_round: float, sites: int) -> int:
     if sites_per_round > 1:
         return min(sites, int(sites_per_round))
     return max(1, min(sites, round(sites_per_round * sites)))
-
-
-def spawn_factories(cfg: Any, num_cpus: float = 0.25) -> dict[str, Any]:
-    """A handle per site (``cfg.site_paths()``): its own Factory actor, or with ``cfg.pool_size`` a
-    ``VirtualSite`` played by a pool of that many actors; every site runs ``SiteSettings.from_config(cfg)``."""
-    settings = SiteSettings.from_config(cfg)
-    paths = cfg.site_paths()
-    if cfg.pool_size:
-        pool = FactoryPool(cfg.pool_size, settings, num_cpus=num_cpus)
-        return {site: pool.site(site, path) for site, path in paths.items()}
-    return {site: make_factory(site, path, settings, num_cpus=num_cpus) for site, path in paths.items()}
-
-
-def kill_factories(factories: Mapping[str, Any]) -> None:
-    pools = {id(h.pool): h.pool for h in factories.values() if isinstance(h, VirtualSite)}
-    for pool in pools.values():
-        pool.kill()
-    for handle in factories.values():
-        if not isinstance(handle, VirtualSite):
-            ray.kill(handle)
 
 
 @dataclass
@@ -581,67 +547,3 @@ class FederatedTrainer:
             normality=self.normality,
         )
         ckpt.save(self.cfg.out)
-
-
-class CoordinatorActor:
-    """The Coordinator as a Ray actor: spawns a Factory per site and runs ``FederatedTrainer``."""
-
-    def __init__(self, cfg, factory_cpus: float = 0.25):
-        torch.set_num_threads(1)
-        self.cfg = cfg
-        self.factory_cpus = factory_cpus
-
-    def run(self) -> dict:
-        # Everything that can refuse the settings runs here, not in __init__: an error raised while an actor
-        # is created reaches the driver as an ActorDiedError without its cause.
-        self.factories = spawn_factories(self.cfg, num_cpus=self.factory_cpus)
-        try:
-            self.trainer = FederatedTrainer(
-                self.cfg, self.factories, log=lambda m: print(f"[federated] {m}", flush=True)
-            )
-            summary = self.trainer.run()
-            return with_shard_bytes(summary, self.trainer.site_shard_bytes())
-        finally:
-            kill_factories(self.factories)
-
-
-def with_shard_bytes(summary: dict, shard_bytes: Mapping[str, int]) -> dict:
-    """``summary`` with each site's image bytes and the share of them it sent (``sent_fraction``), and the total."""
-    summary = dict(summary)
-    summary["shard_bytes"] = int(sum(shard_bytes.values()))
-    per_site = {}
-    for s, moved in summary["site_bytes"].items():
-        images = shard_bytes.get(s)
-        per_site[s] = {**moved, "shard_bytes": images, "sent_fraction": moved["sent"] / images if images else None}
-    summary["site_bytes"] = per_site
-    return summary
-
-
-Coordinator = ray.remote(CoordinatorActor)
-
-
-def train_federated(cfg) -> dict:
-    """Run federated meta-training for a ``FederatedTrainConfig`` on the Ray cluster at ``cfg.address``
-    (a local one when none is given and none is running); returns the Coordinator's summary.
-
-    A user error raised inside the Coordinator comes back as that error, not as a Ray wrapper.
-    """
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.address, include_dashboard=False)
-    try:
-        options: dict[str, Any] = {"num_cpus": 0.1}
-        if ray.cluster_resources().get("coordinator", 0) > 0:  # cluster.yaml's head node
-            options["resources"] = {"coordinator": 0.001}
-        coordinator: Any = Coordinator.options(**options).remote(cfg)
-        try:
-            return ray.get(coordinator.run.remote())
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, BaypranoError):
-                raise exc.cause from None
-            raise
-        finally:
-            ray.kill(coordinator)
-    finally:
-        if started:
-            ray.shutdown()

@@ -73,7 +73,7 @@ def cmd_train_federated(args: argparse.Namespace) -> int:
                 "trains on all of its categories for --rounds x --local-steps episodes"
             )
     cfg = settings_from_args(args, FederatedTrainConfig)
-    from bayprano.actors.coordinator import train_federated
+    from bayprano.actors.coordinator_actor import train_federated
 
     summary = train_federated(cfg)
     if summary["stop_reason"]:

@@ -25,7 +25,7 @@ def shard_dir(tmp_path_factory) -> Path:
 def factories(ray_session, shard_dir, tmp_path_factory):
     """A Factory actor per site of ``shard_dir``, shared by a module's tests; no test may kill one of them
     (a test that kills a site takes ``own_factories``)."""
-    from bayprano.actors.coordinator import kill_factories, spawn_factories
+    from bayprano.actors.coordinator_actor import kill_factories, spawn_factories
     from federation_helpers import fed_cfg
 
     handles = spawn_factories(fed_cfg(shard_dir, tmp_path_factory.mktemp("unused") / "c.pt"), num_cpus=0.2)
@@ -36,7 +36,7 @@ def factories(ray_session, shard_dir, tmp_path_factory):
 @pytest.fixture
 def own_factories(ray_session, shard_dir, tmp_path):
     """Factory actors for one test alone (it may kill them)."""
-    from bayprano.actors.coordinator import kill_factories, spawn_factories
+    from bayprano.actors.coordinator_actor import kill_factories, spawn_factories
     from federation_helpers import fed_cfg
 
     handles = spawn_factories(fed_cfg(shard_dir, tmp_path / "unused.pt"), num_cpus=0.2)

@@ -20,7 +20,7 @@ def main(shards: str, out: str, result: str) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from bayprano.actors.coordinator import train_federated
+    from bayprano.actors.coordinator_actor import train_federated
     from bayprano.config import FederatedTrainConfig
     from bayprano.platform.data.shards import read_manifest
 

@@ -107,7 +107,8 @@ def test_each_site_sends_at_most_two_percent_of_its_image_bytes_over_twenty_roun
     """One plant with two products at 256 px, 60 good training images and 40 + 40 test images each (the
     synthetic set's defaults, as in the README); the model sees 64 px so that the test is quick, which
     changes neither the update's size nor the shard's."""
-    from bayprano.actors.coordinator import FederatedTrainer, kill_factories, spawn_factories, with_shard_bytes
+    from bayprano.actors.coordinator import FederatedTrainer
+    from bayprano.actors.coordinator_actor import kill_factories, spawn_factories, with_shard_bytes
     from bayprano.platform.data.shards import shard_dataset
     from bayprano.platform.data.synth import generate_dataset
     from bayprano.platform.federated.state import encoded_num_bytes

@@ -173,7 +173,7 @@ def test_resume_on_another_model_layout_is_refused(factories, plain_checkpoint, 
 
 
 def test_resume_with_sites_on_another_backbone_is_refused(ray_session, plain_checkpoint, shard_dir, tmp_path):
-    from bayprano.actors.coordinator import kill_factories, spawn_factories
+    from bayprano.actors.coordinator_actor import kill_factories, spawn_factories
     from bayprano.config import FederatedTrainConfig
 
     one_site = {"site-000": str(shard_dir / "site-000.parquet")}  # one is enough to tell the backbone

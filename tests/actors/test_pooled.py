@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bayprano.actors.coordinator import FederatedTrainer, kill_factories, spawn_factories
+from bayprano.actors.coordinator import FederatedTrainer
+from bayprano.actors.coordinator_actor import kill_factories, spawn_factories
 from bayprano.actors.factory import VirtualSite
 from bayprano.config import FederatedTrainConfig
 from bayprano.platform.federated.privacy import PrivacyAccountant

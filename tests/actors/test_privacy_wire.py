@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayprano.actors.coordinator import FederatedTrainer, spawn_factories
+from bayprano.actors.coordinator_actor import spawn_factories
+from bayprano.actors.coordinator import FederatedTrainer
 from bayprano.config import FederatedTrainConfig
 from bayprano.platform.federated.messages import sent_fields
 from bayprano.platform.federated.secagg import Advertisement, MaskedUpdate
