@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from bayprano.cli import main
-from bayprano.config import SweepConfig, TrainConfig, load_yaml_config
+from bayprano.config import TrainConfig, load_yaml_config
+from bayprano.sweep_config import SweepConfig
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.meta.checkpoint import load_checkpoint

@@ -1,6 +1,6 @@
 """Ray Tune sweeps of meta-training settings (shots, inner steps, step sizes, DP noise): ``bayprano tune``.
 
-A sweep is a YAML file validated as ``bayprano.config.SweepConfig``. Before any trial starts, the
+A sweep is a YAML file validated as ``bayprano.sweep_config.SweepConfig``. Before any trial starts, the
 runner checks every searched and fixed value against the trainer's own settings model, resolves the
 train, validation and test categories of the data root (generating the synthetic set when the sweep
 says how and it is missing), and turns the backbone features of the training and validation images

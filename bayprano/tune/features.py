@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from bayprano.config import SweepConfig
+from bayprano.sweep_config import SweepConfig
 from bayprano.platform.fileio import atomic_write_bytes
 from bayprano.tune.spec import FEATURE_SETTINGS
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bayprano.config import SweepConfig
+from bayprano.sweep_config import SweepConfig
 
 
 def _save_figure(fig, path: Path) -> str:

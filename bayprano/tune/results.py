@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bayprano.config import SweepConfig, load_yaml_config
+from bayprano.config import load_yaml_config
+from bayprano.sweep_config import SweepConfig
 from bayprano.platform.errors import DataError
 from bayprano.platform.fileio import atomic_write, atomic_write_text
 from bayprano.tune.features import feature_key, load_cache, train_good

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bayprano.config import SweepConfig
+from bayprano.sweep_config import SweepConfig
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.fileio import atomic_write_json, jsonable
 from bayprano.tune.features import build_feature_cache

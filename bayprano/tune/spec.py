@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from bayprano.config import SweepConfig, load_yaml_config
+from bayprano.config import load_yaml_config
+from bayprano.sweep_config import SweepConfig
 from bayprano.platform.errors import ConfigError, DataError
 
 
