@@ -85,9 +85,25 @@ def meta_validation_set(
 def _frozen_checkpoint(
     extractor: PatchFeatureExtractor, banks: dict[str, TaskBank], image_size: int, dim: int
 ) -> MetaCheckpoint:
+    mean, std = feature_statistics(banks)
+    grid = next(iter(banks.values())).normals.shape[-2:]
+    return frozen_checkpoint_from_statistics(extractor, mean, std, (grid[0], grid[1]), image_size, dim)
+
+
+def frozen_checkpoint_from_statistics(
+    extractor: PatchFeatureExtractor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    grid: tuple[int, int],
+    image_size: int,
+    dim: int,
+) -> MetaCheckpoint:
+    """The ``bayes-frozen`` control's checkpoint, not meta-trained: the initial head, feature standardisation
+    by the per-channel ``mean`` and ``std``, the prior calibration for a ``grid`` of patch features and the
+    uninformed normality prior."""
     model = BayesianPatchModel(extractor.out_channels, dim)
-    model.set_feature_statistics(*feature_statistics(banks))
-    h, w = next(iter(banks.values())).normals.shape[-2:]
+    model.set_feature_statistics(mean, std)
+    h, w = grid
     prior = Calibration.from_prior(dim, h * w / model.window**2, strength=1.0)
     return MetaCheckpoint(
         model.eval(),

@@ -24,8 +24,9 @@ from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.export import INPUT_NAME, OUTPUT_NAMES, read_metadata
 from bayprano.platform.model.anomaly_map import heat_level
 from bayprano.platform.model.niw import patch_score
-from bayprano.platform.model.scoring import calibration_from_dict, decide, relative_sd
+from bayprano.platform.model.scoring import calibration_from_dict, relative_sd
 from bayprano.platform.model.site import ImageResult
+from bayprano.platform.model.site_model import image_results
 
 EXPORTED_SUFFIXES = (".onnx", ".xml")
 
@@ -98,23 +99,15 @@ class ExportedModel:
         return results
 
     def results(self, stat: np.ndarray, amaps: np.ndarray | None) -> list[ImageResult]:
-        p = self.calibration.p_value(stat, self.df)
-        decisions, uncertainty = decide(
-            stat, self.threshold, relative_sd(stat, self.dim, self.nu_n, self.kappa_n), self.z_review
+        return image_results(
+            stat,
+            self.calibration.p_value(stat, self.df),
+            self.threshold,
+            relative_sd(stat, self.dim, self.nu_n, self.kappa_n),
+            self.z_review,
+            amaps,
+            float(patch_score(torch.tensor(self.threshold * self.dim), self.df, self.dim)),
         )
-        map_threshold = float(patch_score(torch.tensor(self.threshold * self.dim), self.df, self.dim))
-        return [
-            ImageResult(
-                float(stat[i]),
-                float(p[i]),
-                self.threshold,
-                decisions[i],
-                float(uncertainty[i]),
-                None if amaps is None else amaps[i],
-                None if amaps is None else map_threshold,
-            )
-            for i in range(len(stat))
-        ]
 
     def heat_level(self, result: ImageResult) -> np.ndarray:
         if result.anomaly_map is None:

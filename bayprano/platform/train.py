@@ -51,18 +51,7 @@ class TrainingPool:
 
 
 def meta_config(cfg: TrainConfig) -> MetaConfig:
-    return MetaConfig(
-        shots=cfg.shots,
-        inner_steps=cfg.inner_steps,
-        episodes=cfg.episodes,
-        n_query_normal=cfg.n_query_normal,
-        n_query_anomalous=cfg.n_query_anomalous,
-        lr=cfg.lr,
-        supcon_weight=cfg.supcon_weight,
-        first_order=not cfg.second_order,
-        calibration_episodes=cfg.calibration_episodes,
-        seed=cfg.seed,
-    ).validate()
+    return MetaConfig.from_settings(cfg, episodes=cfg.episodes).validate()
 
 
 def select_categories(cfg: TrainConfig) -> list[str]:

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from bayprano.platform.data.synth import DEFECT_TYPES, render_defective, render_good
+from bayprano.platform.evaluate import frozen_checkpoint_from_statistics
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.metrics import image_auroc
 from bayprano.platform.model.backbone import DEFAULT_BACKBONE, build_backbone
-from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.scoring import DECISIONS, Calibration, NormalityPrior, decide, relative_sd
+from bayprano.platform.model.scoring import DECISIONS, decide, relative_sd
 from bayprano.platform.model.site import adapt
 
 SIZE = 160
@@ -70,21 +70,9 @@ def lite2():
 def build_frozen_checkpoint(extractor) -> MetaCheckpoint:
     pool = [im for c in STATISTICS_CATEGORIES for im in good_images(c, _STATS, 0, 2)]
     features = extractor.extract(np.stack(pool), size=SIZE)
-    model = BayesianPatchModel(extractor.out_channels, DIM)
-    model.set_feature_statistics(
-        features.mean((0, 2, 3)), features.var((0, 2, 3), unbiased=False).clamp_min(1e-12).sqrt()
-    )
+    mean, std = features.mean((0, 2, 3)), features.var((0, 2, 3), unbiased=False).clamp_min(1e-12).sqrt()
     h, w = features.shape[-2:]
-    prior = Calibration.from_prior(DIM, h * w / model.window**2, strength=1.0)
-    return MetaCheckpoint(
-        model.eval(),
-        extractor.name,
-        extractor.fingerprint(),
-        SIZE,
-        prior,
-        meta_config={"inner_steps": 0},
-        normality=NormalityPrior.uninformed(),
-    )
+    return frozen_checkpoint_from_statistics(extractor, mean, std, (h, w), SIZE, DIM)
 
 
 @pytest.fixture(scope="module")

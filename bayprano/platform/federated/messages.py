@@ -58,17 +58,6 @@ class SiteSettings:
     @classmethod
     def from_config(cls, cfg: Any) -> "SiteSettings":
         """From a ``FederatedTrainConfig`` (or any object with its fields)."""
-        meta = MetaConfig(
-            shots=cfg.shots,
-            inner_steps=cfg.inner_steps,
-            n_query_normal=cfg.n_query_normal,
-            n_query_anomalous=cfg.n_query_anomalous,
-            lr=cfg.lr,
-            supcon_weight=cfg.supcon_weight,
-            first_order=not cfg.second_order,
-            calibration_episodes=cfg.calibration_episodes,
-            seed=cfg.seed,
-        )
         return cls(
             backbone=cfg.backbone,
             image_size=cfg.image_size,
@@ -76,7 +65,7 @@ class SiteSettings:
             seed=cfg.seed,
             holdout=cfg.holdout,
             device=cfg.device,
-            meta=meta,
+            meta=MetaConfig.from_settings(cfg),
         )
 
     def meta_settings(self) -> dict[str, Any]:

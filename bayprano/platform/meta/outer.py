@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -39,6 +39,23 @@ class MetaConfig:
     first_order: bool = True
     calibration_episodes: int = 20
     seed: int = 0
+
+    @classmethod
+    def from_settings(cls, cfg: Any, **overrides: Any) -> "MetaConfig":
+        """The meta-learning settings of a training config (``TrainConfig``, ``FederatedTrainConfig`` or
+        any object with their fields); ``overrides`` set the rest. Not validated."""
+        return cls(
+            shots=cfg.shots,
+            inner_steps=cfg.inner_steps,
+            n_query_normal=cfg.n_query_normal,
+            n_query_anomalous=cfg.n_query_anomalous,
+            lr=cfg.lr,
+            supcon_weight=cfg.supcon_weight,
+            first_order=not cfg.second_order,
+            calibration_episodes=cfg.calibration_episodes,
+            seed=cfg.seed,
+            **overrides,
+        )
 
     def validate(self) -> "MetaConfig":
         checks = [

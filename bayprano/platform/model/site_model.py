@@ -52,6 +52,32 @@ class ImageResult:
         return {k: v for k, v in self.__dict__.items() if k != "anomaly_map"}
 
 
+def image_results(
+    stat: np.ndarray,
+    p_values: np.ndarray,
+    threshold: float,
+    rel_sd: np.ndarray,
+    z_review: float,
+    maps: np.ndarray | None,
+    map_threshold: float | None,
+) -> list[ImageResult]:
+    """One result per image statistic: its p-value, its decision and uncertainty at ``threshold``, and, when
+    ``maps`` is given, its anomaly map with the map value of the threshold."""
+    decisions, uncertainty = decide(stat, threshold, rel_sd, z_review)
+    return [
+        ImageResult(
+            float(stat[i]),
+            float(p_values[i]),
+            threshold,
+            decisions[i],
+            float(uncertainty[i]),
+            None if maps is None else maps[i],
+            None if maps is None else map_threshold,
+        )
+        for i in range(len(stat))
+    ]
+
+
 class SiteModel:
     """An adapted per-site model: adapted head, the NIW prototype fitted on the support, calibrated threshold."""
 
@@ -157,10 +183,6 @@ class SiteModel:
         """Results of Mahalanobis grids (B, rows, cols); ``inside`` (rows, cols) or (B, rows, cols): the cells of
         the region of interest (the map is zero outside them), None for all of them."""
         stat = image_statistic(maha, self.model.dim, inside=inside).cpu().numpy()
-        p = self.calibration.p_value(stat, self.df)
-        decisions, uncertainty = decide(
-            stat, self.threshold, relative_sd(stat, self.model.dim, self.nu_n, self.kappa_n), self.z_review
-        )
         maps = None
         map_threshold = None
         if size is not None:
@@ -169,18 +191,15 @@ class SiteModel:
                 scores = scores.masked_fill(~inside.to(scores.device), 0.0)
             maps = _to_host(anomaly_map(scores, size).float()).numpy()
             map_threshold = float(self.patch_scores(torch.tensor(self.threshold * self.model.dim)))
-        return [
-            ImageResult(
-                float(stat[i]),
-                float(p[i]),
-                self.threshold,
-                decisions[i],
-                float(uncertainty[i]),
-                None if maps is None else maps[i],
-                map_threshold,
-            )
-            for i in range(len(stat))
-        ]
+        return image_results(
+            stat,
+            self.calibration.p_value(stat, self.df),
+            self.threshold,
+            relative_sd(stat, self.model.dim, self.nu_n, self.kappa_n),
+            self.z_review,
+            maps,
+            map_threshold,
+        )
 
     def score(
         self, images: np.ndarray | Sequence[np.ndarray], maps: bool = True, batch_size: int = 16
