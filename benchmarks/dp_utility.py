@@ -30,6 +30,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federated_common import evaluate_bayes, init_ray, pooled_settings, settings_record, synthesize  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 META = ("fabric", "brushed_metal", "screw", "tiles")
 HELD_OUT = ("bottle", "wood")
@@ -81,18 +84,7 @@ def noise_for(epsilon: float, rounds: int, q: float, delta: float) -> float:
 
 
 def evaluate(root: Path, checkpoint: Path, out: Path, args) -> dict:
-    from bayprano.platform.evaluate import run_evaluation
-
-    result = run_evaluation(
-        root,
-        out,
-        categories=list(HELD_OUT),
-        shots=[args.shots],
-        seeds=args.seeds,
-        methods=["bayes"],
-        checkpoint=checkpoint,
-        progress=lambda m: None,
-    )
+    result = evaluate_bayes(root, checkpoint, out, HELD_OUT, args.shots, args.seeds)
     summary = result["summary"]["bayes"][str(args.shots)]
     return {"image_auroc": summary["image_auroc"], "pixel_auroc": summary.get("pixel_auroc")}
 
@@ -100,14 +92,12 @@ def evaluate(root: Path, checkpoint: Path, out: Path, args) -> dict:
 def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(argv)
-    import ray
     import torch
 
     torch.set_num_threads(1)
     from bayprano.actors.coordinator_actor import train_federated
     from bayprano.config import FederatedTrainConfig
     from bayprano.platform.data.shards import read_manifest, shard_dataset
-    from bayprano.platform.data.synth import generate_dataset
     from bayprano.platform.fileio import atomic_write_json
 
     work = args.work or Path(tempfile.mkdtemp(prefix="dp_utility_"))
@@ -116,28 +106,24 @@ def main(argv=None) -> int:
     log = lambda m: print(f"[{time.perf_counter() - t0:7.0f}s] {m}", flush=True)  # noqa: E731
     per_category = args.sites // len(META)
     train_root, test_root = work / "meta_train", work / "held_out"
-    if not (train_root / "synth.json").is_file():
-        generate_dataset(
-            train_root,
-            categories=list(META),
-            seed=0,
-            size=args.image_size,
-            n_train=args.per_site * per_category,
-            n_test_good=1,
-            n_test_defective=1,
-            workers=1,
-        )
-    if not (test_root / "synth.json").is_file():
-        generate_dataset(
-            test_root,
-            categories=list(HELD_OUT),
-            seed=1,
-            size=args.image_size,
-            n_train=20,
-            n_test_good=args.n_test,
-            n_test_defective=args.n_test,
-            workers=1,
-        )
+    synthesize(
+        train_root,
+        META,
+        seed=0,
+        size=args.image_size,
+        n_train=args.per_site * per_category,
+        n_test_good=1,
+        n_test_defective=1,
+    )
+    synthesize(
+        test_root,
+        HELD_OUT,
+        seed=1,
+        size=args.image_size,
+        n_train=20,
+        n_test_good=args.n_test,
+        n_test_defective=args.n_test,
+    )
     sites: dict[str, str] = {}
     for c in META:
         out = work / f"shards_{c}_{per_category}"
@@ -154,13 +140,9 @@ def main(argv=None) -> int:
         runs.append(
             (f"DP epsilon {e:g}", dict(dp_noise=z, dp_clip=args.dp_clip, dp_delta=args.dp_delta, target_epsilon=e))
         )
-    ray.init(
-        num_cpus=args.cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
-    )
+    import ray
+
+    init_ray(args.cpus)
     rows = []
     try:
         for i, (name, extra) in enumerate(runs):
@@ -173,16 +155,8 @@ def main(argv=None) -> int:
                 sites_per_round=args.per_round,
                 pool_size=args.pool_size,
                 secure_agg=True,
-                fp16=True,
-                image_size=args.image_size,
-                shots=args.shots,
-                n_query_normal=2,
-                n_query_anomalous=2,
-                calibration_episodes=2,
-                holdout=0,
                 inner_steps=1,
-                round_timeout=3600.0,
-                setup_timeout=3600.0,
+                **pooled_settings(args.image_size, args.shots),
                 **extra,
             )
             t = time.perf_counter()
@@ -221,7 +195,7 @@ def main(argv=None) -> int:
         {
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv[1:],
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "settings": settings_record(args),
             "sites": len(sites),
             "sample_rate": q,
             "rows": rows,

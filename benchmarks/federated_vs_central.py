@@ -32,6 +32,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federated_common import evaluate_bayes, init_ray, settings_record, synthesize  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 META_TRAIN = ("fabric", "brushed_metal", "screw", "tiles", "hex_nut", "pcb")
 HELD_OUT = ("bottle", "wood")
@@ -65,18 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(root: Path, checkpoint: Path, out: Path, args) -> dict:
-    from bayprano.platform.evaluate import run_evaluation
-
-    result = run_evaluation(
-        root,
-        out,
-        categories=list(HELD_OUT),
-        shots=[args.shots],
-        seeds=args.seeds,
-        methods=["bayes"],
-        checkpoint=checkpoint,
-        progress=lambda m: None,
-    )
+    result = evaluate_bayes(root, checkpoint, out, HELD_OUT, args.shots, args.seeds)
     per_category: dict[str, list[float]] = {}
     for r in result["records"]:
         per_category.setdefault(r["category"], []).append(r["image_auroc"])
@@ -93,14 +85,12 @@ def evaluate(root: Path, checkpoint: Path, out: Path, args) -> dict:
 def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(argv)
-    import ray
     import torch
 
     torch.set_num_threads(1)
     from bayprano.actors.coordinator_actor import train_federated
     from bayprano.config import FederatedTrainConfig, TrainConfig
     from bayprano.platform.data.shards import shard_dataset
-    from bayprano.platform.data.synth import generate_dataset
     from bayprano.platform.fileio import atomic_write_json
     from bayprano.platform.train import train_centralised
 
@@ -113,17 +103,15 @@ def main(argv=None) -> int:
     log = lambda m: print(f"[{time.perf_counter() - t0:7.0f}s] {m}", flush=True)  # noqa: E731
     train_root, test_root = work / "meta_train", work / "held_out"
     for root, cats in ((train_root, META_TRAIN), (test_root, HELD_OUT)):
-        if not (root / "synth.json").is_file():
-            generate_dataset(
-                root,
-                categories=list(cats),
-                seed=args.seed,
-                size=args.image_size,
-                n_train=args.n_train,
-                n_test_good=args.n_test,
-                n_test_defective=args.n_test,
-                workers=1,
-            )
+        synthesize(
+            root,
+            cats,
+            seed=args.seed,
+            size=args.image_size,
+            n_train=args.n_train,
+            n_test_good=args.n_test,
+            n_test_defective=args.n_test,
+        )
     shards = work / "shards"
     if not (shards / "manifest.json").is_file():
         shard_dataset(train_root, shards, sites=args.sites, mode="by-category", seed=args.seed)
@@ -148,13 +136,9 @@ def main(argv=None) -> int:
     )
     log(f"centralised: image AUROC {ev['image_auroc']:.4f} ({seconds:.0f}s training)")
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
-    )
+    import ray
+
+    init_ray(2)
     runs = [(f"federated, server lr {lr:g}", dict(server_lr=lr)) for lr in args.server_lr]
     if not args.no_dp:
         runs.append(
@@ -218,7 +202,7 @@ def main(argv=None) -> int:
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": settings_record(args),
         "meta_train_categories": META_TRAIN,
         "held_out": HELD_OUT,
         "rows": rows,

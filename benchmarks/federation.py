@@ -43,6 +43,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federated_common import init_ray, pooled_settings, settings_record, synthesize  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CATEGORY = "fabric"
 
@@ -139,23 +142,9 @@ def run_one(n: int, shard_dir: Path, args, work: Path, mode: str = "plain") -> d
         **privacy,
         sites_per_round=args.sites_per_round,
         pool_size=args.pool_size,
-        fp16=True,
-        image_size=args.image_size,
-        shots=2,
-        n_query_normal=2,
-        n_query_anomalous=2,
-        calibration_episodes=2,
-        holdout=0,
-        round_timeout=3600.0,
-        setup_timeout=3600.0,
+        **pooled_settings(args.image_size, shots=2),
     )
-    ray.init(
-        num_cpus=args.cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}},
-    )
+    init_ray(args.cpus)
     try:
         with MemorySampler() as memory:
             factories = spawn_factories(cfg, num_cpus=0.25)
@@ -279,7 +268,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     from bayprano.platform.data.shards import shard_dataset
-    from bayprano.platform.data.synth import generate_dataset
     from bayprano.platform.fileio import atomic_write_json
 
     work = args.work or Path(tempfile.mkdtemp(prefix="federation_bench_"))
@@ -287,15 +275,15 @@ def main(argv=None) -> int:
     most = max(args.sites, default=0)
     shard_dir = work / f"shards_{most}"
     if most and not (shard_dir / "manifest.json").is_file():
-        generate_dataset(
+        synthesize(
             work / "synth",
-            categories=[CATEGORY],
+            [CATEGORY],
             seed=0,
             size=args.image_size,
             n_train=args.per_site * most,
             n_test_good=most,
             n_test_defective=most,
-            workers=1,
+            reuse=False,
         )
         shard_dataset(work / "synth", shard_dir, sites=most, mode="iid", seed=0)
     load_before = os.getloadavg()
@@ -339,7 +327,7 @@ def main(argv=None) -> int:
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": settings_record(args),
         "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
