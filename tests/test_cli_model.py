@@ -58,13 +58,9 @@ def held(root) -> str:
     return list_categories(root)[0]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(work, root, held) -> Path:
-    """`bayprano train` with some settings in a YAML file and the rest as flags."""
-    config = work / "train.yaml"
-    config.write_text("backbone: random\ncalibration_episodes: 3\nepisodes: 50\n")
-    out = work / "meta.pt"
-    result = run(
+def train_flags(config: Path, root: Path, held: str) -> list[str]:
+    """`bayprano train` on ``root`` without the ``held`` category, settings from ``config`` and a short run."""
+    return [
         "train",
         "--config",
         str(config),
@@ -80,9 +76,16 @@ def checkpoint(work, root, held) -> Path:
         "3",
         "--image-size",
         "64",
-        "--out",
-        str(out),
-    )
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(work, root, held) -> Path:
+    """`bayprano train` with some settings in a YAML file and the rest as flags."""
+    config = work / "train.yaml"
+    config.write_text("backbone: random\ncalibration_episodes: 3\nepisodes: 50\n")
+    out = work / "meta.pt"
+    result = run(*train_flags(config, root, held), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "episode 3/3 loss" in result.stderr and f"wrote checkpoint {out}" in result.stdout
     return out
@@ -374,23 +377,7 @@ def test_train_second_order_differentiates_through_the_inner_loop(checkpoint, ro
     """The same run as the `checkpoint` fixture's, in this process: first-order it gives the same weights
     (so any difference is the option's), second-order other weights and says so."""
     config = work / "train.yaml"
-    flags = [
-        "train",
-        "--config",
-        str(config),
-        "--data-root",
-        str(root),
-        "--exclude",
-        held,
-        "--shots",
-        "2",
-        "--inner-steps",
-        "1",
-        "--episodes",
-        "3",
-        "--image-size",
-        "64",
-    ]
+    flags = train_flags(config, root, held)
     first, second = work / "first.pt", work / "second.pt"
     assert main([*flags, "--out", str(first)]) == 0
     assert "first-order" in capsys.readouterr().out

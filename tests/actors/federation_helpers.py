@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import ray
 
@@ -49,15 +48,7 @@ class HeldBack:
         return reply
 
 
-def wait_until(check, seconds: float, what: str) -> None:
-    """Poll ``check()`` until it is true; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds:g}s: {what}")
-        time.sleep(0.25)
-
-
+# small episodes on the real default backbone: what every federation test trains with
 SMALL = dict(
     image_size=64,
     shots=2,

@@ -23,6 +23,7 @@ def main(shards: str, out: str, result: str) -> int:
     from bayprano.actors.coordinator_actor import train_federated
     from bayprano.config import FederatedTrainConfig
     from bayprano.platform.data.shards import read_manifest
+    from federation_helpers import SMALL
 
     sites = [s["name"] for s in read_manifest(shards)["sites"]]
     env = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
@@ -34,17 +35,7 @@ def main(shards: str, out: str, result: str) -> int:
         ray.init(address=cluster.address, runtime_env=env, log_to_driver=False, configure_logging=False)
         head = ray.get_runtime_context().get_node_id()
         cfg = FederatedTrainConfig(
-            shards=Path(shards),
-            out=Path(out),
-            rounds=2,
-            local_steps=1,
-            image_size=64,
-            shots=2,
-            n_query_normal=2,
-            n_query_anomalous=2,
-            calibration_episodes=2,
-            holdout=3,
-            round_timeout=300.0,
+            shards=Path(shards), out=Path(out), rounds=2, local_steps=1, **{**SMALL, "round_timeout": 300.0}
         )
         summary = train_federated(cfg)
         nodes = {

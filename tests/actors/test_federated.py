@@ -27,7 +27,8 @@ from bayprano.platform.meta.checkpoint import load_checkpoint
 from bayprano.platform.metrics import image_auroc
 from bayprano.platform.model.site import adapt
 
-from federation_helpers import SMALL_FLAGS, Gate, HeldBack, fed_cfg, quiet, wait_until
+from federation_helpers import SMALL_FLAGS, Gate, HeldBack, fed_cfg, quiet
+from waiting import wait_until
 
 
 def _arrays(value, path="reply"):
@@ -78,8 +79,9 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     ray.get([f.ping.remote() for f in factories.values()])
     wait_until(
         lambda: ray.available_resources().get("factory:site-000", 1) == pytest.approx(0.999),
-        15,
         "site-000's Factory holds a share of the factory:site-000 resource (it is pinned to its node)",
+        timeout=15,
+        every=0.25,
     )
     cfg = fed_cfg(shard_dir, tmp_path / "fed.pt", secure_agg=True, server_opt="fedprox", fedprox_mu=0.01)
     trainer = FederatedTrainer(cfg, factories, log=quiet)

@@ -10,6 +10,7 @@ import yaml
 
 from bayprano.cli import main
 from bayprano.config import FederatedTrainConfig, load_yaml_config
+import federation_helpers
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "federated.yaml"
 SMALL = {
@@ -122,13 +123,7 @@ def test_each_site_sends_at_most_two_percent_of_its_image_bytes_over_twenty_roun
         rounds=20,
         local_steps=1,
         fp16=True,
-        image_size=64,
-        shots=2,
-        n_query_normal=2,
-        n_query_anomalous=2,
-        calibration_episodes=2,
-        holdout=0,
-        round_timeout=300.0,
+        **{**federation_helpers.SMALL, "holdout": 0, "round_timeout": 300.0},
     )
     factories = spawn_factories(cfg, num_cpus=0.2)
     try:

@@ -13,6 +13,7 @@ from bayprano.actors.factory import VirtualSite
 from bayprano.config import FederatedTrainConfig
 from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.meta.checkpoint import load_checkpoint
+from federation_helpers import SMALL
 
 SITES = 20
 
@@ -46,13 +47,7 @@ def pooled_cfg(shards: Path, out: Path, **overrides) -> FederatedTrainConfig:
         local_steps=1,
         sites_per_round=4,
         pool_size=2,
-        image_size=64,
-        shots=2,
-        n_query_normal=2,
-        n_query_anomalous=2,
-        calibration_episodes=2,
-        holdout=0,
-        round_timeout=300.0,
+        **{**SMALL, "holdout": 0, "round_timeout": 300.0},
     )
     return FederatedTrainConfig(**{**settings, **overrides})
 

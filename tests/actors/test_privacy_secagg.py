@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -26,21 +25,13 @@ from bayprano.platform.federated.messages import SiteSettings
 from bayprano.platform.federated.secagg import PAIR, SELF, decode_fixed, pair_mask_key, prg
 from bayprano.platform.federated.shamir import Share, combine
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from federation_helpers import SMALL
+from waiting import wait_until
 
 ray = pytest.importorskip("ray")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
 
-SMALL = dict(
-    image_size=64,
-    shots=2,
-    n_query_normal=2,
-    n_query_anomalous=2,
-    calibration_episodes=2,
-    holdout=3,
-    backbone="efficientnet_lite2",
-    local_steps=1,
-    secure_agg=True,
-)
+SECURE = {**SMALL, "local_steps": 1, "secure_agg": True}
 
 
 class Gate:
@@ -92,7 +83,9 @@ class GatedSite(FactorySite):
 
 
 def cfg_for(shard_dir, out, **overrides) -> FederatedTrainConfig:
-    return FederatedTrainConfig(shards=shard_dir, out=out, **{**SMALL, "rounds": 1, "round_timeout": 10.0, **overrides})
+    return FederatedTrainConfig(
+        shards=shard_dir, out=out, **{**SECURE, "rounds": 1, "round_timeout": 10.0, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +103,13 @@ def gated(ray_session, shard_dir, tmp_path_factory):
 
 
 def _wait_for(gate, n: int, seconds: float = 180.0) -> None:
-    deadline = time.monotonic() + seconds
-    while ray.get(gate.count.remote(), timeout=30) < n:
-        assert time.monotonic() < deadline, f"fewer than {n} sites masked within {seconds:g}s"
-        time.sleep(0.1)
+    """Until ``n`` armed sites have masked their update."""
+    wait_until(
+        lambda: ray.get(gate.count.remote(), timeout=30) >= n,
+        f"{n} sites masked",
+        timeout=seconds,
+        detail=lambda: f"{ray.get(gate.count.remote(), timeout=30)} had",
+    )
 
 
 def _answers(handle) -> bool:
@@ -215,10 +211,7 @@ def test_a_site_killed_after_masking_leaves_the_survivors_sum_without_a_redo(gat
     torch.testing.assert_close(result.delta.double(), torch.from_numpy(plain[:size] / plain[size]), atol=1e-6, rtol=0)
     for s in survivors:
         ray.get(gated[s].arm.remote(None, None, False))
-    deadline = time.monotonic() + 60
-    while not _answers(gated[victim]):
-        assert time.monotonic() < deadline, f"{victim} did not restart within 60 s"
-        time.sleep(0.5)
+    wait_until(lambda: _answers(gated[victim]), f"{victim} restarted and answers", timeout=60, every=0.5)
     ray.get(gated[victim].describe.remote(), timeout=300)  # its banks rebuilt before the round's deadline runs
     trainer.on_broadcast = None
     assert trainer.run_round(2).sites == sorted(gated)  # the restarted site, with a new secret, rejoins

@@ -22,20 +22,11 @@ from bayprano.platform.federated.messages import sent_fields
 from bayprano.platform.federated.secagg import Advertisement, MaskedUpdate
 from bayprano.platform.federated.state import decode_update
 from bayprano.platform.meta.checkpoint import load_checkpoint
+from federation_helpers import SMALL
 
 ray = pytest.importorskip("ray")
 
-SMALL = dict(
-    image_size=64,
-    shots=2,
-    n_query_normal=2,
-    n_query_anomalous=2,
-    calibration_episodes=2,
-    holdout=3,
-    backbone="efficientnet_lite2",
-    round_timeout=120.0,
-    local_steps=1,
-)
+ONE_STEP = {**SMALL, "local_steps": 1}
 Z, CLIP, DELTA = 1.2, 0.5, 1e-5
 
 # the README table, as field sets per stage; metadata that is the same at every site or names the site
@@ -53,7 +44,7 @@ def cfg_for(shard_dir, out, mode: str, **overrides) -> FederatedTrainConfig:
         "dp": dict(dp_noise=Z, dp_clip=CLIP, dp_delta=DELTA),
         "secure-dp": dict(dp_noise=Z, dp_clip=CLIP, dp_delta=DELTA, secure_agg=True),
     }[mode]
-    return FederatedTrainConfig(shards=shard_dir, out=out, **{**SMALL, "rounds": 1, **privacy, **overrides})
+    return FederatedTrainConfig(shards=shard_dir, out=out, **{**ONE_STEP, "rounds": 1, **privacy, **overrides})
 
 
 @pytest.fixture(scope="module")
