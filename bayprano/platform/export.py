@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, file_sha256
+from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, check_kind_and_format, file_sha256
 from bayprano.platform.model.anomaly_map import map_operator, anomaly_map
 from bayprano.platform.model.niw import patch_score
 from bayprano.platform.model.scoring import STATISTIC_SIGMA, image_statistic
@@ -260,8 +260,5 @@ def read_metadata(path: str | os.PathLike) -> dict:
         meta = json.loads(text)
     except ValueError as exc:
         raise DataError(f"{path}: bayprano metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("kind") != EXPORT_KIND:
-        raise DataError(f"{path}: not a bayprano exported model")
-    if meta.get("format") != EXPORT_FORMAT:
-        raise DataError(f"{path}: export format {meta.get('format')!r} is not supported (expected {EXPORT_FORMAT})")
+    check_kind_and_format(meta, path, EXPORT_KIND, "a bayprano exported model", EXPORT_FORMAT, "export")
     return meta

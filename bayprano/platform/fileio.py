@@ -1,5 +1,5 @@
-"""Atomic file writes (a file is either written whole or left as it was, never half-written), file hashes
-and the one JSON sanitiser."""
+"""Atomic file writes (a file is either written whole or left as it was, never half-written), file hashes,
+the one JSON sanitiser and the check of a saved file's kind and format."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from bayprano.platform.errors import DataError
 
 
 def _current_umask() -> int:
@@ -108,3 +110,13 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_kind_and_format(meta: Any, where: object, kind: str, description: str, fmt: int, fmt_name: str) -> None:
+    """Check a loaded file's header: a DataError naming ``where`` when ``meta`` is not a dict whose ``kind`` is
+    ``kind`` ("not ``description``"), or when its ``format`` is not ``fmt`` ("``fmt_name`` format ... is not
+    supported")."""
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        raise DataError(f"{where}: not {description}")
+    if meta.get("format") != fmt:
+        raise DataError(f"{where}: {fmt_name} format {meta.get('format')!r} is not supported (expected {fmt})")

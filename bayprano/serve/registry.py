@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bayprano.platform.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, check_kind_and_format
 
 REGISTRY_KIND = "bayprano-model-registry"
 REGISTRY_FORMAT = 1
@@ -143,12 +143,7 @@ class Registry:
                 f"{self.root}: not a model registry (no registry.json; create one with `bayprano registry init`)"
             )
         meta = self._read_json(path)
-        if meta.get("kind") != REGISTRY_KIND:
-            raise DataError(f"{path}: not a bayprano model registry")
-        if meta.get("format") != REGISTRY_FORMAT:
-            raise DataError(
-                f"{path}: registry format {meta.get('format')!r} is not supported (expected {REGISTRY_FORMAT})"
-            )
+        check_kind_and_format(meta, path, REGISTRY_KIND, "a bayprano model registry", REGISTRY_FORMAT, "registry")
 
     # ----------------------------------------------------------------------------------------- root
 

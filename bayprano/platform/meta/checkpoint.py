@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bayprano.platform.errors import DataError
-from bayprano.platform.fileio import atomic_write_bytes
+from bayprano.platform.fileio import atomic_write_bytes, check_kind_and_format
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
@@ -75,12 +75,7 @@ def load_checkpoint(path: str | os.PathLike) -> MetaCheckpoint:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a damaged file
         raise DataError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
-        raise DataError(f"{path}: not a bayprano meta-checkpoint")
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(
-            f"{path}: checkpoint format {payload.get('format')!r} is not supported (expected {CHECKPOINT_FORMAT})"
-        )
+    check_kind_and_format(payload, path, CHECKPOINT_KIND, "a bayprano meta-checkpoint", CHECKPOINT_FORMAT, "checkpoint")
     try:
         model = BayesianPatchModel(**payload["model_config"])
         model.load_state_dict(payload["state_dict"])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bayprano.platform.errors import ConfigError, DataError
-from bayprano.platform.fileio import atomic_directory
+from bayprano.platform.fileio import atomic_directory, check_kind_and_format
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.extractor import PatchFeatureExtractor
 from bayprano.platform.model.niw import NIWPrototype, StudentT
@@ -120,12 +120,7 @@ def load_site_model(
         meta = json.loads(meta_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("kind") != ARTIFACT_KIND:
-        raise DataError(f"{meta_path}: not a bayprano site model")
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise DataError(
-            f"{meta_path}: artifact format {meta.get('format')!r} is not supported (expected {ARTIFACT_FORMAT})"
-        )
+    check_kind_and_format(meta, meta_path, ARTIFACT_KIND, "a bayprano site model", ARTIFACT_FORMAT, "artifact")
     data = model_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("model_sha256"):
         raise DataError(f"{model_path}: corrupt artifact (sha256 does not match meta.json)")
