@@ -219,27 +219,13 @@ def test_evaluate_with_a_checkpoint_on_the_held_out_category(checkpoint, root, h
 def test_evaluate_refuses_leakage_and_another_backbone(checkpoint, root, held, work, capsys):
     seen = load_checkpoint(checkpoint).categories[0]
     out = str(work / "refused.json")
-    assert fails(
-        capsys,
-        "evaluate",
-        "--data-root",
-        str(root),
-        "--checkpoint",
-        str(checkpoint),
-        "--categories",
-        seen,
-        "--shots",
-        "2",
-        "--output",
-        out,
-    ) == (f"{checkpoint}: meta-trained on category '{seen}'; evaluating it there would leak")
+    evaluate = ["evaluate", "--data-root", str(root), "--checkpoint", str(checkpoint)]
+    assert fails(capsys, *evaluate, "--categories", seen, "--shots", "2", "--output", out) == (
+        f"{checkpoint}: meta-trained on category '{seen}'; evaluating it there would leak"
+    )
     message = fails(
         capsys,
-        "evaluate",
-        "--data-root",
-        str(root),
-        "--checkpoint",
-        str(checkpoint),
+        *evaluate,
         "--categories",
         held,
         "--shots",
@@ -255,18 +241,7 @@ def test_evaluate_refuses_leakage_and_another_backbone(checkpoint, root, held, w
     )
     assert message.startswith(f"{checkpoint}: meta-trained on backbone random:")
     assert message.endswith("not " + build_backbone("efficientnet_lite2").fingerprint())
-    assert "--image-size 128: the checkpoint" in fails(
-        capsys,
-        "evaluate",
-        "--data-root",
-        str(root),
-        "--checkpoint",
-        str(checkpoint),
-        "--image-size",
-        "128",
-        "--output",
-        out,
-    )
+    assert "--image-size 128: the checkpoint" in fails(capsys, *evaluate, "--image-size", "128", "--output", out)
     assert not Path(out).exists()
 
 
