@@ -10,8 +10,9 @@ import subprocess
 import pytest
 import sys
 import threading
-import time
 from pathlib import Path
+
+from waiting import poll, wait_until
 
 pytestmark = pytest.mark.integration  # runs Ray in a child process
 
@@ -52,11 +53,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _wait_for(check, seconds: float, what: str, output: list[str]) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds:g}s: {what}; the demo printed:\n{''.join(output)}")
-        time.sleep(0.25)
+    wait_until(check, what, timeout=seconds, every=0.25, detail=lambda: f"the demo printed:\n{''.join(output)}")
 
 
 def test_ctrl_c_during_federated_training_leaves_no_process_behind(tmp_path):
@@ -101,8 +98,6 @@ def test_ctrl_c_during_federated_training_leaves_no_process_behind(tmp_path):
     printed("")
     assert proc.returncode == 130, "".join(lines)
     assert any("interrupted" in line for line in lines), "".join(lines)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(p) for p in started):
-        time.sleep(0.5)
+    poll(lambda: not any(_alive(p) for p in started), 30, every=0.5)
     left = {p: _cmdline(p)[:120] for p in started if _alive(p)}
     assert not left, f"processes left behind: {left}"

@@ -21,6 +21,7 @@ from bayprano.platform.errors import ConfigError
 from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.meta.checkpoint import load_checkpoint
 from bayprano.tune import load_sweep, smoke_sweep, trial_count
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BAYPRANO = str(Path(sys.executable).with_name("bayprano"))
@@ -170,13 +171,14 @@ def test_smoke_sweep_runs_every_trial_and_writes_results_plots_and_a_trainable_b
 
 
 def _wait_for(check, seconds: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
+    def reached() -> bool:
+        if check():
+            return True
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds:g}s: {what}")
-        time.sleep(0.2)
+        return False
+
+    wait_until(reached, what, timeout=seconds, every=0.2)
 
 
 @pytest.mark.parametrize("interrupt_after", ["checkpoint", "finished trial"])
