@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from bayprano.platform.errors import ConfigError
+from bayprano.platform.model.names import DEFAULT_BACKBONE
 
 MIN_IMAGE_SIZE = 32  # the backbone's minimum (bayprano.platform.model.backbone.MIN_IMAGE_SIZE)
 MAX_IMAGE_SIZE = 4096
@@ -58,7 +59,7 @@ class _MetaTrainingSettings(StrictSettings):
 
     seed: int = Field(0, ge=0)
     image_size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
-    backbone: str = "efficientnet_lite2"
+    backbone: str = DEFAULT_BACKBONE
     dim: int = Field(64, ge=2, le=1024)
     lr: float = Field(2e-3, gt=0, le=1)
     inner_lr: float = Field(0.05, gt=0, le=10)  # initial inner-loop step size (then meta-learned)

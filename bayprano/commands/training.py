@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bayprano.commands.common import message_log, settings_from_args
 from bayprano.platform.errors import ConfigError
+from bayprano.platform.model.names import DEFAULT_BACKBONE
 
 
 FEDERATED_FLAGS = (
@@ -124,7 +125,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bayprano.platform.evaluate import METHODS, run_evaluation
     from bayprano.platform.evaluation_report import markdown_table
     from bayprano.platform.meta.checkpoint import load_checkpoint
-    from bayprano.platform.model.backbone import DEFAULT_BACKBONE
 
     if cfg.output.is_dir():
         raise ConfigError(f"--output {cfg.output}: is a folder; name the JSON file to write")
@@ -197,7 +197,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="CKPT", help="checkpoint file to write")
     p.add_argument("--seed", metavar="S", help="random seed (default 0)")
     p.add_argument("--image-size", metavar="PX", help="image side the backbone sees (default 256)")
-    p.add_argument("--backbone", metavar="NAME", help="efficientnet_lite2 (default), random, or a torchvision CNN")
+    p.add_argument("--backbone", metavar="NAME", help=f"{DEFAULT_BACKBONE} (default), random, or a torchvision CNN")
     p.add_argument("--dim", metavar="D", help="embedding dimension of the head (default 64)")
     p.add_argument("--lr", metavar="LR", help="outer learning rate (default 0.002)")
     p.add_argument(
@@ -277,7 +277,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-fpr", metavar="A", help="target false-positive rate of the threshold (default 0.05)")
     p.add_argument("--episodes", metavar="N", help="meta-training episodes when there is no checkpoint (default 200)")
     p.add_argument("--image-size", metavar="PX", help="image side (default 256; with --checkpoint, its size)")
-    p.add_argument("--backbone", metavar="NAME", help="default: the checkpoint's, else efficientnet_lite2")
+    p.add_argument("--backbone", metavar="NAME", help=f"default: the checkpoint's, else {DEFAULT_BACKBONE}")
     p.add_argument("--dim", metavar="D", help="embedding dimension when meta-training here (default 64)")
     p.add_argument("--seed", metavar="S", help="random seed (default 0)")
     p.add_argument("--device", metavar="DEV", help="backbone device: cpu (default), cuda, cuda:N, auto")

@@ -59,6 +59,7 @@ from bayprano.platform.meta.protomaml import (
 from bayprano.platform.methods import METHODS, MethodContext, get_method
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
+from bayprano.platform.model.names import DEFAULT_BACKBONE
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 VALIDATION_QUERIES = 6  # normal (and as many anomalous) queries per meta-validation category
@@ -189,7 +190,7 @@ def run_evaluation(
     target_fpr: float = 0.05,
     episodes: int = 200,
     image_size: int = 256,
-    backbone: str = "efficientnet_lite2",
+    backbone: str = DEFAULT_BACKBONE,
     dim: int = 64,
     device: str = "cpu",
     seed: int = 0,

@@ -13,6 +13,7 @@ from bayprano.config import load_yaml_config
 from bayprano.sweep_config import SweepConfig
 from bayprano.platform.errors import DataError
 from bayprano.platform.fileio import atomic_write, atomic_write_text
+from bayprano.platform.model.names import DEFAULT_BACKBONE
 from bayprano.tune.features import feature_key, load_cache, train_good
 from bayprano.tune.plots import plot_sweep
 from bayprano.tune.spec import FEDERATED_FILE, STATE_FILE
@@ -218,7 +219,7 @@ def finish_sweep(
             methods=["bayes"],
             checkpoint=ckpt_path,
             inner_steps=steps,
-            backbone=settings.get("backbone", "efficientnet_lite2"),
+            backbone=settings.get("backbone", DEFAULT_BACKBONE),
             device=str(settings.get("device", "cpu")),
             progress=lambda m: None,
         )

@@ -34,6 +34,7 @@ import numpy as np
 
 from bayprano.platform.federated.secagg import MaskedUpdate
 from bayprano.platform.meta.protomaml import MetaConfig
+from bayprano.platform.model.names import DEFAULT_BACKBONE
 
 
 # ------------------------------------------------------------------------------------- downward
@@ -43,7 +44,7 @@ from bayprano.platform.meta.protomaml import MetaConfig
 class SiteSettings:
     """What every site of a run runs: one object from the run's config, carried to each site as is."""
 
-    backbone: str = "efficientnet_lite2"
+    backbone: str = DEFAULT_BACKBONE
     image_size: int = 256
     dim: int = 64
     seed: int = 0

@@ -39,6 +39,7 @@ from bayprano.platform.model.backbone_lite import (
     build_random,
 )
 from bayprano.platform.model.backbone_torchvision import TORCHVISION_BACKBONES, build_torchvision
+from bayprano.platform.model.names import DEFAULT_BACKBONE, DINOV2_BACKBONE
 from bayprano.platform.model.extractor import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -66,8 +67,6 @@ __all__ = [
     "resolve_device",
 ]
 
-DEFAULT_BACKBONE = "efficientnet_lite2"
-DINOV2_BACKBONE = "dinov2_vits14"
 BUILTIN_BACKBONES = (DEFAULT_BACKBONE, "efficientnet_lite0", "efficientnet_lite1", DINOV2_BACKBONE, RANDOM_BACKBONE)
 BACKBONES = BUILTIN_BACKBONES + TORCHVISION_BACKBONES
 
