@@ -37,6 +37,12 @@ def trial_count(spec: SweepConfig) -> int:
     return grid * spec.num_samples
 
 
+def unfinished_trials(saved_statuses: list[str], total: int) -> int:
+    """How many of the sweep's ``total`` trials are not done, from the statuses Tune saved: those saved
+    unfinished, and those never created (a stop between two trials leaves none of the saved unfinished)."""
+    return sum(status not in ("TERMINATED", "ERROR") for status in saved_statuses) + max(0, total - len(saved_statuses))
+
+
 def _spec_record(spec: SweepConfig, smoke: bool) -> dict:
     return {"smoke": smoke, "sweep": json.loads(spec.model_dump_json())}
 
@@ -183,8 +189,7 @@ def run_sweep(
             grid = tuner.fit()
         # The state Tune saved last (before it stops the trials of an interrupted run) tells what is unfinished.
         saved = tune.ExperimentAnalysis(str(experiment)).trials
-        # A stop between two trials leaves none unfinished, but fewer than the sweep has were ever created.
-        unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved) + max(0, total - len(saved))
+        unfinished = unfinished_trials([t.status for t in saved], total)
         if unfinished:
             log(
                 f"interrupted with {unfinished} of {total} trial(s) unfinished; their last "
