@@ -106,6 +106,13 @@ class TrainConfig(_MetaTrainingSettings):
         return self
 
 
+def round_size(sites_per_round: float, sites: int) -> int:
+    """Sites per round out of ``sites``: ``sites_per_round`` is a whole number of sites (> 1) or a fraction."""
+    if sites_per_round > 1:
+        return min(sites, int(sites_per_round))
+    return max(1, min(sites, round(sites_per_round * sites)))
+
+
 class FederatedTrainConfig(_MetaTrainingSettings):
     """``bayprano train --shards DIR`` (or ``sites:`` in YAML): federated meta-training, one Factory per site.
 
@@ -210,10 +217,7 @@ class FederatedTrainConfig(_MetaTrainingSettings):
     @property
     def round_size(self) -> int:
         """Sites sampled each round."""
-        n = len(self.site_paths())
-        if self.sites_per_round > 1:
-            return int(self.sites_per_round)
-        return max(1, min(n, round(self.sites_per_round * n)))
+        return round_size(self.sites_per_round, len(self.site_paths()))
 
 
 class EvalConfig(StrictSettings):

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from bayprano.actors.transport import Gathered, SecureSum, SiteTransport, wire_bytes
+from bayprano.config import round_size
 from bayprano.platform.errors import BaypranoError, ConfigError, DataError
 from bayprano.platform.federated.messages import (
     FeatureReply,
@@ -64,14 +65,7 @@ from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 FEDERATED_KEY = "federated"
 
-__all__ = ["FEDERATED_KEY", "FederatedTrainer", "RoundOutcome", "round_size", "wire_bytes"]
-
-
-def round_size(sites_per_round: float, sites: int) -> int:
-    """Sites per round: a whole number of sites (> 1), or a fraction of ``sites``."""
-    if sites_per_round > 1:
-        return min(sites, int(sites_per_round))
-    return max(1, min(sites, round(sites_per_round * sites)))
+__all__ = ["FEDERATED_KEY", "FederatedTrainer", "RoundOutcome", "wire_bytes"]
 
 
 @dataclass
