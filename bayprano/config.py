@@ -54,7 +54,7 @@ class StrictSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _MetaTrainingSettings(StrictSettings):
+class MetaTrainingSettings(StrictSettings):
     """What centralised and federated meta-training share: the model and the episodes."""
 
     seed: int = Field(0, ge=0)
@@ -76,19 +76,25 @@ class _MetaTrainingSettings(StrictSettings):
         return _check_backbone(value)
 
     @model_validator(mode="after")
-    def _side_fits_backbone(self) -> "_MetaTrainingSettings":
+    def _side_fits_backbone(self) -> "MetaTrainingSettings":
         _check_side(self.backbone, self.image_size)
         return self
 
 
-class TrainConfig(_MetaTrainingSettings):
+class CentralTrainingSettings(MetaTrainingSettings):
+    """The settings of centralised meta-training, without the data, the length and the output: what a
+    sweep's trial may fix or search over."""
+
+    shots: int = Field(ge=1, le=64)
+    inner_steps: int = Field(ge=0, le=10)
+
+
+class TrainConfig(CentralTrainingSettings):
     """``bayprano train``: centralised meta-training on the ``train/good`` images of an MVTec-layout root."""
 
     data_root: Path
     categories: Optional[list[str]] = None  # default: every category under data_root
     exclude: list[str] = Field(default_factory=list)
-    shots: int = Field(ge=1, le=64)
-    inner_steps: int = Field(ge=0, le=10)
     episodes: int = Field(ge=1)
     out: Path
     log_every: Optional[int] = Field(None, ge=1)  # default: a tenth of the episodes
@@ -113,20 +119,16 @@ def round_size(sites_per_round: float, sites: int) -> int:
     return max(1, min(sites, round(sites_per_round * sites)))
 
 
-class FederatedTrainConfig(_MetaTrainingSettings):
-    """``bayprano train --shards DIR`` (or ``sites:`` in YAML): federated meta-training, one Factory per site.
+def flag(key: str) -> str:
+    """The command-line flag of a settings key: ``dp_noise`` -> ``--dp-noise``."""
+    return "--" + key.replace("_", "-")
 
-    The sites come from a shard folder's manifest (``shards``) or are listed by name with the path of
-    each one's shard on its own node (``sites: {site-000: /data/plant-a/shard.parquet, ...}``; a path
-    is checked by the site itself, on its node, before the first round).
-    """
 
-    shards: Optional[Path] = None
-    sites: Optional[dict[str, str]] = None  # site name -> shard path on that site's node
-    out: Path
-    rounds: int = Field(ge=1)
+class FederatedSettings(MetaTrainingSettings):
+    """The settings of federated meta-training, without the sites, the length and the output: what a
+    sweep's trial may fix or search over. ``problem(sites)`` is the one check of how they fit together."""
+
     sites_per_round: float = Field(1.0, gt=0)  # a fraction (<= 1) of the sites, or a whole number of sites
-    pool_size: Optional[int] = Field(None, ge=1)  # pooled mode: the virtual sites share this many actors
     local_steps: int = Field(1, ge=1)  # local Proto-MAML episodes per site and round
     dp_noise: Optional[float] = Field(None, ge=0)  # z: Gaussian noise z * C on the sum of clipped deltas
     dp_clip: Optional[float] = Field(None, gt=0)  # C: each site's delta is clipped to L2 norm C
@@ -139,11 +141,8 @@ class FederatedTrainConfig(_MetaTrainingSettings):
     server_opt: str = "fedavg"
     server_lr: Optional[float] = Field(None, gt=0)
     fedprox_mu: float = Field(0.0, ge=0)
-    resume: bool = False
-    address: Optional[str] = None
     min_sites: Optional[int] = Field(None, ge=1)  # quorum; default: half the sites of a round, rounded up
     round_timeout: float = Field(300.0, gt=0)
-    setup_timeout: float = Field(600.0, gt=0)
     holdout: int = Field(4, ge=0)
     shots: int = Field(5, ge=1, le=64)
     inner_steps: int = Field(1, ge=0, le=10)
@@ -156,13 +155,66 @@ class FederatedTrainConfig(_MetaTrainingSettings):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FederatedTrainConfig":
+    def _settings_consistent(self) -> "FederatedSettings":
+        found = self.problem()
+        if found is not None:
+            raise ValueError(found[1])
+        return self
+
+    def problem(self, sites: Optional[int] = None, name: Callable[[str], str] = flag) -> Optional[tuple[str, str]]:
+        """The first setting that does not fit the others (and, given ``sites``, that number of sites), as
+        ``(key, message)``; the message spells each key with ``name`` (a flag by default). None when all fit."""
         if self.dp_noise is not None and self.dp_clip is None:
-            raise ValueError("--dp-noise needs --dp-clip (the noise is z * C)")
+            return "dp_noise", f"{name('dp_noise')} needs {name('dp_clip')} (the noise is z * C)"
         if self.target_epsilon is not None and self.dp_noise is None:
-            raise ValueError("--target-epsilon needs --dp-noise and --dp-clip")
+            return "target_epsilon", f"{name('target_epsilon')} needs {name('dp_noise')} and {name('dp_clip')}"
         if self.fedprox_mu > 0 and self.server_opt != "fedprox":
-            raise ValueError("--fedprox-mu is for --server-opt fedprox")
+            return "fedprox_mu", f"{name('fedprox_mu')} is for {name('server_opt')} fedprox"
+        f = self.sites_per_round
+        if f > 1 and f != int(f):
+            return "sites_per_round", (
+                f"{name('sites_per_round')} {f:g}: give a fraction of the sites (at most 1) or a whole number of sites"
+            )
+        if not self.secure_agg:
+            for key in ("secagg_threshold", "secagg_neighbours"):
+                if getattr(self, key) is not None:
+                    return key, f"{name(key)} is for {name('secure_agg')}"
+        if sites is None:
+            return None
+        if f > sites:
+            return "sites_per_round", f"{name('sites_per_round')} {f:g}: more than the {sites} site(s) there are"
+        k = round_size(f, sites)
+        if self.min_sites is not None and self.min_sites > k:
+            return "min_sites", f"{name('min_sites')} {self.min_sites}: more than the {k} site(s) sampled each round"
+        if self.secure_agg:
+            from bayprano.platform.federated.secagg import check_settings
+
+            try:
+                check_settings(k, self.secagg_threshold, self.secagg_neighbours)
+            except ConfigError as exc:
+                return "secure_agg", f"{exc} ({name('sites_per_round')} {f:g} of {sites} sites gives {k})"
+        return None
+
+
+class FederatedTrainConfig(FederatedSettings):
+    """``bayprano train --shards DIR`` (or ``sites:`` in YAML): federated meta-training, one Factory per site.
+
+    The sites come from a shard folder's manifest (``shards``) or are listed by name with the path of
+    each one's shard on its own node (``sites: {site-000: /data/plant-a/shard.parquet, ...}``; a path
+    is checked by the site itself, on its node, before the first round).
+    """
+
+    shards: Optional[Path] = None
+    sites: Optional[dict[str, str]] = None  # site name -> shard path on that site's node
+    out: Path
+    rounds: int = Field(ge=1)
+    pool_size: Optional[int] = Field(None, ge=1)  # pooled mode: the virtual sites share this many actors
+    resume: bool = False
+    address: Optional[str] = None
+    setup_timeout: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sites_consistent(self) -> "FederatedTrainConfig":
         if self.resume and not self.out.is_file():
             raise ValueError(f"--resume: there is no checkpoint {self.out} to resume from")
         if (self.shards is None) == (self.sites is None):
@@ -179,29 +231,9 @@ class FederatedTrainConfig(_MetaTrainingSettings):
                     raise ValueError(f"sites: site name {name!r} may hold only letters, digits, '-', '_' and '.'")
                 if not str(path).strip():
                     raise ValueError(f"sites: {name}: empty shard path")
-        n = len(self.site_paths())
-        f = self.sites_per_round
-        if f > 1 and f != int(f):
-            raise ValueError(
-                f"--sites-per-round {f:g}: give a fraction of the sites (at most 1) or a whole number of sites"
-            )
-        if f > n:
-            raise ValueError(f"--sites-per-round {f:g}: more than the {n} site(s) there are")
-        k = self.round_size
-        if self.min_sites is not None and self.min_sites > k:
-            raise ValueError(f"--min-sites {self.min_sites}: more than the {k} site(s) sampled each round")
-        if not self.secure_agg:
-            for name in ("secagg_threshold", "secagg_neighbours"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"--{name.replace('_', '-')} is for --secure-agg")
-        else:
-            from bayprano.platform.errors import ConfigError
-            from bayprano.platform.federated.secagg import check_settings
-
-            try:
-                check_settings(k, self.secagg_threshold, self.secagg_neighbours)
-            except ConfigError as exc:
-                raise ValueError(f"{exc} (--sites-per-round {f:g} of {n} sites gives {k})") from None
+        found = self.problem(len(self.site_paths()))
+        if found is not None:
+            raise ValueError(found[1])
         return self
 
     def site_paths(self) -> dict[str, str]:
@@ -364,10 +396,6 @@ class ServeConfig(StrictSettings):
 Settings = TypeVar("Settings", bound=BaseModel)
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _describe(error: ErrorDetails, source_of: Callable[[str], str | None]) -> str:
     loc = [str(part) for part in error.get("loc", ())]
     key = loc[0] if loc else ""
@@ -383,7 +411,7 @@ def _describe(error: ErrorDetails, source_of: Callable[[str], str | None]) -> st
     if kind == "extra_forbidden":
         text = f"unknown key {field!r} (value {value!r})"
     elif kind == "missing":
-        text = f"{field} is required ({_flag(key)} or '{key}:' in a --config file)"
+        text = f"{field} is required ({flag(key)} or '{key}:' in a --config file)"
     elif not loc:  # a check across fields
         text = message
     elif where is not None and where.startswith("--"):
@@ -406,7 +434,7 @@ def load_yaml_config(
 
     def source_of(key: str) -> str | None:
         if key in given:
-            return _flag(key)
+            return flag(key)
         return str(path) if path is not None else None
 
     try:

@@ -12,6 +12,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from bayprano.config import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
+    CentralTrainingSettings,
+    FederatedSettings,
     FederatedTrainConfig,
     StrictSettings,
     TrainConfig,
@@ -24,17 +26,20 @@ SWEEP_METRICS = {
     "central": ("val_image_auroc", "adapt_seconds", "loss"),
     "federated": ("val_image_auroc", "adapt_seconds", "loss", "epsilon", "site_val_auroc"),
 }
-# Settings a sweep sets itself for every trial (data, categories, length, output), so never swept.
-_SWEEP_OWNED = {
-    "central": ("data_root", "categories", "exclude", "episodes", "out", "log_every"),
-    "federated": ("shards", "sites", "pool_size", "out", "rounds", "resume", "address", "setup_timeout"),
-}
+# A trial's settings (what a sweep may fix or search over), and the whole training command's settings,
+# which add what the sweep sets itself for every trial (data, categories, length, output).
+TRIAL_SETTINGS: dict[str, type[BaseModel]] = {"central": CentralTrainingSettings, "federated": FederatedSettings}
+TRAINING_CONFIGS: dict[str, type[BaseModel]] = {"central": TrainConfig, "federated": FederatedTrainConfig}
 
 
 def sweep_parameters(trainer: str) -> list[str]:
     """The training settings a sweep of ``trainer`` trials may fix or search over."""
-    model = TrainConfig if trainer == "central" else FederatedTrainConfig
-    return sorted(k for k in model.model_fields if k not in _SWEEP_OWNED[trainer])
+    return sorted(TRIAL_SETTINGS[trainer].model_fields)
+
+
+def sweep_owned(trainer: str) -> list[str]:
+    """The training settings a sweep sets itself for every trial, so never fixes or searches over."""
+    return sorted(set(TRAINING_CONFIGS[trainer].model_fields) - set(TRIAL_SETTINGS[trainer].model_fields))
 
 
 class SearchDimension(StrictSettings):
@@ -196,7 +201,7 @@ class SweepConfig(StrictSettings):
         for section, names in (("search_space", self.search_space), ("fixed", self.fixed)):
             for name in names:
                 if name not in valid:
-                    owned = name in _SWEEP_OWNED[self.trainer]
+                    owned = name in sweep_owned(self.trainer)
                     why = "is set by the sweep itself" if owned else "is not a training setting"
                     raise ValueError(
                         f"{section}.{name}: unknown parameter {name!r} for {self.trainer} trials, it "
@@ -223,4 +228,9 @@ class SweepConfig(StrictSettings):
         return self
 
     def trial_model(self) -> type[BaseModel]:
-        return TrainConfig if self.trainer == "central" else FederatedTrainConfig
+        """The settings of one trial: no data, no output, no length."""
+        return TRIAL_SETTINGS[self.trainer]
+
+    def training_model(self) -> type[BaseModel]:
+        """The settings of the training command a trial's settings become (``best_config.yaml``)."""
+        return TRAINING_CONFIGS[self.trainer]

@@ -103,6 +103,18 @@ def test_shipped_sweeps_are_valid_and_their_smoke_versions_are_small(config):
             {"trainer": "federated", "fixed": {"dp_noise": 1.0}, "search_space": {"shots": [1, 2]}},
             "fixed.dp_noise = 1.0: dp_noise needs dp_clip",
         ),
+        (
+            {"trainer": "federated", "fixed": {"fedprox_mu": 0.1}, "search_space": {"server_opt": ["fedavg"]}},
+            "fixed.fedprox_mu = 0.1: fedprox_mu is for server_opt fedprox",
+        ),
+        (
+            {"trainer": "federated", "federated": {"sites": 3}, "search_space": {"sites_per_round": [2, 5]}},
+            "search_space.sites_per_round.grid[1] = 5: sites_per_round 5: more than the 3 site(s) there are",
+        ),
+        (
+            {"trainer": "federated", "search_space": {"secagg_threshold": [2]}},
+            "search_space.secagg_threshold.grid[0] = 2: secagg_threshold is for secure_agg",
+        ),
     ],
 )
 def test_a_bad_sweep_is_one_line_naming_the_problem_before_any_trial(tmp_path, capsys, changes, message):

@@ -136,7 +136,7 @@ def best_checkpoint(spec: SweepConfig, best, settings: dict, features: dict, pat
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     cache, banks = load_cache(features[feature_key(settings)])
     mcfg, cfg = meta_config(
-        {k: v for k, v in settings.items() if k not in ("data_root", "categories", "episodes", "out")},
+        {k: v for k, v in settings.items() if k in spec.trial_model().model_fields},
         settings["episodes"],
         int(settings.get("seed", 0)),
     )
@@ -194,7 +194,7 @@ def finish_sweep(
         f"# bayprano train --config {out / 'best_config.yaml'}\n" + yaml.safe_dump(train_settings, sort_keys=False)
     )
     atomic_write_text(out / "best_config.yaml", text)
-    load_yaml_config(out / "best_config.yaml", spec.trial_model())  # as `bayprano train --config` reads it
+    load_yaml_config(out / "best_config.yaml", spec.training_model())  # as `bayprano train --config` reads it
     files.append(str(out / "best_config.yaml"))
     files += plot_sweep(spec, trials, rounds, out)
     best_params = {k: best.config[k] for k in spec.search_space}

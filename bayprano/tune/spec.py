@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from bayprano.config import load_yaml_config
+from bayprano.config import FederatedSettings, load_yaml_config
 from bayprano.sweep_config import SweepConfig
 from bayprano.platform.errors import ConfigError, DataError
 
@@ -31,39 +31,17 @@ def load_sweep(path: str | os.PathLike, data_root: str | None = None) -> SweepCo
     return spec
 
 
-def _defaults(spec: SweepConfig) -> dict[str, Any]:
-    """Placeholder values for the settings the sweep owns, so that a trial's settings validate alone."""
-    if spec.trainer == "central":
-        return {"data_root": spec.data_root, "episodes": spec.rounds * spec.episodes_per_round, "out": "x.pt"}
-    return {"shards": spec.data_root, "out": "x.pt", "rounds": spec.rounds}
-
-
-def _trial_settings_model(spec: SweepConfig):
-    model = spec.trial_model()
-    if spec.trainer == "central":
-        return model
-    from bayprano.config import FederatedTrainConfig
-
-    class _Unsharded(FederatedTrainConfig):
-        """The federated settings before the shards exist: the shard folder is not looked at."""
-
-        def _consistent(self):  # replaces the parent's check, which needs the shard folder
-            return self
-
-    return _Unsharded
-
-
 def check_trial_values(spec: SweepConfig, source: str) -> None:
     """Every grid and choice value and every bound of the search space, with the fixed settings, must be
     a valid training setting; the first bad one is a ConfigError naming the file, field and value."""
     from pydantic import ValidationError
 
-    model = _trial_settings_model(spec)
+    model = spec.trial_model()
     dims = spec.search_space
     fixed_blame = {k: (f"fixed.{k}", v) for k, v in spec.fixed.items()}
 
     def check(name: str | None, i: int) -> None:
-        values = {**_defaults(spec), **spec.fixed}
+        values = dict(spec.fixed)
         blame = dict(fixed_blame)
         for other, dim in dims.items():
             j = i if other == name else 0
@@ -75,26 +53,19 @@ def check_trial_values(spec: SweepConfig, source: str) -> None:
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
             loc = [str(p) for p in err.get("loc", ())]
+            if not loc and issubclass(model, FederatedSettings):  # settings that do not fit: which one
+                found = model.model_construct(**values).problem(name=str)
+                if found is not None:
+                    field, value = blame.get(found[0], here)
+                    raise ConfigError(f"{source}: {field} = {value!r}: {found[1]}") from None
             field, value = blame.get(loc[0], here) if loc else here
             msg = err.get("msg", "invalid value").replace("Value error, ", "").replace("Input should be", "must be")
             raise ConfigError(f"{source}: {field} = {value!r}: {msg}") from None
-        if spec.trainer == "federated":
-            for needs, given, what in (
-                ("dp_noise", cfg.dp_noise, "dp_clip (the noise is z * C)"),
-                ("target_epsilon", cfg.target_epsilon, "dp_noise and dp_clip"),
-            ):
-                missing = cfg.dp_clip is None if needs == "dp_noise" else cfg.dp_noise is None
-                if given is not None and missing:
-                    field, value = blame.get(needs, here)
-                    raise ConfigError(f"{source}: {field} = {value!r}: {needs} needs {what}")
-            if cfg.sites_per_round > spec.federated.sites:
-                field, value = blame.get("sites_per_round", here)
-                raise ConfigError(
-                    f"{source}: {field} = {value!r}: more than the {spec.federated.sites} sites of federated.sites"
-                )
-            if cfg.fedprox_mu > 0 and cfg.server_opt != "fedprox":
-                field, value = blame.get("fedprox_mu", here)
-                raise ConfigError(f"{source}: {field} = {value!r}: fedprox_mu is for server_opt fedprox")
+        if isinstance(cfg, FederatedSettings):
+            found = cfg.problem(spec.federated.sites, name=str)
+            if found is not None:
+                field, value = blame.get(found[0], here)
+                raise ConfigError(f"{source}: {field} = {value!r}: {found[1]} (federated.sites)")
 
     check(None, 0)
     for name, dim in dims.items():

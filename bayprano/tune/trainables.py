@@ -69,11 +69,13 @@ def sweep_trial(config: dict, setup: dict) -> None:
 
 
 def meta_config(settings: dict, episodes: int, seed: int):
-    from bayprano.config import TrainConfig
-    from bayprano.platform.train import meta_config
+    """The meta-learning settings of a central trial's ``settings`` for ``episodes`` episodes, and the
+    validated settings themselves."""
+    from bayprano.config import CentralTrainingSettings
+    from bayprano.platform.meta.outer import MetaConfig
 
-    cfg = TrainConfig.model_validate({**settings, "data_root": ".", "episodes": episodes, "out": "x.pt", "seed": seed})
-    return meta_config(cfg), cfg
+    cfg = CentralTrainingSettings.model_validate({**settings, "seed": seed})
+    return MetaConfig.from_settings(cfg, episodes=episodes).validate(), cfg
 
 
 def _central_trial(settings: dict, setup: dict) -> None:
