@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional
@@ -42,7 +43,7 @@ from bayprano.serve.api import (
     show,
 )
 from bayprano.serve.limits import TokenLimits
-from bayprano.serve.metrics import note_request, serve_metrics
+from bayprano.serve.metrics import REVIEW_RECOUNT_S, note_request, serve_metrics
 from bayprano.serve.models import ModelUnavailable, error_row
 from bayprano.serve.registry import Registry, hash_token, parse_model_id
 from bayprano.serve.review import ReviewQueue
@@ -89,6 +90,22 @@ class Gateway:
         self.models = models
         self.uploads = Uploads(cfg)
         self._limits = TokenLimits(cfg.rate_limit_per_s, cfg.rate_burst, cfg.max_concurrent_per_token)
+        # A new replica reports every site's queue from the start, not only after the next change it makes.
+        threading.Thread(target=self._recount_review_queues, name="review-queue-recount", daemon=True).start()
+
+    def _recount_review_queues(self) -> None:
+        counted: set[str] = set()
+        while True:
+            sites = set(self.registry.sites())
+            for site in sorted(counted - sites):
+                serve_metrics().review_queue_gone(site)
+            for site in sorted(sites):
+                try:
+                    serve_metrics().review_queue_length(site, self.review_queue.pending_count(site))
+                except (BaypranoError, OSError, ValueError) as exc:  # removed, or an item rewritten meanwhile
+                    log.warning("review queue of site %s not counted: %s", site, exc)
+            counted = sites
+            time.sleep(REVIEW_RECOUNT_S)
 
     # ------------------------------------------------------------------------------ authentication
 

@@ -26,8 +26,14 @@ exported name                            tags       counts
 
 ``endpoint`` is the route's template (``/v1/sites/{site}/score``), never the raw path, and
 ``unmatched`` for a path that is no route. Ray adds its own tags (``WorkerId``, ``NodeAddress``, ...):
-sum over them for a cluster-wide count. Histograms' ``_sum`` is Ray's estimate from bucket midpoints;
-use the buckets and ``_count``. The metric objects are made once per process, on first use.
+sum over them for a cluster-wide count of a counter. Each Gateway replica reports every site's review
+queue (recounted from the registry when it starts, on every change it makes and every
+``REVIEW_RECOUNT_S``), so take the ``max`` by site, not the sum. Histograms' ``_sum`` is Ray's estimate
+from bucket midpoints; use the buckets and ``_count``. The metric objects are made once per process, on
+first use.
+
+Ray's metrics agent drops a gauge's series when the process has not set it for two report intervals,
+so this process sets every gauge again, at its last value, twice per interval until it changes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import time
 from typing import Iterable, Iterator, Optional
 
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -43,6 +50,7 @@ PREFIX = "bayprano_"
 NO_SITE = "-"
 UNMATCHED = "unmatched"
 DECISIONS = ("normal", "anomalous", "review")
+REVIEW_RECOUNT_S = 30.0  # how often a Gateway replica recounts every site's review queue from the registry
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 # the names on the Prometheus endpoint (a histogram's series add _bucket, _count and _sum)
 EXPORTED = (
@@ -96,6 +104,36 @@ class ServeMetrics:
         self.review_queue = Gauge(
             PREFIX + "review_queue_length", description="Unlabelled review items of a site.", tag_keys=("site",)
         )
+        self._gauge_values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._gauge_lock = threading.Lock()
+        self._refresher: Optional[threading.Thread] = None
+
+    def _set_gauge(self, gauge: Gauge, value: float, tags: Optional[dict[str, str]] = None) -> None:
+        """Set ``gauge`` and keep its series alive at that value until the next set."""
+        tags = tags or {}
+        gauge.set(value, tags=tags)
+        with self._gauge_lock:
+            self._gauge_values[(gauge.info["name"], tuple(sorted(tags.items())))] = float(value)
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh_gauges, name="gauge-refresh", daemon=True)
+                self._refresher.start()
+
+    def forget_gauge(self, gauge: Gauge, tags: Optional[dict[str, str]] = None) -> None:
+        """Stop refreshing a series (a removed site's): Ray's agent drops it two report intervals later."""
+        with self._gauge_lock:
+            self._gauge_values.pop((gauge.info["name"], tuple(sorted((tags or {}).items()))), None)
+
+    def _refresh_gauges(self) -> None:
+        import ray
+
+        gauges = {g.info["name"]: g for g in (self.models_loaded, self.review_queue)}
+        every = max(int(ray._config.metrics_report_interval_ms()), 1000) / 2000.0
+        while True:
+            time.sleep(every)
+            with self._gauge_lock:
+                values = list(self._gauge_values.items())
+            for (name, tags), value in values:
+                gauges[name].set(value, tags=dict(tags))
 
     def request(
         self, endpoint: str, site: Optional[str], status: int, seconds: float, code: Optional[str] = None
@@ -125,14 +163,17 @@ class ServeMetrics:
 
     def model_loaded(self, site: str, held: int) -> None:
         self.model_loads.inc(1, tags={"site": site})
-        self.models_loaded.set(held)
+        self._set_gauge(self.models_loaded, held)
 
     def models_evicted(self, sites: Iterable[str]) -> None:
         for site in sites:
             self.model_evictions.inc(1, tags={"site": site})
 
     def review_queue_length(self, site: str, pending: int) -> None:
-        self.review_queue.set(int(pending), tags={"site": site})
+        self._set_gauge(self.review_queue, int(pending), {"site": site})
+
+    def review_queue_gone(self, site: str) -> None:
+        self.forget_gauge(self.review_queue, {"site": site})
 
 
 _metrics: Optional[ServeMetrics] = None

@@ -203,3 +203,32 @@ def test_the_endpoint_counts_model_loads_and_evictions(server, prefix):
     expected[key("ray_bayprano_model_evictions_total", site=first)] = 1.0
     samples = wait_for_metrics(expected, f"{capacity + 1} sites on a replica that holds {capacity}")
     assert max(s.value for s in samples if s.name == "ray_bayprano_models_loaded") == capacity
+
+
+def test_a_gateway_replica_reports_the_review_queues_when_it_starts_and_keeps_them(server, prefix):
+    """A replica that starts (a restart, a scale-up) shows each site's queue before anything changes it: the
+    items here reach the disk without a Gateway, so only a replica reading them at start can report them.
+    The series stays while nothing changes: Ray's agent drops a gauge not set for two report intervals
+    (1 s each in the test session), so every scrape for several seconds after must see it."""
+    import time
+
+    from ray import serve
+
+    from bayprano.serve.app import application
+    from bayprano.serve.review import ReviewQueue
+
+    site, _, _ = server["site"]("wood", 60, prefix=prefix)
+    queue = ReviewQueue(server["registry"].root)
+    for i, image in enumerate(good("wood", 61, 3)):
+        queue.add(site, image, {"score": float(i), "decision": "review"})
+    serve.run(application(server["cfg"]), name="metrics-restarted", route_prefix="/restarted")
+    try:
+        queue_length = key("ray_bayprano_review_queue_length", site=site)
+        wait_for_metrics({queue_length: 3.0}, "the queue of a site from a starting replica")
+        seen = []
+        for _ in range(6):  # each scrape sees it, not one now and then
+            time.sleep(1.0)
+            seen.append(total(scrape(), *queue_length[:1], **dict(queue_length[1])))
+        assert seen == [3.0] * 6, f"the series came and went: {seen}"
+    finally:
+        serve.delete("metrics-restarted")
