@@ -261,6 +261,7 @@ class EvalConfig(StrictSettings):
     shots: list[int] = Field(default_factory=lambda: [5], min_length=1)
     seeds: int = Field(3, ge=1)
     methods: Optional[list[str]] = None  # default: every method
+    augment: list[str] = Field(default_factory=lambda: ["none"], min_length=1)  # support augmentations
     checkpoint: Optional[Path] = None
     meta_train_root: Optional[Path] = None
     inner_steps: int = Field(1, ge=0, le=10)
@@ -272,10 +273,20 @@ class EvalConfig(StrictSettings):
     seed: int = 0
     device: str = "cpu"
 
-    @field_validator("categories", "methods", "shots", mode="before")
+    @field_validator("categories", "methods", "shots", "augment", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return split_list(value)
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, value: list[str]) -> list[str]:
+        from bayprano.platform.data.augment import AUGMENTATIONS
+
+        for mode in value:
+            if mode not in AUGMENTATIONS:
+                raise ValueError(f"unknown support augmentation {mode!r} (valid: {', '.join(AUGMENTATIONS)})")
+        return list(dict.fromkeys(value))
 
     @field_validator("shots")
     @classmethod

@@ -13,7 +13,8 @@ For each backbone at its side (default: EfficientNet-Lite2 at 256 px and DINOv2 
 - ``evaluate``'s protocol then runs on ``--data-root`` (fabric02, fabric03): K in ``--shots`` good strips
   as support, ``--seeds`` support draws, every strip resized to one square tile of the backbone's side
   (a 4096 x 256 strip is squeezed 16:1), the whole test split scored; image AUROC, and the measured
-  false-positive rate at the target 0.05 for the methods with a threshold.
+  false-positive rate at the target 0.05 for the methods with a threshold; with ``--augments``, every
+  method again on the same draws under each support augmentation (rows ``bayes+flips``, ...).
 
 Prints a Markdown table (mean and spread over the draws, per fabric) and the statistic ablation, and
 writes ``benchmarks/results/real_dev.json`` (or ``--out``). The data set is not part of the project
@@ -41,6 +42,7 @@ from bayprano.platform.data.info import format_table
 from bayprano.platform.data.synth import generate_dataset
 from bayprano.platform.evaluate import run_evaluation
 from bayprano.platform.evaluation_report import ablation_table
+from bayprano.platform.evaluation_runs import variant
 from bayprano.platform.fileio import atomic_write_json, jsonable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,10 +70,10 @@ def table(runs: list[dict], categories: list[str]) -> str:
     rows = []
     for run in runs:
         records = run["result"]["records"]
-        methods = list(dict.fromkeys(r["method"] for r in records))
+        methods = list(dict.fromkeys(variant(r) for r in records))
         for method in methods:
             for k in sorted({r["shots"] for r in records}):
-                mine = [r for r in records if r["method"] == method and r["shots"] == k]
+                mine = [r for r in records if variant(r) == method and r["shots"] == k]
                 per_cat = [spread([r["image_auroc"] for r in mine if r["category"] == c]) for c in categories]
                 mean = np.mean([r["image_auroc"] for r in mine])
                 stats = sorted({r["statistic"] for r in mine})
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--categories", default="fabric02,fabric03")
     p.add_argument("--backbones", default="efficientnet_lite2:256,dinov2_vits14:252")
     p.add_argument("--shots", default="1,5")
+    p.add_argument(
+        "--augments", default="none", help="support augmentations, each a row per method (none,flips,dihedral,shifts)"
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--episodes", type=int, default=100, help="meta-training episodes on the synthetic pool")
     p.add_argument("--synth-categories", type=int, default=4)
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 image_size=side,
                 backbone=name,
                 progress=lambda m: print(m, flush=True),
+                augments=args.augments.split(","),
             )
             result.pop("pictures", None)
             runs.append(

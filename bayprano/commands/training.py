@@ -174,6 +174,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=cfg.device,
         seed=cfg.seed,
         progress=log,
+        augments=cfg.augment,
     )
     print(markdown_table(result))
     pictures = sum(len(v) for v in result["pictures"].values())
@@ -266,6 +267,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", metavar="K[,K2]", help="support sizes (default 5)")
     p.add_argument("--seeds", metavar="N", help="support sets drawn per category and K (default 3)")
     p.add_argument("--methods", metavar="M,N", help="bayes, bayes-frozen, patchcore, padim, protomaml (default: all)")
+    p.add_argument(
+        "--augment",
+        metavar="A[,B]",
+        help="support augmentations, each a row per method: none (default), flips, dihedral, shifts",
+    )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="CKPT", help="meta-checkpoint for the bayes method")
     source.add_argument(

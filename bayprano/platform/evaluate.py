@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from bayprano.platform.data.augment import AUGMENTATIONS
 from bayprano.platform.data.anomalies import TRAINING_KINDS, VALIDATION_KINDS, AnomalyInjector
 from bayprano.platform.data.mvtec import list_categories
 from bayprano.platform.errors import ConfigError
@@ -196,13 +197,20 @@ def run_evaluation(
     seed: int = 0,
     progress: Callable[[str], None] = print,
     pool_categories: Sequence[str] | None = None,
+    augments: Sequence[str] = ("none",),
 ) -> dict:
     """Run the protocol, write ``output`` (JSON) and its pictures beside it, return the results.
 
     ``methods``: names in the method registry (default: every registered method). ``pool_categories``
-    restricts the meta-training pool to those categories of its root (default: all).
+    restricts the meta-training pool to those categories of its root (default: all). ``augments``: the
+    support augmentations (``data.augment``) every method is run under, each a row of the tables
+    (``bayes+flips``); the image statistic is chosen once per method and K, without augmentation.
     """
     methods, categories = _checked_request(data_root, categories, shots, seeds, methods, target_fpr)
+    augments = list(dict.fromkeys(augments))
+    for mode in augments:
+        if mode not in AUGMENTATIONS:
+            raise ConfigError(f"--augment {mode!r}: not one of {', '.join(AUGMENTATIONS)}")
     output = Path(output)
     t_start = time.perf_counter()
     extractor = build_backbone(backbone, device=device)
@@ -323,6 +331,8 @@ def run_evaluation(
             records,
             progress,
             choices,
+            augments,
+            extract,
         )
 
     summary = summarize(records)
@@ -332,6 +342,7 @@ def run_evaluation(
         "backbone": extractor.fingerprint(),
         "image_size": image_size,
         "inner_steps": inner_steps,
+        "augments": augments,
         "episodes": episodes if ckpt is None else None,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "records": records,

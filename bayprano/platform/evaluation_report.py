@@ -9,7 +9,7 @@ from typing import Iterable
 import numpy as np
 
 from bayprano.platform.data.info import format_table
-from bayprano.platform.evaluation_runs import OWN_STATISTIC
+from bayprano.platform.evaluation_runs import OWN_STATISTIC, variant
 from bayprano.platform.methods.postprocess import STATISTICS
 
 
@@ -19,10 +19,10 @@ def _mean(values) -> float | None:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Means per (method, shots) over categories and seeds."""
+    """Means per (method with its support augmentation, shots) over categories and seeds."""
     out: dict = {}
     for r in records:
-        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
+        out.setdefault(variant(r), {}).setdefault(str(r["shots"]), []).append(r)
     return {
         m: {
             k: {
@@ -49,7 +49,7 @@ def ablation(records: list[dict]) -> dict:
     the method's own statistic (``own``), with how often each entry was chosen (``chosen``)."""
     out: dict = {}
     for r in records:
-        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), []).append(r)
+        out.setdefault(variant(r), {}).setdefault(str(r["shots"]), []).append(r)
     table: dict[str, dict] = {}
     for m, by_k in out.items():
         table[m] = {}

@@ -14,7 +14,10 @@ import torch
 
 from bayprano.platform.evaluation_data import CategoryData, check_disjoint, pixel_hashes, support_indices
 from bayprano.platform.figures import new_figure, save_figure
+from bayprano.platform.data.augment import augment_support
+from bayprano.platform.errors import ConfigError
 from bayprano.platform.methods import Method, MethodContext, get_method
+from bayprano.platform.methods.base import fit_on
 from bayprano.platform.methods.postprocess import all_statistics, choose_statistic
 from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
 from bayprano.platform.model.anomaly_map import anomaly_map
@@ -22,6 +25,7 @@ from bayprano.platform.model.anomaly_map import anomaly_map
 RECORD_KEYS = (
     "category",
     "method",
+    "augment",
     "shots",
     "seed",
     "image_auroc",
@@ -59,6 +63,26 @@ def choose_statistics(
     return choices
 
 
+def variant(record: dict) -> str:
+    """A record's method with its support augmentation: ``bayes``, ``bayes+flips``."""
+    augment = record.get("augment") or "none"
+    return record["method"] if augment == "none" else f"{record['method']}+{augment}"
+
+
+def augmented_support(
+    images: np.ndarray, mode: str, extract: Callable[[np.ndarray], torch.Tensor]
+) -> tuple[torch.Tensor, list[int]]:
+    """The features of every view of the support ``images`` under augmentation ``mode`` and each view's
+    original (its first view the image itself)."""
+    views: list[np.ndarray] = []
+    groups: list[int] = []
+    for i, image in enumerate(images):
+        mine = augment_support([image], mode)
+        views += mine
+        groups += [i] * len(mine)
+    return extract(np.stack(views)).float(), groups
+
+
 def evaluate_category(
     d: CategoryData,
     methods: list[str],
@@ -75,9 +99,13 @@ def evaluate_category(
     records: list[dict],
     progress: Callable[[str], None],
     choices: dict | None = None,
+    augments: Sequence[str] = ("none",),
+    extract: Callable[[np.ndarray], torch.Tensor] | None = None,
 ) -> list[str]:
-    """Every method on every support draw of one category: records appended to ``records``; returns the
-    pictures written (the first method's overlays and every method's ROC, at the largest K, first draw)."""
+    """Every method on every support draw of one category, under each support augmentation of ``augments``
+    (every method gets the same views; ``extract`` gives their features): records appended to ``records``;
+    returns the pictures written (the first method's overlays and every method's ROC, at the largest K,
+    first draw, first augmentation)."""
     c = d.name
     pictures: list[str] = []
     curves: dict[str, tuple] = {}
@@ -85,33 +113,42 @@ def evaluate_category(
         for s in range(seeds):
             idx = support_indices(len(d.train_images), k, s, c)
             check_disjoint({"support": pixel_hashes(d.train_images[idx]), "test": test_pool})
-            for method in methods:
-                statistic, validation = (choices or {}).get((method, k), (OWN_STATISTIC, {}))
-                rec, maps, scores = _run_method(
-                    get_method(method).build(context),
-                    train_feats[idx].float(),
-                    test_feats,
-                    test_seconds,
-                    d,
-                    image_size,
-                    target_fpr,
-                    statistic,
-                )
-                rec.update(
-                    category=c,
-                    method=method,
-                    shots=k,
-                    seed=s,
-                    target_fpr=target_fpr,
-                    statistic=statistic,
-                    validation_aurocs=validation,
-                )
-                records.append({key: rec.get(key) for key in RECORD_KEYS})
-                progress(_record_line(records[-1]))
-                if s == 0 and k == max(shots):
-                    curves[method] = roc_curve(d.test_labels, scores)
-                    if method == methods[0]:
-                        pictures.append(str(_write_overlays(output, c, method, d, maps, scores)))
+            for augment in augments:
+                if augment == "none":
+                    support, groups = train_feats[idx].float(), None
+                elif extract is None:
+                    raise ConfigError(f"support augmentation {augment!r} needs the backbone (extract)")
+                else:
+                    support, groups = augmented_support(d.train_images[idx], augment, extract)
+                for method in methods:
+                    statistic, validation = (choices or {}).get((method, k), (OWN_STATISTIC, {}))
+                    rec, maps, scores = _run_method(
+                        get_method(method).build(context),
+                        support,
+                        test_feats,
+                        test_seconds,
+                        d,
+                        image_size,
+                        target_fpr,
+                        statistic,
+                        groups,
+                    )
+                    rec.update(
+                        category=c,
+                        method=method,
+                        augment=augment,
+                        shots=k,
+                        seed=s,
+                        target_fpr=target_fpr,
+                        statistic=statistic,
+                        validation_aurocs=validation,
+                    )
+                    records.append({key: rec.get(key) for key in RECORD_KEYS})
+                    progress(_record_line(records[-1]))
+                    if s == 0 and k == max(shots) and augment == augments[0]:
+                        curves[method] = roc_curve(d.test_labels, scores)
+                        if method == methods[0]:
+                            pictures.append(str(_write_overlays(output, c, method, d, maps, scores)))
     if curves:
         pictures.append(
             str(plot_roc(curves, output.with_name(f"{output.stem}_roc_{c}.png"), f"{c}: image ROC, K={max(shots)}"))
@@ -128,6 +165,7 @@ def _run_method(
     image_size: int,
     target_fpr: float,
     statistic: str = OWN_STATISTIC,
+    groups: Sequence[int] | None = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Fit one method on the support's features, score the test set: its record, maps and the image scores
     of ``statistic`` (a menu entry, or the method's own).
@@ -137,7 +175,7 @@ def _run_method(
     """
     n_test = len(d.test_images)
     t0 = time.perf_counter()
-    method.fit(support_feats)
+    fit_on(method, support_feats, groups)
     threshold = method.threshold(target_fpr)
     adapt_seconds = time.perf_counter() - t0 + test_seconds * support_feats.shape[0] / n_test
     t1 = time.perf_counter()
@@ -174,7 +212,7 @@ def _record_line(r: dict) -> str:
         return "  -  " if v is None else f"{v:.3f}"
 
     return (
-        f"{r['category']:>14s} {r['method']:>12s} K={r['shots']} seed={r['seed']}: image AUROC {f(r['image_auroc'])} "
+        f"{r['category']:>14s} {variant(r):>12s} K={r['shots']} seed={r['seed']}: image AUROC {f(r['image_auroc'])} "
         f"pixel AUROC {f(r['pixel_auroc'])} AUPRO {f(r['aupro'])} F1 {f(r['f1'])} FPR {f(r['measured_fpr'])} "
         f"adapt {r['adapt_seconds']:.2f}s"
     )

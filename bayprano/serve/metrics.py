@@ -69,7 +69,7 @@ EXPORTED = (
 class ServeMetrics:
     """The application's metric objects and the few ways the application records into them."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requests = Counter(
             PREFIX + "requests",
             description="Requests answered by the gateway.",

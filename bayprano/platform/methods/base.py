@@ -2,7 +2,9 @@
 
 A method is fitted on the support's backbone features and scores query features:
 
-- ``fit(support)`` on (K, C, h, w) features returns self;
+- ``fit(support)`` on (K, C, h, w) features returns self; ``fit(support, groups=groups)`` on the features of
+  augmented views, ``groups[v]`` numbering the original image of view ``v`` (0..K-1, each original's
+  first view the image itself), so that a leave-one-out threshold leaves every view of an image out;
 - ``score(features)`` on (B, C, h, w) returns ``MethodScores``: one score per image and the patch
   scores (B, h, w) that the harness turns into anomaly maps (``anomaly_map``);
 - ``threshold(target_fpr)``: the image-score threshold the support gives (NaN when it cannot tell, e.g.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +43,7 @@ class MethodScores:
 
 
 class Method(Protocol):
-    def fit(self, support: Tensor) -> "Method": ...
+    def fit(self, support: Tensor, groups: Sequence[int] | None = None) -> "Method": ...
 
     def score(self, features: Tensor) -> MethodScores: ...
 
@@ -131,14 +133,44 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError(f"unknown method {name!r} (valid: {', '.join(METHODS)})") from None
 
 
-def loo_threshold(make: Callable[[], Method], support: Tensor) -> float:
-    """The largest leave-one-out image score of the support: each image scored by a method fitted on the
-    others (NaN with one image)."""
-    k = support.shape[0]
-    if k < 2:
+def originals(groups: Sequence[int] | None, views: int) -> list[int]:
+    """The view index of each original support image (its first view); every view with ``groups`` None."""
+    if groups is None:
+        return list(range(views))
+    if len(groups) != views:
+        raise ConfigError(f"support groups: {len(groups)} given for {views} views")
+    first: dict[int, int] = {}
+    for v, g in enumerate(groups):
+        first.setdefault(int(g), v)
+    if sorted(first) != list(range(len(first))):
+        raise ConfigError(f"support groups must number the originals 0..K-1, got {sorted(first)}")
+    return [first[i] for i in range(len(first))]
+
+
+def loo_threshold(make: Callable[[], Method], support: Tensor, groups: Sequence[int] | None = None) -> float:
+    """The largest leave-one-out image score of the support: each original image scored by a method fitted
+    on the others' views (NaN with one image)."""
+    firsts = originals(groups, support.shape[0])
+    if len(firsts) < 2:
         return math.nan
-    rest = (torch.cat([support[:i], support[i + 1 :]]) for i in range(k))
-    return float(max(make().fit(r).score(support[i : i + 1]).image[0] for i, r in enumerate(rest)))
+    group_of = torch.as_tensor(list(groups) if groups is not None else range(support.shape[0]))
+    scores = []
+    for i, v in enumerate(firsts):
+        rest = support[group_of != i]
+        rest_groups = None if groups is None else _renumbered(group_of[group_of != i])
+        scores.append(fit_on(make(), rest, rest_groups).score(support[v : v + 1]).image[0])
+    return float(max(scores))
+
+
+def _renumbered(groups: Tensor) -> list[int]:
+    numbers = {g: i for i, g in enumerate(dict.fromkeys(groups.tolist()))}
+    return [numbers[g] for g in groups.tolist()]
+
+
+def fit_on(method: Method, support: Tensor, groups: Sequence[int] | None = None) -> Method:
+    """``method.fit(support)``, passing ``groups`` only when there are views (methods that never see
+    augmented supports need not take them)."""
+    return method.fit(support) if groups is None else method.fit(support, groups=groups)
 
 
 def fitted_scores(method: Method, support: Tensor, query: Tensor) -> tuple[np.ndarray, float]:
@@ -163,9 +195,10 @@ class PatchScoreMethod:
     def __init__(self, make_model: Callable[[], PatchModel]):
         self.make_model = make_model
 
-    def fit(self, support: Tensor) -> "PatchScoreMethod":
+    def fit(self, support: Tensor, groups: Sequence[int] | None = None) -> "PatchScoreMethod":
+        originals(groups, support.shape[0])
         self.model_ = self.make_model().fit(support)
-        self.support_ = support
+        self.support_, self.groups_ = support, None if groups is None else list(groups)
         return self
 
     def score(self, features: Tensor) -> MethodScores:
@@ -173,7 +206,7 @@ class PatchScoreMethod:
         return MethodScores(image_scores(patches).numpy(), patches)
 
     def threshold(self, target_fpr: float) -> float:
-        return loo_threshold(lambda: PatchScoreMethod(self.make_model), self.support_)
+        return loo_threshold(lambda: PatchScoreMethod(self.make_model), self.support_, self.groups_)
 
     def calibration_info(self) -> dict | None:
         return None

@@ -122,3 +122,57 @@ def test_validation_loops_over_the_methods_a_site_can_build(registered):
     with pytest.raises(ConfigError, match="not a 'euclidean' checkpoint"):
         validation_aurocs(model_context(ckpt, 1), [(normals[:4], query, labels)], ["protomaml"])
     assert MethodContext().can_build(get_method(registered))
+
+
+def test_support_augmentation_gives_every_method_the_same_views_and_leaves_an_image_out_with_its_views(
+    registered, root, tmp_path
+):
+    from bayprano.platform.data.augment import augment_support
+
+    result = run_evaluation(
+        root,
+        tmp_path / "eval.json",
+        categories=["fabric"],
+        shots=(2,),
+        seeds=1,
+        episodes=2,
+        image_size=64,
+        backbone="random",
+        progress=lambda m: None,
+        augments=("none", "flips"),
+    )
+    variants = {(r["method"], r["augment"]) for r in result["records"]}
+    assert variants == {(m, a) for m in METHODS for a in ("none", "flips")}
+    assert {f"{m}+flips" for m in METHODS} | set(METHODS) == set(result["summary"])
+    record = next(r for r in result["records"] if r["method"] == registered and r["augment"] == "flips")
+    # by hand: each support image and its two mirror images; the mean over the 6 views; the threshold from each
+    # original scored against the mean of the other original's 3 views (never against its own mirror images)
+    data = load_category(root, "fabric", 64)
+    extractor = build_backbone("random")
+    idx = support_indices(len(data.train_images), 2, 0, "fabric")
+    views = [augment_support([data.train_images[i]], "flips") for i in idx]
+    assert [len(v) for v in views] == [3, 3]
+    feats = [extractor.extract(np.stack(v), size=64) for v in views]
+    test = extractor.extract(data.test_images, size=64)
+    patches = torch.linalg.vector_norm(test - torch.cat(feats).mean(0), dim=1)
+    scores = patches.flatten(1).amax(1).numpy()
+    loo = max(float(torch.linalg.vector_norm(feats[i][0] - feats[1 - i].mean(0), dim=0).max()) for i in range(2))
+    assert record["own_image_auroc"] == pytest.approx(image_auroc(data.test_labels, scores), abs=1e-9)
+    assert record["measured_fpr"] == pytest.approx(float(np.mean(scores[data.test_labels == 0] > loo)), abs=1e-12)
+    bayes = next(r for r in result["records"] if r["method"] == "bayes" and r["augment"] == "flips")
+    assert len(bayes["calibration"]["loo_statistics"]) == 2  # one per original image, not one per view
+
+
+def test_a_leave_one_out_threshold_leaves_every_view_of_the_image_out():
+    from bayprano.platform.methods.base import PatchScoreMethod, loo_threshold
+
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3) + 3.0
+    support = torch.cat([a, a, b, b])  # each image twice, as an augmentation that changed nothing would give
+    plain = loo_threshold(lambda: PatchScoreMethod(mean_distance.MeanDistance), support)
+    grouped = loo_threshold(lambda: PatchScoreMethod(mean_distance.MeanDistance), support, [0, 0, 1, 1])
+    expected = float(torch.linalg.vector_norm(a[0] - b[0], dim=0).max())
+    assert grouped == pytest.approx(expected, rel=1e-6)  # scored against the other image alone
+    assert plain < 0.75 * grouped  # with its own copy left in, every image looks closer to normal
+    with pytest.raises(ConfigError, match="number the originals"):
+        loo_threshold(lambda: PatchScoreMethod(mean_distance.MeanDistance), support, [0, 0, 2, 2])

@@ -7,22 +7,34 @@ at its initialisation, without inner steps (no meta-learning at all).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
-from bayprano.platform.methods.base import MethodContext, MethodScores, register_method
+from bayprano.platform.methods.base import MethodContext, MethodScores, originals, register_method
 from bayprano.platform.methods.bayes.torch_model import SiteModel, adapt_features
 from bayprano.platform.model.scoring import image_statistic
+from bayprano.platform.model.site_support import SupportLayout
 
 
 class BayesMethod:
     def __init__(self, checkpoint: MetaCheckpoint, steps: int, target_fpr: float = 0.05, extractor=None):
         self.checkpoint, self.steps, self.target_fpr, self.extractor = checkpoint, steps, target_fpr, extractor
 
-    def fit(self, support: Tensor) -> "BayesMethod":
+    def fit(self, support: Tensor, groups: Sequence[int] | None = None) -> "BayesMethod":
+        layout = None
+        if groups is not None:  # augmented views: each held-out original is scored as itself
+            layout = SupportLayout(groups, query_index=[[v] for v in originals(groups, support.shape[0])])
+            layout.bind(support)
         self.site_: SiteModel = adapt_features(
-            self.checkpoint, support, steps=self.steps, target_fpr=self.target_fpr, extractor=self.extractor
+            self.checkpoint,
+            support,
+            steps=self.steps,
+            target_fpr=self.target_fpr,
+            extractor=self.extractor,
+            layout=layout,
         )
         return self
 

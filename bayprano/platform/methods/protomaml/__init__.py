@@ -6,6 +6,7 @@ head adapted to the whole support) as the threshold."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -13,15 +14,23 @@ from torch import Tensor
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.meta.inner import AdaptedHead, adapt_head
 from bayprano.platform.methods.anomaly_map import image_scores
-from bayprano.platform.methods.base import MethodContext, MethodScores, register_method
+from bayprano.platform.methods.base import MethodContext, MethodScores, originals, register_method
+from bayprano.platform.model.site_support import INNER_VIEWS, inner_views
 
 
 class ProtoMAMLMethod:
     def __init__(self, checkpoint: MetaCheckpoint, steps: int):
         self.model, self.steps = checkpoint.model, steps
 
-    def fit(self, support: Tensor) -> "ProtoMAMLMethod":
-        self.adapted_: AdaptedHead = adapt_head(self.model, support, self.steps)
+    def fit(self, support: Tensor, groups: Sequence[int] | None = None) -> "ProtoMAMLMethod":
+        self.firsts_ = originals(groups, support.shape[0])
+        self.groups_ = torch.as_tensor(list(groups) if groups is not None else range(support.shape[0]))
+        inner = None if groups is None else inner_views(groups, max(INNER_VIEWS, len(self.firsts_)))
+        adapted = adapt_head(self.model, support if inner is None else support[inner], self.steps)
+        if inner is not None:  # the head adapts on a spread of the views, the prototype is fitted on all
+            z = adapted.embed(support)
+            adapted = AdaptedHead(self.model, adapted.params, z, self.model.prototype(z))
+        self.adapted_: AdaptedHead = adapted
         return self
 
     @torch.no_grad()
@@ -32,12 +41,12 @@ class ProtoMAMLMethod:
     @torch.no_grad()
     def threshold(self, target_fpr: float) -> float:
         z = self.adapted_.support_embeddings
-        if z.shape[0] < 2:
+        if len(self.firsts_) < 2:
             return math.nan
         return float(
             max(
-                image_scores(self.model.prototype(torch.cat([z[:i], z[i + 1 :]])).distance(z[i : i + 1]))[0]
-                for i in range(z.shape[0])
+                image_scores(self.model.prototype(z[self.groups_ != i]).distance(z[v : v + 1]))[0]
+                for i, v in enumerate(self.firsts_)
             )
         )
 
