@@ -2,7 +2,7 @@
 
 Measured in one run, on synthetic good images of one product (``screw``) at ``--image-size``:
 
-- backbone: throughput of the bare frozen backbone (EfficientNet-Lite2), uint8 images to patch
+- backbone: throughput of the bare frozen backbone (``--backbone``, default EfficientNet-Lite2), uint8 images to patch
   features with ``PatchFeatureExtractor.extract``, ``--batch-size`` images a batch, after a warm-up;
 - scoring: throughput of ``SiteModel.score`` on the same images (features, Mahalanobis distances, image
   statistic, p-values, decisions and anomaly maps at full size), its ratio to the bare backbone
@@ -49,12 +49,13 @@ from bayprano.platform.errors import BaypranoError
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
+from bayprano.platform.model.names import DEFAULT_BACKBONE
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import Calibration
 from bayprano.platform.model.site import SiteModel, adapt
 
+BACKBONE = DEFAULT_BACKBONE  # the speed benchmarks' backbone unless --backbone says otherwise
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKBONE = "efficientnet_lite2"
 CATEGORY = "screw"
 DIM = 64
 TARGET_SCORE_RATIO = 0.80
@@ -65,7 +66,8 @@ PROFILE_ROWS = 12
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--backbone", default=BACKBONE, help=f"backbone (default {BACKBONE})")
+    p.add_argument("--image-size", type=int, default=256, help="image side (a multiple of 14 for dinov2_vits14)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--images", type=int, default=32, help="images per throughput pass (default 2 batches)")
     p.add_argument("--shots", type=int, default=5, help="support images K")
@@ -306,7 +308,7 @@ def main(argv=None) -> int:
     load_before = load_average()
     print(f"load average before: {load_before} ({os.cpu_count()} CPUs; torch threads {args.threads})", flush=True)
     try:
-        extractor = build_backbone(BACKBONE, device=args.device)
+        extractor = build_backbone(args.backbone, device=args.device)
     except BaypranoError as exc:
         print(f"speed: {exc}", file=sys.stderr)
         return 2
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
     verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     rows = [
         (
-            f"backbone forward ({BACKBONE}, {size} px, batch {args.batch_size})",
+            f"backbone forward ({args.backbone}, {size} px, batch {args.batch_size})",
             f"{scoring['backbone_images_per_s_median']:.1f} images/s",
             "-",
             "-",
