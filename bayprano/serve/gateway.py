@@ -90,6 +90,7 @@ class Gateway:
         self.models = models
         self.uploads = Uploads(cfg)
         self._limits = TokenLimits(cfg.rate_limit_per_s, cfg.rate_burst, cfg.max_concurrent_per_token)
+        self._queue_count_lock = threading.Lock()
         # A new replica reports every site's queue from the start, not only after the next change it makes.
         threading.Thread(target=self._recount_review_queues, name="review-queue-recount", daemon=True).start()
 
@@ -101,7 +102,7 @@ class Gateway:
                 serve_metrics().review_queue_gone(site)
             for site in sorted(sites):
                 try:
-                    serve_metrics().review_queue_length(site, self.review_queue.pending_count(site))
+                    self._count_review_queue(site)
                 except (BaypranoError, OSError, ValueError) as exc:  # removed, or an item rewritten meanwhile
                     log.warning("review queue of site %s not counted: %s", site, exc)
             counted = sites
@@ -421,7 +422,12 @@ class Gateway:
             return item
 
     async def _note_review_queue(self, site: str) -> None:
-        serve_metrics().review_queue_length(site, await asyncio.to_thread(self.review_queue.pending_count, site))
+        await asyncio.to_thread(self._count_review_queue, site)
+
+    def _count_review_queue(self, site: str) -> None:
+        # Counted and set under one lock, so that a recount read before a change never overwrites it after.
+        with self._queue_count_lock:
+            serve_metrics().review_queue_length(site, self.review_queue.pending_count(site))
 
     @api.get("/healthz", response_model=Health, summary="The gateway is up")
     async def healthz(self) -> Health:
