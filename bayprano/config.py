@@ -281,12 +281,12 @@ class EvalConfig(StrictSettings):
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, value: list[str]) -> list[str]:
-        from bayprano.platform.data.augment import AUGMENTATIONS
+        from bayprano.platform.data.augment import check_augmentation
 
-        for mode in value:
-            if mode not in AUGMENTATIONS:
-                raise ValueError(f"unknown support augmentation {mode!r} (valid: {', '.join(AUGMENTATIONS)})")
-        return list(dict.fromkeys(value))
+        try:
+            return [check_augmentation(mode) for mode in dict.fromkeys(value)]
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("shots")
     @classmethod

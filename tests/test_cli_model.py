@@ -243,7 +243,7 @@ def test_evaluate_refuses_leakage_and_another_backbone(checkpoint, root, held, w
     assert message.endswith("not " + build_backbone("efficientnet_lite2").fingerprint())
     assert "--image-size 128: the checkpoint" in fails(capsys, *evaluate, "--image-size", "128", "--output", out)
     assert fails(capsys, *evaluate, "--augment", "none,rot45", "--output", out) == (
-        "--augment none,rot45: unknown support augmentation 'rot45' (valid: none, flips, dihedral, shifts)"
+        "--augment none,rot45: support augmentation 'rot45' is not one of none, flips, dihedral, shifts"
     )
     assert not Path(out).exists()
 

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bayprano.platform.data.augment import AUGMENTATIONS
+from bayprano.platform.data.augment import check_augmentation
 from bayprano.platform.data.anomalies import TRAINING_KINDS, VALIDATION_KINDS, AnomalyInjector
 from bayprano.platform.data.mvtec import list_categories
 from bayprano.platform.errors import ConfigError
@@ -207,10 +207,7 @@ def run_evaluation(
     (``bayes+flips``); the image statistic is chosen once per method and K, without augmentation.
     """
     methods, categories = _checked_request(data_root, categories, shots, seeds, methods, target_fpr)
-    augments = list(dict.fromkeys(augments))
-    for mode in augments:
-        if mode not in AUGMENTATIONS:
-            raise ConfigError(f"--augment {mode!r}: not one of {', '.join(AUGMENTATIONS)}")
+    augments = [check_augmentation(mode) for mode in dict.fromkeys(augments)]
     output = Path(output)
     t_start = time.perf_counter()
     extractor = build_backbone(backbone, device=device)

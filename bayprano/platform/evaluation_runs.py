@@ -70,17 +70,23 @@ def variant(record: dict) -> str:
 
 
 def augmented_support(
-    images: np.ndarray, mode: str, extract: Callable[[np.ndarray], torch.Tensor]
+    images: np.ndarray,
+    idx: np.ndarray,
+    mode: str,
+    extract: Callable[[np.ndarray], torch.Tensor],
+    cache: dict[tuple[int, str], torch.Tensor],
 ) -> tuple[torch.Tensor, list[int]]:
-    """The features of every view of the support ``images`` under augmentation ``mode`` and each view's
-    original (its first view the image itself)."""
-    views: list[np.ndarray] = []
+    """The features of every view of the support ``images[idx]`` under augmentation ``mode`` and each view's
+    original (its first view the image itself); an image's views are extracted once, into ``cache``, for
+    every support draw it is in."""
+    feats: list[torch.Tensor] = []
     groups: list[int] = []
-    for i, image in enumerate(images):
-        mine = augment_support([image], mode)
-        views += mine
-        groups += [i] * len(mine)
-    return extract(np.stack(views)).float(), groups
+    for i, j in enumerate(idx.tolist()):
+        if (j, mode) not in cache:
+            cache[(j, mode)] = extract(np.stack(augment_support([images[j]], mode))).float()
+        feats.append(cache[(j, mode)])
+        groups += [i] * feats[-1].shape[0]
+    return torch.cat(feats), groups
 
 
 def evaluate_category(
@@ -109,6 +115,7 @@ def evaluate_category(
     c = d.name
     pictures: list[str] = []
     curves: dict[str, tuple] = {}
+    views: dict[tuple[int, str], torch.Tensor] = {}
     for k in shots:
         for s in range(seeds):
             idx = support_indices(len(d.train_images), k, s, c)
@@ -119,7 +126,7 @@ def evaluate_category(
                 elif extract is None:
                     raise ConfigError(f"support augmentation {augment!r} needs the backbone (extract)")
                 else:
-                    support, groups = augmented_support(d.train_images[idx], augment, extract)
+                    support, groups = augmented_support(d.train_images, idx, augment, extract, views)
                 for method in methods:
                     statistic, validation = (choices or {}).get((method, k), (OWN_STATISTIC, {}))
                     rec, maps, scores = _run_method(

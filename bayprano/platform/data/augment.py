@@ -44,10 +44,16 @@ def _shifted(image: np.ndarray, shift: int) -> list[np.ndarray]:
     return [image] + [padded[s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s))]
 
 
-def augment_support(images: Sequence[np.ndarray], mode: str = "none", shift: int = DEFAULT_SHIFT) -> list[np.ndarray]:
-    """The support images and their views under ``mode`` (see the module docstring), originals first."""
+def check_augmentation(mode: str) -> str:
+    """``mode`` if it is a support augmentation, else a ConfigError naming it and the valid ones."""
     if mode not in AUGMENTATIONS:
         raise ConfigError(f"support augmentation {mode!r} is not one of {', '.join(AUGMENTATIONS)}")
+    return mode
+
+
+def augment_support(images: Sequence[np.ndarray], mode: str = "none", shift: int = DEFAULT_SHIFT) -> list[np.ndarray]:
+    """The support images and their views under ``mode`` (see the module docstring), originals first."""
+    check_augmentation(mode)
     if isinstance(shift, bool) or not isinstance(shift, int) or shift < 1:
         raise ConfigError(f"support augmentation shift must be a positive number of pixels, got {shift!r}")
     originals = [np.ascontiguousarray(im) for im in images]

@@ -147,13 +147,18 @@ def originals(groups: Sequence[int] | None, views: int) -> list[int]:
     return [first[i] for i in range(len(first))]
 
 
+def group_index(groups: Sequence[int] | None, views: int) -> Tensor:
+    """Each view's original as a tensor, to select the views of the others (``index != i``)."""
+    return torch.as_tensor(list(groups) if groups is not None else range(views))
+
+
 def loo_threshold(make: Callable[[], Method], support: Tensor, groups: Sequence[int] | None = None) -> float:
     """The largest leave-one-out image score of the support: each original image scored by a method fitted
     on the others' views (NaN with one image)."""
     firsts = originals(groups, support.shape[0])
     if len(firsts) < 2:
         return math.nan
-    group_of = torch.as_tensor(list(groups) if groups is not None else range(support.shape[0]))
+    group_of = group_index(groups, support.shape[0])
     scores = []
     for i, v in enumerate(firsts):
         rest = support[group_of != i]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayprano.platform.data.augment import AUGMENTATIONS
+from bayprano.platform.data.augment import check_augmentation
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.meta.inner import adapt_head
@@ -62,8 +62,7 @@ def adapt(
         raise ConfigError("adaptation needs at least one good support image")
     _adapt_settings(ckpt, target_fpr, steps, inner_positions)
     check_scoring(scoring, tile_overlap)
-    if augment not in AUGMENTATIONS:
-        raise ConfigError(f"support augmentation {augment!r} is not one of {', '.join(AUGMENTATIONS)}")
+    check_augmentation(augment)
     extractor = extractor or build_backbone(ckpt.backbone)
     if extractor.fingerprint() != ckpt.backbone_fingerprint:
         raise ConfigError(

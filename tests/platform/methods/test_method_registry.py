@@ -40,6 +40,22 @@ def root(tmp_path_factory):
     return out
 
 
+def evaluate_fabric(root, tmp_path, **settings) -> dict:
+    """Every registered method on the fabric category: K = 2, one draw, the random control backbone."""
+    return run_evaluation(
+        root,
+        tmp_path / "eval.json",
+        categories=["fabric"],
+        shots=(2,),
+        seeds=1,
+        episodes=2,
+        image_size=64,
+        backbone="random",
+        progress=lambda m: None,
+        **settings,
+    )
+
+
 def test_the_built_in_methods_are_registered_in_the_harness_order():
     assert list(METHODS)[:6] == ["bayes", "bayes-frozen", "protomaml", "patchcore", "padim", "anomalydino"]
     assert get_method("bayes").checkpoint == "niw" and get_method("padim").checkpoint is None
@@ -50,17 +66,7 @@ def test_the_built_in_methods_are_registered_in_the_harness_order():
 
 
 def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root, tmp_path):
-    result = run_evaluation(
-        root,
-        tmp_path / "eval.json",
-        categories=["fabric"],
-        shots=(2,),
-        seeds=1,
-        episodes=2,
-        image_size=64,
-        backbone="random",
-        progress=lambda m: None,
-    )
+    result = evaluate_fabric(root, tmp_path)
     methods = {r["method"] for r in result["records"]}
     assert methods == set(METHODS) and registered in methods
     record = next(r for r in result["records"] if r["method"] == registered)
@@ -129,18 +135,7 @@ def test_support_augmentation_gives_every_method_the_same_views_and_leaves_an_im
 ):
     from bayprano.platform.data.augment import augment_support
 
-    result = run_evaluation(
-        root,
-        tmp_path / "eval.json",
-        categories=["fabric"],
-        shots=(2,),
-        seeds=1,
-        episodes=2,
-        image_size=64,
-        backbone="random",
-        progress=lambda m: None,
-        augments=("none", "flips"),
-    )
+    result = evaluate_fabric(root, tmp_path, augments=("none", "flips"))
     variants = {(r["method"], r["augment"]) for r in result["records"]}
     assert variants == {(m, a) for m in METHODS for a in ("none", "flips")}
     assert {f"{m}+flips" for m in METHODS} | set(METHODS) == set(result["summary"])

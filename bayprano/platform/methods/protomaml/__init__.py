@@ -14,7 +14,7 @@ from torch import Tensor
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.meta.inner import AdaptedHead, adapt_head
 from bayprano.platform.methods.anomaly_map import image_scores
-from bayprano.platform.methods.base import MethodContext, MethodScores, originals, register_method
+from bayprano.platform.methods.base import MethodContext, MethodScores, group_index, originals, register_method
 from bayprano.platform.model.site_support import INNER_VIEWS, inner_views
 
 
@@ -24,7 +24,7 @@ class ProtoMAMLMethod:
 
     def fit(self, support: Tensor, groups: Sequence[int] | None = None) -> "ProtoMAMLMethod":
         self.firsts_ = originals(groups, support.shape[0])
-        self.groups_ = torch.as_tensor(list(groups) if groups is not None else range(support.shape[0]))
+        self.groups_ = group_index(groups, support.shape[0])
         inner = None if groups is None else inner_views(groups, max(INNER_VIEWS, len(self.firsts_)))
         adapted = adapt_head(self.model, support if inner is None else support[inner], self.steps)
         if inner is not None:  # the head adapts on a spread of the views, the prototype is fitted on all
