@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.model.names import DEFAULT_BACKBONE
+from bayprano.platform.model.names import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, default_image_size
 
 MIN_IMAGE_SIZE = 32  # the backbone's minimum (bayprano.platform.model.backbone.MIN_IMAGE_SIZE)
 MAX_IMAGE_SIZE = 4096
@@ -58,7 +58,7 @@ class MetaTrainingSettings(StrictSettings):
     """What centralised and federated meta-training share: the model and the episodes."""
 
     seed: int = Field(0, ge=0)
-    image_size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
+    image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)  # default: the backbone's side
     backbone: str = DEFAULT_BACKBONE
     dim: int = Field(64, ge=2, le=1024)
     lr: float = Field(2e-3, gt=0, le=1)
@@ -69,6 +69,15 @@ class MetaTrainingSettings(StrictSettings):
     second_order: bool = False
     calibration_episodes: int = Field(20, ge=1)
     device: str = "cpu"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_side(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("image_size") is None:
+            data = {k: v for k, v in data.items() if k != "image_size"}
+            if isinstance(data.get("backbone"), str):
+                data["image_size"] = default_image_size(data["backbone"])
+        return data
 
     @field_validator("backbone")
     @classmethod
@@ -267,8 +276,10 @@ class EvalConfig(StrictSettings):
     inner_steps: int = Field(1, ge=0, le=10)
     target_fpr: float = Field(0.05, gt=0, lt=1)
     episodes: int = Field(200, ge=1)
-    image_size: int = Field(256, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
-    backbone: Optional[str] = None  # default: the checkpoint's backbone, else efficientnet_lite2
+    image_size: Optional[int] = Field(
+        None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE
+    )  # default: the checkpoint's, else the backbone's side
+    backbone: Optional[str] = None  # default: the checkpoint's backbone, else DEFAULT_BACKBONE
     dim: int = Field(64, ge=2, le=1024)
     seed: int = 0
     device: str = "cpu"
@@ -317,7 +328,9 @@ class EvalConfig(StrictSettings):
     def _one_source_of_meta_training(self) -> "EvalConfig":
         if self.checkpoint is not None and self.meta_train_root is not None:
             raise ValueError("give either checkpoint or meta_train_root, not both")
-        _check_side(self.backbone, self.image_size)
+        if self.image_size is not None:
+            backbone = self.backbone or (DEFAULT_BACKBONE if self.checkpoint is None else None)
+            _check_side(backbone, self.image_size)
         return self
 
 

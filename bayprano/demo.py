@@ -74,6 +74,7 @@ def _pipeline(
     from bayprano.platform.meta.checkpoint import load_checkpoint
     from bayprano.platform.metrics import fpr_at_threshold, image_auroc
     from bayprano.platform.model.backbone import build_backbone
+    from bayprano.platform.model.names import DEFAULT_IMAGE_SIZE
     from bayprano.platform.model.site import adapt
     from bayprano.platform.report import (
         plot_bytes,
@@ -86,15 +87,16 @@ def _pipeline(
 
     out = Path(out)
     stages: dict[str, float] = {}
-    size = 128 if fast else 256
+    data_size = 128 if fast else 256
+    size = DEFAULT_IMAGE_SIZE // 2 if fast else DEFAULT_IMAGE_SIZE  # the side the backbone sees
     t0 = time.perf_counter()
     if data_root is None:
         data_root = out / "data"
         counts = dict(n_train=30, n_test_good=20, n_test_defective=20) if fast else {}
         log(
-            f"== 1/{STAGES} generating the synthetic industrial dataset ({2 * sites} categories, {size} px) in {data_root}"
+            f"== 1/{STAGES} generating the synthetic industrial dataset ({2 * sites} categories, {data_size} px) in {data_root}"
         )
-        generate_dataset(data_root, categories=2 * sites, seed=seed, size=size, progress=progress, **counts)
+        generate_dataset(data_root, categories=2 * sites, seed=seed, size=data_size, progress=progress, **counts)
     else:
         log(f"== 1/{STAGES} using the dataset at {data_root}")
     categories = list_categories(data_root)

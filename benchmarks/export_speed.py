@@ -1,6 +1,6 @@
 """Throughput of an exported site model (ONNX under onnxruntime, OpenVINO IR) against the torch model.
 
-A site model is adapted on EfficientNet-Lite2 at ``--image-size`` from a checkpoint built without
+A site model is adapted on ``--backbone`` (the default backbone) at ``--image-size`` (its default side) from a checkpoint built without
 meta-training (as ``speed.py`` does: speed does not depend on the learned values) and exported with
 ``platform/export.py``. Each runtime then scores synthetic uint8 images end to end, as ``bayprano
 score`` does (resize, graph, p-values, decisions, full-size anomaly maps), at batch 1 and batch 16,
@@ -32,6 +32,7 @@ from bayprano.platform.fileio import atomic_write_json
 from bayprano.platform.export import export_site_model
 from bayprano.platform.exported import ExportedModel
 from bayprano.platform.model.backbone import build_backbone
+from bayprano.platform.model.names import default_image_size
 from bayprano.platform.model.site import adapt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,12 +43,14 @@ BATCHES = (1, 16)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--backbone", default=BACKBONE, help=f"backbone (default {BACKBONE})")
+    p.add_argument("--image-size", type=int, default=None, help="image side (default: the backbone's)")
     p.add_argument("--images", type=int, default=32, help="images per pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="CPU threads of every runtime (default 1)")
     p.add_argument("--out", type=Path, default=RESULTS / "export_speed.json", help="JSON output")
     args = p.parse_args(argv)
+    args.image_size = args.image_size or default_image_size(args.backbone)
     for name in ("image_size", "images", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
     load_before = load_average()
     print(f"load average before: {load_before} ({os.cpu_count()} CPUs; threads {args.threads})", flush=True)
     try:
-        extractor = build_backbone(BACKBONE)
+        extractor = build_backbone(args.backbone)
     except BaypranoError as exc:
         print(f"export_speed: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
         "image_size": size,
         "images": args.images,
         "repeats": args.repeats,
-        "backbone": BACKBONE,
+        "backbone": args.backbone,
         "images_per_second": results,
         "load_average": [load_before, load_after],
         "torch": torch.__version__,

@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from bayprano.platform.model.names import LITE2_BACKBONE
+
 
 def synthesize(
     root: Path,
@@ -51,10 +53,12 @@ def init_ray(num_cpus: int) -> None:
 
 
 def pooled_settings(image_size: int, shots: int) -> dict[str, Any]:
-    """The ``FederatedTrainConfig`` settings of a small pooled run: float16 on the wire, two query images
+    """The ``FederatedTrainConfig`` settings of a small pooled run: EfficientNet-Lite2 (the cheapest real
+    backbone at small sides), float16 on the wire, two query images
     of each kind, two calibration episodes, no validation holdout and timeouts no run reaches."""
     return dict(
         fp16=True,
+        backbone=LITE2_BACKBONE,
         image_size=image_size,
         shots=shots,
         n_query_normal=2,

@@ -92,12 +92,17 @@ def main(argv=None) -> int:
     from bayprano.config import FederatedTrainConfig, TrainConfig
     from bayprano.platform.data.shards import shard_dataset
     from bayprano.platform.fileio import atomic_write_json
+    from bayprano.platform.model.names import LITE2_BACKBONE
     from bayprano.platform.train import train_centralised
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fed_vs_central_"))
     work.mkdir(parents=True, exist_ok=True)
     common = dict(
-        image_size=args.image_size, seed=args.seed, calibration_episodes=args.calibration_episodes, shots=args.shots
+        backbone=LITE2_BACKBONE,
+        image_size=args.image_size,
+        seed=args.seed,
+        calibration_episodes=args.calibration_episodes,
+        shots=args.shots,
     )
     t0 = time.perf_counter()
     log = lambda m: print(f"[{time.perf_counter() - t0:7.0f}s] {m}", flush=True)  # noqa: E731

@@ -49,7 +49,7 @@ from bayprano.platform.errors import BaypranoError
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
-from bayprano.platform.model.names import DEFAULT_BACKBONE
+from bayprano.platform.model.names import DEFAULT_BACKBONE, default_image_size
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import Calibration
 from bayprano.platform.model.site import SiteModel, adapt
@@ -67,7 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backbone", default=BACKBONE, help=f"backbone (default {BACKBONE})")
-    p.add_argument("--image-size", type=int, default=256, help="image side (a multiple of 14 for dinov2_vits14)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side (default: the backbone's, 252 for dinov2_vits14, 256 for a CNN)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--images", type=int, default=32, help="images per throughput pass (default 2 batches)")
     p.add_argument("--shots", type=int, default=5, help="support images K")
@@ -90,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     p.add_argument("--out", type=Path, default=RESULTS / "speed.json", help="JSON output")
     args = p.parse_args(argv)
+    args.image_size = args.image_size or default_image_size(args.backbone)
     for name in ("image_size", "batch_size", "images", "shots", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

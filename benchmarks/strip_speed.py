@@ -1,7 +1,7 @@
 """End-to-end time to score one 4096 x 256 line-scan strip with a tiled site model, on this machine.
 
-A site model on the default backbone (EfficientNet-Lite2) at its default side (256 px tiles, overlap
-0.25: 21 tiles on the strip) is adapted on ``--shots`` synthetic strips (every tile a support view),
+A site model on ``--backbone`` (default: the platform's, DINOv2 ViT-S/14) at its default side (252 px
+tiles for DINOv2, 256 for a CNN; overlap 0.25: 21 tiles on the strip) is adapted on ``--shots`` synthetic strips (every tile a support view),
 from a checkpoint built without meta-training as ``benchmarks/speed.py`` builds one (speed does not
 depend on the learned values). Then ``SiteModel.score`` of one strip, anomaly map at 4096 x 256
 included, is timed ``--repeats`` times after a warm-up; the median and every repeat are printed, with
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import BACKBONE, frozen_checkpoint, good_images  # noqa: E402
 
 from bayprano.platform.model.backbone import build_backbone  # noqa: E402
+from bayprano.platform.model.names import default_image_size  # noqa: E402
 from bayprano.platform.model.site import adapt  # noqa: E402
 
 WIDTH, HEIGHT = 4096, 256
@@ -44,7 +45,8 @@ def strips(n: int, size: int, stream: int) -> list[np.ndarray]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--image-size", type=int, default=256, help="tile side (default 256)")
+    p.add_argument("--backbone", default=BACKBONE, help=f"backbone (default {BACKBONE})")
+    p.add_argument("--image-size", type=int, default=None, help="tile side (default: the backbone's)")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
@@ -56,8 +58,8 @@ def main(argv=None) -> int:
         f"torch threads {args.threads})",
         flush=True,
     )
-    extractor = build_backbone(BACKBONE, device=args.device)
-    size = args.image_size
+    extractor = build_backbone(args.backbone, device=args.device)
+    size = args.image_size or default_image_size(args.backbone)
     ckpt = frozen_checkpoint(extractor, good_images(8, size, stream=3), size, args.steps)
     start = time.perf_counter()
     site = adapt(ckpt, strips(args.shots, size, stream=1), extractor=extractor, scoring="tile")
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
         f"{', '.join(f'{k} {v:.2f} s' for k, v in site.info['adapt_stage_seconds'].items())})"
     )
     print(
-        f"4096x256 strip scored end to end ({BACKBONE}, {len(plan.origins)} tiles of {size} px, map "
+        f"4096x256 strip scored end to end ({args.backbone}, {len(plan.origins)} tiles of {size} px, map "
         f"{result.anomaly_map.shape[1]}x{result.anomaly_map.shape[0]}): median {statistics.median(times):.3f} s "
         f"over {args.repeats} ({', '.join(f'{t:.3f}' for t in times)}), device {extractor.device}"
     )

@@ -27,7 +27,13 @@ def test_yaml_values_are_validated_and_flags_override_them(tmp_path):
     cfg = load_yaml_config(f, TrainConfig, {"shots": "5", "episodes": None, "exclude": "c,d"})
     assert cfg.shots == 5 and cfg.episodes == 10 and cfg.inner_steps == 2 and cfg.second_order is True
     assert cfg.categories == ["a", "b"] and cfg.exclude == ["c", "d"] and cfg.data_root == Path("data")
-    assert cfg.image_size == 256 and cfg.backbone == "efficientnet_lite2" and cfg.lr == 2e-3
+    assert cfg.image_size == 252 and cfg.backbone == "dinov2_vits14" and cfg.lr == 2e-3
+    lite = load_yaml_config(f, TrainConfig, {"backbone": "efficientnet_lite2", "image_size": None})
+    assert (lite.backbone, lite.image_size) == ("efficientnet_lite2", 256)  # a backbone brings its own side
+    sized = load_yaml_config(f, TrainConfig, {"backbone": "efficientnet_lite2", "image_size": "320"})
+    assert sized.image_size == 320
+    with pytest.raises(ConfigError, match=r"image_size 256 is not a multiple of 14.*use 252"):
+        load_yaml_config(f, TrainConfig, {"image_size": "256"})
     ev = load_yaml_config(
         None, EvalConfig, {"data_root": "d", "output": "o.json", "shots": "5,1,5", "methods": "bayes,padim"}
     )

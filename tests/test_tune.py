@@ -39,6 +39,7 @@ TINY = {
     "max_concurrent_trials": 1,
     "resources_per_trial": {"cpu": 0.5},
     "fixed": {
+        "backbone": "efficientnet_lite2",
         "image_size": 64,
         "inner_steps": 0,
         "calibration_episodes": 1,
@@ -59,7 +60,7 @@ def write_sweep(path: Path, **changes) -> Path:
 def test_shipped_sweeps_are_valid_and_their_smoke_versions_are_small(config):
     spec = load_sweep(config)
     smoke = smoke_sweep(spec)
-    assert spec.rounds > smoke.rounds == 2 and smoke.fixed["image_size"] == 64
+    assert spec.rounds > smoke.rounds == 2 and smoke.fixed["image_size"] == 70
     assert trial_count(smoke) <= 4 and len(smoke.validation_categories) == 1
     if config.stem == "shots_inner_steps":
         assert spec.search_space["shots"].grid == [1, 2, 4, 5, 8]
@@ -175,7 +176,7 @@ def test_smoke_sweep_runs_every_trial_and_writes_results_plots_and_a_trainable_b
     # many: measured 0.88 (a reversed score would give 0.12)
     assert summary["test"]["pixel_auroc"] >= 0.75, summary["test"]
     cfg = load_yaml_config(out / "best_config.yaml", TrainConfig)
-    assert (cfg.shots, cfg.inner_steps, cfg.image_size) == (best["shots"], best["inner_steps"], 64)
+    assert (cfg.shots, cfg.inner_steps, cfg.image_size) == (best["shots"], best["inner_steps"], 70)
     assert "wood" not in cfg.categories and "tiles" not in cfg.categories
     assert main(["train", "--config", str(out / "best_config.yaml")]) == 0
     assert cfg.out.is_file()
@@ -270,6 +271,7 @@ def test_asha_stops_the_federated_trials_that_spend_more_epsilon_after_their_fir
         scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
         resources_per_trial={"cpu": 0.5, "factory_cpu": 0.1},
         fixed={
+            "backbone": "efficientnet_lite2",
             "image_size": 64,
             "shots": 1,
             "inner_steps": 0,

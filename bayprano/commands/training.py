@@ -134,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(cfg.checkpoint) if cfg.checkpoint is not None else None
     image_size = cfg.image_size
     if ckpt is not None:
-        if "image_size" in cfg.model_fields_set and cfg.image_size != ckpt.image_size:
+        if cfg.image_size is not None and cfg.image_size != ckpt.image_size:
             raise ConfigError(
                 f"--image-size {cfg.image_size}: the checkpoint {cfg.checkpoint} was meta-trained at "
                 f"{ckpt.image_size} px"
@@ -197,8 +197,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", metavar="N", help="meta-training episodes")
     p.add_argument("--out", metavar="CKPT", help="checkpoint file to write")
     p.add_argument("--seed", metavar="S", help="random seed (default 0)")
-    p.add_argument("--image-size", metavar="PX", help="image side the backbone sees (default 256)")
-    p.add_argument("--backbone", metavar="NAME", help=f"{DEFAULT_BACKBONE} (default), random, or a torchvision CNN")
+    p.add_argument(
+        "--image-size",
+        metavar="PX",
+        help="image side the backbone sees (default: 252 for dinov2_vits14, 256 for a CNN)",
+    )
+    p.add_argument(
+        "--backbone",
+        metavar="NAME",
+        help=f"{DEFAULT_BACKBONE} (default), efficientnet_lite2, random, or a torchvision CNN",
+    )
     p.add_argument("--dim", metavar="D", help="embedding dimension of the head (default 64)")
     p.add_argument("--lr", metavar="LR", help="outer learning rate (default 0.002)")
     p.add_argument(
@@ -282,7 +290,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inner-steps", metavar="S", help="inner-loop steps, 0..10 (default 1)")
     p.add_argument("--target-fpr", metavar="A", help="target false-positive rate of the threshold (default 0.05)")
     p.add_argument("--episodes", metavar="N", help="meta-training episodes when there is no checkpoint (default 200)")
-    p.add_argument("--image-size", metavar="PX", help="image side (default 256; with --checkpoint, its size)")
+    p.add_argument(
+        "--image-size",
+        metavar="PX",
+        help="image side (default: the checkpoint's, else 252 for dinov2_vits14, 256 for a CNN)",
+    )
     p.add_argument("--backbone", metavar="NAME", help=f"default: the checkpoint's, else {DEFAULT_BACKBONE}")
     p.add_argument("--dim", metavar="D", help="embedding dimension when meta-training here (default 64)")
     p.add_argument("--seed", metavar="S", help="random seed (default 0)")

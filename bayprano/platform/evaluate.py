@@ -60,7 +60,7 @@ from bayprano.platform.meta.protomaml import (
 from bayprano.platform.methods import METHODS, MethodContext, get_method
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
-from bayprano.platform.model.names import DEFAULT_BACKBONE
+from bayprano.platform.model.names import DEFAULT_BACKBONE, default_image_size
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
 
 VALIDATION_QUERIES = 6  # normal (and as many anomalous) queries per meta-validation category
@@ -190,7 +190,7 @@ def run_evaluation(
     inner_steps: int = 1,
     target_fpr: float = 0.05,
     episodes: int = 200,
-    image_size: int = 256,
+    image_size: int | None = None,
     backbone: str = DEFAULT_BACKBONE,
     dim: int = 64,
     device: str = "cpu",
@@ -216,8 +216,7 @@ def run_evaluation(
         raise ConfigError(
             f"{checkpoint}: meta-trained on backbone {ckpt.backbone_fingerprint}, not {extractor.fingerprint()}"
         )
-    if ckpt is not None:
-        image_size = ckpt.image_size
+    side = ckpt.image_size if ckpt is not None else image_size or default_image_size(backbone)
     pool_root = Path(meta_train_root) if meta_train_root else Path(data_root)
     available_pool = list_categories(pool_root)
     for c in pool_categories or ():
@@ -226,10 +225,10 @@ def run_evaluation(
     pool_categories = list(pool_categories or available_pool)
 
     def extract(images: np.ndarray) -> torch.Tensor:
-        return extractor.extract(images, size=image_size).cpu()
+        return extractor.extract(images, size=side).cpu()
 
-    progress(f"loading {len(categories)} categories at {image_size} px and extracting {extractor.name} features")
-    data: dict[str, CategoryData] = {c: load_category(data_root, c, image_size) for c in categories}
+    progress(f"loading {len(categories)} categories at {side} px and extracting {extractor.name} features")
+    data: dict[str, CategoryData] = {c: load_category(data_root, c, side) for c in categories}
     train_feats = {c: extract(d.train_images).to(torch.float16) for c, d in data.items()}
     test_feats, test_seconds = {}, {}
     for c, d in data.items():
@@ -243,9 +242,7 @@ def run_evaluation(
     injector = AnomalyInjector(TRAINING_KINDS)
     if need_banks:
         for c in pool_categories:
-            pool_data = (
-                data[c] if pool_root == Path(data_root) and c in data else load_category(pool_root, c, image_size)
-            )
+            pool_data = data[c] if pool_root == Path(data_root) and c in data else load_category(pool_root, c, side)
             banks[c] = build_task_bank(c, pool_data.train_images, pool_data.train_ids, extract, injector, seed=seed)
             progress(f"meta-training pool: {c} ({len(pool_data.train_images)} good images + synthetic anomalies)")
 
@@ -254,7 +251,7 @@ def run_evaluation(
         pool_images = (
             data[c].train_images
             if pool_root == Path(data_root) and c in data
-            else load_category(pool_root, c, image_size).train_images
+            else load_category(pool_root, c, side).train_images
         )
         if len(pool_images) > max(shots):
             validation_sets[c] = meta_validation_set(pool_images, extract, max(shots), seed=seed + 1)
@@ -270,7 +267,7 @@ def run_evaluation(
         """Meta-trained once per (pool, prototype): categories outside the pool share one fold."""
         key = (tuple(sorted(fold)), prototype)
         if key not in trained:
-            trained[key] = meta_train_checkpoint(extractor, fold, meta_cfg, image_size, dim, prototype, progress)
+            trained[key] = meta_train_checkpoint(extractor, fold, meta_cfg, side, dim, prototype, progress)
         return trained[key]
 
     def checkpoint_for(kind: str, category: str, fold: dict, pools: dict) -> MetaCheckpoint:
@@ -282,7 +279,7 @@ def run_evaluation(
             check_disjoint({"checkpoint's meta-training": set(ckpt.meta_config.get("pool_sha256", ())), **pools})
             return ckpt
         if kind == "frozen":
-            return _frozen_checkpoint(extractor, fold, image_size, dim)
+            return _frozen_checkpoint(extractor, fold, side, dim)
         return fold_checkpoint(fold, kind)
 
     records: list[dict] = []
@@ -309,9 +306,7 @@ def run_evaluation(
             if normality is not None:
                 priors[c] = normality.as_dict()
         context = MethodContext(inner_steps, target_fpr, provide, extractor)
-        choices = choose_statistics(
-            methods, context, {k: v for k, v in validation_sets.items() if k != c}, shots, image_size
-        )
+        choices = choose_statistics(methods, context, {k: v for k, v in validation_sets.items() if k != c}, shots, side)
         pictures[c] = evaluate_category(
             d,
             methods,
@@ -321,7 +316,7 @@ def run_evaluation(
             test_seconds[c],
             shots,
             seeds,
-            image_size,
+            side,
             target_fpr,
             pools["test"],
             output,
@@ -337,7 +332,7 @@ def run_evaluation(
         "protocol": "leave-one-category-out" if pool_root == Path(data_root) else f"meta-train on {pool_root}",
         "data_root": str(data_root),
         "backbone": extractor.fingerprint(),
-        "image_size": image_size,
+        "image_size": side,
         "inner_steps": inner_steps,
         "augments": augments,
         "episodes": episodes if ckpt is None else None,

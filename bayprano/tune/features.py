@@ -10,13 +10,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from bayprano.platform.model.names import DEFAULT_BACKBONE, default_image_size
 from bayprano.sweep_config import SweepConfig
 from bayprano.platform.fileio import atomic_write_bytes
 from bayprano.tune.spec import FEATURE_SETTINGS
 
 
 def feature_key(settings: Mapping[str, Any]) -> str:
-    return f"{settings.get('backbone', 'efficientnet_lite2')}-{int(settings.get('image_size', 256))}px"
+    backbone = settings.get("backbone", DEFAULT_BACKBONE)
+    return f"{backbone}-{int(settings.get('image_size') or default_image_size(backbone))}px"
 
 
 def _feature_variants(spec: SweepConfig) -> list[dict[str, Any]]:
@@ -27,9 +29,12 @@ def _feature_variants(spec: SweepConfig) -> list[dict[str, Any]]:
     for name in FEATURE_SETTINGS:
         if name in spec.search_space:
             options.append(list(spec.search_space[name].values))
+        elif name == "image_size":
+            options.append([spec.fixed.get(name)])  # None: the backbone's own side
         else:
             options.append([spec.fixed.get(name, fields[name].default)])
-    return [dict(zip(FEATURE_SETTINGS, combo)) for combo in itertools.product(*options)]
+    variants = [dict(zip(FEATURE_SETTINGS, combo)) for combo in itertools.product(*options)]
+    return [{**v, "image_size": v["image_size"] or default_image_size(v["backbone"])} for v in variants]
 
 
 def build_feature_cache(

@@ -90,8 +90,8 @@ def check_trial_values(spec: SweepConfig, source: str) -> None:
 
 def smoke_sweep(spec: SweepConfig) -> SweepConfig:
     """The same sweep shrunk to run in about a minute on 2 cores: the first two values of each grid or
-    choice (the cheap end of shots and inner steps), at most 2 samples, 2 rounds of 2 episodes, 64 px
-    images, the first categories of each group."""
+    choice (the cheap end of shots and inner steps), at most 2 samples, 2 rounds of 2 episodes, 70 px
+    images (a multiple of DINOv2's 14 px patch), the first categories of each group."""
     space = {}
     for name, dim in spec.search_space.items():
         if dim.kind in ("grid", "choice"):
@@ -100,7 +100,7 @@ def smoke_sweep(spec: SweepConfig) -> SweepConfig:
         else:
             space[name] = dim
     fixed = dict(spec.fixed)
-    fixed.update(image_size=64, calibration_episodes=2, n_query_normal=2, n_query_anomalous=2)
+    fixed.update(image_size=70, calibration_episodes=2, n_query_normal=2, n_query_anomalous=2)
     if spec.trainer == "federated":
         fixed.update(local_steps=1, holdout=2)
     update: dict[str, Any] = dict(

@@ -14,7 +14,7 @@ import federation_helpers
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "federated.yaml"
 SMALL = {
-    "image_size": 64,
+    "image_size": 70,
     "shots": 2,
     "n_query_normal": 2,
     "n_query_anomalous": 2,

@@ -129,6 +129,8 @@ def test_resume_from_a_centralised_checkpoint_is_refused(factories, shard_dir, t
                 "2",
                 "--n-query-anomalous",
                 "2",
+                "--backbone",
+                "efficientnet_lite2",
                 "--image-size",
                 "64",
                 "--calibration-episodes",

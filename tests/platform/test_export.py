@@ -1,7 +1,7 @@
 """Export to ONNX and OpenVINO: the exported graphs answer as the torch site model does, through the CLI too.
 
-Site models are adapted from a frozen checkpoint at 64 px on the default backbone (EfficientNet-Lite2)
-and on EfficientNet-Lite0, exported once per module with `bayprano export`, and compared image by image
+Site models are adapted from a frozen checkpoint on the default backbone (DINOv2 ViT-S/14, 70 px) and on
+EfficientNet-Lite2 and -Lite0 (64 px), exported once per module with `bayprano export`, and compared image by image
 with ``SiteModel.score`` on synthetic good and defective images (one of them not at the model's side,
 so the resize is compared too).
 """
@@ -23,7 +23,8 @@ from bayprano.cli import main
 from site_fixtures import defective, frozen_checkpoint, good
 
 SIZE, DIM = 64, 32
-BACKBONES = ("efficientnet_lite2", "efficientnet_lite0")
+BACKBONES = ("dinov2_vits14", "efficientnet_lite2", "efficientnet_lite0")
+SIDES = {"dinov2_vits14": 70}  # a multiple of its 14 px patch; the CNNs take SIZE
 RTOL = 1e-4
 
 
@@ -41,7 +42,8 @@ def exported(request, tmp_path_factory):
     from bayprano.platform.model.site import adapt
 
     extractor = build_backbone(request.param)
-    ckpt = frozen_checkpoint(extractor, np.stack(good("wood", 0, 3) + good("fabric", 0, 3)), SIZE, DIM)
+    side = SIDES.get(request.param, SIZE)
+    ckpt = frozen_checkpoint(extractor, np.stack(good("wood", 0, 3) + good("fabric", 0, 3)), side, DIM)
     site = adapt(ckpt, good("wood", 1, 3), extractor=extractor)
     work = tmp_path_factory.mktemp(f"export-{request.param}")
     site.save(work / "site")
@@ -70,7 +72,7 @@ def test_exported_graph_gives_the_torch_models_statistics_maps_and_decisions(exp
     stat, want = np.array([r.score for r in got]), np.array([r.score for r in expected])
     np.testing.assert_allclose(stat, want, rtol=RTOL)
     for g, e in zip(got, expected):
-        assert g.anomaly_map.shape == e.anomaly_map.shape == (SIZE, SIZE)
+        assert g.anomaly_map.shape == e.anomaly_map.shape == (site.image_size, site.image_size)
         np.testing.assert_allclose(g.anomaly_map, e.anomaly_map, rtol=RTOL, atol=RTOL * float(e.anomaly_map.max()))
     assert [r.decision for r in got] == [r.decision for r in expected]
     np.testing.assert_allclose([r.p_value for r in got], [r.p_value for r in expected], rtol=1e-3, atol=1e-6)
@@ -94,7 +96,7 @@ def test_metadata_is_in_the_graph_and_beside_it(exported):
     props = {p.key: p.value for p in model.metadata_props}
     meta = json.loads(props["bayprano"])
     assert float(props["threshold"]) == meta["threshold"] == site.threshold
-    assert meta["target_fpr"] == site.target_fpr and meta["input"]["image_size"] == SIZE
+    assert meta["target_fpr"] == site.target_fpr and meta["input"]["image_size"] == site.image_size
     assert meta["calibration"] == site.calibration.as_dict()
     assert meta["model_sha256"] == json.loads((folder / "meta.json").read_text())["model_sha256"]
     assert meta["normalisation"]["mean"] == pytest.approx(site.extractor.mean.flatten().tolist())
@@ -106,7 +108,7 @@ def test_metadata_is_in_the_graph_and_beside_it(exported):
         "model.bin",
     }
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert inputs == {"image": ["batch", 3, SIZE, SIZE]}
+    assert inputs == {"image": ["batch", 3, site.image_size, site.image_size]}
 
 
 def test_exported_file_scores_through_the_cli_as_the_torch_model(exported, tmp_path):

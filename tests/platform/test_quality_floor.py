@@ -21,7 +21,8 @@ from bayprano.platform.data.synth import DEFECT_TYPES, render_defective, render_
 from bayprano.platform.evaluate import frozen_checkpoint_from_statistics
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.metrics import image_auroc
-from bayprano.platform.model.backbone import DEFAULT_BACKBONE, build_backbone
+from bayprano.platform.model.backbone import build_backbone
+from bayprano.platform.model.names import LITE2_BACKBONE
 from bayprano.platform.model.scoring import DECISIONS, decide, relative_sd
 from bayprano.platform.model.site import adapt
 
@@ -62,8 +63,8 @@ def pixel_hashes(images) -> set[str]:
 
 @pytest.fixture(scope="module")
 def lite2():
-    extractor = build_backbone()
-    assert extractor.name == DEFAULT_BACKBONE == "efficientnet_lite2"
+    extractor = build_backbone(LITE2_BACKBONE)
+    assert extractor.name == "efficientnet_lite2"
     return extractor
 
 

@@ -89,7 +89,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
             r = requests.get(f"{url}/readyz", timeout=5)
             if r.status_code == 200 and r.headers.get("X-Frame-Options") == "DENY" and r.json() == {"status": "ok"}:
                 return "ours"
-            if "X-Frame-Options" not in r.headers and r.status_code != 503:
+            # Serve's proxy answers 404 for a route whose application is still deploying, 503 while it starts
+            if "X-Frame-Options" not in r.headers and r.status_code not in (404, 503):
                 return "taken"
         except (requests.RequestException, ValueError):  # not listening yet, or the proxy is still starting
             pass

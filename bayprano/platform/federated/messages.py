@@ -34,7 +34,7 @@ import numpy as np
 
 from bayprano.platform.federated.secagg import MaskedUpdate
 from bayprano.platform.meta.protomaml import MetaConfig
-from bayprano.platform.model.names import DEFAULT_BACKBONE
+from bayprano.platform.model.names import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
 
 
 # ------------------------------------------------------------------------------------- downward
@@ -45,7 +45,7 @@ class SiteSettings:
     """What every site of a run runs: one object from the run's config, carried to each site as is."""
 
     backbone: str = DEFAULT_BACKBONE
-    image_size: int = 256
+    image_size: int = DEFAULT_IMAGE_SIZE
     dim: int = 64
     seed: int = 0
     holdout: int = 4  # train/good images per category kept back for validation

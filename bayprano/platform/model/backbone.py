@@ -39,7 +39,7 @@ from bayprano.platform.model.backbone_lite import (
     build_random,
 )
 from bayprano.platform.model.backbone_torchvision import TORCHVISION_BACKBONES, build_torchvision
-from bayprano.platform.model.names import DEFAULT_BACKBONE, DINOV2_BACKBONE
+from bayprano.platform.model.names import DEFAULT_BACKBONE, DINOV2_BACKBONE, LITE2_BACKBONE
 from bayprano.platform.model.extractor import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -67,7 +67,7 @@ __all__ = [
     "resolve_device",
 ]
 
-BUILTIN_BACKBONES = (DEFAULT_BACKBONE, "efficientnet_lite0", "efficientnet_lite1", DINOV2_BACKBONE, RANDOM_BACKBONE)
+BUILTIN_BACKBONES = (DINOV2_BACKBONE, LITE2_BACKBONE, "efficientnet_lite0", "efficientnet_lite1", RANDOM_BACKBONE)
 BACKBONES = BUILTIN_BACKBONES + TORCHVISION_BACKBONES
 
 

@@ -164,11 +164,11 @@ def test_site_settings_from_a_config_carry_the_meta_training_settings_and_the_ru
         inner_steps=2,
         seed=5,
         second_order=True,
-        image_size=64,
+        image_size=70,
         holdout=2,
     )
     settings = SiteSettings.from_config(cfg)
-    assert (settings.image_size, settings.seed, settings.holdout) == (64, 5, 2)
+    assert (settings.image_size, settings.seed, settings.holdout) == (70, 5, 2)
     assert (settings.meta.shots, settings.meta.inner_steps, settings.meta.seed) == (3, 2, 5)
     assert settings.meta.first_order is False
     recorded = settings.meta_settings()

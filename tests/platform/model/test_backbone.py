@@ -95,7 +95,7 @@ def assert_trunk_is_the_packaged_file(extractor: PatchFeatureExtractor, path: Pa
 
 @pytest.fixture(scope="module")
 def lite2() -> PatchFeatureExtractor:
-    return build_backbone()
+    return build_backbone("efficientnet_lite2")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def resnet18(resnet18_file) -> PatchFeatureExtractor:
 
 
 def test_lite2_shapes_and_strides(lite2):
-    assert DEFAULT_BACKBONE == "efficientnet_lite2" and lite2.name == "efficientnet_lite2"
+    assert DEFAULT_BACKBONE == "dinov2_vits14" and lite2.name == "efficientnet_lite2"
     assert lite2.stride == 8 and lite2.out_channels == 48 + 120
     assert lite2.layers == ("_blocks.6", "_blocks.14")
     with torch.inference_mode():
@@ -241,7 +241,9 @@ def test_fingerprints_tell_backbones_apart(lite2, random_control, resnet18):
 
 
 def test_frozen_in_eval_mode_with_fixed_batchnorm():
-    lite2 = build_backbone()  # its own: a BatchNorm forced into training counts batches, which the shared one must not
+    lite2 = build_backbone(
+        "efficientnet_lite2"
+    )  # its own: a BatchNorm forced into training counts batches, which the shared one must not
     assert all(not p.requires_grad for p in lite2.parameters())
     before = {k: v.clone() for k, v in lite2.state_dict().items()}
     try:
@@ -270,7 +272,9 @@ def test_extract_is_the_whole_network_on_independently_normalised_images(lite2):
 def test_deterministic(lite2, random_control):
     images = rand_images(3, seed=5)
     first = lite2.extract(images)
-    torch.testing.assert_close(build_backbone().extract(images), first, atol=0, rtol=0)  # a fresh build, same bits
+    torch.testing.assert_close(
+        build_backbone("efficientnet_lite2").extract(images), first, atol=0, rtol=0
+    )  # a fresh build, same bits
     again = build_backbone("random")
     torch.testing.assert_close(random_control.extract(images), again.extract(images), atol=0, rtol=0)
     assert not torch.allclose(random_control.extract(images), first[:, : random_control.out_channels])
