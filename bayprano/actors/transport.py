@@ -42,6 +42,39 @@ def wire_bytes(reply: Any) -> int:
     return len(pickle.dumps(reply, protocol=5))
 
 
+def share_calls(server: SecAggServer) -> dict[str, tuple[str, tuple]]:
+    """The share-keys request to each site that advertised: the roster, the threshold, the neighbours."""
+    return {
+        s: ("secagg_share", (server.instance, server.roster, server.threshold, server.neighbours))
+        for s in server.roster
+    }
+
+
+def mask_context(server: SecAggServer, site: str, round: int, attempt: int) -> SecAggContext:
+    """What ``site`` is told of the instance with the request for its masked vector."""
+    return SecAggContext(
+        instance=server.instance,
+        roster=server.roster,
+        shared=tuple(server.shared),
+        neighbours=server.neighbours,
+        round=round,
+        attempt=attempt,
+    )
+
+
+def unmask_calls(server: SecAggServer, survivors: list[str]) -> dict[str, tuple[str, tuple]]:
+    """The unmask request to each survivor: the survivors, the sites of U2 that dropped, the ciphertexts
+    addressed to it."""
+    dropped = sorted(set(server.shared) - set(survivors))
+    return {
+        s: (
+            "secagg_unmask",
+            (server.instance, server.roster, survivors, dropped, server.inbox(s), server.threshold, server.neighbours),
+        )
+        for s in survivors
+    }
+
+
 @dataclass
 class Gathered:
     """What one gather got: the replies by site, the sites late or failed (sorted), and the failures' errors."""
@@ -195,28 +228,14 @@ class SiteTransport:
             except ConfigError as exc:
                 self.log(f"{purpose} {round}: {len(roster)} site(s) sent keys: {exc}")
                 return None
-            shared = self.gather(
-                "share",
-                round,
-                {s: ("secagg_share", (instance, roster, threshold, neighbours)) for s in roster},
-                timeout,
-                attempt=attempt,
-            ).replies
             server = SecAggServer(instance, roster, threshold, neighbours)
+            shared = self.gather("share", round, share_calls(server), timeout, attempt=attempt).replies
             server.route({s: r.shares for s, r in shared.items() if isinstance(r, SharesReply)})
-            context = SecAggContext(
-                instance=instance,
-                roster=roster,
-                shared=tuple(server.shared),
-                neighbours=neighbours,
-                round=round,
-                attempt=attempt,
-            )
             hook = None if after_submit is None else functools.partial(after_submit, attempt, list(server.shared))
             got = self.gather(
                 purpose,
                 round,
-                {s: masked_call(s, context) for s in server.shared},
+                {s: masked_call(s, mask_context(server, s, round, attempt)) for s in server.shared},
                 timeout,
                 after_submit=hook,
                 attempt=attempt,
@@ -237,17 +256,7 @@ class SiteTransport:
             if len(survivors) < quorum:  # nothing is unmasked: the masked inputs stay meaningless
                 self.log(f"{purpose} {round}: {len(survivors)} site(s) answered, quorum is {quorum}")
                 return None
-            lost = sorted(set(server.shared) - set(survivors))
-            revealed = self.gather(
-                "unmask",
-                round,
-                {
-                    s: ("secagg_unmask", (instance, roster, survivors, lost, server.inbox(s), threshold, neighbours))
-                    for s in survivors
-                },
-                timeout,
-                attempt=attempt,
-            ).replies
+            revealed = self.gather("unmask", round, unmask_calls(server, survivors), timeout, attempt=attempt).replies
             try:
                 total = server.finish(masked, {s: r.shares for s, r in revealed.items() if isinstance(r, SharesReply)})
             except DataError as exc:
