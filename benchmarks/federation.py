@@ -216,17 +216,18 @@ def protocol_cost(n: int, neighbours: int, size: int | None = None) -> list[dict
         t0 = time.perf_counter()
         roster = {s: c.advertise() for s, c in clients.items()}
         site_seconds = (time.perf_counter() - t0) / n
-        t0 = time.perf_counter()
-        shares = {s: c.share_keys(roster, t, k) for s, c in clients.items()}
-        site_seconds += (time.perf_counter() - t0) / n
         server = SecAggServer(instance, roster, t, k)
+        views = {s: server.roster_for(s) for s in sites}
+        t0 = time.perf_counter()
+        shares = {s: c.share_keys(views[s], t, k) for s, c in clients.items()}
+        site_seconds += (time.perf_counter() - t0) / n
         server.route(shares)
         dropped = sites[-1]
         t0 = time.perf_counter()
-        masked = {s: c.mask(vector, roster, server.shared, k, 0, 0) for s, c in clients.items() if s != dropped}
+        masked = {s: c.mask(vector, views[s], server.shared, k, 0, 0) for s, c in clients.items() if s != dropped}
         site_seconds += (time.perf_counter() - t0) / len(masked)
         t0 = time.perf_counter()
-        revealed = {s: clients[s].unmask(roster, list(masked), [dropped], server.inbox(s), t, k) for s in masked}
+        revealed = {s: clients[s].unmask(views[s], list(masked), [dropped], server.inbox(s), t, k) for s in masked}
         site_seconds += (time.perf_counter() - t0) / len(masked)
         t0 = time.perf_counter()
         server.finish(masked, revealed)

@@ -9,10 +9,13 @@ to ``transcript`` with its stage, and every update and validation reply to ``rec
 pending at the deadline is abandoned, never read (``abandoned`` keeps the last few).
 
 ``SiteTransport.secure_sum`` runs one sum as an instance of the double-masking protocol
-(``platform.federated.secagg``): advertise keys, share them, masked inputs, unmask. A site that is late
-or dead after sharing its keys is dropped and its pairwise masks removed from the survivors' sum: no
-redo. Only when the survivors cannot remove the masks is the sum retried, as a new instance with fresh
-keys, masks and local episodes, while every reply still pending from the old one is abandoned unread.
+(``platform.federated.secagg``): advertise keys, share them, masked inputs, unmask; at each step after
+the first a site is sent the ids of the instance's sites and the keys of its neighbours only
+(``share_calls``, ``mask_context``, ``unmask_calls``), so its download grows with its neighbours. A site
+that is late or dead after sharing its keys is dropped and its pairwise masks removed from the
+survivors' sum: no redo. Only when the survivors cannot remove the masks is the sum retried, as a new
+instance with fresh keys, masks and local episodes, while every reply still pending from the old one is
+abandoned unread.
 
 With ``private`` (under DP) the logs name no site: who took part is part of the secret.
 """
@@ -43,18 +46,20 @@ def wire_bytes(reply: Any) -> int:
 
 
 def share_calls(server: SecAggServer) -> dict[str, tuple[str, tuple]]:
-    """The share-keys request to each site that advertised: the roster, the threshold, the neighbours."""
+    """The share-keys request to each site that advertised: its view of the roster (every site's id, its
+    own and its neighbours' keys), the threshold, the neighbours setting."""
     return {
-        s: ("secagg_share", (server.instance, server.roster, server.threshold, server.neighbours))
+        s: ("secagg_share", (server.instance, server.roster_for(s), server.threshold, server.neighbours))
         for s in server.roster
     }
 
 
 def mask_context(server: SecAggServer, site: str, round: int, attempt: int) -> SecAggContext:
-    """What ``site`` is told of the instance with the request for its masked vector."""
+    """What ``site`` is told of the instance with the request for its masked vector: its view of the
+    roster and the sites that shared their keys."""
     return SecAggContext(
         instance=server.instance,
-        roster=server.roster,
+        roster=server.roster_for(site),
         shared=tuple(server.shared),
         neighbours=server.neighbours,
         round=round,
@@ -63,13 +68,21 @@ def mask_context(server: SecAggServer, site: str, round: int, attempt: int) -> S
 
 
 def unmask_calls(server: SecAggServer, survivors: list[str]) -> dict[str, tuple[str, tuple]]:
-    """The unmask request to each survivor: the survivors, the sites of U2 that dropped, the ciphertexts
-    addressed to it."""
+    """The unmask request to each survivor: its view of the roster, the survivors, the sites of U2 that
+    dropped, the ciphertexts addressed to it."""
     dropped = sorted(set(server.shared) - set(survivors))
     return {
         s: (
             "secagg_unmask",
-            (server.instance, server.roster, survivors, dropped, server.inbox(s), server.threshold, server.neighbours),
+            (
+                server.instance,
+                server.roster_for(s),
+                survivors,
+                dropped,
+                server.inbox(s),
+                server.threshold,
+                server.neighbours,
+            ),
         )
         for s in survivors
     }
