@@ -11,9 +11,9 @@ round and an attempt) has four steps:
    self-mask seed ``b``, all from a 32-byte master secret that never leaves it; it sends the two
    public keys.
 2. Share keys (``share_keys``): the server sends each site its view of the roster (``SiteRoster``,
-   ``SecAggServer.roster_for``): the id of every site that advertised and the advertisements of the
-   site itself and of its neighbours, nothing more, so that a site's download grows with k (and by
-   one short id a site with N). Each site computes its neighbours from the ids and the instance
+   ``SecAggServer.roster_for``): the advertisements of the site itself and of its neighbours and the
+   ids of the other sites that advertised, nothing more, so that a site's download grows with k (and
+   by one short id a site with N). Each site computes its neighbours from the ids and the instance
    (``neighbour_graph``: every other site, or ``neighbours`` of them on a ring in an order drawn from
    the instance, so a site's cost grows with k, not with N), checks that its own entry is its own
    keys and that it got every neighbour's (a missing one is refused, by name; an advertisement of a
@@ -256,12 +256,17 @@ class Advertisement:
 
 @dataclass(frozen=True)
 class SiteRoster:
-    """What one site is sent of an instance's roster: the id of every site that advertised (the neighbour
-    graph is computed from them and the instance) and the advertisements of the site and of its
-    neighbours, the only keys it uses."""
+    """What one site is sent of an instance's roster: the advertisements of the site and of its
+    neighbours, the only keys it uses, and the ids of the other sites that advertised, so that it can
+    compute the neighbour graph (from every site's id and the instance)."""
 
-    sites: tuple[str, ...]
-    advertisements: Mapping[str, Advertisement]
+    advertisements: tuple[Advertisement, ...]
+    other_sites: tuple[str, ...]
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Every site of the instance, sorted."""
+        return tuple(sorted([a.site_id for a in self.advertisements] + list(self.other_sites)))
 
 
 # -------------------------------------------------------------------------------------- a site
@@ -305,9 +310,17 @@ class SecAggClient:
         ``SiteRoster``, or every site's advertisement by id. Refuses a roster without this site's own keys
         or without the advertisement of one of its neighbours; those of other sites are not used."""
         if isinstance(roster, SiteRoster):
-            sites, given = tuple(roster.sites), roster.advertisements
+            for adv in roster.advertisements:
+                if not isinstance(adv, Advertisement):
+                    raise DataError(
+                        f"secure aggregation: site {self.site_id!r}: the roster holds a {type(adv).__name__} "
+                        "where an advertisement belongs"
+                    )
+            entries = [(a.site_id, a) for a in roster.advertisements]
+            sites = (*(sid for sid, _ in entries), *roster.other_sites)
         elif isinstance(roster, Mapping):
-            sites, given = tuple(roster), roster
+            entries = list(roster.items())
+            sites = tuple(roster)
         else:
             raise DataError(
                 f"secure aggregation: site {self.site_id!r}: the roster is a {type(roster).__name__}, not a SiteRoster"
@@ -320,7 +333,8 @@ class SecAggClient:
                 f"secure aggregation: site {self.site_id!r}: the roster lists site(s) {', '.join(repeated)} "
                 "more than once"
             )
-        for sid, adv in given.items():
+        given = dict(entries)
+        for sid, adv in entries:
             if not isinstance(adv, Advertisement) or adv.site_id != sid or adv.instance != self.instance:
                 raise DataError(
                     f"secure aggregation: site {self.site_id!r}: roster entry for {sid!r} is not an "
@@ -504,7 +518,10 @@ class SecAggServer:
         neighbours (with the full graph, everyone's)."""
         if site not in self.roster:
             raise DataError(f"secure aggregation: site {site!r} did not advertise keys for instance {self.instance}")
-        return SiteRoster(self.sites, {s: self.roster[s] for s in sorted((site, *self.graph[site]))})
+        holders = {site, *self.graph[site]}
+        return SiteRoster(
+            tuple(self.roster[s] for s in sorted(holders)), tuple(s for s in self.sites if s not in holders)
+        )
 
     def route(self, shares: Mapping[str, Mapping[str, bytes]]) -> None:
         """Take each sender's {recipient: ciphertext}; the senders are the sites that shared (U2)."""

@@ -262,7 +262,8 @@ def test_a_roster_without_a_neighbours_keys_is_refused_naming_the_neighbour():
     c = clients[site]
     missing = server.graph[site][0]
     full = sent["share"][site][1]
-    short = SiteRoster(full.sites, {s: a for s, a in full.advertisements.items() if s != missing})
+    # the server names the neighbour among the sites but withholds its keys
+    short = SiteRoster(tuple(a for a in full.advertisements if a.site_id != missing), (*full.other_sites, missing))
     refusal = f"site '{site}': the roster has no advertisement of its neighbour\\(s\\) {missing}$"
     with pytest.raises(DataError, match=refusal):
         c.share_keys(short, server.threshold, 4)
@@ -272,9 +273,13 @@ def test_a_roster_without_a_neighbours_keys_is_refused_naming_the_neighbour():
     _, _, survivors, dropped, inbox, threshold, _ = sent["unmask"][site]
     with pytest.raises(DataError, match=refusal):
         c.unmask(short, survivors, dropped, inbox, threshold, 4)
+    twice = SiteRoster(full.advertisements, (*full.other_sites, missing))
+    with pytest.raises(DataError, match=f"the roster lists site\\(s\\) {missing} more than once"):
+        c.share_keys(twice, server.threshold, 4)
     # its own entry must be its own keys
     impostor = SecAggClient(site, os.urandom(32), "inst").advertise()
+    others = tuple(a for a in full.advertisements if a.site_id != site)
     with pytest.raises(DataError, match="site 'site-0' is not in the roster with its own keys"):
-        c.share_keys(SiteRoster(full.sites, {**full.advertisements, site: impostor}), server.threshold, 4)
+        c.share_keys(SiteRoster((impostor, *others), full.other_sites), server.threshold, 4)
     # keys of sites that are not neighbours are not used: the whole roster gives the same shares
     assert c.share_keys(server.roster, server.threshold, 4) == c.share_keys(full, server.threshold, 4)
