@@ -191,18 +191,18 @@ def run_one(n: int, shard_dir: Path, args, work: Path, mode: str = "plain") -> d
 
 def protocol_cost(n: int, neighbours: int, size: int | None = None) -> list[dict]:
     """One double-masking instance over ``n`` sites (one drops after sharing), full graph and sparse; and
-    the replaced pairwise-only protocol's bytes. Sizes are pickled messages, as on the wire."""
-    import pickle
-
+    the replaced pairwise-only protocol's bytes. Sizes are pickled messages, as on the wire: a site's
+    download is the three requests the Coordinator's transport sends it (share keys, the secure-aggregation
+    context of the masked-input request, unmask), built by the transport's own functions."""
     import numpy as np
 
+    from bayprano.actors.transport import mask_context, share_calls, unmask_calls, wire_bytes as wire
     from bayprano.platform.federated.secagg import SecAggClient, SecAggServer, check_settings
     from bayprano.platform.model.bayes import BayesianPatchModel
     from bayprano.platform.federated.state import ParameterLayout
 
     if size is None:  # the federated vector of the benchmark's model (EfficientNet-Lite2 features, d = 64)
         size = ParameterLayout.from_model(BayesianPatchModel(168, 64)).size + 2
-    wire = lambda x: len(pickle.dumps(x, protocol=5))  # noqa: E731
     vector = np.random.default_rng(0).normal(0, 0.01, size)
     sites = [f"site-{i:03d}" for i in range(n)]
     out = []
@@ -216,23 +216,26 @@ def protocol_cost(n: int, neighbours: int, size: int | None = None) -> list[dict
         t0 = time.perf_counter()
         roster = {s: c.advertise() for s, c in clients.items()}
         site_seconds = (time.perf_counter() - t0) / n
-        t0 = time.perf_counter()
-        shares = {s: c.share_keys(roster, t, k) for s, c in clients.items()}
-        site_seconds += (time.perf_counter() - t0) / n
         server = SecAggServer(instance, roster, t, k)
+        views = {s: server.roster_for(s) for s in sites}
+        t0 = time.perf_counter()
+        shares = {s: c.share_keys(views[s], t, k) for s, c in clients.items()}
+        site_seconds += (time.perf_counter() - t0) / n
         server.route(shares)
         dropped = sites[-1]
         t0 = time.perf_counter()
-        masked = {s: c.mask(vector, roster, server.shared, k, 0, 0) for s, c in clients.items() if s != dropped}
+        masked = {s: c.mask(vector, views[s], server.shared, k, 0, 0) for s, c in clients.items() if s != dropped}
         site_seconds += (time.perf_counter() - t0) / len(masked)
         t0 = time.perf_counter()
-        revealed = {s: clients[s].unmask(roster, list(masked), [dropped], server.inbox(s), t, k) for s in masked}
+        revealed = {s: clients[s].unmask(views[s], list(masked), [dropped], server.inbox(s), t, k) for s in masked}
         site_seconds += (time.perf_counter() - t0) / len(masked)
         t0 = time.perf_counter()
         server.finish(masked, revealed)
         server_seconds = time.perf_counter() - t0
         up = wire(roster[me]) + wire(shares[me]) + wire(masked[me]) + wire(revealed[me])
-        down = wire(roster) + wire(server.inbox(me)) + wire((list(masked), [dropped], server.inbox(me)))
+        _, share_args = share_calls(server)[me]
+        _, unmask_args = unmask_calls(server, sorted(masked))[me]
+        down = wire(share_args) + wire(mask_context(server, me, 0, 0)) + wire(unmask_args)
         out.append(
             {
                 "sites": n,

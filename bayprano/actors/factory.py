@@ -71,7 +71,7 @@ from bayprano.platform.federated.messages import (
     ValidationReply,
 )
 from bayprano.platform.federated.privacy import clip_update
-from bayprano.platform.federated.secagg import SecAggClient
+from bayprano.platform.federated.secagg import SecAggClient, SiteRoster
 from bayprano.platform.federated.summaries import feature_vector, normality_shots, validation_vector
 from bayprano.platform.federated.state import ParameterLayout, decode_update, encode_update
 from bayprano.platform.meta.protomaml import TaskBank, build_task_bank, calibrate, feature_sums, normal_log_statistics
@@ -218,15 +218,13 @@ class FactorySite:
     def secagg_advertise(self, instance: str):
         return self._client(instance).advertise()
 
-    def secagg_share(
-        self, instance: str, roster: Mapping[str, Any], threshold: int, neighbours: int | None
-    ) -> SharesReply:
+    def secagg_share(self, instance: str, roster: SiteRoster, threshold: int, neighbours: int | None) -> SharesReply:
         return SharesReply(self.site, instance, self._client(instance).share_keys(roster, threshold, neighbours))
 
     def secagg_unmask(
         self,
         instance: str,
-        roster: Mapping[str, Any],
+        roster: SiteRoster,
         survivors: list[str],
         dropped: list[str],
         inbox: Mapping[str, bytes],
@@ -285,8 +283,9 @@ class FactorySite:
     def local_update(
         self, round: int, attempt: int, global_bytes: bytes, secagg: SecAggContext | None, instruction: RoundInstruction
     ) -> UpdateReply | MaskedReply:
-        """This round's delta: with ``secagg`` (the instance, roster and sites that shared) one masked vector
-        [weight * delta, weight] (+ [loss] without DP); else the encoded delta with its weight and metrics."""
+        """This round's delta: with ``secagg`` (the instance, its view of the roster and the sites that
+        shared) one masked vector [weight * delta, weight] (+ [loss] without DP); else the encoded delta
+        with its weight and metrics."""
         start = self._load_global(global_bytes, instruction)
         delta, metrics = self.local_delta(round, attempt, start, instruction)
         norm = float(delta.norm())

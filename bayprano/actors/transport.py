@@ -9,10 +9,13 @@ to ``transcript`` with its stage, and every update and validation reply to ``rec
 pending at the deadline is abandoned, never read (``abandoned`` keeps the last few).
 
 ``SiteTransport.secure_sum`` runs one sum as an instance of the double-masking protocol
-(``platform.federated.secagg``): advertise keys, share them, masked inputs, unmask. A site that is late
-or dead after sharing its keys is dropped and its pairwise masks removed from the survivors' sum: no
-redo. Only when the survivors cannot remove the masks is the sum retried, as a new instance with fresh
-keys, masks and local episodes, while every reply still pending from the old one is abandoned unread.
+(``platform.federated.secagg``): advertise keys, share them, masked inputs, unmask; at each step after
+the first a site is sent the ids of the instance's sites and the keys of its neighbours only
+(``share_calls``, ``mask_context``, ``unmask_calls``), so its download grows with its neighbours. A site
+that is late or dead after sharing its keys is dropped and its pairwise masks removed from the
+survivors' sum: no redo. Only when the survivors cannot remove the masks is the sum retried, as a new
+instance with fresh keys, masks and local episodes, while every reply still pending from the old one is
+abandoned unread.
 
 With ``private`` (under DP) the logs name no site: who took part is part of the secret.
 """
@@ -40,6 +43,49 @@ KEPT_ABANDONED = 32
 def wire_bytes(reply: Any) -> int:
     """The size of what a site sent: its reply as serialised for the wire (pickle protocol 5)."""
     return len(pickle.dumps(reply, protocol=5))
+
+
+def share_calls(server: SecAggServer) -> dict[str, tuple[str, tuple]]:
+    """The share-keys request to each site that advertised: its view of the roster (every site's id, its
+    own and its neighbours' keys), the threshold, the neighbours setting."""
+    return {
+        s: ("secagg_share", (server.instance, server.roster_for(s), server.threshold, server.neighbours))
+        for s in server.roster
+    }
+
+
+def mask_context(server: SecAggServer, site: str, round: int, attempt: int) -> SecAggContext:
+    """What ``site`` is told of the instance with the request for its masked vector: its view of the
+    roster and the sites that shared their keys."""
+    return SecAggContext(
+        instance=server.instance,
+        roster=server.roster_for(site),
+        shared=tuple(server.shared),
+        neighbours=server.neighbours,
+        round=round,
+        attempt=attempt,
+    )
+
+
+def unmask_calls(server: SecAggServer, survivors: list[str]) -> dict[str, tuple[str, tuple]]:
+    """The unmask request to each survivor: its view of the roster, the survivors, the sites of U2 that
+    dropped, the ciphertexts addressed to it."""
+    dropped = sorted(set(server.shared) - set(survivors))
+    return {
+        s: (
+            "secagg_unmask",
+            (
+                server.instance,
+                server.roster_for(s),
+                survivors,
+                dropped,
+                server.inbox(s),
+                server.threshold,
+                server.neighbours,
+            ),
+        )
+        for s in survivors
+    }
 
 
 @dataclass
@@ -195,28 +241,14 @@ class SiteTransport:
             except ConfigError as exc:
                 self.log(f"{purpose} {round}: {len(roster)} site(s) sent keys: {exc}")
                 return None
-            shared = self.gather(
-                "share",
-                round,
-                {s: ("secagg_share", (instance, roster, threshold, neighbours)) for s in roster},
-                timeout,
-                attempt=attempt,
-            ).replies
             server = SecAggServer(instance, roster, threshold, neighbours)
+            shared = self.gather("share", round, share_calls(server), timeout, attempt=attempt).replies
             server.route({s: r.shares for s, r in shared.items() if isinstance(r, SharesReply)})
-            context = SecAggContext(
-                instance=instance,
-                roster=roster,
-                shared=tuple(server.shared),
-                neighbours=neighbours,
-                round=round,
-                attempt=attempt,
-            )
             hook = None if after_submit is None else functools.partial(after_submit, attempt, list(server.shared))
             got = self.gather(
                 purpose,
                 round,
-                {s: masked_call(s, context) for s in server.shared},
+                {s: masked_call(s, mask_context(server, s, round, attempt)) for s in server.shared},
                 timeout,
                 after_submit=hook,
                 attempt=attempt,
@@ -237,17 +269,7 @@ class SiteTransport:
             if len(survivors) < quorum:  # nothing is unmasked: the masked inputs stay meaningless
                 self.log(f"{purpose} {round}: {len(survivors)} site(s) answered, quorum is {quorum}")
                 return None
-            lost = sorted(set(server.shared) - set(survivors))
-            revealed = self.gather(
-                "unmask",
-                round,
-                {
-                    s: ("secagg_unmask", (instance, roster, survivors, lost, server.inbox(s), threshold, neighbours))
-                    for s in survivors
-                },
-                timeout,
-                attempt=attempt,
-            ).replies
+            revealed = self.gather("unmask", round, unmask_calls(server, survivors), timeout, attempt=attempt).replies
             try:
                 total = server.finish(masked, {s: r.shares for s, r in revealed.items() if isinstance(r, SharesReply)})
             except DataError as exc:

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bayprano.platform.federated.secagg import MaskedUpdate
+from bayprano.platform.federated.secagg import MaskedUpdate, SiteRoster
 from bayprano.platform.meta.protomaml import MetaConfig
 from bayprano.platform.model.names import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
 
@@ -101,11 +101,12 @@ class RoundInstruction:
 
 @dataclass(frozen=True)
 class SecAggContext:
-    """The secure-aggregation instance a masked reply is for: its id, roster of public keys, the sites
-    that shared their keys, the neighbour count, and the round and attempt it belongs to."""
+    """The secure-aggregation instance a masked reply is for: its id, the receiving site's view of the
+    roster (every site's id, its own and its neighbours' public keys), the sites that shared their keys,
+    the neighbour count, and the round and attempt it belongs to."""
 
     instance: str
-    roster: Mapping[str, Any]
+    roster: SiteRoster
     shared: tuple[str, ...]
     neighbours: int | None
     round: int

@@ -10,21 +10,28 @@ round and an attempt) has four steps:
    instance, ``c`` (to encrypt shares to its peers) and ``s`` (for pairwise masks), and a private
    self-mask seed ``b``, all from a 32-byte master secret that never leaves it; it sends the two
    public keys.
-2. Share keys (``share_keys``): the server sends everyone the roster of public keys. Each site
-   computes its neighbours (``neighbour_graph``: every other site, or ``neighbours`` of them on a
-   ring in an order drawn from the instance, so a site's cost grows with k, not with N), splits ``b``
-   and its ``s`` private key into Shamir shares held by itself and its k neighbours (any t recover
-   either) and sends each neighbour's pair of shares encrypted to it (ChaCha20-Poly1305 under a key from the ``c`` agreement):
-   the server only relays them.
-3. Masked input (``mask``): to the sites that shared (U2), the server relays the ciphertexts addressed
-   to each. A site sends y = x + PRG(b) + sum over its neighbours v in U2 of +-PRG(s_uv), in fixed
-   point modulo 2**64 (PRG: ChaCha20 keystream; s_uv from the ``s`` agreement through HKDF; + when
-   v's id sorts after u's).
+2. Share keys (``share_keys``): the server sends each site its view of the roster (``SiteRoster``,
+   ``SecAggServer.roster_for``): the advertisements of the site itself and of its neighbours and the
+   ids of the other sites that advertised, nothing more, so that a site's download grows with k (and
+   by one short id a site with N). Each site computes its neighbours from the ids and the instance
+   (``neighbour_graph``: every other site, or ``neighbours`` of them on a ring in an order drawn from
+   the instance, so a site's cost grows with k, not with N), checks that its own entry is its own
+   keys and that it got every neighbour's (a missing one is refused, by name; an advertisement of a
+   site that is not a neighbour is ignored), splits ``b`` and its ``s`` private key into Shamir shares
+   held by itself and its k neighbours (any t recover either) and sends each neighbour's pair of
+   shares encrypted to it (ChaCha20-Poly1305 under a key from the ``c`` agreement): the server only
+   relays them.
+3. Masked input (``mask``): the server asks the sites that shared (U2), each with its view of the
+   roster and the ids of U2. A site sends y = x + PRG(b) + sum over its neighbours v in U2 of
+   +-PRG(s_uv), in fixed point modulo 2**64 (PRG: ChaCha20 keystream; s_uv from the ``s`` agreement
+   through HKDF; + when v's id sorts after u's).
 4. Unmask (``unmask``): the sites whose masked input arrived are the survivors (U3); the others of U2
-   dropped. The server asks the survivors: for each neighbour that survived, its share of b; for each
-   that dropped, its share of the ``s`` private key. A site answers once per instance and never gives
-   both kinds for one peer (a peer listed both as survivor and as dropped, or a second request, is
-   refused), so the server never holds both secrets of one site. With t shares the server
+   dropped. The server asks the survivors, each with its view of the roster, the ids of the survivors
+   and of the dropped sites and the ciphertexts addressed to it: for each neighbour that survived, its
+   share of b; for each that dropped, its share of the ``s`` private key (shares from a site that is
+   not its neighbour are refused). A site answers once per instance and never gives both kinds for
+   one peer (a peer listed both as survivor and as dropped, or a second request, is refused), so the
+   server never holds both secrets of one site. With t shares the server
    (``SecAggServer.finish``) removes every survivor's self-mask and the pairwise masks that survivors
    shared with dropped sites: what remains is the survivors' sum.
 
@@ -247,6 +254,21 @@ class Advertisement:
     s_public: bytes
 
 
+@dataclass(frozen=True)
+class SiteRoster:
+    """What one site is sent of an instance's roster: the advertisements of the site and of its
+    neighbours, the only keys it uses, and the ids of the other sites that advertised, so that it can
+    compute the neighbour graph (from every site's id and the instance)."""
+
+    advertisements: tuple[Advertisement, ...]
+    other_sites: tuple[str, ...]
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Every site of the instance, sorted."""
+        return tuple(sorted([a.site_id for a in self.advertisements] + list(self.other_sites)))
+
+
 # -------------------------------------------------------------------------------------- a site
 
 
@@ -281,27 +303,63 @@ class SecAggClient:
     def _channel(self, peer: str, peer_c_public: bytes, sender: str, recipient: str) -> ChaCha20Poly1305:
         return ChaCha20Poly1305(_hkdf(_agree(self._c, peer_c_public, peer), "enc", self.instance, sender, recipient))
 
-    def _roster(self, roster: Mapping[str, Advertisement]) -> dict[str, Advertisement]:
-        out = {}
-        for sid, adv in roster.items():
+    def _roster(
+        self, roster: SiteRoster | Mapping[str, Advertisement], neighbours: int | None
+    ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Advertisement]]:
+        """(every site, this site's neighbours, their advertisements and its own) from ``roster``: a
+        ``SiteRoster``, or every site's advertisement by id. Refuses a roster without this site's own keys
+        or without the advertisement of one of its neighbours; those of other sites are not used."""
+        if isinstance(roster, SiteRoster):
+            for adv in roster.advertisements:
+                if not isinstance(adv, Advertisement):
+                    raise DataError(
+                        f"secure aggregation: site {self.site_id!r}: the roster holds a {type(adv).__name__} "
+                        "where an advertisement belongs"
+                    )
+            entries = [(a.site_id, a) for a in roster.advertisements]
+            sites = (*(sid for sid, _ in entries), *roster.other_sites)
+        elif isinstance(roster, Mapping):
+            entries = list(roster.items())
+            sites = tuple(roster)
+        else:
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r}: the roster is a {type(roster).__name__}, not a SiteRoster"
+            )
+        for sid in sites:
+            _check_site_id(sid)
+        if len(set(sites)) != len(sites):
+            repeated = sorted({s for s in sites if sites.count(s) > 1})
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r}: the roster lists site(s) {', '.join(repeated)} "
+                "more than once"
+            )
+        given = dict(entries)
+        for sid, adv in entries:
             if not isinstance(adv, Advertisement) or adv.site_id != sid or adv.instance != self.instance:
                 raise DataError(
                     f"secure aggregation: site {self.site_id!r}: roster entry for {sid!r} is not an "
                     f"advertisement of this instance"
                 )
-            out[sid] = adv
-        if self.site_id not in out or out[self.site_id] != self.advertise():
+        if self.site_id not in sites or given.get(self.site_id) != self.advertise():
             raise DataError(f"secure aggregation: site {self.site_id!r} is not in the roster with its own keys")
-        if len(out) < MIN_SITES:
+        if len(sites) < MIN_SITES:
             raise ConfigError(
                 f"secure aggregation: site {self.site_id!r} has no peers: with fewer than {MIN_SITES} "
                 "sites the value would be sent in the clear"
             )
-        return out
+        mine = neighbour_graph(sites, neighbours, self.instance)[self.site_id]
+        missing = [v for v in mine if v not in given]
+        if missing:
+            raise DataError(
+                f"secure aggregation: site {self.site_id!r}: the roster has no advertisement of its "
+                f"neighbour(s) {', '.join(missing)}"
+            )
+        return sites, mine, {v: given[v] for v in (self.site_id, *mine)}
 
-    def _shares(self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None):
-        """(holders, b shares, s-key shares): the same every time (the coins derive from the master)."""
-        holders = tuple(sorted([*neighbour_graph(roster, neighbours, self.instance)[self.site_id], self.site_id]))
+    def _shares(self, mine: Collection[str], threshold: int):
+        """(holders, b shares, s-key shares) for this site and its neighbours ``mine``: the same every
+        time (the coins derive from the master)."""
+        holders = tuple(sorted([*mine, self.site_id]))
         t = _check_int("threshold", threshold, 1)
         if t > len(holders) - 1:
             raise ConfigError(
@@ -315,25 +373,25 @@ class SecAggClient:
         )
 
     def share_keys(
-        self, roster: Mapping[str, Advertisement], threshold: int, neighbours: int | None
+        self, roster: SiteRoster | Mapping[str, Advertisement], threshold: int, neighbours: int | None
     ) -> dict[str, bytes]:
         """{neighbour: ciphertext of its shares of this site's b and s key}; the server relays them. The
         site keeps a share of each for itself (recomputed when it is needed)."""
-        roster = self._roster(roster)
-        holders, b_shares, s_shares = self._shares(roster, threshold, neighbours)
+        _, mine, keys = self._roster(roster, neighbours)
+        holders, b_shares, s_shares = self._shares(mine, threshold)
         out = {}
         for peer, bs, ss in zip(holders, b_shares, s_shares):
             if peer == self.site_id:
                 continue
             plain = json.dumps([self.site_id, peer, bs.to_bytes().hex(), ss.to_bytes().hex()]).encode()
             aad = f"{self.instance}|{self.site_id}|{peer}".encode()
-            out[peer] = self._channel(peer, roster[peer].c_public, self.site_id, peer).encrypt(bytes(12), plain, aad)
+            out[peer] = self._channel(peer, keys[peer].c_public, self.site_id, peer).encrypt(bytes(12), plain, aad)
         return out
 
     def mask(
         self,
         vector: Tensor | np.ndarray,
-        roster: Mapping[str, Advertisement],
+        roster: SiteRoster | Mapping[str, Advertisement],
         shared: Collection[str],
         neighbours: int | None,
         round: int,
@@ -341,7 +399,7 @@ class SecAggClient:
     ) -> MaskedUpdate:
         """This site's vector in fixed point plus its self-mask and its pairwise masks with the neighbours
         in ``shared`` (the sites whose shares the server relayed: U2)."""
-        roster = self._roster(roster)
+        sites, mine, keys = self._roster(roster, neighbours)
         if self.site_id not in shared:
             raise DataError(
                 f"secure aggregation: site {self.site_id!r} is asked to mask but is not among the sites "
@@ -356,19 +414,19 @@ class SecAggClient:
             )
         if not np.isfinite(values).all():
             raise DataError(f"secure aggregation: site {self.site_id!r}: vector contains NaN or infinite values")
-        bound = max_abs_value(len(roster), self.fractional_bits)
+        bound = max_abs_value(len(sites), self.fractional_bits)
         peak = float(np.abs(values).max()) if values.size else 0.0
         if peak > bound:
             raise DataError(
                 f"secure aggregation: site {self.site_id!r}: a value of magnitude {peak:.4g} is beyond the "
-                f"fixed-point range +-{bound:.4g} for {len(roster)} sites at 2^{self.fractional_bits}; "
+                f"fixed-point range +-{bound:.4g} for {len(sites)} sites at 2^{self.fractional_bits}; "
                 "clip the update"
             )
         masked = encode_fixed(values, self.fractional_bits) + self_mask(self._b, self.instance, values.size)
-        for peer in neighbour_graph(roster, neighbours, self.instance)[self.site_id]:
+        for peer in mine:
             if peer not in shared:
                 continue
-            m = prg(pair_mask_key(self._s, roster[peer].s_public, self.instance, self.site_id, peer), values.size)
+            m = prg(pair_mask_key(self._s, keys[peer].s_public, self.instance, self.site_id, peer), values.size)
             masked = masked + m if peer > self.site_id else masked - m  # uint64 arithmetic wraps modulo 2**64
         return MaskedUpdate(
             self.site_id,
@@ -381,7 +439,7 @@ class SecAggClient:
 
     def unmask(
         self,
-        roster: Mapping[str, Advertisement],
+        roster: SiteRoster | Mapping[str, Advertisement],
         survivors: Collection[str],
         dropped: Collection[str],
         ciphertexts: Mapping[str, bytes],
@@ -391,7 +449,7 @@ class SecAggClient:
         """For each site whose shares this site holds (itself included): (``"self"``, its b share) if it
         survived, (``"pair"``, its s-key share) if it dropped. Refuses a peer that is both, and too few
         survivors."""
-        roster = self._roster(roster)
+        _, mine, keys = self._roster(roster, neighbours)
         survivors, dropped = set(survivors), set(dropped)
         both = sorted(survivors & dropped)
         if both:
@@ -410,11 +468,14 @@ class SecAggClient:
         for sender, ct in sorted(ciphertexts.items()):
             if sender not in survivors and sender not in dropped:
                 continue
-            if sender not in roster:
-                raise DataError(f"secure aggregation: shares from {sender!r}, who is not in the roster")
+            if sender not in mine:
+                raise DataError(
+                    f"secure aggregation: site {self.site_id!r}: shares from {sender!r}, who is not its "
+                    "neighbour in the roster"
+                )
             aad = f"{self.instance}|{sender}|{self.site_id}".encode()
             try:
-                plain = self._channel(sender, roster[sender].c_public, sender, self.site_id).decrypt(bytes(12), ct, aad)
+                plain = self._channel(sender, keys[sender].c_public, sender, self.site_id).decrypt(bytes(12), ct, aad)
             except InvalidTag:
                 raise DataError(
                     f"secure aggregation: site {self.site_id!r}: the shares from {sender!r} do not "
@@ -424,7 +485,7 @@ class SecAggClient:
             if (frm, to) != (sender, self.site_id):
                 raise DataError(f"secure aggregation: shares from {sender!r} are addressed {frm!r} -> {to!r}")
             out[sender] = (SELF, bytes.fromhex(b_hex)) if sender in survivors else (PAIR, bytes.fromhex(s_hex))
-        holders, b_shares, _ = self._shares(roster, threshold, neighbours)
+        holders, b_shares, _ = self._shares(mine, threshold)
         out[self.site_id] = (SELF, b_shares[holders.index(self.site_id)].to_bytes())
         return out
 
@@ -434,7 +495,8 @@ class SecAggClient:
 
 @dataclass
 class SecAggServer:
-    """The server's side of one instance: routes the shares, then removes the masks from the sum."""
+    """The server's side of one instance: sends each site its view of the roster, routes the shares, then
+    removes the masks from the sum."""
 
     instance: str
     roster: dict[str, Advertisement]
@@ -447,8 +509,19 @@ class SecAggServer:
         for sid, adv in self.roster.items():
             if not isinstance(adv, Advertisement) or adv.site_id != sid or adv.instance != self.instance:
                 raise DataError(f"secure aggregation: advertisement of {sid!r} is not one of instance {self.instance}")
-        self.graph = neighbour_graph(self.roster, self.neighbours, self.instance)
+        self.sites = tuple(self.roster)
+        self.graph = neighbour_graph(self.sites, self.neighbours, self.instance)
         self.shared: list[str] = []
+
+    def roster_for(self, site: str) -> SiteRoster:
+        """What ``site`` is sent of the roster: every site's id, and the advertisements of itself and its
+        neighbours (with the full graph, everyone's)."""
+        if site not in self.roster:
+            raise DataError(f"secure aggregation: site {site!r} did not advertise keys for instance {self.instance}")
+        holders = {site, *self.graph[site]}
+        return SiteRoster(
+            tuple(self.roster[s] for s in sorted(holders)), tuple(s for s in self.sites if s not in holders)
+        )
 
     def route(self, shares: Mapping[str, Mapping[str, bytes]]) -> None:
         """Take each sender's {recipient: ciphertext}; the senders are the sites that shared (U2)."""
@@ -558,16 +631,16 @@ def secure_sum(
 ) -> Tensor:
     """The whole protocol in one process (tests, simulations): the sum over the sites that did not drop."""
     clients = {s: SecAggClient(s, masters[s], instance) for s in vectors}
-    roster = {s: c.advertise() for s, c in clients.items()}
-    server = SecAggServer(instance, roster, threshold, neighbours)
-    server.route({s: c.share_keys(roster, threshold, neighbours) for s, c in clients.items()})
+    server = SecAggServer(instance, {s: c.advertise() for s, c in clients.items()}, threshold, neighbours)
+    server.route({s: c.share_keys(server.roster_for(s), threshold, neighbours) for s, c in clients.items()})
     drop = set(drop_after_sharing)
     masked = {
-        s: c.mask(vectors[s], roster, server.shared, neighbours, round, attempt)
+        s: c.mask(vectors[s], server.roster_for(s), server.shared, neighbours, round, attempt)
         for s, c in clients.items()
         if s not in drop
     }
     revealed = {
-        s: clients[s].unmask(roster, list(masked), sorted(drop), server.inbox(s), threshold, neighbours) for s in masked
+        s: clients[s].unmask(server.roster_for(s), list(masked), sorted(drop), server.inbox(s), threshold, neighbours)
+        for s in masked
     }
     return server.finish(masked, revealed)

@@ -1,8 +1,10 @@
 """Secure aggregation with double masking: the masks cancel for the survivors, a dropped site costs no
-redo, a site never reveals both secrets of a peer, and the settings are checked."""
+redo, a site never reveals both secrets of a peer, a site is sent the keys of its neighbours only, and
+the settings are checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -10,12 +12,15 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from bayprano.actors.transport import mask_context, share_calls, unmask_calls, wire_bytes
 from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.federated.secagg import (
     PAIR,
     SELF,
+    Advertisement,
     SecAggClient,
     SecAggServer,
+    SiteRoster,
     check_settings,
     decode_fixed,
     encode_fixed,
@@ -166,3 +171,115 @@ def test_range_and_key_errors_are_clear():
     with pytest.raises(DataError, match="do not decrypt"):
         c.unmask(roster, list(roster), [], tampered, 2)
     assert np.array_equal(decode_fixed(encode_fixed(np.array([-1.5, 2.25]), 4), 4), [-1.5, 2.25])
+
+
+# what a site is sent: the requests of the Coordinator's transport, run through the sites
+
+ID_BYTES = 12  # the most one more site id adds to a pickled id list ("site-29": 7 characters, 3 of framing)
+
+
+def _run_requests(n, neighbours, dropped=("site-1",)):
+    """One instance over ``n`` sites driven by the transport's requests, ``dropped`` leaving after sharing:
+    the server and every request it sent, {stage: {site: message}} (for the masked input, the context)."""
+    xs = {s: x[:64] for s, x in vectors(n).items()}
+    clients = {s: SecAggClient(s, os.urandom(32), "inst") for s in xs}
+    _, threshold = check_settings(n, None, neighbours)
+    server = SecAggServer("inst", {s: c.advertise() for s, c in clients.items()}, threshold, neighbours)
+    share = {s: args for s, (_, args) in share_calls(server).items()}
+    server.route({s: clients[s].share_keys(*args[1:]) for s, args in share.items()})
+    mask = {s: mask_context(server, s, 0, 0) for s in server.shared}
+    masked = {
+        s: clients[s].mask(xs[s], c.roster, c.shared, c.neighbours, c.round, c.attempt)
+        for s, c in mask.items()
+        if s not in dropped
+    }
+    unmask = {s: args for s, (_, args) in unmask_calls(server, sorted(masked)).items()}
+    revealed = {s: clients[s].unmask(*args[1:]) for s, args in unmask.items()}
+    total = server.finish(masked, revealed)
+    assert np.abs(total.numpy() - sum(xs[s] for s in masked)).max() < 1e-5
+    return server, clients, {"share": share, "mask": mask, "unmask": unmask}
+
+
+def _advertisements(message) -> list[Advertisement]:
+    """Every advertisement anywhere in ``message``, whatever holds it."""
+    if isinstance(message, Advertisement):
+        return [message]
+    if dataclasses.is_dataclass(message) and not isinstance(message, type):
+        return [a for f in dataclasses.fields(message) for a in _advertisements(getattr(message, f.name))]
+    if isinstance(message, dict):
+        return [a for k, v in message.items() for a in _advertisements(k) + _advertisements(v)]
+    if isinstance(message, (list, tuple, set, frozenset)):
+        return [a for v in message for a in _advertisements(v)]
+    return []
+
+
+def _parts(message) -> list:
+    """The top-level parts of a request: a dataclass's fields, or a call's arguments."""
+    if dataclasses.is_dataclass(message):
+        return [getattr(message, f.name) for f in dataclasses.fields(message)]
+    return list(message)
+
+
+def _id_lists(message) -> int:
+    """How many lists of site ids a request carries (the roster's, U2, survivors, dropped)."""
+    return sum(
+        isinstance(p, SiteRoster) or (isinstance(p, (list, tuple)) and all(isinstance(x, str) for x in p))
+        for p in _parts(message)
+    )
+
+
+@pytest.mark.parametrize("n", [12, 30])
+@pytest.mark.parametrize("neighbours", [4, None])
+def test_every_request_carries_the_keys_of_the_site_and_its_neighbours_only(n, neighbours):
+    server, _, sent = _run_requests(n, neighbours)
+    for stage, by_site in sent.items():
+        assert set(by_site) == set(server.roster) - ({"site-1"} if stage == "unmask" else set())
+        for site, message in by_site.items():
+            found = _advertisements(message)
+            assert sorted(a.site_id for a in found) == sorted({site, *server.graph[site]}), (stage, site)
+            assert len(found) == (5 if neighbours else n), (stage, site)
+            (roster,) = [p for p in _parts(message) if isinstance(p, SiteRoster)]
+            assert roster.sites == tuple(sorted(server.roster))  # the ids: every site computes the graph
+
+
+def test_a_sites_download_grows_with_the_sites_by_their_ids_only():
+    small, _, at_12 = _run_requests(12, 4)
+    large, _, at_30 = _run_requests(30, 4)
+    for stage in ("share", "mask", "unmask"):
+        biggest_12 = max(wire_bytes(m) for m in at_12[stage].values())
+        biggest_30 = max(wire_bytes(m) for m in at_30[stage].values())
+        lists = _id_lists(at_30[stage]["site-0"])
+        assert (biggest_30 - biggest_12) / (30 - 12) <= ID_BYTES * lists, (stage, biggest_12, biggest_30, lists)
+    # control: the whole roster, as every request carried it before, grows by an advertisement a site,
+    # beyond any of those bounds
+    whole = (wire_bytes(large.roster) - wire_bytes(small.roster)) / (30 - 12)
+    assert whole > ID_BYTES * max(_id_lists(at_30[stage]["site-0"]) for stage in at_30) + ID_BYTES
+
+
+def test_a_roster_without_a_neighbours_keys_is_refused_naming_the_neighbour():
+    server, clients, sent = _run_requests(12, 4)
+    site = "site-0"
+    c = clients[site]
+    missing = server.graph[site][0]
+    full = sent["share"][site][1]
+    # the server names the neighbour among the sites but withholds its keys
+    short = SiteRoster(tuple(a for a in full.advertisements if a.site_id != missing), (*full.other_sites, missing))
+    refusal = f"site '{site}': the roster has no advertisement of its neighbour\\(s\\) {missing}$"
+    with pytest.raises(DataError, match=refusal):
+        c.share_keys(short, server.threshold, 4)
+    context = sent["mask"][site]
+    with pytest.raises(DataError, match=refusal):
+        c.mask(np.zeros(64), short, context.shared, 4, 0, 0)
+    _, _, survivors, dropped, inbox, threshold, _ = sent["unmask"][site]
+    with pytest.raises(DataError, match=refusal):
+        c.unmask(short, survivors, dropped, inbox, threshold, 4)
+    twice = SiteRoster(full.advertisements, (*full.other_sites, missing))
+    with pytest.raises(DataError, match=f"the roster lists site\\(s\\) {missing} more than once"):
+        c.share_keys(twice, server.threshold, 4)
+    # its own entry must be its own keys
+    impostor = SecAggClient(site, os.urandom(32), "inst").advertise()
+    others = tuple(a for a in full.advertisements if a.site_id != site)
+    with pytest.raises(DataError, match="site 'site-0' is not in the roster with its own keys"):
+        c.share_keys(SiteRoster((impostor, *others), full.other_sites), server.threshold, 4)
+    # keys of sites that are not neighbours are not used: the whole roster gives the same shares
+    assert c.share_keys(server.roster, server.threshold, 4) == c.share_keys(full, server.threshold, 4)
