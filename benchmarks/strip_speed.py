@@ -1,7 +1,7 @@
 """End-to-end time to score one 4096 x 256 line-scan strip with a tiled site model, on this machine.
 
 A site model on ``--backbone`` (default: the platform's, DINOv2 ViT-S/14) at its default side (252 px
-tiles for DINOv2, 256 for a CNN; overlap 0.25: 21 tiles on the strip) is adapted on ``--shots`` synthetic strips (every tile a support view),
+tiles for DINOv2, 256 for a CNN; overlap 0.25: 22 and 21 tiles on the strip) is adapted on ``--shots`` synthetic strips (every tile a support view),
 from a checkpoint built without meta-training as ``benchmarks/speed.py`` builds one (speed does not
 depend on the learned values). Then ``SiteModel.score`` of one strip, anomaly map at 4096 x 256
 included, is timed ``--repeats`` times after a warm-up; the median and every repeat are printed, with
@@ -33,13 +33,12 @@ from bayprano.platform.model.site import adapt  # noqa: E402
 WIDTH, HEIGHT = 4096, 256
 
 
-def strips(n: int, size: int, stream: int) -> list[np.ndarray]:
-    """``n`` strips of HEIGHT x WIDTH made of synthetic good images of ``size`` side by side."""
-    per = WIDTH // size
-    images = good_images(n * per, size, stream)
-    return [
-        np.ascontiguousarray(np.concatenate(list(images[i * per : (i + 1) * per]), axis=1)[:HEIGHT]) for i in range(n)
-    ]
+def strips(n: int, stream: int) -> list[np.ndarray]:
+    """``n`` strips of HEIGHT x WIDTH, each WIDTH / HEIGHT synthetic good images of HEIGHT px side by side
+    (whatever the model's tile side)."""
+    per = WIDTH // HEIGHT
+    images = good_images(n * per, HEIGHT, stream)
+    return [np.ascontiguousarray(np.concatenate(list(images[i * per : (i + 1) * per]), axis=1)) for i in range(n)]
 
 
 def main(argv=None) -> int:
@@ -62,9 +61,9 @@ def main(argv=None) -> int:
     size = args.image_size or default_image_size(args.backbone)
     ckpt = frozen_checkpoint(extractor, good_images(8, size, stream=3), size, args.steps)
     start = time.perf_counter()
-    site = adapt(ckpt, strips(args.shots, size, stream=1), extractor=extractor, scoring="tile")
+    site = adapt(ckpt, strips(args.shots, stream=1), extractor=extractor, scoring="tile")
     adapt_seconds = time.perf_counter() - start
-    strip = strips(1, size, stream=2)[0]
+    strip = strips(1, stream=2)[0]
     plan = site.tile_plan(*strip.shape[:2])
     site.score([strip])  # warm-up
     times = []
