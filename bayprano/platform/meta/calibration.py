@@ -2,11 +2,15 @@
 
 ``calibrate``: the analytic fallback's effective patch count; ``normal_log_statistics`` and
 ``calibrate_normality``: the log image statistic of normal images per category and support size, with
-each episode's shift covariate, summarised as the ``NormalityPrior`` that a site's threshold starts from.
+each episode's shift covariate, summarised as the ``NormalityPrior`` that a site's threshold starts from;
+``choose_rules``: how that prior is used per support size (conditioned on the covariate or not, with how
+much weight), chosen by leave-one-category-out over the same meta-training episodes, never on a test set.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -19,6 +23,10 @@ from bayprano.platform.meta.tasks import TaskBank, sample_episode
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype
 from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_statistic, shift_covariate
+
+RULE_TARGET_FPR = 0.05  # the platform's default target; a rule is chosen at it
+RULE_STRENGTHS = (2.0, 4.0, 8.0, 16.0, 32.0)
+RULE_EPISODES_PER_CATEGORY = 8
 
 
 @torch.no_grad()
@@ -45,10 +53,73 @@ def calibrate(model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: Met
 
 @torch.no_grad()
 def calibrate_normality(
-    model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig, shots: Sequence[int] | None = None
+    model: BayesianPatchModel,
+    banks: Mapping[str, TaskBank],
+    cfg: MetaConfig,
+    shots: Sequence[int] | None = None,
+    target_fpr: float = RULE_TARGET_FPR,
 ) -> NormalityPrior:
-    """Log T of normal query images of fresh episodes, per category and support size, as a prior."""
-    return NormalityPrior.estimate(normal_log_statistics(model, banks, cfg, shots))
+    """Log T of normal query images of fresh episodes, per category and support size, as a prior, with each
+    K's calibration rule chosen by leave-one-category-out over those episodes (``choose_rules``)."""
+    episodes = normal_episodes(model, banks, cfg, shots, per_category=RULE_EPISODES_PER_CATEGORY, loo=True)
+    prior = NormalityPrior.estimate(log_statistics(episodes))
+    return prior.with_rules(choose_rules(episodes, target_fpr))
+
+
+@dataclass
+class NormalEpisode:
+    """One fresh episode of normal images: its category, support size K, the support's shift covariate,
+    the log T of its normal query images and the T of each support image left out of the others' posterior
+    (K >= 2)."""
+
+    category: str
+    shots: int
+    covariate: float
+    query_log_statistics: list[float]
+    loo_statistics: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def normal_episodes(
+    model: BayesianPatchModel,
+    banks: Mapping[str, TaskBank],
+    cfg: MetaConfig,
+    shots: Sequence[int] | None = None,
+    per_category: int = 1,
+    loo: bool = False,
+) -> list[NormalEpisode]:
+    """Fresh episodes of normal images, K in ``shots`` (default 1, 2, K), at least ``per_category`` per
+    category and K (and ``cfg.calibration_episodes`` in all per K); ``loo``: with leave-one-out statistics."""
+    rng = np.random.default_rng(cfg.seed + 104729)
+    names = sorted(banks)
+    smallest = min(len(b) for b in banks.values())
+    shots = sorted({k for k in (shots or (1, 2, cfg.shots)) if 1 <= k and k + cfg.n_query_normal <= smallest})
+    if not shots:
+        raise ConfigError(f"calibration: categories need more than {cfg.n_query_normal} normal images")
+    out = []
+    for k in shots:
+        for e in range(max(cfg.calibration_episodes, per_category * len(names))):
+            bank = banks[names[e % len(names)]]
+            ep = sample_episode(bank, k, cfg.n_query_normal, 0, rng)
+            adapted = adapt_head(model, ep.support, cfg.inner_steps)
+            z = adapted.support_embeddings
+            covariate = shift_covariate(adapted.prototype.distance, z, model.dim)
+            queries = torch.log(image_statistic(adapted.distance(ep.query), model.dim)).tolist()
+            held_out = []
+            if loo and k >= 2:
+                for i in range(k):
+                    rest = model.prototype(torch.cat([z[:i], z[i + 1 :]]))
+                    held_out.append(float(image_statistic(rest.distance(z[i : i + 1]), model.dim)[0]))
+            out.append(NormalEpisode(bank.category, k, covariate, queries, held_out))
+    return out
+
+
+def log_statistics(episodes: Sequence[NormalEpisode]) -> dict:
+    """{(category, K): [(log T of a normal query image, the episode's shift covariate)]}."""
+    logs: dict = {}
+    for ep in episodes:
+        logs.setdefault((ep.category, ep.shots), []).extend((t, ep.covariate) for t in ep.query_log_statistics)
+    return logs
 
 
 @torch.no_grad()
@@ -57,21 +128,55 @@ def normal_log_statistics(
 ) -> dict:
     """{(category, K): [(log T of a normal query image, the episode's ``shift_covariate``)]} over fresh
     episodes, K in ``shots`` (default 1, 2, K)."""
-    rng = np.random.default_rng(cfg.seed + 104729)
-    names = sorted(banks)
-    smallest = min(len(b) for b in banks.values())
-    shots = sorted({k for k in (shots or (1, 2, cfg.shots)) if 1 <= k and k + cfg.n_query_normal <= smallest})
-    if not shots:
-        raise ConfigError(f"calibration: categories need more than {cfg.n_query_normal} normal images")
-    logs: dict = {}
-    for k in shots:
-        for e in range(max(cfg.calibration_episodes, len(names))):
-            bank = banks[names[e % len(names)]]
-            ep = sample_episode(bank, k, cfg.n_query_normal, 0, rng)
-            adapted = adapt_head(model, ep.support, cfg.inner_steps)
-            covariate = shift_covariate(adapted.prototype.distance, adapted.support_embeddings, model.dim)
-            maha = adapted.distance(ep.query)
-            logs.setdefault((bank.category, k), []).extend(
-                (t, covariate) for t in torch.log(image_statistic(maha, model.dim)).tolist()
-            )
-    return logs
+    return log_statistics(normal_episodes(model, banks, cfg, shots))
+
+
+def pinball_loss(log_threshold: float, log_statistics: np.ndarray, target_fpr: float) -> float:
+    """Mean quantile (pinball) loss of a log threshold for the 1 - target quantile of ``log_statistics``:
+    a proper score, lowest in expectation at the true quantile."""
+    u = np.asarray(log_statistics, dtype=np.float64) - log_threshold
+    return float(np.mean(np.maximum((1 - target_fpr) * u, -target_fpr * u)))
+
+
+def choose_rules(
+    episodes: Sequence[NormalEpisode], target_fpr: float = RULE_TARGET_FPR, strengths: Sequence[float] = RULE_STRENGTHS
+) -> dict:
+    """Per K, the calibration rule (condition the prior on the shift covariate or not, and the strength
+    behind its within-category variance) with the lowest pinball loss at ``target_fpr`` when each
+    category is left out: its episodes are calibrated on the prior of the other categories, updated by
+    their own leave-one-out statistics, and scored on their own normal query images (each category
+    weighs the same). {K: {"use_covariate", "strength", "pinball", "fpr", "candidates", ...}};
+    a K with fewer than three categories keeps the default rule (absent from the result)."""
+    rules: dict = {}
+    for k in sorted({ep.shots for ep in episodes}):
+        of_k = [ep for ep in episodes if ep.shots == k]
+        categories = sorted({ep.category for ep in of_k})
+        if len(categories) < 3:
+            continue
+        candidates = []
+        for use_covariate in (False, True):
+            for strength in strengths:
+                losses, rates = [], []
+                for held in categories:
+                    others = [ep for ep in of_k if ep.category != held]
+                    prior = NormalityPrior.estimate(log_statistics(others), strength)
+                    cat_losses = []
+                    for ep in (ep for ep in of_k if ep.category == held):
+                        cal = prior.for_shots(k, ep.covariate if use_covariate else None)
+                        if ep.loo_statistics:
+                            cal = cal.update(ep.loo_statistics)
+                        log_threshold = math.log(cal.threshold(target_fpr))
+                        cat_losses.append(pinball_loss(log_threshold, np.array(ep.query_log_statistics), target_fpr))
+                        rates.append(float(np.mean(np.array(ep.query_log_statistics) > log_threshold)))
+                    losses.append(float(np.mean(cat_losses)))
+                candidates.append(
+                    {
+                        "use_covariate": use_covariate,
+                        "strength": float(strength),
+                        "pinball": float(np.mean(losses)),
+                        "fpr": float(np.mean(rates)),
+                    }
+                )
+        best = min(candidates, key=lambda c: (c["pinball"], c["use_covariate"], c["strength"]))
+        rules[k] = {**best, "categories": len(categories), "episodes": len(of_k), "candidates": candidates}
+    return rules

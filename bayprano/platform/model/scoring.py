@@ -294,18 +294,45 @@ class NormalityPrior:
         k = min(keys, key=lambda kk: (abs(math.log(kk) - math.log(max(shots, 1))), kk))
         return self.table[k] if k in self.table else self.table[str(k)]
 
-    def for_shots(self, shots: int, covariate: float | None = None) -> LogNormalCalibration:
+    def for_shots(
+        self, shots: int, covariate: float | None = None, strength: float | None = None
+    ) -> LogNormalCalibration:
+        """The prior for K = ``shots``, conditioned on ``covariate`` where it is given (None: the plain level)."""
         e = self.entry(shots)
+        strength = self.strength if strength is None else strength
         slope = float(e.get("slope", 0.0))
         if covariate is None or slope == 0.0 or not math.isfinite(covariate):
             return LogNormalCalibration(
-                e["mean"], e.get("between_var_raw", e["between_var"]), e["within_var"], self.strength
+                e["mean"], e.get("between_var_raw", e["between_var"]), e["within_var"], strength
             )
         offset = covariate - e["x_mean"]
         line = e["between_var"] * (1.0 + 1.0 / e["n_categories"] + offset**2 / e["x_ss"])
         return LogNormalCalibration(
-            e["mean"] + slope * offset, line + slope**2 * e["x_within_var"], e["within_var"], self.strength
+            e["mean"] + slope * offset, line + slope**2 * e["x_within_var"], e["within_var"], strength
         )
+
+    def rule(self, shots: int) -> dict:
+        """How a site of K = ``shots`` starts its threshold: ``use_covariate`` and ``strength``, as chosen on
+        meta-validation (``with_rules``); a prior without a choice conditions on the covariate only where
+        the support has no leave-one-out statistic (K = 1), at its own strength."""
+        chosen = self.entry(shots).get("rule") or {}
+        return {
+            "use_covariate": bool(chosen.get("use_covariate", shots < 2)),
+            "strength": float(chosen.get("strength", self.strength)),
+        }
+
+    def site_prior(self, shots: int, covariate: float | None) -> LogNormalCalibration:
+        """The prior a site of K = ``shots`` with this support ``covariate`` starts from, under ``rule``."""
+        rule = self.rule(shots)
+        return self.for_shots(shots, covariate if rule["use_covariate"] else None, rule["strength"])
+
+    def with_rules(self, rules: dict) -> "NormalityPrior":
+        """A copy whose entries carry the rule chosen for each K: {K: {"use_covariate", "strength", ...}}."""
+        table = {k: dict(v) for k, v in self.table.items()}
+        for k, rule in rules.items():
+            if int(k) in table:
+                table[int(k)]["rule"] = dict(rule)
+        return NormalityPrior(table, self.strength)
 
     def as_dict(self) -> dict:
         return {"table": {str(k): v for k, v in self.table.items()}, "strength": self.strength}

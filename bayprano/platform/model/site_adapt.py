@@ -139,11 +139,7 @@ def adapt_features(
     with torch.no_grad():
         covariate = shift_covariate(proto.distance, z, model.dim, inside=layout.fit_inside)
         if ckpt.normality is not None:
-            # The covariate-conditioned prior where the support has no leave-one-out statistic; with them, the
-            # plain prior, which defers more to the site's own evidence (measured in the README's table).
-            calibration: Calibration | LogNormalCalibration = ckpt.normality.for_shots(
-                shots, covariate if shots < 2 else None
-            )
+            calibration: Calibration | LogNormalCalibration = ckpt.normality.site_prior(shots, covariate)
         else:
             calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []

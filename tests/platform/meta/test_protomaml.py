@@ -169,3 +169,30 @@ def test_meta_train_adds_each_extra_loss_term_and_reports_it_under_its_name():
         return float((torch.cat([p.detach().reshape(-1) for p in m.parameters()]) - anchor).norm())
 
     assert moved(pulled) < 0.5 * moved(plain)
+
+
+def test_calibrate_normality_records_a_rule_per_support_size_chosen_leaving_each_category_out():
+    from bayprano.platform.meta.calibration import (
+        RULE_EPISODES_PER_CATEGORY,
+        calibrate_normality,
+        choose_rules,
+        normal_episodes,
+    )
+
+    banks = {c: toy_bank(c, n=12, seed=i) for i, c in enumerate(("a", "b", "c", "d"))}
+    model = make_model(banks["a"])
+    cfg = MetaConfig(shots=3, inner_steps=1, n_query_normal=3, calibration_episodes=4)
+    episodes = normal_episodes(model, banks, cfg, per_category=RULE_EPISODES_PER_CATEGORY, loo=True)
+    assert {(ep.shots, len(ep.loo_statistics)) for ep in episodes} == {(1, 0), (2, 2), (3, 3)}
+    assert len(episodes) == 3 * 4 * RULE_EPISODES_PER_CATEGORY
+    assert all(len(ep.query_log_statistics) == 3 and np.isfinite(ep.covariate) for ep in episodes)
+    prior = calibrate_normality(model, banks, cfg)
+    rules = choose_rules(episodes)
+    for k in (1, 2, 3):
+        assert prior.table[k]["rule"] == rules[k] and rules[k]["categories"] == 4
+        assert prior.rule(k) == {"use_covariate": rules[k]["use_covariate"], "strength": rules[k]["strength"]}
+    # the plain per-query statistics are the same episodes' (same random stream), without leave-one-out
+    from bayprano.platform.meta.calibration import log_statistics, normal_log_statistics
+
+    plain = normal_log_statistics(model, banks, cfg)
+    assert plain == log_statistics(normal_episodes(model, banks, cfg))

@@ -137,3 +137,75 @@ def test_shift_covariate_is_low_for_a_texture_and_high_for_a_placed_part():
         proto = NIWPrototype(NIWHyper()).fit(z)
         scores[name] = shift_covariate(proto.mahalanobis, z, d, shift=3)
     assert scores["texture"] < scores["part"] - 1.0
+
+
+def _episodes(rng, categories, shots, per_category=10, queries=20, slope=2.0, within=None, covariate_noise=0.03):
+    """Meta-training episodes of categories whose mean log T is 1 + slope * x (x their covariate) plus a
+    between-category spread; ``within``: each category's own spread of log T (default 0.15 for all)."""
+    from bayprano.platform.meta.calibration import NormalEpisode
+
+    x = rng.normal(0.3, 0.3, size=categories)
+    mu = 1.0 + slope * x + rng.normal(0, 0.3 if slope == 0 else 0.05, size=categories)
+    sd = np.full(categories, 0.15) if within is None else np.asarray(within)
+    out = []
+    for c in range(categories):
+        for _ in range(per_category):
+            loo = np.exp(rng.normal(mu[c], sd[c], size=shots)).tolist() if shots >= 2 else []
+            out.append(
+                NormalEpisode(
+                    f"c{c}",
+                    shots,
+                    float(x[c] + rng.normal(0, covariate_noise)),
+                    rng.normal(mu[c], sd[c], size=queries).tolist(),
+                    loo,
+                )
+            )
+    return out
+
+
+def test_the_rule_conditions_on_the_covariate_where_it_predicts_the_level_and_not_where_it_is_noise():
+    from bayprano.platform.meta.calibration import choose_rules
+
+    rng = np.random.default_rng(4)
+    informative = choose_rules(_episodes(rng, 10, 1, slope=2.0))[1]
+    noise = choose_rules(_episodes(rng, 10, 1, slope=0.0, covariate_noise=0.3))[1]
+    assert informative["use_covariate"] is True, informative
+    assert noise["use_covariate"] is False, noise
+    assert informative["categories"] == 10 and informative["episodes"] == 100
+    assert len(informative["candidates"]) == 10  # two rules x five strengths, every one scored
+    best = min(c["pinball"] for c in informative["candidates"])
+    assert informative["pinball"] == best
+    # the chosen rule's leave-one-category-out FPR is near the target; the covariate-blind one is not
+    blind = min((c for c in informative["candidates"] if not c["use_covariate"]), key=lambda c: c["pinball"])
+    assert blind["pinball"] > 1.2 * informative["pinball"]
+    assert abs(informative["fpr"] - 0.05) < 0.03
+
+
+def test_the_rule_trusts_the_prior_spread_where_categories_share_it_and_the_support_where_they_do_not():
+    from bayprano.platform.meta.calibration import choose_rules
+
+    rng = np.random.default_rng(5)
+    shared = choose_rules(_episodes(rng, 10, 5, slope=0.0))[5]
+    varied = choose_rules(_episodes(rng, 10, 5, slope=0.0, within=np.geomspace(0.03, 0.8, 10)))[5]
+    assert shared["strength"] >= 8.0, shared
+    assert varied["strength"] <= 4.0, varied
+
+
+def test_a_site_starts_from_the_chosen_rule_and_an_older_prior_keeps_the_one_shot_covariate():
+    from bayprano.platform.meta.calibration import choose_rules, log_statistics
+
+    rng = np.random.default_rng(6)
+    episodes = _episodes(rng, 8, 1, slope=0.0, covariate_noise=0.3) + _episodes(rng, 8, 5, slope=2.0)
+    rules = choose_rules(episodes)
+    assert choose_rules(episodes[:20]) == {}  # two categories: nothing to leave out, the default rule stays
+    prior = NormalityPrior.estimate(log_statistics(episodes))
+    chosen = prior.with_rules(rules)
+    restored = NormalityPrior.from_dict(chosen.as_dict())
+    for k in (1, 5):
+        expected = prior.for_shots(k, 0.9 if rules[k]["use_covariate"] else None, rules[k]["strength"])
+        assert restored.site_prior(k, 0.9) == expected
+        assert restored.rule(k) == {"use_covariate": rules[k]["use_covariate"], "strength": rules[k]["strength"]}
+    # without a choice (a prior from before, or one summed across sites): covariate at K = 1 only
+    assert prior.rule(1) == {"use_covariate": True, "strength": prior.strength}
+    assert prior.site_prior(5, 0.9) == prior.for_shots(5)
+    assert prior.site_prior(1, 0.9) == prior.for_shots(1, 0.9)
