@@ -62,8 +62,7 @@ def calibrate_normality(
     """Log T of normal query images of fresh episodes, per category and support size, as a prior, with each
     K's calibration rule chosen by leave-one-category-out over those episodes (``choose_rules``)."""
     episodes = normal_episodes(model, banks, cfg, shots, per_category=RULE_EPISODES_PER_CATEGORY, loo=True)
-    prior = NormalityPrior.estimate(log_statistics(episodes))
-    return prior.with_rules(choose_rules(episodes, target_fpr))
+    return episode_prior(episodes).with_rules(choose_rules(episodes, target_fpr))
 
 
 @dataclass
@@ -138,45 +137,78 @@ def pinball_loss(log_threshold: float, log_statistics: np.ndarray, target_fpr: f
     return float(np.mean(np.maximum((1 - target_fpr) * u, -target_fpr * u)))
 
 
+def episode_terms(episodes: Sequence[NormalEpisode]) -> dict:
+    """Per K, what only whole episodes show (each category weighs the same): ``episode_within_var``, the
+    spread of normal log T around its episode's mean (one support's images), and ``loo_offset``, how far
+    new normal images' mean log T lies from the support's own leave-one-out log statistics (K >= 2)."""
+    terms: dict = {}
+    for k in sorted({ep.shots for ep in episodes}):
+        within, offsets = {}, {}
+        for ep in (ep for ep in episodes if ep.shots == k):
+            q = np.asarray(ep.query_log_statistics, dtype=np.float64)
+            if q.size >= 2:
+                within.setdefault(ep.category, []).append(float(q.var(ddof=1)))
+            if ep.loo_statistics:
+                loo = np.log(np.maximum(np.asarray(ep.loo_statistics, dtype=np.float64), 1e-300))
+                offsets.setdefault(ep.category, []).append(float(q.mean() - loo.mean()))
+        entry = {}
+        if within:
+            entry["episode_within_var"] = max(float(np.mean([np.mean(v) for v in within.values()])), 1e-3)
+        if offsets:
+            entry["loo_offset"] = float(np.mean([np.mean(v) for v in offsets.values()]))
+        terms[k] = entry
+    return terms
+
+
+def episode_prior(episodes: Sequence[NormalEpisode], strength: float = 4.0) -> NormalityPrior:
+    """The ``NormalityPrior`` of these episodes, with their ``episode_terms``."""
+    return NormalityPrior.estimate(log_statistics(episodes), strength).with_terms(episode_terms(episodes))
+
+
+def rule_candidates(shots: int, strengths: Sequence[float] = RULE_STRENGTHS) -> list[dict]:
+    """Every rule ``choose_rules`` scores for K = ``shots`` (``NormalityPrior.rule`` says what each field does)."""
+    return [
+        {"use_covariate": cov, "strength": float(s), "within": within, "loo_shift": shift}
+        for cov in (False, True)
+        for within in ("category", "episode")
+        for shift in ((False, True) if shots >= 2 else (False,))
+        for s in strengths
+    ]
+
+
 def choose_rules(
     episodes: Sequence[NormalEpisode], target_fpr: float = RULE_TARGET_FPR, strengths: Sequence[float] = RULE_STRENGTHS
 ) -> dict:
-    """Per K, the calibration rule (condition the prior on the shift covariate or not, and the strength
-    behind its within-category variance) with the lowest pinball loss at ``target_fpr`` when each
-    category is left out: its episodes are calibrated on the prior of the other categories, updated by
-    their own leave-one-out statistics, and scored on their own normal query images (each category
-    weighs the same). {K: {"use_covariate", "strength", "pinball", "fpr", "candidates", ...}};
-    a K with fewer than three categories keeps the default rule (absent from the result)."""
+    """Per K, the calibration rule (``rule_candidates``) with the lowest pinball loss at ``target_fpr`` when
+    each category is left out: its episodes are calibrated on the prior of the other categories' episodes
+    (``episode_prior``) through ``NormalityPrior.site_calibration``, the path a site takes, and scored on
+    their own normal query images (each category weighs the same). {K: {rule fields, "pinball", "fpr",
+    "categories", "episodes", "candidates"}}; a K with fewer than three categories keeps the default rule
+    (absent from the result)."""
     rules: dict = {}
     for k in sorted({ep.shots for ep in episodes}):
         of_k = [ep for ep in episodes if ep.shots == k]
         categories = sorted({ep.category for ep in of_k})
         if len(categories) < 3:
             continue
+        folds = [
+            (episode_prior([ep for ep in of_k if ep.category != held]), [ep for ep in of_k if ep.category == held])
+            for held in categories
+        ]
         candidates = []
-        for use_covariate in (False, True):
-            for strength in strengths:
-                losses, rates = [], []
-                for held in categories:
-                    others = [ep for ep in of_k if ep.category != held]
-                    prior = NormalityPrior.estimate(log_statistics(others), strength)
-                    cat_losses = []
-                    for ep in (ep for ep in of_k if ep.category == held):
-                        cal = prior.for_shots(k, ep.covariate if use_covariate else None)
-                        if ep.loo_statistics:
-                            cal = cal.update(ep.loo_statistics)
-                        log_threshold = math.log(cal.threshold(target_fpr))
-                        cat_losses.append(pinball_loss(log_threshold, np.array(ep.query_log_statistics), target_fpr))
-                        rates.append(float(np.mean(np.array(ep.query_log_statistics) > log_threshold)))
-                    losses.append(float(np.mean(cat_losses)))
-                candidates.append(
-                    {
-                        "use_covariate": use_covariate,
-                        "strength": float(strength),
-                        "pinball": float(np.mean(losses)),
-                        "fpr": float(np.mean(rates)),
-                    }
-                )
-        best = min(candidates, key=lambda c: (c["pinball"], c["use_covariate"], c["strength"]))
+        for rule in rule_candidates(k, strengths):
+            losses, rates = [], []
+            for prior, held_out in folds:
+                ruled = prior.with_rules({k: rule})
+                fold_losses = []
+                for ep in held_out:
+                    cal = ruled.site_calibration(k, ep.covariate, ep.loo_statistics)
+                    log_threshold = math.log(cal.threshold(target_fpr))
+                    queries = np.asarray(ep.query_log_statistics, dtype=np.float64)
+                    fold_losses.append(pinball_loss(log_threshold, queries, target_fpr))
+                    rates.append(float(np.mean(queries > log_threshold)))
+                losses.append(float(np.mean(fold_losses)))
+            candidates.append({**rule, "pinball": float(np.mean(losses)), "fpr": float(np.mean(rates))})
+        best = min(candidates, key=lambda c: c["pinball"])
         rules[k] = {**best, "categories": len(categories), "episodes": len(of_k), "candidates": candidates}
     return rules

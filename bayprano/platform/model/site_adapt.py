@@ -138,10 +138,6 @@ def adapt_features(
     stages["inner_loop"] = clock.lap()
     with torch.no_grad():
         covariate = shift_covariate(proto.distance, z, model.dim, inside=layout.fit_inside)
-        if ckpt.normality is not None:
-            calibration: Calibration | LogNormalCalibration = ckpt.normality.site_prior(shots, covariate)
-        else:
-            calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []
         if shots >= 2:
             groups = torch.as_tensor(layout.groups, device=z.device)
@@ -150,9 +146,12 @@ def adapt_features(
                 rest = _niw(model.prototype(z[groups != i]), model)
                 query = z[i : i + 1] if layout.queries is None else model.embed(layout.queries[i])
                 loo.append((layout.held_out_statistic(i, rest.distance(query), model.dim), rest.df))
-            if isinstance(calibration, LogNormalCalibration):
-                calibration = calibration.update([s for s, _ in loo])
-            else:
+        calibration: Calibration | LogNormalCalibration
+        if ckpt.normality is not None:
+            calibration = ckpt.normality.site_calibration(shots, covariate, [s for s, _ in loo])
+        else:
+            calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
+            if loo:
                 calibration = calibration.update([s for s, _ in loo], [d for _, d in loo])
         stages["calibration"] = clock.lap()
     info = {

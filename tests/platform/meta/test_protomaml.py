@@ -190,7 +190,8 @@ def test_calibrate_normality_records_a_rule_per_support_size_chosen_leaving_each
     rules = choose_rules(episodes)
     for k in (1, 2, 3):
         assert prior.table[k]["rule"] == rules[k] and rules[k]["categories"] == 4
-        assert prior.rule(k) == {"use_covariate": rules[k]["use_covariate"], "strength": rules[k]["strength"]}
+        assert prior.rule(k) == {key: rules[k][key] for key in ("use_covariate", "strength", "within", "loo_shift")}
+        assert prior.table[k]["episode_within_var"] > 0 and ("loo_offset" in prior.table[k]) == (k >= 2)
     # the plain per-query statistics are the same episodes' (same random stream), without leave-one-out
     from bayprano.platform.meta.calibration import log_statistics, normal_log_statistics
 

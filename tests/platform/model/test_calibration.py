@@ -139,9 +139,12 @@ def test_shift_covariate_is_low_for_a_texture_and_high_for_a_placed_part():
     assert scores["texture"] < scores["part"] - 1.0
 
 
-def _episodes(rng, categories, shots, per_category=10, queries=20, slope=2.0, within=None, covariate_noise=0.03):
+def _episodes(
+    rng, categories, shots, per_category=10, queries=20, slope=2.0, within=None, covariate_noise=0.03, loo_bias=0.0
+):
     """Meta-training episodes of categories whose mean log T is 1 + slope * x (x their covariate) plus a
-    between-category spread; ``within``: each category's own spread of log T (default 0.15 for all)."""
+    between-category spread; ``within``: each category's own spread of log T (default 0.15 for all);
+    ``loo_bias``: how much higher the support's leave-one-out log statistics run than new normal images."""
     from bayprano.platform.meta.calibration import NormalEpisode
 
     x = rng.normal(0.3, 0.3, size=categories)
@@ -150,7 +153,7 @@ def _episodes(rng, categories, shots, per_category=10, queries=20, slope=2.0, wi
     out = []
     for c in range(categories):
         for _ in range(per_category):
-            loo = np.exp(rng.normal(mu[c], sd[c], size=shots)).tolist() if shots >= 2 else []
+            loo = np.exp(rng.normal(mu[c] + loo_bias, sd[c], size=shots)).tolist() if shots >= 2 else []
             out.append(
                 NormalEpisode(
                     f"c{c}",
@@ -172,10 +175,9 @@ def test_the_rule_conditions_on_the_covariate_where_it_predicts_the_level_and_no
     assert informative["use_covariate"] is True, informative
     assert noise["use_covariate"] is False, noise
     assert informative["categories"] == 10 and informative["episodes"] == 100
-    assert len(informative["candidates"]) == 10  # two rules x five strengths, every one scored
-    best = min(c["pinball"] for c in informative["candidates"])
-    assert informative["pinball"] == best
-    # the chosen rule's leave-one-category-out FPR is near the target; the covariate-blind one is not
+    assert len(informative["candidates"]) == 20  # covariate or not x two spreads x five strengths
+    assert informative["pinball"] == min(c["pinball"] for c in informative["candidates"])
+    # the covariate-blind rules are clearly worse, and the chosen one's held-out FPR is near the target
     blind = min((c for c in informative["candidates"] if not c["use_covariate"]), key=lambda c: c["pinball"])
     assert blind["pinball"] > 1.2 * informative["pinball"]
     assert abs(informative["fpr"] - 0.05) < 0.03
@@ -187,25 +189,52 @@ def test_the_rule_trusts_the_prior_spread_where_categories_share_it_and_the_supp
     rng = np.random.default_rng(5)
     shared = choose_rules(_episodes(rng, 10, 5, slope=0.0))[5]
     varied = choose_rules(_episodes(rng, 10, 5, slope=0.0, within=np.geomspace(0.03, 0.8, 10)))[5]
+    assert len(shared["candidates"]) == 40  # and with or without the leave-one-out shift
     assert shared["strength"] >= 8.0, shared
     assert varied["strength"] <= 4.0, varied
 
 
+def test_leave_one_out_statistics_that_run_high_are_shifted_by_the_gap_measured_at_meta_training():
+    from bayprano.platform.meta.calibration import choose_rules, episode_prior
+
+    rng = np.random.default_rng(7)
+    episodes = _episodes(rng, 10, 5, slope=0.0, loo_bias=0.4)
+    rule = choose_rules(episodes)[5]
+    assert rule["loo_shift"] is True, rule
+    unshifted = min((c for c in rule["candidates"] if not c["loo_shift"]), key=lambda c: c["pinball"])
+    assert unshifted["fpr"] < 0.5 * rule["fpr"]  # without the shift the threshold sits too high
+    prior = episode_prior(episodes)
+    assert prior.table[5]["loo_offset"] == pytest.approx(-0.4, abs=0.05)
+    assert prior.table[5]["episode_within_var"] == pytest.approx(0.15**2, rel=0.15)
+    loo = [2.0, 2.5, 3.0, 2.2, 2.8]
+    ruled = prior.with_rules({5: {"loo_shift": True, "strength": 4.0}})
+    expected = prior.for_shots(5).update(np.array(loo) * np.exp(prior.table[5]["loo_offset"]))
+    assert ruled.site_calibration(5, None, loo) == expected
+
+
 def test_a_site_starts_from_the_chosen_rule_and_an_older_prior_keeps_the_one_shot_covariate():
-    from bayprano.platform.meta.calibration import choose_rules, log_statistics
+    from bayprano.platform.meta.calibration import choose_rules, episode_prior
 
     rng = np.random.default_rng(6)
     episodes = _episodes(rng, 8, 1, slope=0.0, covariate_noise=0.3) + _episodes(rng, 8, 5, slope=2.0)
     rules = choose_rules(episodes)
     assert choose_rules(episodes[:20]) == {}  # two categories: nothing to leave out, the default rule stays
-    prior = NormalityPrior.estimate(log_statistics(episodes))
-    chosen = prior.with_rules(rules)
-    restored = NormalityPrior.from_dict(chosen.as_dict())
+    prior = episode_prior(episodes)
+    restored = NormalityPrior.from_dict(prior.with_rules(rules).as_dict())
+    loo = [3.0, 3.5, 4.0, 3.2, 3.8]
     for k in (1, 5):
-        expected = prior.for_shots(k, 0.9 if rules[k]["use_covariate"] else None, rules[k]["strength"])
-        assert restored.site_prior(k, 0.9) == expected
-        assert restored.rule(k) == {"use_covariate": rules[k]["use_covariate"], "strength": rules[k]["strength"]}
-    # without a choice (a prior from before, or one summed across sites): covariate at K = 1 only
-    assert prior.rule(1) == {"use_covariate": True, "strength": prior.strength}
-    assert prior.site_prior(5, 0.9) == prior.for_shots(5)
-    assert prior.site_prior(1, 0.9) == prior.for_shots(1, 0.9)
+        r = rules[k]
+        assert restored.rule(k) == {key: r[key] for key in ("use_covariate", "strength", "within", "loo_shift")}
+        cal = prior.for_shots(k, 0.9 if r["use_covariate"] else None, r["strength"], r["within"])
+        if k == 5:
+            cal = cal.update(np.array(loo) * (np.exp(prior.table[5]["loo_offset"]) if r["loo_shift"] else 1.0))
+        assert restored.site_calibration(k, 0.9, loo if k == 5 else []) == cal
+    # without a choice (a prior from before, or one summed across sites): covariate at K = 1 only, no shift
+    assert prior.rule(1) == {
+        "use_covariate": True,
+        "strength": prior.strength,
+        "within": "category",
+        "loo_shift": False,
+    }
+    assert prior.site_calibration(5, 0.9, loo) == prior.for_shots(5).update(loo)
+    assert prior.site_calibration(1, 0.9) == prior.for_shots(1, 0.9)
