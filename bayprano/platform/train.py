@@ -159,7 +159,8 @@ def train_centralised(cfg: TrainConfig, progress: Callable[[str], None] | None =
     if progress:
         levels = ", ".join(f"K={k}: {e['mean']:.2f}" for k, e in sorted(normality.table.items()))
         rules = ", ".join(
-            f"K={k}: {'covariate' if r['use_covariate'] else 'plain'} prior, strength {r['strength']:g}"
+            f"K={k}: {'covariate' if r['use_covariate'] else 'plain'} prior, strength {r['strength']:g}, "
+            f"{r['within']} spread{', shifted leave-one-out' if r['loo_shift'] else ''}"
             for k, r in ((k, normality.rule(k)) for k in sorted(normality.table))
         )
         progress(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.meta.inner import adapt_head
+from bayprano.platform.meta.inner import adapt_head, site_positions
 from bayprano.platform.meta.outer import MetaConfig
 from bayprano.platform.meta.tasks import TaskBank, sample_episode
 from bayprano.platform.model.bayes import BayesianPatchModel
@@ -100,7 +100,9 @@ def normal_episodes(
         for e in range(max(cfg.calibration_episodes, per_category * len(names))):
             bank = banks[names[e % len(names)]]
             ep = sample_episode(bank, k, cfg.n_query_normal, 0, rng)
-            adapted = adapt_head(model, ep.support, cfg.inner_steps)
+            h, w = ep.support.shape[-2:]
+            positions = site_positions(h, w, cfg.inner_steps, cfg.inner_positions, ep.support.device)
+            adapted = adapt_head(model, ep.support, cfg.inner_steps, positions)  # as a site adapts
             z = adapted.support_embeddings
             covariate = shift_covariate(adapted.prototype.distance, z, model.dim)
             queries = torch.log(image_statistic(adapted.distance(ep.query), model.dim)).tolist()
@@ -143,7 +145,8 @@ def episode_terms(episodes: Sequence[NormalEpisode]) -> dict:
     new normal images' mean log T lies from the support's own leave-one-out log statistics (K >= 2)."""
     terms: dict = {}
     for k in sorted({ep.shots for ep in episodes}):
-        within, offsets = {}, {}
+        within: dict[str, list[float]] = {}
+        offsets: dict[str, list[float]] = {}
         for ep in (ep for ep in episodes if ep.shots == k):
             q = np.asarray(ep.query_log_statistics, dtype=np.float64)
             if q.size >= 2:
@@ -167,13 +170,16 @@ def episode_prior(episodes: Sequence[NormalEpisode], strength: float = 4.0) -> N
 
 def rule_candidates(shots: int, strengths: Sequence[float] = RULE_STRENGTHS) -> list[dict]:
     """Every rule ``choose_rules`` scores for K = ``shots`` (``NormalityPrior.rule`` says what each field does)."""
-    return [
+    default = NormalityPrior({shots: {}}).rule(shots)
+    candidates = [
         {"use_covariate": cov, "strength": float(s), "within": within, "loo_shift": shift}
         for cov in (False, True)
         for within in ("category", "episode")
         for shift in ((False, True) if shots >= 2 else (False,))
         for s in strengths
     ]
+    # the default first: where candidates tie (a fold too small to fit the covariate's line), it stays
+    return sorted(candidates, key=lambda c: c != default)
 
 
 def choose_rules(
@@ -200,15 +206,22 @@ def choose_rules(
             losses, rates = [], []
             for prior, held_out in folds:
                 ruled = prior.with_rules({k: rule})
-                fold_losses = []
+                fold_losses, fold_rates = [], []
                 for ep in held_out:
                     cal = ruled.site_calibration(k, ep.covariate, ep.loo_statistics)
                     log_threshold = math.log(cal.threshold(target_fpr))
                     queries = np.asarray(ep.query_log_statistics, dtype=np.float64)
                     fold_losses.append(pinball_loss(log_threshold, queries, target_fpr))
-                    rates.append(float(np.mean(queries > log_threshold)))
+                    fold_rates.append(float(np.mean(queries > log_threshold)))
                 losses.append(float(np.mean(fold_losses)))
+                rates.append(float(np.mean(fold_rates)))
             candidates.append({**rule, "pinball": float(np.mean(losses)), "fpr": float(np.mean(rates))})
         best = min(candidates, key=lambda c: c["pinball"])
-        rules[k] = {**best, "categories": len(categories), "episodes": len(of_k), "candidates": candidates}
+        rules[k] = {
+            **best,
+            "target_fpr": float(target_fpr),
+            "categories": len(categories),
+            "episodes": len(of_k),
+            "candidates": candidates,
+        }
     return rules

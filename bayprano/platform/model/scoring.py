@@ -338,7 +338,7 @@ class NormalityPrior:
 
     def with_rules(self, rules: dict) -> "NormalityPrior":
         """A copy whose entries carry the rule chosen for each K: {K: {"use_covariate", "strength", ...}}."""
-        table = {k: dict(v) for k, v in self.table.items()}
+        table = {int(k): dict(v) for k, v in self.table.items()}
         for k, rule in rules.items():
             if int(k) in table:
                 table[int(k)]["rule"] = dict(rule)
@@ -346,7 +346,7 @@ class NormalityPrior:
 
     def with_terms(self, terms: dict) -> "NormalityPrior":
         """A copy whose entries also carry per-K terms measured on whole episodes ({K: {name: value}})."""
-        table = {k: dict(v) for k, v in self.table.items()}
+        table = {int(k): dict(v) for k, v in self.table.items()}
         for k, values in terms.items():
             if int(k) in table:
                 table[int(k)].update(values)

@@ -181,7 +181,9 @@ def test_calibrate_normality_records_a_rule_per_support_size_chosen_leaving_each
 
     banks = {c: toy_bank(c, n=12, seed=i) for i, c in enumerate(("a", "b", "c", "d"))}
     model = make_model(banks["a"])
-    cfg = MetaConfig(shots=3, inner_steps=1, n_query_normal=3, calibration_episodes=4)
+    with torch.no_grad():
+        model.log_inner_lr.fill_(0.0)  # a step large enough that where the inner loss is taken shows
+    cfg = MetaConfig(shots=3, inner_steps=1, n_query_normal=3, calibration_episodes=4, inner_positions=32)
     episodes = normal_episodes(model, banks, cfg, per_category=RULE_EPISODES_PER_CATEGORY, loo=True)
     assert {(ep.shots, len(ep.loo_statistics)) for ep in episodes} == {(1, 0), (2, 2), (3, 3)}
     assert len(episodes) == 3 * 4 * RULE_EPISODES_PER_CATEGORY
@@ -192,8 +194,25 @@ def test_calibrate_normality_records_a_rule_per_support_size_chosen_leaving_each
         assert prior.table[k]["rule"] == rules[k] and rules[k]["categories"] == 4
         assert prior.rule(k) == {key: rules[k][key] for key in ("use_covariate", "strength", "within", "loo_shift")}
         assert prior.table[k]["episode_within_var"] > 0 and ("loo_offset" in prior.table[k]) == (k >= 2)
-    # the plain per-query statistics are the same episodes' (same random stream), without leave-one-out
-    from bayprano.platform.meta.calibration import log_statistics, normal_log_statistics
+    # what a site adapting on an episode's support computes: the same leave-one-out statistics and covariate
+    from bayprano.platform.meta.checkpoint import MetaCheckpoint
+    from bayprano.platform.model.scoring import Calibration
+    from bayprano.platform.model.site_adapt import adapt_features
 
-    plain = normal_log_statistics(model, banks, cfg)
-    assert plain == log_statistics(normal_episodes(model, banks, cfg))
+    ckpt = MetaCheckpoint(
+        model, "toy", "toy:0", 32, Calibration.from_prior(6, 8.0), meta_config=dict(cfg.__dict__), normality=prior
+    )
+    rng = np.random.default_rng(cfg.seed + 104729)
+    per_k = 4 * RULE_EPISODES_PER_CATEGORY
+    for k in (1, 2, 3):
+        for e in range(per_k):  # the same episodes again; a site adapts on the last one's support
+            ep = sample_episode(banks["abcd"[e % 4]], k, cfg.n_query_normal, 0, rng)
+        site = adapt_features(ckpt, ep.support)  # its inner loop on 32 of the 64 positions, as meta-training's
+        assert site.info["inner_positions"] == 32
+        recorded = [x for x in episodes if x.shots == k][per_k - 1]
+        assert site.info["loo_statistics"] == pytest.approx(recorded.loo_statistics, rel=1e-5)
+        assert site.info["shift_covariate"] == pytest.approx(recorded.covariate, rel=1e-5)
+        assert site.info["calibration_rule"] == prior.rule(k)
+    # leave-one-out statistics are drawn without touching the random stream: the queries are the same
+    plain = normal_episodes(model, banks, cfg, per_category=RULE_EPISODES_PER_CATEGORY)
+    assert [ep.query_log_statistics for ep in plain] == [ep.query_log_statistics for ep in episodes]
