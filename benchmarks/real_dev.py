@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "--augments", default="none", help="support augmentations, each a row per method (none,flips,dihedral,shifts)"
     )
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", default=None, help="methods to run, comma-separated (default: every registered one)")
     p.add_argument("--episodes", type=int, default=100, help="meta-training episodes on the synthetic pool")
     p.add_argument("--synth-categories", type=int, default=4)
     p.add_argument("--synth-train", type=int, default=12, help="good images per synthetic category")
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 backbone=name,
                 progress=lambda m: print(m, flush=True),
                 augments=args.augments.split(","),
+                methods=None if args.methods is None else args.methods.split(","),
             )
             result.pop("pictures", None)
             runs.append(

@@ -158,9 +158,14 @@ def train_centralised(cfg: TrainConfig, progress: Callable[[str], None] | None =
     normality = calibrate_normality(model, banks, mcfg)
     if progress:
         levels = ", ".join(f"K={k}: {e['mean']:.2f}" for k, e in sorted(normality.table.items()))
+        rules = ", ".join(
+            f"K={k}: {'covariate' if r['use_covariate'] else 'plain'} prior, strength {r['strength']:g}, "
+            f"{r['within']} spread{', shifted leave-one-out' if r['loo_shift'] else ''}"
+            for k, r in ((k, normality.rule(k)) for k in sorted(normality.table))
+        )
         progress(
             f"calibrated: effective patch count {calibration.effective_patches:.1f}; "
-            f"normal log-statistic per support size {levels}"
+            f"normal log-statistic per support size {levels}; threshold rule (leave-one-category-out) {rules}"
         )
     settings = dict(mcfg.__dict__)
     settings.update(

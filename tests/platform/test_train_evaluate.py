@@ -99,6 +99,9 @@ def test_train_centralised_writes_a_checkpoint_of_the_other_categories(trained, 
     assert loaded.meta_config["shots"] == SHOTS and loaded.meta_config["pool_size"] == 20
     assert [row["episode"] for row in loaded.history] == [1, 2]
     assert any(line.startswith("episode 2/2 loss ") and "pixel" in line and "supcon" in line for line in lines)
+    # two training categories: none to leave out beside the one held, so the default threshold rule
+    assert any("threshold rule (leave-one-category-out) K=1: covariate prior" in line for line in lines)
+    assert not any("rule" in e for e in loaded.normality.table.values())
     assert not list(Path(cfg.out).parent.glob(".*"))  # the atomic write left no temporary file
 
 

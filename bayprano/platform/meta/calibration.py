@@ -2,23 +2,31 @@
 
 ``calibrate``: the analytic fallback's effective patch count; ``normal_log_statistics`` and
 ``calibrate_normality``: the log image statistic of normal images per category and support size, with
-each episode's shift covariate, summarised as the ``NormalityPrior`` that a site's threshold starts from.
+each episode's shift covariate, summarised as the ``NormalityPrior`` that a site's threshold starts from;
+``choose_rules``: how that prior is used per support size (conditioned on the covariate or not, with how
+much weight), chosen by leave-one-category-out over the same meta-training episodes, never on a test set.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.meta.inner import adapt_head
+from bayprano.platform.meta.inner import adapt_head, site_positions
 from bayprano.platform.meta.outer import MetaConfig
 from bayprano.platform.meta.tasks import TaskBank, sample_episode
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype
 from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_statistic, shift_covariate
+
+RULE_TARGET_FPR = 0.05  # the platform's default target; a rule is chosen at it
+RULE_STRENGTHS = (2.0, 4.0, 8.0, 16.0, 32.0)
+RULE_EPISODES_PER_CATEGORY = 8
 
 
 @torch.no_grad()
@@ -45,10 +53,74 @@ def calibrate(model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: Met
 
 @torch.no_grad()
 def calibrate_normality(
-    model: BayesianPatchModel, banks: Mapping[str, TaskBank], cfg: MetaConfig, shots: Sequence[int] | None = None
+    model: BayesianPatchModel,
+    banks: Mapping[str, TaskBank],
+    cfg: MetaConfig,
+    shots: Sequence[int] | None = None,
+    target_fpr: float = RULE_TARGET_FPR,
 ) -> NormalityPrior:
-    """Log T of normal query images of fresh episodes, per category and support size, as a prior."""
-    return NormalityPrior.estimate(normal_log_statistics(model, banks, cfg, shots))
+    """Log T of normal query images of fresh episodes, per category and support size, as a prior, with each
+    K's calibration rule chosen by leave-one-category-out over those episodes (``choose_rules``)."""
+    episodes = normal_episodes(model, banks, cfg, shots, per_category=RULE_EPISODES_PER_CATEGORY, loo=True)
+    return episode_prior(episodes).with_rules(choose_rules(episodes, target_fpr))
+
+
+@dataclass
+class NormalEpisode:
+    """One fresh episode of normal images: its category, support size K, the support's shift covariate,
+    the log T of its normal query images and the T of each support image left out of the others' posterior
+    (K >= 2)."""
+
+    category: str
+    shots: int
+    covariate: float
+    query_log_statistics: list[float]
+    loo_statistics: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def normal_episodes(
+    model: BayesianPatchModel,
+    banks: Mapping[str, TaskBank],
+    cfg: MetaConfig,
+    shots: Sequence[int] | None = None,
+    per_category: int = 1,
+    loo: bool = False,
+) -> list[NormalEpisode]:
+    """Fresh episodes of normal images, K in ``shots`` (default 1, 2, K), at least ``per_category`` per
+    category and K (and ``cfg.calibration_episodes`` in all per K); ``loo``: with leave-one-out statistics."""
+    rng = np.random.default_rng(cfg.seed + 104729)
+    names = sorted(banks)
+    smallest = min(len(b) for b in banks.values())
+    shots = sorted({k for k in (shots or (1, 2, cfg.shots)) if 1 <= k and k + cfg.n_query_normal <= smallest})
+    if not shots:
+        raise ConfigError(f"calibration: categories need more than {cfg.n_query_normal} normal images")
+    out = []
+    for k in shots:
+        for e in range(max(cfg.calibration_episodes, per_category * len(names))):
+            bank = banks[names[e % len(names)]]
+            ep = sample_episode(bank, k, cfg.n_query_normal, 0, rng)
+            h, w = ep.support.shape[-2:]
+            positions = site_positions(h, w, cfg.inner_steps, cfg.inner_positions, ep.support.device)
+            adapted = adapt_head(model, ep.support, cfg.inner_steps, positions)  # as a site adapts
+            z = adapted.support_embeddings
+            covariate = shift_covariate(adapted.prototype.distance, z, model.dim)
+            queries = torch.log(image_statistic(adapted.distance(ep.query), model.dim)).tolist()
+            held_out = []
+            if loo and k >= 2:
+                for i in range(k):
+                    rest = model.prototype(torch.cat([z[:i], z[i + 1 :]]))
+                    held_out.append(float(image_statistic(rest.distance(z[i : i + 1]), model.dim)[0]))
+            out.append(NormalEpisode(bank.category, k, covariate, queries, held_out))
+    return out
+
+
+def log_statistics(episodes: Sequence[NormalEpisode]) -> dict:
+    """{(category, K): [(log T of a normal query image, the episode's shift covariate)]}."""
+    logs: dict = {}
+    for ep in episodes:
+        logs.setdefault((ep.category, ep.shots), []).extend((t, ep.covariate) for t in ep.query_log_statistics)
+    return logs
 
 
 @torch.no_grad()
@@ -57,21 +129,99 @@ def normal_log_statistics(
 ) -> dict:
     """{(category, K): [(log T of a normal query image, the episode's ``shift_covariate``)]} over fresh
     episodes, K in ``shots`` (default 1, 2, K)."""
-    rng = np.random.default_rng(cfg.seed + 104729)
-    names = sorted(banks)
-    smallest = min(len(b) for b in banks.values())
-    shots = sorted({k for k in (shots or (1, 2, cfg.shots)) if 1 <= k and k + cfg.n_query_normal <= smallest})
-    if not shots:
-        raise ConfigError(f"calibration: categories need more than {cfg.n_query_normal} normal images")
-    logs: dict = {}
-    for k in shots:
-        for e in range(max(cfg.calibration_episodes, len(names))):
-            bank = banks[names[e % len(names)]]
-            ep = sample_episode(bank, k, cfg.n_query_normal, 0, rng)
-            adapted = adapt_head(model, ep.support, cfg.inner_steps)
-            covariate = shift_covariate(adapted.prototype.distance, adapted.support_embeddings, model.dim)
-            maha = adapted.distance(ep.query)
-            logs.setdefault((bank.category, k), []).extend(
-                (t, covariate) for t in torch.log(image_statistic(maha, model.dim)).tolist()
-            )
-    return logs
+    return log_statistics(normal_episodes(model, banks, cfg, shots))
+
+
+def pinball_loss(log_threshold: float, log_statistics: np.ndarray, target_fpr: float) -> float:
+    """Mean quantile (pinball) loss of a log threshold for the 1 - target quantile of ``log_statistics``:
+    a proper score, lowest in expectation at the true quantile."""
+    u = np.asarray(log_statistics, dtype=np.float64) - log_threshold
+    return float(np.mean(np.maximum((1 - target_fpr) * u, -target_fpr * u)))
+
+
+def episode_terms(episodes: Sequence[NormalEpisode]) -> dict:
+    """Per K, what only whole episodes show (each category weighs the same): ``episode_within_var``, the
+    spread of normal log T around its episode's mean (one support's images), and ``loo_offset``, how far
+    new normal images' mean log T lies from the support's own leave-one-out log statistics (K >= 2)."""
+    terms: dict = {}
+    for k in sorted({ep.shots for ep in episodes}):
+        within: dict[str, list[float]] = {}
+        offsets: dict[str, list[float]] = {}
+        for ep in (ep for ep in episodes if ep.shots == k):
+            q = np.asarray(ep.query_log_statistics, dtype=np.float64)
+            if q.size >= 2:
+                within.setdefault(ep.category, []).append(float(q.var(ddof=1)))
+            if ep.loo_statistics:
+                loo = np.log(np.maximum(np.asarray(ep.loo_statistics, dtype=np.float64), 1e-300))
+                offsets.setdefault(ep.category, []).append(float(q.mean() - loo.mean()))
+        entry = {}
+        if within:
+            entry["episode_within_var"] = max(float(np.mean([np.mean(v) for v in within.values()])), 1e-3)
+        if offsets:
+            entry["loo_offset"] = float(np.mean([np.mean(v) for v in offsets.values()]))
+        terms[k] = entry
+    return terms
+
+
+def episode_prior(episodes: Sequence[NormalEpisode], strength: float = 4.0) -> NormalityPrior:
+    """The ``NormalityPrior`` of these episodes, with their ``episode_terms``."""
+    return NormalityPrior.estimate(log_statistics(episodes), strength).with_terms(episode_terms(episodes))
+
+
+def rule_candidates(shots: int, strengths: Sequence[float] = RULE_STRENGTHS) -> list[dict]:
+    """Every rule ``choose_rules`` scores for K = ``shots`` (``NormalityPrior.rule`` says what each field does)."""
+    default = NormalityPrior({shots: {}}).rule(shots)
+    candidates = [
+        {"use_covariate": cov, "strength": float(s), "within": within, "loo_shift": shift}
+        for cov in (False, True)
+        for within in ("category", "episode")
+        for shift in ((False, True) if shots >= 2 else (False,))
+        for s in strengths
+    ]
+    # the default first: where candidates tie (a fold too small to fit the covariate's line), it stays
+    return sorted(candidates, key=lambda c: c != default)
+
+
+def choose_rules(
+    episodes: Sequence[NormalEpisode], target_fpr: float = RULE_TARGET_FPR, strengths: Sequence[float] = RULE_STRENGTHS
+) -> dict:
+    """Per K, the calibration rule (``rule_candidates``) with the lowest pinball loss at ``target_fpr`` when
+    each category is left out: its episodes are calibrated on the prior of the other categories' episodes
+    (``episode_prior``) through ``NormalityPrior.site_calibration``, the path a site takes, and scored on
+    their own normal query images (each category weighs the same). {K: {rule fields, "pinball", "fpr",
+    "categories", "episodes", "candidates"}}; a K with fewer than three categories keeps the default rule
+    (absent from the result)."""
+    rules: dict = {}
+    for k in sorted({ep.shots for ep in episodes}):
+        of_k = [ep for ep in episodes if ep.shots == k]
+        categories = sorted({ep.category for ep in of_k})
+        if len(categories) < 3:
+            continue
+        folds = [
+            (episode_prior([ep for ep in of_k if ep.category != held]), [ep for ep in of_k if ep.category == held])
+            for held in categories
+        ]
+        candidates = []
+        for rule in rule_candidates(k, strengths):
+            losses, rates = [], []
+            for prior, held_out in folds:
+                ruled = prior.with_rules({k: rule})
+                fold_losses, fold_rates = [], []
+                for ep in held_out:
+                    cal = ruled.site_calibration(k, ep.covariate, ep.loo_statistics)
+                    log_threshold = math.log(cal.threshold(target_fpr))
+                    queries = np.asarray(ep.query_log_statistics, dtype=np.float64)
+                    fold_losses.append(pinball_loss(log_threshold, queries, target_fpr))
+                    fold_rates.append(float(np.mean(queries > log_threshold)))
+                losses.append(float(np.mean(fold_losses)))
+                rates.append(float(np.mean(fold_rates)))
+            candidates.append({**rule, "pinball": float(np.mean(losses)), "fpr": float(np.mean(rates))})
+        best = min(candidates, key=lambda c: c["pinball"])
+        rules[k] = {
+            **best,
+            "target_fpr": float(target_fpr),
+            "categories": len(categories),
+            "episodes": len(of_k),
+            "candidates": candidates,
+        }
+    return rules

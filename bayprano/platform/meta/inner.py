@@ -102,6 +102,18 @@ class AdaptedHead:
         return self.prototype.distance(self.embed(features))
 
 
+INNER_POSITIONS_SEED = 0
+
+
+def site_positions(h: int, w: int, steps: int, inner_positions: int, device=None) -> Tensor | None:
+    """The patch positions a site's inner loop is evaluated on (None: every position): a fixed random subset
+    of ``inner_positions`` of the h x w grid, as at meta-training, or all of them."""
+    if not (steps and inner_positions and inner_positions < h * w):
+        return None
+    gen = torch.Generator().manual_seed(INNER_POSITIONS_SEED)
+    return torch.randperm(h * w, generator=gen)[:inner_positions].to(device)
+
+
 def adapt_head(model: BayesianPatchModel, support: Tensor, steps: int, positions: Tensor | None = None) -> AdaptedHead:
     """Adapt ``model``'s head to support features (K, C, h, w) with ``steps`` first-order inner steps (the
     loss over ``positions``, or every position), and fit its prototype on the adapted embeddings."""

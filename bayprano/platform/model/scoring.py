@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -294,18 +294,63 @@ class NormalityPrior:
         k = min(keys, key=lambda kk: (abs(math.log(kk) - math.log(max(shots, 1))), kk))
         return self.table[k] if k in self.table else self.table[str(k)]
 
-    def for_shots(self, shots: int, covariate: float | None = None) -> LogNormalCalibration:
+    def for_shots(
+        self, shots: int, covariate: float | None = None, strength: float | None = None, within: str = "category"
+    ) -> LogNormalCalibration:
+        """The prior for K = ``shots``, conditioned on ``covariate`` where it is given (None: the plain level);
+        ``within``: the spread of normal log T inside a category (``category``: over all its episodes) or
+        inside one episode (``episode``: one support's images, where the entry has it)."""
         e = self.entry(shots)
+        strength = self.strength if strength is None else strength
+        scale2 = e["episode_within_var"] if within == "episode" and "episode_within_var" in e else e["within_var"]
         slope = float(e.get("slope", 0.0))
         if covariate is None or slope == 0.0 or not math.isfinite(covariate):
-            return LogNormalCalibration(
-                e["mean"], e.get("between_var_raw", e["between_var"]), e["within_var"], self.strength
-            )
+            return LogNormalCalibration(e["mean"], e.get("between_var_raw", e["between_var"]), scale2, strength)
         offset = covariate - e["x_mean"]
         line = e["between_var"] * (1.0 + 1.0 / e["n_categories"] + offset**2 / e["x_ss"])
-        return LogNormalCalibration(
-            e["mean"] + slope * offset, line + slope**2 * e["x_within_var"], e["within_var"], self.strength
-        )
+        return LogNormalCalibration(e["mean"] + slope * offset, line + slope**2 * e["x_within_var"], scale2, strength)
+
+    def rule(self, shots: int) -> dict:
+        """How a site of K = ``shots`` sets its threshold, as chosen on meta-validation (``with_rules``):
+        ``use_covariate``, ``strength``, ``within`` (see ``for_shots``) and ``loo_shift`` (move the support's
+        leave-one-out log statistics by the entry's ``loo_offset``, the gap meta-training measured between
+        them and the log statistics of new normal images). A prior without a choice conditions on the
+        covariate only where the support has no leave-one-out statistic (K = 1), at its own strength."""
+        chosen = self.entry(shots).get("rule") or {}
+        return {
+            "use_covariate": bool(chosen.get("use_covariate", shots < 2)),
+            "strength": float(chosen.get("strength", self.strength)),
+            "within": str(chosen.get("within", "category")),
+            "loo_shift": bool(chosen.get("loo_shift", False)),
+        }
+
+    def site_calibration(
+        self, shots: int, covariate: float | None, loo_statistics: Sequence[float] = ()
+    ) -> LogNormalCalibration:
+        """The calibration of a site of K = ``shots``: the prior at its support's ``covariate`` under ``rule``,
+        updated with the support's leave-one-out statistics."""
+        rule = self.rule(shots)
+        cal = self.for_shots(shots, covariate if rule["use_covariate"] else None, rule["strength"], rule["within"])
+        if len(loo_statistics):
+            shift = float(self.entry(shots).get("loo_offset", 0.0)) if rule["loo_shift"] else 0.0
+            cal = cal.update(np.asarray(loo_statistics, dtype=np.float64) * math.exp(shift))
+        return cal
+
+    def with_rules(self, rules: dict) -> "NormalityPrior":
+        """A copy whose entries carry the rule chosen for each K: {K: {"use_covariate", "strength", ...}}."""
+        table = {int(k): dict(v) for k, v in self.table.items()}
+        for k, rule in rules.items():
+            if int(k) in table:
+                table[int(k)]["rule"] = dict(rule)
+        return NormalityPrior(table, self.strength)
+
+    def with_terms(self, terms: dict) -> "NormalityPrior":
+        """A copy whose entries also carry per-K terms measured on whole episodes ({K: {name: value}})."""
+        table = {int(k): dict(v) for k, v in self.table.items()}
+        for k, values in terms.items():
+            if int(k) in table:
+                table[int(k)].update(values)
+        return NormalityPrior(table, self.strength)
 
     def as_dict(self) -> dict:
         return {"table": {str(k): v for k, v in self.table.items()}, "strength": self.strength}

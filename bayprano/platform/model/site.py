@@ -2,8 +2,8 @@
 
 ``adapt(checkpoint, support_images, steps)`` runs the inner loop on the K good images, fits the NIW
 posterior, calibrates the decision threshold for a target false-positive rate (the meta-learned prior
-on normal images' log-statistic at the support's shift covariate, updated by leave-one-out on the
-support) and returns a ``SiteModel``. As in
+on normal images' log-statistic, conditioned on the support's shift covariate or not as the
+checkpoint's rule for that K says, updated by leave-one-out on the support) and returns a ``SiteModel``. As in
 meta-training, the inner loop's loss is evaluated on a fixed random subset of patch positions (the
 checkpoint's ``inner_positions``, 128 by default), which is what the meta-learned initialisation and
 step size were trained with; on the full grid the inner loop costs several times more for a gradient

@@ -17,7 +17,7 @@ from torch import Tensor
 from bayprano.platform.data.augment import check_augmentation
 from bayprano.platform.errors import ConfigError
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
-from bayprano.platform.meta.inner import adapt_head
+from bayprano.platform.meta.inner import adapt_head, site_positions
 from bayprano.platform.meta.outer import MetaConfig
 from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel, Prototype
@@ -27,8 +27,6 @@ from bayprano.platform.model.scoring import Calibration, LogNormalCalibration, s
 from bayprano.platform.model.site_model import SiteModel
 from bayprano.platform.model.site_support import INNER_VIEWS, SupportLayout, inner_views, support_views
 from bayprano.platform.model.tiling import DEFAULT_SCORING, DEFAULT_TILE_OVERLAP, RegionOfInterest, check_scoring
-
-INNER_POSITIONS_SEED = 0
 
 
 def _image_hash(image: np.ndarray) -> str:
@@ -122,10 +120,7 @@ def adapt_features(
     shots = layout.originals
     model = _copy_model(ckpt.model).to(features.device)
     h, w = features.shape[-2:]
-    positions = None
-    if steps and inner_positions and inner_positions < h * w:
-        gen = torch.Generator().manual_seed(INNER_POSITIONS_SEED)
-        positions = torch.randperm(h * w, generator=gen)[:inner_positions].to(features.device)
+    positions = site_positions(h, w, steps, inner_positions, features.device)
     inner = inner_views(layout.groups, max(INNER_VIEWS, shots))
     adapted = adapt_head(model, features if inner is None else features[inner], steps, positions)
     proto, z = _niw(adapted.prototype, model), adapted.support_embeddings
@@ -138,14 +133,6 @@ def adapt_features(
     stages["inner_loop"] = clock.lap()
     with torch.no_grad():
         covariate = shift_covariate(proto.distance, z, model.dim, inside=layout.fit_inside)
-        if ckpt.normality is not None:
-            # The covariate-conditioned prior where the support has no leave-one-out statistic; with them, the
-            # plain prior, which defers more to the site's own evidence (measured in the README's table).
-            calibration: Calibration | LogNormalCalibration = ckpt.normality.for_shots(
-                shots, covariate if shots < 2 else None
-            )
-        else:
-            calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
         loo = []
         if shots >= 2:
             groups = torch.as_tensor(layout.groups, device=z.device)
@@ -154,9 +141,12 @@ def adapt_features(
                 rest = _niw(model.prototype(z[groups != i]), model)
                 query = z[i : i + 1] if layout.queries is None else model.embed(layout.queries[i])
                 loo.append((layout.held_out_statistic(i, rest.distance(query), model.dim), rest.df))
-            if isinstance(calibration, LogNormalCalibration):
-                calibration = calibration.update([s for s, _ in loo])
-            else:
+        calibration: Calibration | LogNormalCalibration
+        if ckpt.normality is not None:
+            calibration = ckpt.normality.site_calibration(shots, covariate, [s for s, _ in loo])
+        else:
+            calibration = Calibration.from_prior(model.dim, ckpt.calibration.effective_patches, calibration_strength)
+            if loo:
                 calibration = calibration.update([s for s, _ in loo], [d for _, d in loo])
         stages["calibration"] = clock.lap()
     info = {
@@ -171,6 +161,7 @@ def adapt_features(
         "checkpoint_sha256": ckpt.sha256,
         "loo_statistics": [s for s, _ in loo],
         "shift_covariate": covariate,
+        "calibration_rule": None if ckpt.normality is None else ckpt.normality.rule(shots),
         "adapt_seconds": time.perf_counter() - start,
         "adapt_stage_seconds": stages,
     }

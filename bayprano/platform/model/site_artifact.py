@@ -39,6 +39,7 @@ _INFO_KEYS = (
     "checkpoint_sha256",
     "loo_statistics",
     "shift_covariate",
+    "calibration_rule",
     "version",
     "model_sha256",
     "adapt_seconds",

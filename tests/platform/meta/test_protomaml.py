@@ -169,3 +169,50 @@ def test_meta_train_adds_each_extra_loss_term_and_reports_it_under_its_name():
         return float((torch.cat([p.detach().reshape(-1) for p in m.parameters()]) - anchor).norm())
 
     assert moved(pulled) < 0.5 * moved(plain)
+
+
+def test_calibrate_normality_records_a_rule_per_support_size_chosen_leaving_each_category_out():
+    from bayprano.platform.meta.calibration import (
+        RULE_EPISODES_PER_CATEGORY,
+        calibrate_normality,
+        choose_rules,
+        normal_episodes,
+    )
+
+    banks = {c: toy_bank(c, n=12, seed=i) for i, c in enumerate(("a", "b", "c", "d"))}
+    model = make_model(banks["a"])
+    with torch.no_grad():
+        model.log_inner_lr.fill_(0.0)  # a step large enough that where the inner loss is taken shows
+    cfg = MetaConfig(shots=3, inner_steps=1, n_query_normal=3, calibration_episodes=4, inner_positions=32)
+    episodes = normal_episodes(model, banks, cfg, per_category=RULE_EPISODES_PER_CATEGORY, loo=True)
+    assert {(ep.shots, len(ep.loo_statistics)) for ep in episodes} == {(1, 0), (2, 2), (3, 3)}
+    assert len(episodes) == 3 * 4 * RULE_EPISODES_PER_CATEGORY
+    assert all(len(ep.query_log_statistics) == 3 and np.isfinite(ep.covariate) for ep in episodes)
+    prior = calibrate_normality(model, banks, cfg)
+    rules = choose_rules(episodes)
+    for k in (1, 2, 3):
+        assert prior.table[k]["rule"] == rules[k] and rules[k]["categories"] == 4
+        assert prior.rule(k) == {key: rules[k][key] for key in ("use_covariate", "strength", "within", "loo_shift")}
+        assert prior.table[k]["episode_within_var"] > 0 and ("loo_offset" in prior.table[k]) == (k >= 2)
+    # what a site adapting on an episode's support computes: the same leave-one-out statistics and covariate
+    from bayprano.platform.meta.checkpoint import MetaCheckpoint
+    from bayprano.platform.model.scoring import Calibration
+    from bayprano.platform.model.site_adapt import adapt_features
+
+    ckpt = MetaCheckpoint(
+        model, "toy", "toy:0", 32, Calibration.from_prior(6, 8.0), meta_config=dict(cfg.__dict__), normality=prior
+    )
+    rng = np.random.default_rng(cfg.seed + 104729)
+    per_k = 4 * RULE_EPISODES_PER_CATEGORY
+    for k in (1, 2, 3):
+        for e in range(per_k):  # the same episodes again; a site adapts on the last one's support
+            ep = sample_episode(banks["abcd"[e % 4]], k, cfg.n_query_normal, 0, rng)
+        site = adapt_features(ckpt, ep.support)  # its inner loop on 32 of the 64 positions, as meta-training's
+        assert site.info["inner_positions"] == 32
+        recorded = [x for x in episodes if x.shots == k][per_k - 1]
+        assert site.info["loo_statistics"] == pytest.approx(recorded.loo_statistics, rel=1e-5)
+        assert site.info["shift_covariate"] == pytest.approx(recorded.covariate, rel=1e-5)
+        assert site.info["calibration_rule"] == prior.rule(k)
+    # leave-one-out statistics are drawn without touching the random stream: the queries are the same
+    plain = normal_episodes(model, banks, cfg, per_category=RULE_EPISODES_PER_CATEGORY)
+    assert [ep.query_log_statistics for ep in plain] == [ep.query_log_statistics for ep in episodes]

@@ -137,3 +137,147 @@ def test_shift_covariate_is_low_for_a_texture_and_high_for_a_placed_part():
         proto = NIWPrototype(NIWHyper()).fit(z)
         scores[name] = shift_covariate(proto.mahalanobis, z, d, shift=3)
     assert scores["texture"] < scores["part"] - 1.0
+
+
+def _episodes(
+    rng,
+    categories,
+    shots,
+    per_category=10,
+    queries=20,
+    slope=2.0,
+    within=None,
+    covariate_noise=0.03,
+    loo_bias=0.0,
+    episode_sd=0.0,
+):
+    """Meta-training episodes of categories whose mean log T is 1 + slope * x (x their covariate) plus a
+    between-category spread; ``within``: each category's own spread of log T (default 0.15 for all);
+    ``loo_bias``: how much higher the support's leave-one-out log statistics run than new normal images;
+    ``episode_sd``: how much one support's level moves around its category's (shared by its images)."""
+    from bayprano.platform.meta.calibration import NormalEpisode
+
+    x = rng.normal(0.3, 0.3, size=categories)
+    mu = 1.0 + slope * x + rng.normal(0, 0.3 if slope == 0 else 0.05, size=categories)
+    sd = np.full(categories, 0.15) if within is None else np.asarray(within)
+    out = []
+    for c in range(categories):
+        for _ in range(per_category):
+            level = mu[c] + rng.normal(0, episode_sd)
+            loo = np.exp(rng.normal(level + loo_bias, sd[c], size=shots)).tolist() if shots >= 2 else []
+            out.append(
+                NormalEpisode(
+                    f"c{c}",
+                    shots,
+                    float(x[c] + rng.normal(0, covariate_noise)),
+                    rng.normal(level, sd[c], size=queries).tolist(),
+                    loo,
+                )
+            )
+    return out
+
+
+def test_the_rule_conditions_on_the_covariate_where_it_predicts_the_level_and_costs_nothing_where_it_is_noise():
+    from bayprano.platform.meta.calibration import choose_rules
+
+    def best(rule, use_covariate):
+        return min(c["pinball"] for c in rule["candidates"] if c["use_covariate"] == use_covariate)
+
+    rng = np.random.default_rng(4)
+    informative = choose_rules(_episodes(rng, 10, 1, slope=2.0))[1]
+    assert informative["use_covariate"] is True, informative
+    assert informative["categories"] == 10 and informative["episodes"] == 100
+    assert len(informative["candidates"]) == 20  # covariate or not x two spreads x five strengths
+    assert informative["pinball"] == min(c["pinball"] for c in informative["candidates"])
+    assert best(informative, False) > 2 * informative["pinball"]  # blind to the covariate: far worse
+    assert 0.01 < informative["fpr"] < 0.1  # the chosen rule's held-out FPR: on the safe side of 0.05
+    # a covariate unrelated to the level: either rule may win, by little; the choice costs almost nothing
+    noise = choose_rules(_episodes(rng, 30, 1, slope=0.0, covariate_noise=0.3, per_category=4))[1]
+    assert noise["pinball"] > 0.9 * best(noise, False)
+
+
+def test_the_rule_trusts_the_prior_spread_where_categories_share_it_and_the_support_where_they_do_not():
+    from bayprano.platform.meta.calibration import choose_rules
+
+    rng = np.random.default_rng(5)
+    shared = choose_rules(_episodes(rng, 10, 5, slope=0.0))[5]
+    varied = choose_rules(_episodes(rng, 10, 5, slope=0.0, within=np.geomspace(0.03, 0.8, 10)))[5]
+    assert len(shared["candidates"]) == 40  # and with or without the leave-one-out shift
+    assert shared["strength"] >= 8.0, shared
+    assert varied["strength"] <= 4.0, varied
+
+
+def test_leave_one_out_statistics_that_run_high_are_shifted_by_the_gap_measured_at_meta_training():
+    from bayprano.platform.meta.calibration import choose_rules, episode_prior
+
+    rng = np.random.default_rng(7)
+    episodes = _episodes(rng, 10, 5, slope=0.0, loo_bias=0.4)
+    rule = choose_rules(episodes)[5]
+    assert rule["loo_shift"] is True, rule
+    unshifted = min((c for c in rule["candidates"] if not c["loo_shift"]), key=lambda c: c["pinball"])
+    assert unshifted["fpr"] < 0.5 * rule["fpr"]  # without the shift the threshold sits too high
+    prior = episode_prior(episodes)
+    assert prior.table[5]["loo_offset"] == pytest.approx(-0.4, abs=0.05)
+    assert prior.table[5]["episode_within_var"] == pytest.approx(0.15**2, rel=0.15)
+    loo = [2.0, 2.5, 3.0, 2.2, 2.8]
+    ruled = prior.with_rules({5: {"loo_shift": True, "strength": 4.0}})
+    expected = prior.for_shots(5).update(np.array(loo) * np.exp(prior.table[5]["loo_offset"]))
+    assert ruled.site_calibration(5, None, loo) == expected
+
+
+def test_a_site_starts_from_the_chosen_rule_and_an_older_prior_keeps_the_one_shot_covariate():
+    from bayprano.platform.meta.calibration import choose_rules, episode_prior
+
+    rng = np.random.default_rng(6)
+    episodes = _episodes(rng, 8, 1, slope=0.0, covariate_noise=0.3) + _episodes(rng, 8, 5, slope=2.0)
+    rules = choose_rules(episodes)
+    assert choose_rules(episodes[:20]) == {}  # two categories: nothing to leave out, the default rule stays
+    prior = episode_prior(episodes)
+    restored = NormalityPrior.from_dict(prior.with_rules(rules).as_dict())
+    loo = [3.0, 3.5, 4.0, 3.2, 3.8]
+    for k in (1, 5):
+        r = rules[k]
+        assert restored.rule(k) == {key: r[key] for key in ("use_covariate", "strength", "within", "loo_shift")}
+        cal = prior.for_shots(k, 0.9 if r["use_covariate"] else None, r["strength"], r["within"])
+        if k == 5:
+            cal = cal.update(np.array(loo) * (np.exp(prior.table[5]["loo_offset"]) if r["loo_shift"] else 1.0))
+        assert restored.site_calibration(k, 0.9, loo if k == 5 else []) == cal
+    # without a choice (a prior from before, or one summed across sites): covariate at K = 1 only, no shift
+    assert prior.rule(1) == {
+        "use_covariate": True,
+        "strength": prior.strength,
+        "within": "category",
+        "loo_shift": False,
+    }
+    assert prior.site_calibration(5, 0.9, loo) == prior.for_shots(5).update(loo)
+    assert prior.site_calibration(1, 0.9) == prior.for_shots(1, 0.9)
+
+
+def test_where_supports_move_the_level_the_rule_takes_one_episodes_spread():
+    """Each support's images share a level of their own around the category's: after the leave-one-out
+    update the level is the support's, and what is left is the spread inside one episode."""
+    from bayprano.platform.meta.calibration import choose_rules, episode_prior
+
+    rng = np.random.default_rng(8)
+    episodes = _episodes(rng, 10, 5, slope=0.0, within=np.full(10, 0.1), episode_sd=0.3)
+    rule = choose_rules(episodes)[5]
+    assert rule["within"] == "episode", rule
+    e = episode_prior(episodes).table[5]
+    assert e["episode_within_var"] == pytest.approx(0.1**2, rel=0.2)
+    assert e["within_var"] > 5 * e["episode_within_var"]
+
+
+def test_a_category_never_calibrates_on_a_prior_that_saw_it(monkeypatch):
+    from bayprano.platform.meta import calibration
+
+    seen = []
+    real = calibration.episode_prior
+
+    def spy(episodes, *args, **kwargs):
+        seen.append({ep.category for ep in episodes})
+        return real(episodes, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "episode_prior", spy)
+    episodes = _episodes(np.random.default_rng(9), 5, 5, slope=0.0, per_category=3)
+    calibration.choose_rules(episodes)
+    assert sorted(map(sorted, seen)) == sorted(sorted({f"c{i}" for i in range(5)} - {f"c{j}"}) for j in range(5))
