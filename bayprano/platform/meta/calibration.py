@@ -23,6 +23,7 @@ from bayprano.platform.meta.tasks import TaskBank, sample_episode
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.niw import NIWPrototype
 from bayprano.platform.model.scoring import Calibration, NormalityPrior, image_statistic, shift_covariate
+from bayprano.platform.model.site_support import SupportLayout
 
 RULE_TARGET_FPR = 0.05  # the platform's default target; a rule is chosen at it
 RULE_STRENGTHS = (2.0, 4.0, 8.0, 16.0, 32.0)
@@ -106,11 +107,7 @@ def normal_episodes(
             z = adapted.support_embeddings
             covariate = shift_covariate(adapted.prototype.distance, z, model.dim)
             queries = torch.log(image_statistic(adapted.distance(ep.query), model.dim)).tolist()
-            held_out = []
-            if loo and k >= 2:
-                for i in range(k):
-                    rest = model.prototype(torch.cat([z[:i], z[i + 1 :]]))
-                    held_out.append(float(image_statistic(rest.distance(z[i : i + 1]), model.dim)[0]))
+            held_out = [s for s, _ in SupportLayout.plain(k).leave_one_out(model, z)] if loo and k >= 2 else []
             out.append(NormalEpisode(bank.category, k, covariate, queries, held_out))
     return out
 

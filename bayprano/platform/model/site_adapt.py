@@ -133,14 +133,7 @@ def adapt_features(
     stages["inner_loop"] = clock.lap()
     with torch.no_grad():
         covariate = shift_covariate(proto.distance, z, model.dim, inside=layout.fit_inside)
-        loo = []
-        if shots >= 2:
-            groups = torch.as_tensor(layout.groups, device=z.device)
-            for i in range(shots):
-                # Every view of image i (its augmentations, its tiles) leaves with it; only the original is scored.
-                rest = _niw(model.prototype(z[groups != i]), model)
-                query = z[i : i + 1] if layout.queries is None else model.embed(layout.queries[i])
-                loo.append((layout.held_out_statistic(i, rest.distance(query), model.dim), rest.df))
+        loo = [(s, _niw(rest, model).df) for s, rest in layout.leave_one_out(model, z)] if shots >= 2 else []
         calibration: Calibration | LogNormalCalibration
         if ckpt.normality is not None:
             calibration = ckpt.normality.site_calibration(shots, covariate, [s for s, _ in loo])

@@ -5,7 +5,7 @@ leave-one-out calibration."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from bayprano.platform.model.tiling import (
     stitch,
     stitched_cells,
 )
+
+if TYPE_CHECKING:
+    from bayprano.platform.model.bayes import BayesianPatchModel, Prototype
 
 # The inner loop's leave-one-out loss refits the prototype once per view, with gradients: its time and
 # memory grow with the square of the views (105 tiles of five 4096 x 256 strips: 151 s and 18 GB).
@@ -108,6 +111,17 @@ class SupportLayout:
             maha = crop_grid(stitch(maha, plan), plan)[None]
         inside = None if self.query_inside is None else self.query_inside[i]
         return float(image_statistic(maha, dim, inside=inside)[0])
+
+    def leave_one_out(self, model: BayesianPatchModel, z: Tensor) -> list[tuple[float, Prototype]]:
+        """For each original: its statistic under the prototype fitted on every view of the others (its own
+        views, augmentations and tiles, leave with it; only the original is scored), and that prototype."""
+        groups = torch.as_tensor(self.groups, device=z.device)
+        out = []
+        for i in range(self.originals):
+            rest = model.prototype(z[groups != i])
+            query = z[i : i + 1] if self.queries is None else model.embed(self.queries[i])
+            out.append((self.held_out_statistic(i, rest.distance(query), model.dim), rest))
+        return out
 
 
 def support_views(
