@@ -79,7 +79,7 @@ def table(runs: list[dict], categories: list[str]) -> str:
                 stats = sorted({r["statistic"] for r in mine})
                 fprs = [r["measured_fpr"] for r in mine if r["measured_fpr"] is not None]
                 fpr = f"{min(fprs):.2f}..{max(fprs):.2f} (mean {np.mean(fprs):.2f})" if fprs else "-"
-                rows.append((method, run["label"], k, *per_cat, f"{mean:.3f}", ", ".join(stats), fpr))
+                rows.append((method, run["label"], k, *per_cat, f"{mean:.3f}", ", ".join(stats), fpr, decided(mine)))
     return format_table(
         (
             "method",
@@ -89,9 +89,19 @@ def table(runs: list[dict], categories: list[str]) -> str:
             "mean",
             "statistic (meta-val.)",
             "FPR at 0.05 over draws",
+            "good strips decided anomalous / to review",
         ),
         rows,
     )
+
+
+def decided(records: list[dict]) -> str:
+    """Mean shares of the good test strips decided anomalous and sent to review, over the draws."""
+    good = [(r.get("decision_rates") or {}).get("normal_images") for r in records]
+    good = [g for g in good if g]
+    if not good:
+        return "-"
+    return f"{np.mean([g['anomalous'] for g in good]):.2f} / {np.mean([g['review'] for g in good]):.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,7 +274,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shots", metavar="K[,K2]", help="support sizes (default 5)")
     p.add_argument("--seeds", metavar="N", help="support sets drawn per category and K (default 3)")
-    p.add_argument("--methods", metavar="M,N", help="bayes, bayes-frozen, patchcore, padim, protomaml (default: all)")
+    p.add_argument(
+        "--methods",
+        metavar="M,N",
+        help="bayes, bayes-frozen, protomaml, patchcore, padim, anomalydino (default: every registered method)",
+    )
     p.add_argument(
         "--augment",
         metavar="A[,B]",

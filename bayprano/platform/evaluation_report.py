@@ -18,8 +18,22 @@ def _mean(values) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+DECISION_SHARES = {  # summary key: (image group, decision) of a record's ``decision_rates``
+    "decided_fpr": ("normal_images", "anomalous"),
+    "review_normal": ("normal_images", "review"),
+    "review_defective": ("defective_images", "review"),
+}
+
+
+def _decision_share(record: dict, key: str) -> float | None:
+    group, decision = DECISION_SHARES[key]
+    return ((record.get("decision_rates") or {}).get(group) or {}).get(decision)
+
+
 def summarize(records: list[dict]) -> dict:
-    """Means per (method with its support augmentation, shots) over categories and seeds."""
+    """Means per (method with its support augmentation, shots) over categories and seeds; ``decided_fpr``
+    is the share of normal images decided anomalous (not sent to review), ``review_normal`` and
+    ``review_defective`` the shares sent to review."""
     out: dict = {}
     for r in records:
         out.setdefault(variant(r), {}).setdefault(str(r["shots"]), []).append(r)
@@ -37,6 +51,7 @@ def summarize(records: list[dict]) -> dict:
                     "score_images_per_second",
                 )
             }
+            | {key: _mean(_decision_share(x, key) for x in rows) for key in DECISION_SHARES}
             | {"n": len(rows)}
             for k, rows in by_k.items()
         }
@@ -89,11 +104,28 @@ def markdown_table(result: dict) -> str:
                     fmt(s["aupro"]),
                     fmt(s["f1"]),
                     fmt(s["measured_fpr"]),
+                    fmt(s.get("decided_fpr")),
+                    fmt(s.get("review_normal")),
+                    fmt(s.get("review_defective")),
                     f"{s['adapt_seconds']:.2f}",
                     f"{s['score_images_per_second']:.1f}",
                 )
             )
     summary = format_table(
-        ("method", "K", "image AUROC", "pixel AUROC", "AUPRO@0.3", "F1", "FPR", "adapt s", "images/s"), rows
+        (
+            "method",
+            "K",
+            "image AUROC",
+            "pixel AUROC",
+            "AUPRO@0.3",
+            "F1",
+            "FPR",
+            "FPR decided",
+            "review (good)",
+            "review (defect)",
+            "adapt s",
+            "images/s",
+        ),
+        rows,
     )
     return f"{summary}\n\nImage statistic ablation (image AUROC):\n\n{ablation_table(result)}"

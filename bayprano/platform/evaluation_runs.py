@@ -19,7 +19,15 @@ from bayprano.platform.errors import ConfigError
 from bayprano.platform.methods import Method, MethodContext, get_method
 from bayprano.platform.methods.base import fit_on
 from bayprano.platform.methods.postprocess import all_statistics, choose_statistic
-from bayprano.platform.metrics import f1_at_threshold, fpr_at_threshold, image_auroc, pixel_metrics, plot_roc, roc_curve
+from bayprano.platform.metrics import (
+    decision_rates,
+    f1_at_threshold,
+    fpr_at_threshold,
+    image_auroc,
+    pixel_metrics,
+    plot_roc,
+    roc_curve,
+)
 from bayprano.platform.model.anomaly_map import anomaly_map
 
 RECORD_KEYS = (
@@ -34,6 +42,7 @@ RECORD_KEYS = (
     "f1",
     "target_fpr",
     "measured_fpr",
+    "decision_rates",
     "adapt_seconds",
     "score_images_per_second",
     "statistic",
@@ -195,6 +204,7 @@ def _run_method(
         calibration = {**calibration, "normal_statistics": scores[d.test_labels == 0].tolist()}
     pix = pixel_metrics(d.test_masks, maps) if d.has_pixel_masks else {"pixel_auroc": None, "aupro": None}
     finite = threshold is not None and math.isfinite(threshold)
+    decisions = method.decisions(scores, threshold) if finite else None
     menu = all_statistics(out.patches, (image_size, image_size))
     statistic_aurocs = {name: image_auroc(d.test_labels, s) for name, s in menu.items()}
     own_auroc = image_auroc(d.test_labels, scores)
@@ -207,6 +217,7 @@ def _run_method(
         "aupro": pix["aupro"],
         "f1": f1_at_threshold(d.test_labels, scores, threshold) if finite else None,
         "measured_fpr": fpr_at_threshold(d.test_labels, scores, threshold) if finite else None,
+        "decision_rates": None if decisions is None else decision_rates(d.test_labels, decisions),
         "adapt_seconds": adapt_seconds,
         "score_images_per_second": n_test / score_seconds,
         "calibration": calibration,
@@ -218,10 +229,12 @@ def _record_line(r: dict) -> str:
     def f(v):
         return "  -  " if v is None else f"{v:.3f}"
 
+    good = (r.get("decision_rates") or {}).get("normal_images")
+    decided = "" if good is None else f" (decided {f(good['anomalous'])}, review {f(good['review'])})"
     return (
         f"{r['category']:>14s} {variant(r):>12s} K={r['shots']} seed={r['seed']}: image AUROC {f(r['image_auroc'])} "
-        f"pixel AUROC {f(r['pixel_auroc'])} AUPRO {f(r['aupro'])} F1 {f(r['f1'])} FPR {f(r['measured_fpr'])} "
-        f"adapt {r['adapt_seconds']:.2f}s"
+        f"pixel AUROC {f(r['pixel_auroc'])} AUPRO {f(r['aupro'])} F1 {f(r['f1'])} FPR {f(r['measured_fpr'])}"
+        f"{decided} adapt {r['adapt_seconds']:.2f}s"
     )
 
 

@@ -24,7 +24,7 @@ from bayprano.platform.errors import ConfigError, DataError
 from bayprano.platform.export import INPUT_NAME, OUTPUT_NAMES, read_metadata
 from bayprano.platform.model.anomaly_map import heat_level
 from bayprano.platform.model.niw import patch_score
-from bayprano.platform.model.scoring import calibration_from_dict, relative_sd
+from bayprano.platform.model.scoring import calibration_from_dict, decision_sd
 from bayprano.platform.model.site import ImageResult
 from bayprano.platform.model.site_model import image_results
 
@@ -103,7 +103,7 @@ class ExportedModel:
             stat,
             self.calibration.p_value(stat, self.df),
             self.threshold,
-            relative_sd(stat, self.dim, self.nu_n, self.kappa_n),
+            decision_sd(stat, self.dim, self.nu_n, self.kappa_n, self.calibration, self.target_fpr, self.df),
             self.z_review,
             amaps,
             float(patch_score(torch.tensor(self.threshold * self.dim), self.df, self.dim)),

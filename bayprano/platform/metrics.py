@@ -454,6 +454,27 @@ def image_metrics(labels, scores, threshold: float) -> dict[str, float]:
     }
 
 
+DECISION_NAMES = ("normal", "review", "anomalous")
+
+
+def decision_rates(labels, decisions: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The share of each decision among the normal images (label 0) and among the defective ones (label 1):
+    ``{"normal_images": {"normal": .., "review": .., "anomalous": ..}, "defective_images": {...}}``; a
+    group with no image is left out."""
+    y = _as_bool(labels, "labels")
+    d = np.asarray(list(decisions), dtype=object)
+    if d.shape != y.shape:
+        raise DataError(f"decision_rates: {d.size} decisions for {y.size} labels")
+    unknown = sorted(set(d.tolist()) - set(DECISION_NAMES))
+    if unknown:
+        raise DataError(f"decision_rates: unknown decision(s) {unknown}; expected {list(DECISION_NAMES)}")
+    out = {}
+    for group, mask in (("normal_images", ~y), ("defective_images", y)):
+        if mask.any():
+            out[group] = {name: float(np.mean(d[mask] == name)) for name in DECISION_NAMES}
+    return out
+
+
 def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict[str, float]:
     """Pixel-level summary: ``pixel_auroc`` and ``aupro`` (exact, up to ``fpr_limit``).
 

@@ -324,6 +324,20 @@ def test_image_and_pixel_summaries():
         M.pixel_metrics(np.zeros_like(mask), amap)
 
 
+def test_decision_rates_are_shares_per_image_group_and_bad_decisions_are_named():
+    labels = [0, 0, 0, 0, 1, 1]
+    decisions = ["normal", "normal", "review", "anomalous", "review", "anomalous"]
+    assert M.decision_rates(labels, decisions) == {
+        "normal_images": {"normal": 0.5, "review": 0.25, "anomalous": 0.25},
+        "defective_images": {"normal": 0.0, "review": 0.5, "anomalous": 0.5},
+    }
+    assert set(M.decision_rates([0, 0], ["normal", "review"])) == {"normal_images"}
+    with pytest.raises(M.DataError, match="3 decisions for 2 labels"):
+        M.decision_rates([0, 1], ["normal"] * 3)
+    with pytest.raises(M.DataError, match="unknown decision.*'maybe'"):
+        M.decision_rates([0, 1], ["normal", "maybe"])
+
+
 # --------------------------------------------------------------------------- plots
 
 

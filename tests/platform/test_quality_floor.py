@@ -160,9 +160,11 @@ def test_decisions_follow_the_score_the_threshold_and_the_uncertainty_band(floor
     for category, r in floor_runs.items():
         site = r["site"]
         scores = r["scores"]
-        expected, uncertainty = decide(
-            scores, site.threshold, relative_sd(scores, site.model.dim, site.nu_n, site.kappa_n), site.z_review
+        band = np.sqrt(
+            relative_sd(scores, site.model.dim, site.nu_n, site.kappa_n) ** 2
+            + site.calibration.threshold_sd(site.target_fpr, site.df) ** 2
         )
+        expected, uncertainty = decide(scores, site.threshold, band, site.z_review)
         for i, res in enumerate(r["results"]):
             where = f"{category} image {i}: score {res.score:.3f}, threshold {site.threshold:.3f}"
             assert res.threshold == site.threshold, where

@@ -9,7 +9,10 @@ A method is fitted on the support's backbone features and scores query features:
   scores (B, h, w) that the harness turns into anomaly maps (``anomaly_map``);
 - ``threshold(target_fpr)``: the image-score threshold the support gives (NaN when it cannot tell, e.g.
   leave-one-out with one shot);
-- ``calibration_info()``: what the threshold came from, or None.
+- ``calibration_info()``: what the threshold came from, or None;
+- ``decisions(image_scores, threshold)``: ``normal``, ``anomalous`` or ``review`` per image at that
+  threshold (a method without an uncertainty band never sends an image to review; see
+  ``threshold_decisions``), or None when the threshold is not finite.
 
 A ``MethodSpec`` names a method and says how to build one from a ``MethodContext`` (the inner steps, the
 target false-positive rate, and the checkpoints a fold provides). ``checkpoint`` is the kind of
@@ -50,6 +53,16 @@ class Method(Protocol):
     def threshold(self, target_fpr: float) -> float: ...
 
     def calibration_info(self) -> dict | None: ...
+
+    def decisions(self, image_scores: np.ndarray, threshold: float) -> list[str] | None: ...
+
+
+def threshold_decisions(image_scores, threshold: float) -> list[str] | None:
+    """``anomalous`` above the threshold, ``normal`` at or below it (the convention of the measured FPR);
+    None when the threshold is not finite."""
+    if not math.isfinite(threshold):
+        return None
+    return ["anomalous" if s > threshold else "normal" for s in np.asarray(image_scores, dtype=np.float64)]
 
 
 @dataclass
@@ -215,3 +228,6 @@ class PatchScoreMethod:
 
     def calibration_info(self) -> dict | None:
         return None
+
+    def decisions(self, image_scores: np.ndarray, threshold: float) -> list[str] | None:
+        return threshold_decisions(image_scores, threshold)

@@ -29,10 +29,14 @@ alpha is the T at which the p-value equals alpha.
 
 Uncertainty: the posterior over the covariance and the mean makes the Mahalanobis distance of a
 fixed patch uncertain, with relative standard deviation about sqrt(2 / nu_n + 4 / (kappa_n m)) (the
-Wishart and Gaussian parts of the NIW posterior). The decision is "anomalous" or "normal" when that
-band (one standard deviation, by default) lies on one side of the threshold, and "review" when it
-straddles it; the reported uncertainty is twice the probability mass of the band beyond the threshold
-(1 = a coin flip, 0 = certain).
+Wishart and Gaussian parts of the NIW posterior). The threshold is uncertain too: where the support
+says little about how high its normal images run (one shot of a product unlike the meta-training
+categories), the calibration's level is known only to the prior's spread across categories, and
+``threshold_sd`` says how far (in log T). The two add in quadrature (``decision_sd``). The decision is
+"anomalous" or "normal" when that band (one standard deviation, by default) lies on one side of the
+threshold, and "review" when it straddles it: a site that cannot yet tell where its threshold lies
+sends its borderline images to review instead of deciding them. The reported uncertainty is twice the
+probability mass of the band beyond the threshold (1 = a coin flip, 0 = certain).
 """
 
 from __future__ import annotations
@@ -124,6 +128,13 @@ class Calibration:
         per_patch_cdf = math.exp(math.log1p(-alpha) / self.effective_patches)
         return float(stats.f.ppf(per_patch_cdf, self.dim, df))
 
+    def threshold_sd(self, alpha: float, df: float) -> float:
+        """Posterior standard deviation of log(threshold) from the uncertainty of M (its Gamma posterior),
+        by the threshold at M one standard deviation either side of its mean."""
+        m, rel = self.effective_patches, 1.0 / math.sqrt(self.shape)
+        lo, hi = (Calibration(self.dim, self.shape, self.shape / (m * f)) for f in (max(1.0 - rel, 1e-3), 1.0 + rel))
+        return abs(math.log(hi.threshold(alpha, df)) - math.log(lo.threshold(alpha, df))) / 2.0
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -168,6 +179,11 @@ class LogNormalCalibration:
         if not 0 < alpha < 1:
             raise ConfigError(f"target false-positive rate must be between 0 and 1, got {alpha}")
         return float(math.exp(self._predictive().ppf(1 - alpha)))
+
+    def threshold_sd(self, alpha: float = 0.05, df=None) -> float:
+        """Posterior standard deviation of log(threshold): the uncertainty of the level ``mean``. With one shot
+        it is the prior's spread of levels across categories; each leave-one-out statistic narrows it."""
+        return math.sqrt(self.mean_var)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -371,6 +387,22 @@ def relative_sd(statistic: Tensor | np.ndarray, dim: int, nu_n: float, kappa_n: 
     """Posterior relative standard deviation of a patch's Mahalanobis distance at statistic T = m / d."""
     m = np.maximum(np.asarray(statistic, dtype=np.float64) * dim, 1e-12)
     return np.sqrt(2.0 / nu_n + 4.0 / (kappa_n * m))
+
+
+def decision_sd(
+    statistic,
+    dim: int,
+    nu_n: float,
+    kappa_n: float,
+    calibration: "Calibration | LogNormalCalibration",
+    alpha: float,
+    df,
+) -> np.ndarray:
+    """The standard deviation of log T - log(threshold) that the review band uses: the image's own
+    (``relative_sd``, the posterior over mean and covariance) and the threshold's (``threshold_sd``, the
+    posterior over the calibration), independent, so added in quadrature."""
+    own = relative_sd(statistic, dim, nu_n, kappa_n)
+    return np.sqrt(own**2 + calibration.threshold_sd(alpha, df) ** 2)
 
 
 def decide(statistic, threshold: float, rel_sd, z_review: float = 1.0) -> tuple[list[str], np.ndarray]:

@@ -20,7 +20,7 @@ from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.extractor import PatchFeatureExtractor
 from bayprano.platform.model.niw import NIWPrototype, StudentT
-from bayprano.platform.model.scoring import Calibration, LogNormalCalibration, decide, image_statistic, relative_sd
+from bayprano.platform.model.scoring import Calibration, LogNormalCalibration, decide, decision_sd, image_statistic
 from bayprano.platform.model.site_artifact import load_site_model, save_site_model
 from bayprano.platform.model.tiling import (
     DEFAULT_SCORING,
@@ -159,6 +159,12 @@ class SiteModel:
             self.roi,
         )
 
+    def decision_sd(self, statistic) -> np.ndarray:
+        """The review band's standard deviation (log T) at image statistics ``statistic``."""
+        return decision_sd(
+            statistic, self.model.dim, self.nu_n, self.kappa_n, self.calibration, self.target_fpr, self.df
+        )
+
     def tile_plan(self, height: int, width: int) -> TilePlan:
         """The tiles of an image of this size (tile mode)."""
         return plan_tiles(int(height), int(width), self.image_size, self.extractor.stride, self.tile_overlap)
@@ -195,7 +201,7 @@ class SiteModel:
             stat,
             self.calibration.p_value(stat, self.df),
             self.threshold,
-            relative_sd(stat, self.model.dim, self.nu_n, self.kappa_n),
+            self.decision_sd(stat),
             self.z_review,
             maps,
             map_threshold,

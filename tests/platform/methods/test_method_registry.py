@@ -86,6 +86,18 @@ def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root
     normal_scores = scores[data.test_labels == 0]
     assert record["own_image_auroc"] == pytest.approx(image_auroc(data.test_labels, scores), abs=1e-12)
     assert record["measured_fpr"] == pytest.approx(float(np.mean(normal_scores > loo)), abs=1e-12)
+    # a method without an uncertainty band decides every image at its threshold: nothing goes to review
+    assert record["decision_rates"]["normal_images"] == pytest.approx(
+        {"normal": 1 - record["measured_fpr"], "review": 0.0, "anomalous": record["measured_fpr"]}
+    )
+    assert record["decision_rates"]["defective_images"]["review"] == 0.0
+    # the Bayesian model's band only turns decisions into review: the normal images decided anomalous are
+    # some of those above the threshold, the ones decided normal some of those below it
+    bayes = next(r for r in result["records"] if r["method"] == "bayes")
+    good = bayes["decision_rates"]["normal_images"]
+    assert sum(good.values()) == pytest.approx(1.0)
+    assert good["anomalous"] <= bayes["measured_fpr"] <= good["anomalous"] + good["review"]
+    assert result["summary"]["bayes"]["2"]["decided_fpr"] == good["anomalous"]
     expected_pixels = pixel_metrics(data.test_masks, anomaly_map(patches, (64, 64)).numpy())
     assert record["pixel_auroc"] == pytest.approx(expected_pixels["pixel_auroc"], abs=1e-6)
     assert record["image_auroc"] == pytest.approx(

@@ -10,7 +10,15 @@ import pytest
 from scipy import stats
 
 from bayprano.platform.errors import ConfigError
-from bayprano.platform.model.scoring import DECISIONS, Calibration, calibration_from_dict, decide, relative_sd
+from bayprano.platform.model.scoring import (
+    DECISIONS,
+    Calibration,
+    LogNormalCalibration,
+    calibration_from_dict,
+    decide,
+    decision_sd,
+    relative_sd,
+)
 
 # --- decide ---------------------------------------------------------------------------------------------
 
@@ -90,6 +98,63 @@ def test_relative_sd_is_the_wishart_and_gaussian_parts_of_the_posterior():
     np.testing.assert_allclose(relative_sd(t, dim, nu, kappa), np.sqrt(2 / nu + 4 / (kappa * m)), rtol=1e-12)
     # more support (larger nu and kappa) narrows the band
     assert np.all(relative_sd(t, dim, 4 * nu, 4 * kappa) < relative_sd(t, dim, nu, kappa))
+
+
+# --- the threshold's own uncertainty in the band ----------------------------------------------------------
+
+# The one-shot prior a fold measured on DINOv2 (level 0.79, spread of levels across categories 0.61): a new
+# product whose good images run at log T 2.25 (as the synthetic screw's did) lies far above that level.
+ONE_SHOT_PRIOR = LogNormalCalibration(mean=0.79, mean_var=0.37, scale2=0.036, dof=32.0)
+
+
+def test_the_band_adds_the_thresholds_uncertainty_to_the_images_in_quadrature():
+    t, dim, nu, kappa = np.array([0.5, 2.0, 8.0]), 16, 40.0, 6.0
+    own = relative_sd(t, dim, nu, kappa)
+    band = decision_sd(t, dim, nu, kappa, ONE_SHOT_PRIOR, 0.05, None)
+    np.testing.assert_allclose(band, np.sqrt(own**2 + 0.37), rtol=1e-12)
+    assert ONE_SHOT_PRIOR.threshold_sd() == pytest.approx(math.sqrt(0.37))
+    # each leave-one-out statistic narrows the level, and with it the threshold's uncertainty
+    five = ONE_SHOT_PRIOR.update(np.exp([2.1, 2.2, 2.3, 2.25, 2.4]))
+    assert five.threshold_sd() == pytest.approx(math.sqrt(1 / (1 / 0.37 + 5 / 0.036)))  # 0.084 against 0.61
+
+
+def test_the_analytic_calibrations_threshold_uncertainty_narrows_with_normal_images():
+    prior = Calibration.from_prior(DIM, 30.0, strength=4.0)
+    t_lo = prior.threshold(0.05, DF)
+    sd = prior.threshold_sd(0.05, DF)
+    # one standard deviation of M either side of its mean moves log(threshold) by about sd
+    m, rel = prior.effective_patches, 1 / math.sqrt(prior.shape)
+    hi = Calibration(DIM, prior.shape, prior.shape / (m * (1 + rel))).threshold(0.05, DF)
+    assert 0 < sd and math.log(hi) - math.log(t_lo) == pytest.approx(sd, rel=0.5)
+    more = prior.update(np.full(60, t_lo), np.full(60, DF))
+    assert more.threshold_sd(0.05, DF) < 0.5 * sd
+
+
+def test_one_shot_of_an_unusual_product_sends_its_good_images_to_review_instead_of_deciding_them():
+    """The attack on "the model says when the support cannot tell": one good image of a product whose good
+    images score far above anything meta-training saw. Its threshold (at the prior's level) is exceeded by
+    nearly every good image; with the image's own uncertainty alone they are decided anomalous, silently
+    missing the target FPR. With the threshold's uncertainty in the band they go to review; defects far
+    above stay anomalous; five shots reveal the level and the good images are decided normal again."""
+    rng = np.random.default_rng(0)
+    good, defects = np.exp(rng.normal(2.25, 0.19, 2000)), np.exp(rng.normal(3.6, 0.3, 2000))
+    own = np.full(2000, 0.05)  # the image's own relative sd, as a posterior of this size gives
+
+    def shares(cal, images, band):
+        decisions = np.array(decide(images, cal.threshold(0.05), band, z_review=1.0)[0])
+        return {d: float(np.mean(decisions == d)) for d in DECISIONS}
+
+    with_threshold = np.sqrt(own**2 + ONE_SHOT_PRIOR.threshold_sd() ** 2)
+    assert np.mean(good > ONE_SHOT_PRIOR.threshold(0.05)) > 0.95  # the target is missed whatever the band
+    assert shares(ONE_SHOT_PRIOR, good, own)["anomalous"] > 0.9  # ... silently, with the image's band alone
+    one_shot = shares(ONE_SHOT_PRIOR, good, with_threshold)
+    assert one_shot["review"] > 0.8 and one_shot["anomalous"] < 0.15, one_shot
+    assert shares(ONE_SHOT_PRIOR, defects, with_threshold)["anomalous"] > 0.99
+    five = ONE_SHOT_PRIOR.update(np.exp(rng.normal(2.25, 0.19, 5)))
+    band = np.sqrt(own**2 + five.threshold_sd() ** 2)
+    five_shots = shares(five, good, band)
+    assert five_shots["normal"] > 0.9 and five_shots["anomalous"] < 0.02, five_shots
+    assert shares(five, defects, band)["anomalous"] > 0.99
 
 
 # --- Calibration (Gamma posterior over the effective patch count M) -------------------------------------

@@ -7,7 +7,10 @@ at its initialisation, without inner steps (no meta-learning at all).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -15,7 +18,7 @@ from torch import Tensor
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.methods.base import MethodContext, MethodScores, originals, register_method
 from bayprano.platform.methods.bayes.torch_model import SiteModel, adapt_features
-from bayprano.platform.model.scoring import image_statistic
+from bayprano.platform.model.scoring import decide, image_statistic
 from bayprano.platform.model.site_support import SupportLayout
 
 
@@ -56,6 +59,13 @@ class BayesMethod:
             "loo_statistics": site.info.get("loo_statistics"),
             "site_calibration": site.calibration.as_dict(),
         }
+
+    def decisions(self, image_scores: np.ndarray, threshold: float) -> list[str] | None:
+        """The site model's decisions at ``threshold``: its review band joins the image's posterior spread
+        and the threshold's (``SiteModel.decision_sd``)."""
+        if not math.isfinite(threshold):
+            return None
+        return decide(image_scores, threshold, self.site_.decision_sd(image_scores), self.site_.z_review)[0]
 
 
 def build_bayes(context: MethodContext) -> BayesMethod:

@@ -8,13 +8,21 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from bayprano.platform.meta.checkpoint import MetaCheckpoint
 from bayprano.platform.meta.inner import AdaptedHead, adapt_head
 from bayprano.platform.methods.anomaly_map import image_scores
-from bayprano.platform.methods.base import MethodContext, MethodScores, group_index, originals, register_method
+from bayprano.platform.methods.base import (
+    MethodContext,
+    MethodScores,
+    group_index,
+    originals,
+    register_method,
+    threshold_decisions,
+)
 from bayprano.platform.model.site_support import INNER_VIEWS, inner_views
 
 
@@ -52,6 +60,9 @@ class ProtoMAMLMethod:
 
     def calibration_info(self) -> dict | None:
         return None
+
+    def decisions(self, image_scores: np.ndarray, threshold: float) -> list[str] | None:
+        return threshold_decisions(image_scores, threshold)
 
 
 def build(context: MethodContext) -> ProtoMAMLMethod:
