@@ -14,6 +14,7 @@ from bayprano.platform.model.scoring import (
     DECISIONS,
     Calibration,
     LogNormalCalibration,
+    NormalityPrior,
     calibration_from_dict,
     decide,
     decision_sd,
@@ -105,6 +106,27 @@ def test_relative_sd_is_the_wishart_and_gaussian_parts_of_the_posterior():
 # The one-shot prior a fold measured on DINOv2 (level 0.79, spread of levels across categories 0.61): a new
 # product whose good images run at log T 2.25 (as the synthetic screw's did) lies far above that level.
 ONE_SHOT_PRIOR = LogNormalCalibration(mean=0.79, mean_var=0.37, scale2=0.036, dof=32.0)
+# That fold's K = 1 entry and the rule meta-validation chose for it (the plain prior, one episode's spread)
+SCREW_FOLD_K1 = {
+    "mean": 0.7924,
+    "slope": -1.8627,
+    "x_mean": 0.2257,
+    "x_ss": 0.1542,
+    "x_within_var": 0.0015,
+    "n_categories": 5,
+    "between_var": 0.3101,
+    "between_var_raw": 0.3664,
+    "within_var": 0.0390,
+    "episode_within_var": 0.0356,
+    "rule": {"use_covariate": False, "strength": 32.0, "within": "episode", "loo_shift": False},
+}
+
+
+def test_a_site_of_one_shot_gets_the_folds_spread_of_levels_as_its_thresholds_uncertainty():
+    site = NormalityPrior({1: SCREW_FOLD_K1}, 4.0).site_calibration(1, 1.12, [])
+    assert site.mean == pytest.approx(0.7924) and site.mean_var == pytest.approx(0.3664)
+    assert site.threshold_sd() == pytest.approx(math.sqrt(0.3664))
+    assert site.threshold(0.05) == pytest.approx(ONE_SHOT_PRIOR.threshold(0.05), rel=0.01)
 
 
 def test_the_band_adds_the_thresholds_uncertainty_to_the_images_in_quadrature():
