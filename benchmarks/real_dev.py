@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=100, help="meta-training episodes on the synthetic pool")
     p.add_argument("--synth-categories", type=int, default=4)
     p.add_argument("--synth-train", type=int, default=12, help="good images per synthetic category")
+    p.add_argument("--dim", type=int, default=64, help="embedding dimension of the meta-learned head (default 64)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_dev.json"))
     args = p.parse_args(argv)
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=lambda m: print(m, flush=True),
                 augments=args.augments.split(","),
                 methods=None if args.methods is None else args.methods.split(","),
+                dim=args.dim,
             )
             result.pop("pictures", None)
             runs.append(
