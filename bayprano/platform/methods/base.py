@@ -58,11 +58,14 @@ class Method(Protocol):
 
 
 def threshold_decisions(image_scores, threshold: float) -> list[str] | None:
-    """``anomalous`` above the threshold, ``normal`` at or below it (the convention of the measured FPR);
-    None when the threshold is not finite."""
+    """``anomalous`` above the threshold, ``normal`` at or below it (the convention of the measured FPR),
+    ``review`` for a score that is not a number; None when the threshold is not finite."""
     if not math.isfinite(threshold):
         return None
-    return ["anomalous" if s > threshold else "normal" for s in np.asarray(image_scores, dtype=np.float64)]
+    return [
+        "review" if math.isnan(s) else "anomalous" if s > threshold else "normal"
+        for s in np.asarray(image_scores, dtype=np.float64).tolist()
+    ]
 
 
 @dataclass

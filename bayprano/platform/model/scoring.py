@@ -31,8 +31,9 @@ Uncertainty: the posterior over the covariance and the mean makes the Mahalanobi
 fixed patch uncertain, with relative standard deviation about sqrt(2 / nu_n + 4 / (kappa_n m)) (the
 Wishart and Gaussian parts of the NIW posterior). The threshold is uncertain too: where the support
 says little about how high its normal images run (one shot of a product unlike the meta-training
-categories), the calibration's level is known only to the prior's spread across categories, and
-``threshold_sd`` says how far (in log T). The two add in quadrature (``decision_sd``). The decision is
+categories), the calibration's level is known only to the prior's spread across categories (around
+the covariate's line where the rule uses it), and ``threshold_sd`` says how far (in log T); for the
+analytic model it comes from the Gamma posterior of M. The two add in quadrature (``decision_sd``). The decision is
 "anomalous" or "normal" when that band (one standard deviation, by default) lies on one side of the
 threshold, and "review" when it straddles it: a site that cannot yet tell where its threshold lies
 sends its borderline images to review instead of deciding them. The reported uncertainty is twice the
@@ -129,11 +130,15 @@ class Calibration:
         return float(stats.f.ppf(per_patch_cdf, self.dim, df))
 
     def threshold_sd(self, alpha: float, df: float) -> float:
-        """Posterior standard deviation of log(threshold) from the uncertainty of M (its Gamma posterior),
-        by the threshold at M one standard deviation either side of its mean."""
-        m, rel = self.effective_patches, 1.0 / math.sqrt(self.shape)
-        lo, hi = (Calibration(self.dim, self.shape, self.shape / (m * f)) for f in (max(1.0 - rel, 1e-3), 1.0 + rel))
-        return abs(math.log(hi.threshold(alpha, df)) - math.log(lo.threshold(alpha, df))) / 2.0
+        """Posterior standard deviation of log(threshold) from the uncertainty of M: half the distance, in
+        log T, between the thresholds at M's posterior 15.9% and 84.1% quantiles (one standard deviation
+        either side for a Gaussian; the Gamma posterior is skewed when few images stand behind it)."""
+        lo_m, hi_m = stats.gamma.ppf([stats.norm.cdf(-1.0), stats.norm.cdf(1.0)], self.shape, scale=1.0 / self.rate)
+        logs = [
+            math.log(max(Calibration(self.dim, 1.0, 1.0 / max(float(m), 1e-12)).threshold(alpha, df), 1e-300))
+            for m in (lo_m, hi_m)
+        ]
+        return abs(logs[1] - logs[0]) / 2.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -181,8 +186,9 @@ class LogNormalCalibration:
         return float(math.exp(self._predictive().ppf(1 - alpha)))
 
     def threshold_sd(self, alpha: float = 0.05, df=None) -> float:
-        """Posterior standard deviation of log(threshold): the uncertainty of the level ``mean``. With one shot
-        it is the prior's spread of levels across categories; each leave-one-out statistic narrows it."""
+        """Posterior standard deviation of log(threshold) from the uncertainty of the level ``mean``: with one
+        shot, the prior's spread of levels (across categories, or around the covariate's line where the rule
+        conditions on it); each leave-one-out statistic narrows it. The spread ``scale2`` is taken as known."""
         return math.sqrt(self.mean_var)
 
     def as_dict(self) -> dict:

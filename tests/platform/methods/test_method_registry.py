@@ -3,6 +3,8 @@ method table and validated, with no other edits; the built-in methods keep the p
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +17,12 @@ from bayprano.platform.evaluation_data import load_category, support_indices
 from bayprano.platform.evaluation_report import markdown_table
 from bayprano.platform.methods import METHODS, MethodContext, get_method, register_method, unregister_method
 from bayprano.platform.methods.postprocess import STATISTICS, statistic
-from bayprano.platform.metrics import image_auroc, pixel_metrics
+from bayprano.platform.metrics import decision_rates, image_auroc, pixel_metrics
 from bayprano.platform.model.anomaly_map import anomaly_map
 from bayprano.platform.model.backbone import build_backbone
 from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
 from bayprano.platform.model.bayes import BayesianPatchModel
+from bayprano.platform.model.scoring import decide, relative_sd
 
 import mean_distance
 
@@ -97,6 +100,13 @@ def test_a_registered_method_is_evaluated_and_in_the_demo_table(registered, root
     good = bayes["decision_rates"]["normal_images"]
     assert sum(good.values()) == pytest.approx(1.0)
     assert good["anomalous"] <= bayes["measured_fpr"] <= good["anomalous"] + good["review"]
+    # ... and its band is the site model's: the image's posterior spread and the threshold's, in quadrature
+    cal, band = bayes["calibration"], bayes["calibration"]["band"]
+    assert band["threshold_sd"] == pytest.approx(math.sqrt(cal["site_calibration"]["mean_var"]), rel=1e-12)
+    stat = np.asarray(cal["normal_statistics"])
+    sd = np.sqrt(relative_sd(stat, band["dim"], band["nu_n"], band["kappa_n"]) ** 2 + band["threshold_sd"] ** 2)
+    by_hand = decision_rates(np.zeros(len(stat)), decide(stat, cal["threshold"], sd, band["z_review"])[0])
+    assert by_hand["normal_images"] == good
     assert result["summary"]["bayes"]["2"]["decided_fpr"] == good["anomalous"]
     expected_pixels = pixel_metrics(data.test_masks, anomaly_map(patches, (64, 64)).numpy())
     assert record["pixel_auroc"] == pytest.approx(expected_pixels["pixel_auroc"], abs=1e-6)

@@ -58,11 +58,18 @@ class BayesMethod:
             "shift_covariate": site.info.get("shift_covariate"),
             "loo_statistics": site.info.get("loo_statistics"),
             "site_calibration": site.calibration.as_dict(),
+            "band": {
+                "dim": site.model.dim,
+                "nu_n": site.nu_n,
+                "kappa_n": site.kappa_n,
+                "threshold_sd": site.calibration.threshold_sd(site.target_fpr, site.df),
+                "z_review": site.z_review,
+            },
         }
 
     def decisions(self, image_scores: np.ndarray, threshold: float) -> list[str] | None:
         """The site model's decisions at ``threshold``: its review band joins the image's posterior spread
-        and the threshold's (``SiteModel.decision_sd``)."""
+        and the threshold's (``SiteModel.decision_sd``, at the target the method was built with)."""
         if not math.isfinite(threshold):
             return None
         return decide(image_scores, threshold, self.site_.decision_sd(image_scores), self.site_.z_review)[0]
