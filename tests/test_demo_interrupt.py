@@ -52,6 +52,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _as_from_a_terminal() -> None:
+    """The demo starts as a terminal starts it: SIGINT neither blocked nor ignored, whatever the state of
+    the test process (it runs Ray and Serve for other tests) that forks it."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(check, seconds: float, what: str, output: list[str]) -> None:
     wait_until(check, what, timeout=seconds, every=0.25, detail=lambda: f"the demo printed:\n{''.join(output)}")
 
@@ -65,6 +72,7 @@ def test_ctrl_c_during_federated_training_leaves_no_process_behind(tmp_path):
         text=True,
         env=env,
         start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )
     lines: list[str] = []
     pending: queue.Queue = queue.Queue()
