@@ -16,8 +16,9 @@ DP they are not asked for).
 ``step()`` runs one round: ask the strategy whether to run it (under DP: not when it would take epsilon
 past the target), sample, broadcast the global vector with the round's ``RoundInstruction``, collect
 the replies (plain, or one secure sum), aggregate, take the server step, account the privacy spent (one
-step per sampled round: the only noised release), validate (not under DP), write the checkpoint, and
-return the round's history row. ``run_rounds(n)`` steps up to n rounds; ``run()`` every round left.
+step per sampled round: the only noised release), validate (not under DP), after the last round choose
+the calibration rule (``choose_calibration_rule``, not under DP), write the checkpoint, and return the
+round's history row. ``run_rounds(n)`` steps up to n rounds; ``run()`` every round left.
 Under DP the history, the logs and the checkpoint name no participant.
 
 Communication is counted per (round, site, direction) (``transport``); the summary gives each site's
@@ -46,6 +47,7 @@ from bayprano.actors.transport import Gathered, SecureSum, SiteTransport, wire_b
 from bayprano.config import round_size
 from bayprano.platform.errors import BaypranoError, ConfigError, DataError
 from bayprano.platform.federated.messages import (
+    CalibrationReply,
     FeatureReply,
     RoundInstruction,
     SecAggContext,
@@ -58,7 +60,13 @@ from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.federated.secagg import MIN_SITES, check_settings
 from bayprano.platform.federated.state import CommunicationLedger, ParameterLayout, encode_update
 from bayprano.platform.federated.strategy import Strategy, strategy_from_config
-from bayprano.platform.federated.summaries import feature_standardisation, normality_shots, read_validation
+from bayprano.platform.federated.summaries import (
+    feature_standardisation,
+    normality_shots,
+    prior_from_calibration_vector,
+    read_validation,
+    rules_from_loss_vector,
+)
 from bayprano.platform.meta.checkpoint import MetaCheckpoint, load_checkpoint
 from bayprano.platform.model.bayes import BayesianPatchModel
 from bayprano.platform.model.scoring import Calibration, NormalityPrior
@@ -362,6 +370,57 @@ class FederatedTrainer:
             self.normality = summary["normality"]
         return {"auroc": summary["auroc"], "site_auroc": site_auroc}
 
+    def _site_sum(self, purpose: str, r: int, sites: list[str], call: Callable[[SecAggContext | None], tuple]):
+        """The sum of the ``CalibrationReply`` vectors of ``sites`` (securely under ``secure_agg``) and who is
+        in it, or None when no site (or fewer than a quorum under secure aggregation) answered."""
+        if self.cfg.secure_agg:
+            result = self._secure_sum(purpose, r, list(sites), lambda s, ctx: call(ctx))
+            return None if result is None else (result.sum.numpy().astype(np.float64), list(result.sites))
+        got = self.transport.gather(purpose, r, {s: call(None) for s in sites}, self.cfg.round_timeout, retry=True)
+        replies = {s: v for s, v in got.replies.items() if isinstance(v, CalibrationReply)}
+        if not replies:
+            return None
+        return np.sum([v.values for v in replies.values()], axis=0), sorted(replies)
+
+    def choose_calibration_rule(self, sites: list[str] | None = None) -> dict | None:
+        """The checkpoint's normality prior and its calibration rule per K, chosen as centralised meta-training
+        chooses them (``meta.calibration.choose_rules``: each category calibrated on the prior of all the
+        others, the rule of lowest pinball loss at the platform's target), from two sums over the sites:
+        their calibration episodes' moments, then, given that sum, their categories' losses under every
+        candidate rule. Only the sites in the first sum are asked for the second, so each subtracts its own
+        part from a total that holds it. None (the prior and rule stay as they were) under DP or when too few
+        sites answer. {K: the chosen rule, its pinball loss, FPR and counts}."""
+        instruction = self.instruction()
+        if instruction.dp:
+            return None
+        cfg = self.cfg
+        r = self.round + 1 if self.round < cfg.rounds else self.round
+        data = encode_update(self.global_vector, self.layout, fp16=cfg.fp16)
+        shots = normality_shots(cfg.shots)
+        sites = self.sites if sites is None else sites
+        first = self._site_sum("calibration", r, sites, lambda ctx: ("calibration_episodes", (data, instruction, ctx)))
+        if first is None:
+            self.log("calibration rule: no site sent its calibration episodes; the rule stays the default")
+            return None
+        total, answered = first
+        prior = prior_from_calibration_vector(total, shots)
+        if prior is None:
+            return None
+        second = self._site_sum(
+            "rules", r, answered, lambda ctx: ("calibration_rules", (data, instruction, total, ctx))
+        )
+        rules = {} if second is None else rules_from_loss_vector(second[0], shots)
+        self.normality = prior.with_rules(rules)
+        chosen = {k: {f: v for f, v in rule.items() if f != "candidates"} for k, rule in rules.items()}
+        described = "; ".join(
+            f"K={k}: covariate {'on' if c['use_covariate'] else 'off'}, strength {c['strength']:g}, "
+            f"spread of one {c['within']}, shift {'on' if c['loo_shift'] else 'off'}, "
+            f"held-out FPR {c['fpr']:.3f} over {c['categories']} categories"
+            for k, c in sorted(chosen.items())
+        )
+        self.log(f"calibration rule: {described or 'fewer than three categories, the default'}")
+        return chosen
+
     # ------------------------------------------------------------------------------------ run
 
     @property
@@ -396,6 +455,9 @@ class FederatedTrainer:
         val: dict[str, Any] = {"auroc": math.nan, "site_auroc": None}
         if not result.skipped:
             val = self.validate(result.sites if cfg.pool_size else None)
+        rule = None
+        if r == cfg.rounds and not result.skipped and not self.dp:
+            rule = self.choose_calibration_rule(result.sites if cfg.pool_size else None)
         # episodes: local steps x sites that answered; under DP x the expected number of sites
         took_part = self.sites_per_round if self.dp else len(result.sites)
         row = {
@@ -407,6 +469,8 @@ class FederatedTrainer:
             "episodes": cfg.local_steps * took_part,
             "seconds": time.perf_counter() - t0,
         }
+        if rule is not None:
+            row["calibration_rule"] = rule
         if not self.dp:  # under DP who took part, and so how much moved, is not recorded
             row.update(
                 sites=result.sites,

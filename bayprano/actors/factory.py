@@ -26,6 +26,11 @@ features never leave it. What it sends out:
 - ``validate(...)``: image AUROC on its held-out normals and synthetic anomalies made from them, its
   calibration statistics and the moments of its normal log-statistics, as one additive vector
   (``platform.federated.summaries``): in the clear, or masked; under DP nothing (validation stays home);
+- ``calibration_episodes(...)`` and ``calibration_rules(..., total, ...)``: after the last round, the two
+  sums that choose the checkpoint's calibration rule as centralised meta-training chooses it: the
+  moments of its fresh normal episodes (with leave-one-out statistics), then, given their sum over the
+  sites, each of its categories' pinball losses under every candidate rule on the prior of all the
+  other categories (``summaries.rule_loss_vector``); in the clear, or masked; under DP nothing;
 - ``shard_bytes()``: how many bytes of images (encoded, as stored; masks not counted) its shard holds, to
   compare with what federation moves.
 
@@ -59,6 +64,7 @@ from bayprano.platform.data.imageio import resize_square
 from bayprano.platform.federated.aggregation import pack_weighted
 from bayprano.platform.federated.local import local_meta_update
 from bayprano.platform.federated.messages import (
+    CalibrationReply,
     FeatureReply,
     MaskedReply,
     RoundInstruction,
@@ -72,8 +78,15 @@ from bayprano.platform.federated.messages import (
 )
 from bayprano.platform.federated.privacy import clip_update
 from bayprano.platform.federated.secagg import SecAggClient, SiteRoster
-from bayprano.platform.federated.summaries import feature_vector, normality_shots, validation_vector
+from bayprano.platform.federated.summaries import (
+    calibration_vector,
+    feature_vector,
+    normality_shots,
+    rule_loss_vector,
+    validation_vector,
+)
 from bayprano.platform.federated.state import ParameterLayout, decode_update, encode_update
+from bayprano.platform.meta.calibration import RULE_EPISODES_PER_CATEGORY, NormalEpisode, normal_episodes
 from bayprano.platform.meta.protomaml import TaskBank, build_task_bank, calibrate, feature_sums, normal_log_statistics
 from bayprano.platform.methods.validation import model_checkpoint, model_context, validation_aurocs
 from bayprano.platform.model.backbone import PatchFeatureExtractor, build_backbone
@@ -109,6 +122,7 @@ class FactorySite:
         self._loaded = False
         self._master = os.urandom(32)  # every secure-aggregation key and mask of this site derives from it
         self._spent: set[tuple[str, str]] = set()  # (instance, "mask" | "unmask"): each done once
+        self._calibration: tuple[str, list[NormalEpisode]] | None = None  # (model digest, its episodes)
 
     def _check_shard(self) -> None:
         if not Path(self.shard_path).is_file():
@@ -360,6 +374,53 @@ class FactorySite:
             return self._mask(vector, secagg)
         return ValidationReply(self.site, np.asarray(vector, dtype=np.float64))
 
+    def _calibration_episodes(self, global_bytes: bytes, instruction: RoundInstruction) -> list[NormalEpisode]:
+        """Fresh normal episodes of this site at K = 1, 2 and K, with leave-one-out statistics, for the model
+        of ``global_bytes``: made once per model (the rules' stage uses the episodes the moments came from;
+        they are drawn from a fixed seed, so a site that lost them makes the same ones again)."""
+        digest = hashlib.sha256(global_bytes).hexdigest()
+        if self._calibration is None or self._calibration[0] != digest:
+            self._load_global(global_bytes, instruction)
+            self.model.eval()
+            episodes = normal_episodes(
+                self.model,
+                self.banks,
+                self.meta,
+                normality_shots(self.meta.shots),
+                per_category=RULE_EPISODES_PER_CATEGORY,
+                loo=True,
+            )
+            self._calibration = (digest, episodes)
+        return self._calibration[1]
+
+    def calibration_episodes(
+        self, global_bytes: bytes, instruction: RoundInstruction, secagg: SecAggContext | None = None
+    ) -> CalibrationReply | MaskedReply:
+        """The moments of this site's calibration episodes (``summaries.calibration_vector``), in the clear or
+        masked; refused under DP."""
+        if instruction.dp:
+            raise ConfigError(f"site {self.site!r}: under DP the calibration episodes stay home")
+        vector = calibration_vector(
+            self._calibration_episodes(global_bytes, instruction), normality_shots(self.meta.shots)
+        )
+        if secagg is not None:
+            return self._mask(vector, secagg)
+        return CalibrationReply(self.site, np.asarray(vector, dtype=np.float64))
+
+    def calibration_rules(
+        self, global_bytes: bytes, instruction: RoundInstruction, total: np.ndarray, secagg: SecAggContext | None = None
+    ) -> CalibrationReply | MaskedReply:
+        """Given ``total``, the sum of every site's ``calibration_episodes`` (this one's included), the pinball
+        losses of this site's categories under every candidate rule, each on the prior of the others
+        (``summaries.rule_loss_vector``), in the clear or masked; refused under DP."""
+        if instruction.dp:
+            raise ConfigError(f"site {self.site!r}: under DP the calibration episodes stay home")
+        episodes = self._calibration_episodes(global_bytes, instruction)
+        vector = rule_loss_vector(episodes, np.asarray(total, dtype=np.float64), normality_shots(self.meta.shots))
+        if secagg is not None:
+            return self._mask(vector, secagg)
+        return CalibrationReply(self.site, vector)
+
     def ping(self) -> str:
         return self.site
 
@@ -433,6 +494,8 @@ POOLED_METHODS = (
     "secagg_unmask",
     "local_update",
     "validate",
+    "calibration_episodes",
+    "calibration_rules",
     "shard_bytes",
     "ping",
     "node",
@@ -526,7 +589,13 @@ def _stage_spent(method: str, args: tuple) -> tuple[str, str] | None:
     """The (instance, stage) a pooled call spends, if any."""
     if method == "secagg_unmask":
         return (args[0], "unmask")
-    secagg = {"local_update": 3, "validate": 2, "feature_statistics": 1}.get(method)
+    secagg = {
+        "local_update": 3,
+        "validate": 2,
+        "calibration_episodes": 2,
+        "calibration_rules": 3,
+        "feature_statistics": 1,
+    }.get(method)
     if secagg is not None and len(args) > secagg and args[secagg] is not None:
         return (args[secagg].instance, "mask")
     return None

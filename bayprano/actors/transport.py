@@ -5,7 +5,7 @@ secure-aggregation instances.
 timeout: a ``Gathered`` of the replies, the sites that were late or failed, and the errors of those that
 failed. Each call's arguments count as bytes down, each reply as bytes up (``wire_bytes``: its size
 serialised for the wire) in the ``CommunicationLedger``, per (round, site, direction); every reply goes
-to ``transcript`` with its stage, and every update and validation reply to ``received``. A reply still
+to ``transcript`` with its stage, and every update, validation and calibration reply to ``received``. A reply still
 pending at the deadline is abandoned, never read (``abandoned`` keeps the last few).
 
 ``SiteTransport.secure_sum`` runs one sum as an instance of the double-masking protocol
@@ -115,7 +115,7 @@ class SiteTransport:
         self.log = log
         self.private = private
         self.ledger = CommunicationLedger()
-        self.received: list[Any] = []  # every update and validation reply, as received
+        self.received: list[Any] = []  # every update, validation and calibration reply, as received
         self.transcript: list[dict] = []  # every reply with its stage, round, site and size on the wire
         self.abandoned: list[dict] = []  # replies still pending at a deadline: never read (the last few)
 
@@ -190,7 +190,7 @@ class SiteTransport:
             self.transcript.append(
                 {"stage": stage, "round": round, "attempt": attempt, "site": site, "reply": reply, "bytes": size}
             )
-            if stage in ("update", "validation"):
+            if stage in ("update", "validation", "calibration", "rules"):
                 self.received.append(reply)
         return Gathered(replies, sorted(set(calls) - set(replies)), errors)
 

@@ -16,13 +16,15 @@ import ray
 import torch
 
 from bayprano.actors.coordinator import FederatedTrainer
+from bayprano.actors.factory import FactorySite
 from bayprano.cli import main
 from bayprano.platform.data.imageio import load_image
 from bayprano.platform.evaluation_data import load_category
-from bayprano.platform.federated.messages import UpdateReply, sent_fields
+from bayprano.platform.federated.messages import SiteSettings, UpdateReply, sent_fields
 from bayprano.platform.federated.privacy import PrivacyAccountant
 from bayprano.platform.federated.secagg import MaskedUpdate
-from bayprano.platform.federated.state import encoded_num_bytes
+from bayprano.platform.federated.state import encode_update, encoded_num_bytes
+from bayprano.platform.meta.calibration import choose_rules, episode_prior
 from bayprano.platform.meta.checkpoint import load_checkpoint
 from bayprano.platform.metrics import image_auroc
 from bayprano.platform.model.site import adapt
@@ -91,7 +93,8 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
 
     updates = [t["reply"] for t in trainer.transcript if t["stage"] == "update"]
     assert len(updates) == 6 and {r.site for r in updates} == set(trainer.sites)
-    assert len(trainer.received) == 6 + 2 * 3  # and a validation reply per site and round
+    # and a validation reply per site and round, and after the last round the two calibration-rule sums
+    assert len(trainer.received) == 6 + 2 * 3 + 2 * 3
     assert_no_image_bytes([t["reply"] for t in trainer.transcript], shard_dir)  # every reply of every stage
     for reply in trainer.received:
         for where, leaf in _arrays(reply):
@@ -112,6 +115,9 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
         assert reply.masked.values.dtype == np.uint64 and reply.masked.values.shape == (size + 2,)
     validations = [t["reply"] for t in trainer.transcript if t["stage"] == "validation"]
     assert len(validations) == 6 and all(sent_fields(r) == {"site", "masked"} for r in validations)
+    for stage in ("calibration", "rules"):
+        replies = [t["reply"] for t in trainer.transcript if t["stage"] == stage]
+        assert len(replies) == 3 and all(sent_fields(r) == {"site", "masked"} for r in replies), stage
 
     shard_bytes = sum(ray.get([f.shard_bytes.remote() for f in factories.values()]))
     assert shard_bytes > 0 and summary["bytes"] == trainer.ledger.total() > 0
@@ -135,8 +141,29 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
         aurocs[category] = image_auroc(data.test_labels, scores)
     assert np.mean(list(aurocs.values())) >= FLOOR, aurocs
 
+    # the checkpoint's calibration rule, chosen from the two secure sums, is the rule that centralised
+    # meta-training chooses on every site's calibration episodes pooled (made again here, in this process,
+    # from the final model: the same seed and banks give the same episodes); the prior equals the pooled
+    # one to the fixed point's precision
+    chosen = {k: e["rule"] for k, e in ckpt.normality.table.items() if "rule" in e}
+    assert set(chosen) == {1, 2} and ckpt.history[-1]["calibration_rule"].keys() == chosen.keys()
+    data = encode_update(trainer.global_vector, trainer.layout, fp16=cfg.fp16)
+    sites = [FactorySite(s, path, SiteSettings.from_config(cfg)) for s, path in cfg.site_paths().items()]
+    pooled = [ep for site in sites for ep in site._calibration_episodes(data, trainer.instruction())]
+    expected = choose_rules(pooled)
+    prior = episode_prior(pooled)
+    for k, rule in expected.items():
+        got = chosen[k]
+        assert got["categories"] == rule["categories"] == 3 and got["episodes"] == rule["episodes"]
+        assert {f: got[f] for f in RULE_FIELDS} == {f: rule[f] for f in RULE_FIELDS}, k
+        assert [c["pinball"] for c in got["candidates"]] == pytest.approx([c["pinball"] for c in rule["candidates"]])
+        for field in ("mean", "within_var", "between_var", "loo_offset", "episode_within_var"):
+            if field in prior.table[k]:
+                assert ckpt.normality.table[k][field] == pytest.approx(prior.table[k][field], rel=1e-4), (k, field)
+
 
 FLOOR = 0.65
+RULE_FIELDS = ("use_covariate", "strength", "within", "loo_shift")
 
 
 def test_secure_aggregation_on_and_off_give_the_same_aggregate(factories, shard_dir, tmp_path):

@@ -19,6 +19,7 @@ from bayprano.actors.coordinator_actor import spawn_factories
 from bayprano.actors.coordinator import FederatedTrainer
 from bayprano.config import FederatedTrainConfig
 from bayprano.platform.federated.messages import sent_fields
+from bayprano.platform.federated.summaries import calibration_size, normality_shots, rule_loss_size
 from bayprano.platform.federated.secagg import Advertisement, MaskedUpdate
 from bayprano.platform.federated.state import decode_update
 from bayprano.platform.meta.checkpoint import load_checkpoint
@@ -32,7 +33,7 @@ Z, CLIP, DELTA = 1.2, 0.5, 1e-5
 # the README table, as field sets per stage; metadata that is the same at every site or names the site
 DESCRIBE = {"site", "categories", "in_channels", "backbone", "fingerprint", "image_size", "layout", "node", "host"}
 EXPECTED = {
-    "plain": {"check", "describe", "features", "update", "validation"},
+    "plain": {"check", "describe", "features", "update", "validation", "calibration", "rules"},
     "dp": {"check", "describe", "update"},
     "secure-dp": {"check", "describe", "advertise", "share", "update", "unmask"},
 }
@@ -165,5 +166,10 @@ def test_without_secure_aggregation_each_sites_values_are_visible(factories, sha
         assert len(validations) == len(features) == 3
         assert all(0 <= v[0] <= 1 and v[1] == 1 for v in validations)  # each site's AUROC
         assert all(f[-1] > 0 for f in features)  # each site's feature sums and count
+        shots = normality_shots(cfg.shots)
+        for stage, size in (("calibration", calibration_size(shots)), ("rules", rule_loss_size(shots))):
+            replies = [t["reply"] for t in trainer.transcript if t["stage"] == stage]
+            assert len(replies) == 3 and all(sent_fields(r) == {"site", "values"} for r in replies), stage
+            assert all(r.values.shape == (size,) for r in replies), stage  # its moments and losses, nothing per image
         describe = [t["reply"] for t in trainer.transcript if t["stage"] == "describe"]
         assert all(sent_fields(d) == DESCRIBE | {"normals"} for d in describe)

@@ -18,6 +18,9 @@ Upward:
 - ``MaskedReply``: any masked vector under secure aggregation (an update, a validation or the feature
   statistics), the only thing of it the Coordinator can read being the instance and the site;
 - ``ValidationReply`` / ``FeatureReply``: a site's validation vector and feature sums in the clear;
+- ``CalibrationReply``: in the clear, one of the two vectors from which the checkpoint's calibration
+  rule is chosen (``summaries.calibration_vector`` at stage "calibration", ``summaries.rule_loss_vector``
+  at stage "rules");
 - ``SharesReply``: a site's encrypted key shares, or the shares it reveals to unmask a sum.
 
 ``sent_fields(message)`` names the fields a message carries (those not None): what the privacy tests
@@ -171,6 +174,14 @@ class ValidationReply:
 
     site: str
     validation: np.ndarray
+
+
+@dataclass(frozen=True)
+class CalibrationReply:
+    """A site's calibration-episode moments or its rule losses (``summaries``) in the clear."""
+
+    site: str
+    values: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,13 @@ sites into what the server uses:
   counts. ``read_validation`` turns the sum into the mean AUROC over the sites that validated, a
   ``Calibration`` and a ``NormalityPrior`` equal to ``NormalityPrior.from_summaries`` over all the
   sites' categories (tested), so nothing per site is needed.
+- the calibration rule of the checkpoint, chosen as ``meta.calibration.choose_rules`` chooses it, in two
+  sums. ``calibration_vector``: the normality moments of a site's calibration episodes (with
+  leave-one-out statistics) and the additive parts of their ``episode_terms``; its sum is the pooled
+  prior (``prior_from_calibration_vector``). ``rule_loss_vector``: given that sum, each of the site's
+  categories calibrated on the prior of all the other categories (the sum less its own part) under
+  every candidate rule, as sums of pinball losses and FPRs over categories; its sum picks the rule
+  (``rules_from_loss_vector``), the same rule as ``choose_rules`` over every site's episodes pooled.
 """
 
 from __future__ import annotations
@@ -23,6 +30,16 @@ import numpy as np
 import torch
 
 from bayprano.platform.errors import DataError
+from bayprano.platform.meta.calibration import (
+    RULE_TARGET_FPR,
+    NormalEpisode,
+    episode_term_sums,
+    log_statistics,
+    pick_rule,
+    rule_candidates,
+    score_rules,
+    terms_from_sums,
+)
 from bayprano.platform.meta.tasks import statistics_from_sums
 from bayprano.platform.model.scoring import Calibration, NormalityPrior, summary_moments
 
@@ -126,3 +143,86 @@ def feature_standardisation(summed: np.ndarray) -> tuple[np.ndarray, np.ndarray]
         torch.from_numpy(summed[:channels]), torch.from_numpy(summed[channels : 2 * channels]), int(round(float(count)))
     )  # a sum of whole counts
     return mean.numpy(), std.numpy()
+
+
+TERM_FIELDS = ("within_categories", "within_sum", "offset_categories", "offset_sum")
+
+
+def calibration_size(shots: Sequence[int]) -> int:
+    return len(shots) * (len(NORMALITY_FIELDS) + len(TERM_FIELDS))
+
+
+def calibration_vector(episodes: Sequence[NormalEpisode], shots: Sequence[int]) -> np.ndarray:
+    """A site's calibration episodes as one additive vector: their ``normality_vector`` and, per K in
+    ``shots``, the parts of ``episode_term_sums``."""
+    sums = episode_term_sums(episodes)
+    terms = np.zeros((len(shots), len(TERM_FIELDS)))
+    for row, k in enumerate(shots):
+        if k in sums:
+            terms[row] = [*sums[k]["within"], *sums[k]["offset"]]
+    moments = normality_vector(NormalityPrior.summarize(log_statistics(episodes)), shots)
+    return np.concatenate([moments, terms.reshape(-1)])
+
+
+def prior_from_calibration_vector(vector: np.ndarray, shots: Sequence[int]) -> NormalityPrior | None:
+    """The prior (with its episode terms) of summed ``calibration_vector``s: ``episode_prior`` of the episodes
+    pooled; None when no category reported."""
+    vector = np.asarray(vector, dtype=np.float64)
+    if vector.shape != (calibration_size(shots),):
+        raise DataError(f"calibration sum: expected {calibration_size(shots)} values, got shape {list(vector.shape)}")
+    split = len(shots) * len(NORMALITY_FIELDS)
+    prior = normality_from_vector(vector[:split], shots)
+    if prior is None:
+        return None
+    terms = vector[split:].reshape(len(shots), len(TERM_FIELDS))
+    sums = {int(k): {"within": list(t[:2]), "offset": list(t[2:])} for k, t in zip(shots, terms)}
+    return prior.with_terms(terms_from_sums(sums))
+
+
+def rule_loss_size(shots: Sequence[int]) -> int:
+    return sum(2 + 2 * len(rule_candidates(k)) for k in shots)
+
+
+def rule_loss_vector(
+    episodes: Sequence[NormalEpisode], total: np.ndarray, shots: Sequence[int], target_fpr: float = RULE_TARGET_FPR
+) -> np.ndarray:
+    """Per K in ``shots``: [categories, episodes, then per ``rule_candidates(K)`` the sum over this site's
+    categories of the mean pinball loss and the mean FPR of its episodes], each category calibrated on the
+    prior of ``total`` (the summed ``calibration_vector``, which includes this site's) less its own part:
+    a prior that never saw it."""
+    total = np.asarray(total, dtype=np.float64)
+    parts = []
+    for k in shots:
+        candidates = rule_candidates(k)
+        row = np.zeros(2 + 2 * len(candidates))
+        of_k = [ep for ep in episodes if ep.shots == k]
+        for category in sorted({ep.category for ep in of_k}):
+            held_out = [ep for ep in of_k if ep.category == category]
+            own = calibration_vector([ep for ep in episodes if ep.category == category], shots)
+            prior = prior_from_calibration_vector(total - own, shots)
+            if prior is None or int(k) not in prior.table:
+                continue  # no other category at this K: nothing to calibrate on
+            row[0] += 1
+            row[1] += len(held_out)
+            row[2:] += score_rules(prior, held_out, k, candidates, target_fpr).reshape(-1)
+        parts.append(row)
+    return np.concatenate(parts)
+
+
+def rules_from_loss_vector(summed: np.ndarray, shots: Sequence[int], target_fpr: float = RULE_TARGET_FPR) -> dict:
+    """The rule per K from summed ``rule_loss_vector``s, as ``choose_rules`` gives it; a K with fewer than
+    three categories keeps the default rule (absent from the result)."""
+    summed = np.asarray(summed, dtype=np.float64)
+    if summed.shape != (rule_loss_size(shots),):
+        raise DataError(f"calibration rule sum: expected {rule_loss_size(shots)} values, got {list(summed.shape)}")
+    rules, start = {}, 0
+    for k in shots:
+        candidates = rule_candidates(k)
+        row = summed[start : start + 2 + 2 * len(candidates)]
+        start += len(row)
+        categories = int(round(row[0]))
+        if categories < 3:
+            continue
+        scores = row[2:].reshape(len(candidates), 2) / categories
+        rules[int(k)] = pick_rule(candidates, scores, target_fpr, categories, int(round(row[1])))
+    return rules

@@ -136,11 +136,11 @@ def pinball_loss(log_threshold: float, log_statistics: np.ndarray, target_fpr: f
     return float(np.mean(np.maximum((1 - target_fpr) * u, -target_fpr * u)))
 
 
-def episode_terms(episodes: Sequence[NormalEpisode]) -> dict:
-    """Per K, what only whole episodes show (each category weighs the same): ``episode_within_var``, the
-    spread of normal log T around its episode's mean (one support's images), and ``loo_offset``, how far
-    new normal images' mean log T lies from the support's own leave-one-out log statistics (K >= 2)."""
-    terms: dict = {}
+def episode_term_sums(episodes: Sequence[NormalEpisode]) -> dict:
+    """Per K, the additive parts of ``episode_terms``: {"within": [categories, sum of their mean within-episode
+    variance], "offset": [categories, sum of their mean leave-one-out offset]}, so that sums over sites (or
+    a sum less one category's part) give the same terms as the episodes pooled."""
+    sums: dict = {}
     for k in sorted({ep.shots for ep in episodes}):
         within: dict[str, list[float]] = {}
         offsets: dict[str, list[float]] = {}
@@ -151,13 +151,33 @@ def episode_terms(episodes: Sequence[NormalEpisode]) -> dict:
             if ep.loo_statistics:
                 loo = np.log(np.maximum(np.asarray(ep.loo_statistics, dtype=np.float64), 1e-300))
                 offsets.setdefault(ep.category, []).append(float(q.mean() - loo.mean()))
+        sums[k] = {
+            "within": [float(len(within)), float(sum(np.mean(v) for v in within.values()))],
+            "offset": [float(len(offsets)), float(sum(np.mean(v) for v in offsets.values()))],
+        }
+    return sums
+
+
+def terms_from_sums(sums: Mapping) -> dict:
+    """``episode_terms`` from (summed) ``episode_term_sums``."""
+    terms: dict = {}
+    for k, parts in sums.items():
         entry = {}
-        if within:
-            entry["episode_within_var"] = max(float(np.mean([np.mean(v) for v in within.values()])), 1e-3)
-        if offsets:
-            entry["loo_offset"] = float(np.mean([np.mean(v) for v in offsets.values()]))
-        terms[k] = entry
+        categories, total = parts["within"]
+        if round(categories) > 0:
+            entry["episode_within_var"] = max(float(total / categories), 1e-3)
+        categories, total = parts["offset"]
+        if round(categories) > 0:
+            entry["loo_offset"] = float(total / categories)
+        terms[int(k)] = entry
     return terms
+
+
+def episode_terms(episodes: Sequence[NormalEpisode]) -> dict:
+    """Per K, what only whole episodes show (each category weighs the same): ``episode_within_var``, the
+    spread of normal log T around its episode's mean (one support's images), and ``loo_offset``, how far
+    new normal images' mean log T lies from the support's own leave-one-out log statistics (K >= 2)."""
+    return terms_from_sums(episode_term_sums(episodes))
 
 
 def episode_prior(episodes: Sequence[NormalEpisode], strength: float = 4.0) -> NormalityPrior:
@@ -179,46 +199,66 @@ def rule_candidates(shots: int, strengths: Sequence[float] = RULE_STRENGTHS) -> 
     return sorted(candidates, key=lambda c: c != default)
 
 
+def score_rules(
+    prior: NormalityPrior, held_out: Sequence[NormalEpisode], shots: int, candidates: Sequence[dict], target_fpr: float
+) -> np.ndarray:
+    """(len(candidates), 2): each rule's mean pinball loss and mean FPR at ``target_fpr`` over the ``held_out``
+    episodes of K = ``shots``, each calibrated on ``prior`` (which must not have seen their category) through
+    ``NormalityPrior.site_calibration``, the path a site takes, and scored on its own normal query images."""
+    out = np.zeros((len(candidates), 2))
+    for i, rule in enumerate(candidates):
+        ruled = prior.with_rules({shots: rule})
+        losses, rates = [], []
+        for ep in held_out:
+            cal = ruled.site_calibration(shots, ep.covariate, ep.loo_statistics)
+            log_threshold = math.log(cal.threshold(target_fpr))
+            queries = np.asarray(ep.query_log_statistics, dtype=np.float64)
+            losses.append(pinball_loss(log_threshold, queries, target_fpr))
+            rates.append(float(np.mean(queries > log_threshold)))
+        out[i] = (np.mean(losses), np.mean(rates))
+    return out
+
+
+def pick_rule(
+    candidates: Sequence[dict], scores: np.ndarray, target_fpr: float, categories: int, episodes: int
+) -> dict:
+    """The candidate of lowest mean pinball loss (``scores``: mean loss and FPR over the held-out categories),
+    with every candidate's scores."""
+    scored = [{**rule, "pinball": float(loss), "fpr": float(fpr)} for rule, (loss, fpr) in zip(candidates, scores)]
+    best = min(scored, key=lambda c: c["pinball"])
+    return {
+        **best,
+        "target_fpr": float(target_fpr),
+        "categories": int(categories),
+        "episodes": int(episodes),
+        "candidates": scored,
+    }
+
+
 def choose_rules(
     episodes: Sequence[NormalEpisode], target_fpr: float = RULE_TARGET_FPR, strengths: Sequence[float] = RULE_STRENGTHS
 ) -> dict:
     """Per K, the calibration rule (``rule_candidates``) with the lowest pinball loss at ``target_fpr`` when
     each category is left out: its episodes are calibrated on the prior of the other categories' episodes
-    (``episode_prior``) through ``NormalityPrior.site_calibration``, the path a site takes, and scored on
-    their own normal query images (each category weighs the same). {K: {rule fields, "pinball", "fpr",
-    "categories", "episodes", "candidates"}}; a K with fewer than three categories keeps the default rule
-    (absent from the result)."""
+    (``episode_prior``) and scored on their own normal query images (``score_rules``; each category weighs
+    the same). {K: {rule fields, "pinball", "fpr", "categories", "episodes", "candidates"}}; a K with fewer
+    than three categories keeps the default rule (absent from the result)."""
     rules: dict = {}
     for k in sorted({ep.shots for ep in episodes}):
         of_k = [ep for ep in episodes if ep.shots == k]
         categories = sorted({ep.category for ep in of_k})
         if len(categories) < 3:
             continue
-        folds = [
-            (episode_prior([ep for ep in of_k if ep.category != held]), [ep for ep in of_k if ep.category == held])
+        candidates = rule_candidates(k, strengths)
+        scores = [
+            score_rules(
+                episode_prior([ep for ep in of_k if ep.category != held]),
+                [ep for ep in of_k if ep.category == held],
+                k,
+                candidates,
+                target_fpr,
+            )
             for held in categories
         ]
-        candidates = []
-        for rule in rule_candidates(k, strengths):
-            losses, rates = [], []
-            for prior, held_out in folds:
-                ruled = prior.with_rules({k: rule})
-                fold_losses, fold_rates = [], []
-                for ep in held_out:
-                    cal = ruled.site_calibration(k, ep.covariate, ep.loo_statistics)
-                    log_threshold = math.log(cal.threshold(target_fpr))
-                    queries = np.asarray(ep.query_log_statistics, dtype=np.float64)
-                    fold_losses.append(pinball_loss(log_threshold, queries, target_fpr))
-                    fold_rates.append(float(np.mean(queries > log_threshold)))
-                losses.append(float(np.mean(fold_losses)))
-                rates.append(float(np.mean(fold_rates)))
-            candidates.append({**rule, "pinball": float(np.mean(losses)), "fpr": float(np.mean(rates))})
-        best = min(candidates, key=lambda c: c["pinball"])
-        rules[k] = {
-            **best,
-            "target_fpr": float(target_fpr),
-            "categories": len(categories),
-            "episodes": len(of_k),
-            "candidates": candidates,
-        }
+        rules[k] = pick_rule(candidates, np.mean(scores, axis=0), target_fpr, len(categories), len(of_k))
     return rules

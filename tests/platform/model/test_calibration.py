@@ -242,7 +242,7 @@ def test_a_site_starts_from_the_chosen_rule_and_an_older_prior_keeps_the_one_sho
         if k == 5:
             cal = cal.update(np.array(loo) * (np.exp(prior.table[5]["loo_offset"]) if r["loo_shift"] else 1.0))
         assert restored.site_calibration(k, 0.9, loo if k == 5 else []) == cal
-    # without a choice (a prior from before, or one summed across sites): covariate at K = 1 only, no shift
+    # without a choice (a prior from before the choice, or one from too few categories): covariate at K = 1 only
     assert prior.rule(1) == {
         "use_covariate": True,
         "strength": prior.strength,
