@@ -33,6 +33,7 @@ that ``resume`` continues from the next round.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import secrets
 import time
@@ -406,8 +407,12 @@ class FederatedTrainer:
         prior = prior_from_calibration_vector(total, shots)
         if prior is None:
             return None
+        # a Factory keeps its episodes between the two sums and is sent the model's digest only; a pooled
+        # worker keeps nothing between calls and makes them again from the model
+        digest = hashlib.sha256(data).hexdigest()
+        again = data if cfg.pool_size else None
         second = self._site_sum(
-            "rules", r, answered, lambda ctx: ("calibration_rules", (data, instruction, total, ctx))
+            "rules", r, answered, lambda ctx: ("calibration_rules", (digest, instruction, total, ctx, again))
         )
         rules = {} if second is None else rules_from_loss_vector(second[0], shots)
         self.normality = prior.with_rules(rules)

@@ -374,48 +374,63 @@ class FactorySite:
             return self._mask(vector, secagg)
         return ValidationReply(self.site, np.asarray(vector, dtype=np.float64))
 
-    def _calibration_episodes(self, global_bytes: bytes, instruction: RoundInstruction) -> list[NormalEpisode]:
+    def _calibration_episodes(
+        self, digest: str, instruction: RoundInstruction, global_bytes: bytes | None = None
+    ) -> list[NormalEpisode]:
         """Fresh normal episodes of this site at K = 1, 2 and K, with leave-one-out statistics, for the model
-        of ``global_bytes``: made once per model (the rules' stage uses the episodes the moments came from;
-        they are drawn from a fixed seed, so a site that lost them makes the same ones again)."""
-        digest = hashlib.sha256(global_bytes).hexdigest()
-        if self._calibration is None or self._calibration[0] != digest:
-            self._load_global(global_bytes, instruction)
-            self.model.eval()
-            episodes = normal_episodes(
-                self.model,
-                self.banks,
-                self.meta,
-                normality_shots(self.meta.shots),
-                per_category=RULE_EPISODES_PER_CATEGORY,
-                loo=True,
+        whose encoded vector has sha256 ``digest``: made once per model from ``global_bytes``, then kept for
+        the rules' stage, which names the model by its digest only (episodes come from a fixed seed: a
+        site that lost them makes the same ones again from the model's bytes)."""
+        if self._calibration is not None and self._calibration[0] == digest:
+            return self._calibration[1]
+        if global_bytes is None or hashlib.sha256(global_bytes).hexdigest() != digest:
+            raise DataError(
+                f"site {self.site!r}: no calibration episodes for model {digest[:12]} (the site restarted since "
+                "it made them, or was sent another model)"
             )
-            self._calibration = (digest, episodes)
-        return self._calibration[1]
+        self._load_global(global_bytes, instruction)
+        self.model.eval()
+        episodes = normal_episodes(
+            self.model,
+            self.banks,
+            self.meta,
+            normality_shots(self.meta.shots),
+            per_category=RULE_EPISODES_PER_CATEGORY,
+            loo=True,
+        )
+        self._calibration = (digest, episodes)
+        return episodes
 
     def calibration_episodes(
         self, global_bytes: bytes, instruction: RoundInstruction, secagg: SecAggContext | None = None
     ) -> CalibrationReply | MaskedReply:
-        """The moments of this site's calibration episodes (``summaries.calibration_vector``), in the clear or
-        masked; refused under DP."""
+        """The moments of this site's calibration episodes (``summaries.calibration_vector``) for the model of
+        ``global_bytes``, in the clear or masked; refused under DP."""
         if instruction.dp:
             raise ConfigError(f"site {self.site!r}: under DP the calibration episodes stay home")
-        vector = calibration_vector(
-            self._calibration_episodes(global_bytes, instruction), normality_shots(self.meta.shots)
-        )
+        digest = hashlib.sha256(global_bytes).hexdigest()
+        episodes = self._calibration_episodes(digest, instruction, global_bytes)
+        vector = calibration_vector(episodes, normality_shots(self.meta.shots))
         if secagg is not None:
             return self._mask(vector, secagg)
         return CalibrationReply(self.site, np.asarray(vector, dtype=np.float64))
 
     def calibration_rules(
-        self, global_bytes: bytes, instruction: RoundInstruction, total: np.ndarray, secagg: SecAggContext | None = None
+        self,
+        digest: str,
+        instruction: RoundInstruction,
+        total: np.ndarray,
+        secagg: SecAggContext | None = None,
+        global_bytes: bytes | None = None,
     ) -> CalibrationReply | MaskedReply:
         """Given ``total``, the sum of every site's ``calibration_episodes`` (this one's included), the pinball
         losses of this site's categories under every candidate rule, each on the prior of the others
-        (``summaries.rule_loss_vector``), in the clear or masked; refused under DP."""
+        (``summaries.rule_loss_vector``), for the episodes of the model of sha256 ``digest`` (made again
+        from ``global_bytes`` where given and the site no longer holds them), in the clear or masked;
+        refused under DP."""
         if instruction.dp:
             raise ConfigError(f"site {self.site!r}: under DP the calibration episodes stay home")
-        episodes = self._calibration_episodes(global_bytes, instruction)
+        episodes = self._calibration_episodes(digest, instruction, global_bytes)
         vector = rule_loss_vector(episodes, np.asarray(total, dtype=np.float64), normality_shots(self.meta.shots))
         if secagg is not None:
             return self._mask(vector, secagg)

@@ -7,6 +7,7 @@ site has its own. Every reply a Factory sends is kept by the trainer (``received
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from bayprano.actors.coordinator import FederatedTrainer
 from bayprano.actors.factory import FactorySite
 from bayprano.cli import main
+from bayprano.platform.errors import DataError
 from bayprano.platform.data.imageio import load_image
 from bayprano.platform.evaluation_data import load_category
 from bayprano.platform.federated.messages import SiteSettings, UpdateReply, sent_fields
@@ -149,7 +151,8 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
     assert set(chosen) == {1, 2} and ckpt.history[-1]["calibration_rule"].keys() == chosen.keys()
     data = encode_update(trainer.global_vector, trainer.layout, fp16=cfg.fp16)
     sites = [FactorySite(s, path, SiteSettings.from_config(cfg)) for s, path in cfg.site_paths().items()]
-    pooled = [ep for site in sites for ep in site._calibration_episodes(data, trainer.instruction())]
+    digest = hashlib.sha256(data).hexdigest()
+    pooled = [ep for site in sites for ep in site._calibration_episodes(digest, trainer.instruction(), data)]
     expected = choose_rules(pooled)
     prior = episode_prior(pooled)
     for k, rule in expected.items():
@@ -160,6 +163,13 @@ def test_a_secure_federated_run_writes_a_usable_checkpoint_and_sends_the_coordin
         for field in ("mean", "within_var", "between_var", "loo_offset", "episode_within_var"):
             if field in prior.table[k]:
                 assert ckpt.normality.table[k][field] == pytest.approx(prior.table[k][field], rel=1e-4), (k, field)
+    # the rules' stage names the model by its digest: a site without episodes of that model says so
+    with pytest.raises(DataError, match="site 'site-000': no calibration episodes for model 000000000000"):
+        sites[0].calibration_rules("0" * 64, trainer.instruction(), np.zeros(3))
+    with pytest.raises(DataError, match="no calibration episodes"):  # bytes that are not the named model
+        FactorySite("site-000", cfg.site_paths()["site-000"]).calibration_rules(
+            digest, trainer.instruction(), np.zeros(3), None, b"x"
+        )
 
 
 FLOOR = 0.65
